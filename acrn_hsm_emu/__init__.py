@@ -1,0 +1,1 @@
+"""acrn-hsm-emu: userspace emulation of the ACRN Hypervisor Service Module."""

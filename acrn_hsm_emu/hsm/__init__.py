@@ -1,0 +1,1 @@
+"""The HSM: what drivers/virt/acrn does, as a cdev device."""

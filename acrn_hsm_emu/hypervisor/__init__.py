@@ -1,0 +1,1 @@
+"""The mock ACRN hypervisor: VMs, vCPUs, hypercalls, upcalls."""

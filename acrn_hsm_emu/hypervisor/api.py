@@ -1,0 +1,129 @@
+"""The hypercall seam between the HSM and the mock hypervisor.
+
+The HSM reaches the hypervisor only through these methods, each named after
+ACRN's hypercall and returning what RAX would hold: 0, or a negative errno
+(ACRN's generic failure is -1, which the ioctl hands back as EPERM). The
+hypervisor reaches the HSM only by calling the upcall it was given.
+
+Where the kernel passes the physical address of a kernel buffer, the HSM
+passes the buffer itself (``bytes``/``bytearray`` of the uapi layout); where it
+passes the physical address of a pinned user page, it passes a
+:class:`~acrn_hsm_emu.memory.SharedPage`. spec: hsm section 9, hv A.1.1.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from acrn_hsm_emu.memory import ClientMemory, SharedPage
+
+# vm_memory_region_op.type
+MR_ADD = 0
+MR_DEL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRegionOp:
+    """One 32-byte ``vm_memory_region_op`` of a SET_MEMORY_REGIONS batch.
+
+    ``service_vm_pa`` is the synthesised host address the HSM reports (there
+    are no physical addresses here). For RAM, ``backing`` and ``host_va`` say
+    where the bytes really are: ``host_va`` in ``backing``'s process.
+    """
+
+    type: int
+    attr: int
+    user_vm_pa: int
+    service_vm_pa: int
+    size: int
+    backing: ClientMemory | None = None
+    host_va: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """A guest access a vCPU performs (inject command, scripted workload).
+
+    kind: "pio", "mmio" or "pci" (pci = through 0xCF8/0xCFC, as a guest does:
+    a 4-byte write of the address to 0xCF8, then the data port access).
+    For pci, ``addr`` is ``bus << 16 | dev << 11 | func << 8 | reg``.
+    """
+
+    kind: str
+    write: bool
+    addr: int
+    size: int
+    value: int = 0
+
+
+class Hypercalls(Protocol):
+    """What the HSM may call. Every method is synchronous and thread-safe."""
+
+    def set_upcall(self, upcall: Callable[[], None] | None) -> None:
+        """Install the HSM's upcall handler (called from vCPU threads)."""
+
+    def create_vm(self, param: bytearray) -> int:
+        """HC_CREATE_VM: ``param`` is the 48-byte acrn_vm_creation; writes vmid, vcpu_num."""
+
+    def destroy_vm(self, vmid: int) -> int: ...
+
+    def start_vm(self, vmid: int) -> int: ...
+
+    def pause_vm(self, vmid: int) -> int: ...
+
+    def reset_vm(self, vmid: int) -> int: ...
+
+    def set_vcpu_regs(self, vmid: int, regs: bytes) -> int:
+        """``regs`` is the 296-byte acrn_vcpu_regs."""
+
+    def set_ioreq_buffer(self, vmid: int, page: SharedPage) -> int:
+        """Adopt the request page; the hypervisor sets all 16 slots FREE."""
+
+    def notify_request_finish(self, vmid: int, vcpu: int) -> int: ...
+
+    def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int: ...
+
+    def inject_msi(self, vmid: int, msi: bytes) -> int:
+        """``msi`` is the 16-byte acrn_msi_entry."""
+
+    def set_irqline(self, vmid: int, value: int) -> int:
+        """``value``: low 32 bits GSI, high 32 bits op."""
+
+    def vm_intr_monitor(self, vmid: int, page: SharedPage) -> int: ...
+
+    def set_ptdev_intr(self, vmid: int, irq: bytes) -> int: ...
+
+    def reset_ptdev_intr(self, vmid: int, irq: bytes) -> int: ...
+
+    def assign_pcidev(self, vmid: int, dev: bytes) -> int: ...
+
+    def deassign_pcidev(self, vmid: int, dev: bytes) -> int: ...
+
+    def assign_mmiodev(self, vmid: int, dev: bytes) -> int: ...
+
+    def deassign_mmiodev(self, vmid: int, dev: bytes) -> int: ...
+
+    def create_vdev(self, vmid: int, dev: bytes) -> int: ...
+
+    def destroy_vdev(self, vmid: int, dev: bytes) -> int: ...
+
+    def get_cpu_state(self, cmd: int, out: bytearray) -> int:
+        """HC_PM_GET_CPU_STATE: fills ``out`` (48 bytes) as ACRN would."""
+
+    def service_vm_offline_cpu(self, lapic_id: int) -> int: ...
+
+    # Not hypercalls: the emulator's own controls, for the daemon and tests.
+    def inject(self, vmid: int, vcpu: int, access: Access) -> concurrent.futures.Future[int]:
+        """Have a vCPU perform ``access``; the future yields the value a read got."""
+
+    def cpuid(self, leaf: int, subleaf: int = 0, vmid: int | None = None) -> tuple[int, int, int, int]:
+        """CPUID as a VM sees it (None: the Service VM)."""
+
+    def snapshot(self) -> dict[str, object]:
+        """State for ``acrn-hsm-emu status``."""
+
+    def shutdown(self) -> None:
+        """Stop every vCPU thread (daemon exit)."""

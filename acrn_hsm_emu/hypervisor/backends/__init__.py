@@ -1,0 +1,1 @@
+"""Where guest accesses come from: scripted workloads or real code under KVM."""

@@ -1,0 +1,121 @@
+"""The interface a device implements to be served by cdev.
+
+cdev knows nothing about what a device means; it hands each open, release and
+ioctl of the node to an object implementing :class:`Device`, in the trio
+thread. Handlers must not block: an ioctl that has to wait returns a coroutine,
+which cdev runs in its own task and answers when it finishes.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who made a request: the kernel's view of the calling thread."""
+
+    uid: int
+    gid: int
+    pid: int  # thread group (process) id, resolved from tid
+    tid: int  # the calling thread, as the FUSE header carries it
+
+
+class DeviceError(Exception):
+    """Raised by a handler to answer a request with an errno."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(err, message or errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+@dataclass(slots=True)
+class IoctlCall:
+    """One ioctl as the device sees it, the same in FUSE and CUSE modes.
+
+    ``in_data`` is what the kernel (FUSE restricted mode) or cdev (CUSE retry)
+    fetched from the caller: ``_IOC_SIZE(cmd)`` bytes for ``_IOW``/``_IOWR``
+    commands, nothing for ``_IO`` ones or for commands declared by value.
+    ``out_size`` is how many bytes the caller accepts back.
+    """
+
+    cmd: int
+    arg: int
+    in_data: bytes
+    out_size: int
+    ctx: RequestContext
+    compat: bool = False  # a 32-bit caller on a 64-bit kernel
+
+
+# What a handler gives back: a result (>= 0) with no data, a negative errno,
+# or a result and the bytes to copy out to the caller.
+IoctlResult = int | tuple[int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ArgSpec:
+    """How a command's argument really travels, where it differs from _IOC.
+
+    ``by_value``: the argument is a value, not a pointer (nothing is fetched).
+    ``in_size``/``out_size``: bytes behind the pointer, overriding _IOC_SIZE.
+    Only CUSE (unrestricted ioctls) can honour these; FUSE mode follows _IOC.
+    """
+
+    by_value: bool = False
+    in_size: int | None = None
+    out_size: int | None = None
+
+
+@runtime_checkable
+class Device(Protocol):
+    """What cdev calls. Every method runs in the trio thread and must not block."""
+
+    def open(self, ctx: RequestContext) -> object:
+        """A new open file: return its handle, or raise DeviceError."""
+        ...
+
+    def release(self, handle: object) -> None:
+        """The last reference to an open file went away."""
+        ...
+
+    def ioctl(
+        self, handle: object, call: IoctlCall
+    ) -> IoctlResult | Awaitable[IoctlResult]:
+        """Answer at once, or return a coroutine that cdev runs in its own task."""
+        ...
+
+    def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
+        """The caller of a waiting ioctl got a signal: choose the answer.
+
+        cdev cancels the waiting coroutine and replies with what this returns.
+        The usual answer, and the one :class:`BaseDevice` gives, is ``-EINTR``.
+        """
+        ...
+
+
+class BaseDevice:
+    """Defaults for optional parts of :class:`Device`."""
+
+    # Commands whose argument does not follow the _IOC encoding (CUSE only).
+    arg_specs: dict[int, ArgSpec] = {}
+
+    def open(self, ctx: RequestContext) -> object:
+        return object()
+
+    def release(self, handle: object) -> None:
+        return None
+
+    def ioctl(
+        self, handle: object, call: IoctlCall
+    ) -> IoctlResult | Awaitable[IoctlResult]:
+        return -errno.ENOTTY
+
+    def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
+        return -errno.EINTR
+
+    # A device with no poll: the node reports always ready, as the kernel
+    # does for a file without a poll operation.
+    poll: Callable[[object, Callable[[], None]], int] | None = None
