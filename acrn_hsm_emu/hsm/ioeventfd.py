@@ -1,0 +1,151 @@
+"""ioeventfd: guest writes that signal an eventfd instead of reaching the client.
+
+What ``ioeventfd.c`` does. Each VM has one in-daemon range client,
+``ioeventfd-<vmid>``, owning one range per assigned ioeventfd; its handler
+answers reads with 0 and signals the first entry whose address *equals* the
+access address, so other accesses inside a range are consumed and dropped
+(spec: hsm 7).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from typing import TYPE_CHECKING
+
+import structlog
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu.hsm import eventfd
+from acrn_hsm_emu.hsm.ioreq import MMIO, PORTIO, Dispatcher
+
+if TYPE_CHECKING:
+    from acrn_hsm_emu.hsm.vm import Vm
+
+log = structlog.get_logger("acrn_hsm_emu.hsm")
+
+FLAG_PIO = abi.ACRN_IOEVENTFD_FLAG_PIO
+FLAG_DATAMATCH = abi.ACRN_IOEVENTFD_FLAG_DATAMATCH
+FLAG_DEASSIGN = abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
+
+_ZERO_PIO = bytes(4)
+_ZERO_MMIO = bytes(8)
+_ARGS = struct.Struct("<IIQIIQ")  # fd, flags, addr, len, reserved, data
+
+
+class Ioeventfd:
+    """struct hsm_ioeventfd; ``fd`` is the daemon's duplicate of the caller's eventfd."""
+
+    __slots__ = ("fd", "addr", "data", "length", "type", "wildcard")
+
+    def __init__(self, fd: int, addr: int, data: int, length: int, type: int, wildcard: bool) -> None:
+        self.fd = fd
+        self.addr = addr
+        self.data = data
+        self.length = length
+        self.type = type
+        self.wildcard = wildcard
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "type": "pio" if self.type == PORTIO else "mmio",
+            "addr": self.addr,
+            "length": self.length,
+            "data": None if self.wildcard else self.data,
+        }
+
+
+def handler(vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, value: int) -> int | bytes:
+    """acrn_ioeventfd_handler, run by the dispatcher for requests in the client's ranges."""
+    if typ == MMIO:
+        if direction == abi.ACRN_IOREQ_DIR_READ:
+            return _ZERO_MMIO
+    else:
+        if direction == abi.ACRN_IOREQ_DIR_READ:
+            return _ZERO_PIO
+        value &= 0xFFFFFFFF
+    for p in vm.ioeventfds:
+        if p.type == typ and p.addr == addr and p.length >= size and (p.wildcard or p.data == value):
+            eventfd.signal(p.fd)
+            break
+    return 0
+
+
+def ioeventfd_init(d: Dispatcher, vm: Vm) -> None:
+    vm.ioeventfds = []
+    vm.ioeventfd_client = d.client_create(vm, f"ioeventfd-{vm.vmid}", False, handler)
+
+
+def ioeventfd_deinit(d: Dispatcher, vm: Vm) -> None:
+    if vm.ioeventfd_client is not None:
+        d.client_destroy(vm.ioeventfd_client)
+        vm.ioeventfd_client = None
+    for p in vm.ioeventfds:
+        p.close()
+    vm.ioeventfds = []
+
+
+def ioeventfd_config(vm: Vm, pid: int, args: bytes) -> int:
+    """IOEVENTFD after the reserved check: assign or deassign."""
+    fd, flags, addr, length, _reserved, data = _ARGS.unpack_from(args)
+    if flags & FLAG_DEASSIGN:
+        return _deassign(vm, pid, fd)
+    return _assign(vm, pid, fd, flags, addr, length, data)
+
+
+def _assign(vm: Vm, pid: int, fd: int, flags: int, addr: int, length: int, data: int) -> int:
+    if addr + length > 0xFFFFFFFFFFFFFFFF:
+        return -errno.EINVAL  # the range wraps
+    if length not in (1, 2, 4, 8):
+        return -errno.EINVAL
+    try:
+        dup = eventfd.fdget(pid, fd)
+    except eventfd.EventfdError as e:
+        return -e.errno
+    typ = PORTIO if flags & FLAG_PIO else MMIO
+    wildcard = not flags & FLAG_DATAMATCH
+    p = Ioeventfd(dup, addr, 0 if wildcard else data, length, typ, wildcard)
+    for q in vm.ioeventfds:
+        if (
+            q.addr == addr
+            and q.type == typ
+            and (q.wildcard or wildcard or q.data == p.data)
+            and eventfd.same(q.fd, dup)
+        ):
+            p.close()
+            return -errno.EEXIST
+    client = vm.ioeventfd_client
+    assert client is not None
+    ret = client.range_add(typ, addr, addr + length - 1)
+    if ret < 0:
+        p.close()
+        return ret
+    vm.ioeventfds.append(p)
+    log.debug("hsm.ioeventfd_assigned", vmid=vm.vmid, **p.snapshot())
+    return 0
+
+
+def _deassign(vm: Vm, pid: int, fd: int) -> int:
+    try:
+        dup = eventfd.fdget(pid, fd)
+    except eventfd.EventfdError as e:
+        return -e.errno
+    try:
+        for p in vm.ioeventfds:
+            if eventfd.same(p.fd, dup):
+                if vm.ioeventfd_client is not None:
+                    vm.ioeventfd_client.range_del(p.type, p.addr, p.addr + p.length - 1)
+                vm.ioeventfds.remove(p)
+                p.close()
+                log.debug("hsm.ioeventfd_deassigned", vmid=vm.vmid, **p.snapshot())
+                break
+    finally:
+        os.close(dup)
+    return 0

@@ -1,0 +1,557 @@
+"""I/O requests: clients, the dispatcher, CF8/CFC folding, completion, clearing.
+
+What ``ioreq.c`` does, on the trio thread. The request page lives in the
+client's process, so every read and write of a slot goes through its
+:class:`~acrn_hsm_emu.memory.ClientMemory`; the dispatcher reads the state
+word first and the slot body only for PENDING slots, and writes fields
+before the state word (spec: hsm 6, 13 "Memory").
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+import trio
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu.hypervisor.api import Hypercalls
+from acrn_hsm_emu.memory import PAGE_SIZE, ClientMemory, MemoryFault, SharedPage
+
+if TYPE_CHECKING:
+    from acrn_hsm_emu.hsm.vm import Vm
+
+log = structlog.get_logger("acrn_hsm_emu.hsm")
+
+SLOTS = abi.ACRN_IO_REQUEST_MAX
+SLOT_BYTES = abi.IOREQ_SLOT_SIZE
+PENDING = abi.ACRN_IOREQ_STATE_PENDING
+COMPLETE = abi.ACRN_IOREQ_STATE_COMPLETE
+PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
+PORTIO = abi.ACRN_IOREQ_TYPE_PORTIO
+MMIO = abi.ACRN_IOREQ_TYPE_MMIO
+PCICFG = abi.ACRN_IOREQ_TYPE_PCICFG
+DIR_READ = abi.ACRN_IOREQ_DIR_READ
+DIR_WRITE = abi.ACRN_IOREQ_DIR_WRITE
+
+_POLLING = abi.SLOT_COMPLETION_POLLING
+_VALUE = abi.SLOT_VALUE
+_PCI_BUS = abi.SLOT_PCI_BUS
+_KH = abi.SLOT_KERNEL_HANDLED
+_STATE = abi.SLOT_PROCESSED
+
+# type, completion_polling, direction, address, size, value (u64; PIO uses the low half)
+_HEAD = struct.Struct("<II56xI4xQQQ")
+_HEAD_LEN = abi.SLOT_PCI_REG + 4  # read up to PCICFG reg, so a fold can be written back whole
+assert _HEAD.size == abi.SLOT_VALUE + 8
+_U32 = struct.Struct("<I")
+_PCI = struct.Struct("<IIII")  # bus, dev, func, reg
+_S_PROCESSING = _U32.pack(PROCESSING)
+_S_COMPLETE = _U32.pack(COMPLETE)
+_KH0 = _U32.pack(0)
+_KH1 = _U32.pack(1)
+_ALL_ONES = _U32.pack(0xFFFFFFFF)
+_U64_MASK = (1 << 64) - 1
+
+PCI_CONF_ADDR = 0xCF8
+PCI_CONF_DATA = 0xCFC
+CONF1_ENABLE = 0x80000000
+CLIENT_NAME_MAX = 15  # ACRN_NAME_LEN - 1
+
+# An in-daemon handler gets (vm, vcpu, type, direction, address, size, value) and
+# returns a negative errno (request stays PROCESSING, its bit set), 0, or the bytes
+# to store in the slot's value field before the request is completed.
+IoreqHandler = Callable[["Vm", int, int, int, int, int, int], "int | bytes"]
+
+
+class Memory(Protocol):
+    """Client memory as the HSM uses it: ClientMemory plus the pin-time probe."""
+
+    pid: int
+
+    def read(self, addr: int, n: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> None: ...
+
+    def write_then(self, addr: int, data: bytes, addr2: int, data2: bytes) -> None: ...
+
+    def load_u32(self, addr: int) -> int: ...
+
+    def store_u32(self, addr: int, value: int) -> None: ...
+
+    def check_writable(self, addr: int, n: int) -> None: ...
+
+
+MemoryFactory = Callable[[int], Memory]
+
+
+class RequestCounters:
+    """Per-VM request counts: by type seen, and by what became of the request."""
+
+    __slots__ = (
+        "pio", "mmio", "pci", "other",
+        "default", "range", "in_kernel", "cf8", "cleared", "stalled", "notified",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class IoreqClient:
+    """struct acrn_ioreq_client.
+
+    A client owns inclusive ranges ``(type, start, end)``, a bitmap of the
+    vCPUs whose requests it holds, and a wake-up (the wait queue). With a
+    ``handler`` it is an in-daemon client (the kernel's handler thread: the
+    ioeventfd client); without one it is served by a waiter, like the
+    default client (ATTACH), or a future range client living in another
+    process.
+    """
+
+    __slots__ = ("name", "vm", "is_default", "destroying", "ranges", "bitmap", "handler", "_lot")
+
+    def __init__(
+        self, vm: Vm, name: str, is_default: bool, handler: IoreqHandler | None = None
+    ) -> None:
+        self.name = name[:CLIENT_NAME_MAX]
+        self.vm = vm
+        self.is_default = is_default
+        self.destroying = False
+        self.ranges: list[tuple[int, int, int]] = []
+        self.bitmap = 0
+        self.handler = handler
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def wake(self) -> None:
+        if self._lot:
+            self._lot.unpark_all()
+
+    @property
+    def waiters(self) -> int:
+        return len(self._lot)
+
+    async def wait(self) -> int:
+        """acrn_ioreq_client_wait for a default client: level-triggered, ENODEV on destroy."""
+        while not self.bitmap and not self.destroying:
+            await self._lot.park()
+        return -errno.ENODEV if self.destroying else 0
+
+    def range_add(self, type: int, start: int, end: int) -> int:
+        if end < start:
+            return -errno.EINVAL
+        self.ranges.insert(0, (type, start, end))  # list_add: newest first
+        return 0
+
+    def range_del(self, type: int, start: int, end: int) -> None:
+        try:
+            self.ranges.remove((type, start, end))  # the first identical one
+        except ValueError:
+            pass
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "default": self.is_default,
+            "in_daemon": self.handler is not None,
+            "ranges": [
+                {"type": t, "start": s, "end": e} for t, s, e in self.ranges
+            ],
+            "pending": self.bitmap,
+            "waiters": self.waiters,
+        }
+
+
+class Dispatcher:
+    """The global VM list, the upcall, and everything ioreq.c does with slots."""
+
+    def __init__(
+        self, hv: Hypercalls, memory: MemoryFactory, token: trio.lowlevel.TrioToken,
+        clear_round_s: float = 0.01,
+    ) -> None:
+        self.hv = hv
+        self.memory = memory
+        self._token = token
+        self.clear_round_s = clear_round_s
+        self.vms: tuple[Vm, ...] = ()  # acrn_vm_list: newest first
+        self._lock = threading.Lock()
+        self._queued = False
+        self.upcalls = 0
+        self.passes = 0
+
+    # -- the global VM list ------------------------------------------------
+
+    def list_add(self, vm: Vm) -> None:
+        self.vms = (vm, *self.vms)
+
+    def list_del(self, vm: Vm) -> None:
+        self.vms = tuple(v for v in self.vms if v is not vm)
+
+    # -- upcall and passes (queue_work semantics) --------------------------
+
+    def upcall(self) -> None:
+        """The hypervisor's upcall; any thread. Queues one pass unless one is queued."""
+        with self._lock:
+            self.upcalls += 1
+            if self._queued:
+                return
+            self._queued = True
+        try:
+            self._token.run_sync_soon(self._queued_pass)
+        except trio.RunFinishedError:
+            pass
+
+    def queue_pass(self) -> None:
+        with self._lock:
+            if self._queued:
+                return
+            self._queued = True
+        self._token.run_sync_soon(self._queued_pass)
+
+    def _queued_pass(self) -> None:
+        with self._lock:
+            if not self._queued:
+                return  # already run by a drain (client destroy)
+            self._queued = False
+        self.run_pass()
+
+    def pause(self) -> None:
+        """ioreq_pause: drain, i.e. run a queued pass now, before a client goes."""
+        with self._lock:
+            queued = self._queued
+            self._queued = False
+        if queued:
+            self.run_pass()
+
+    def resume(self) -> None:
+        """ioreq_resume: queue one pass in case requests were missed."""
+        self.queue_pass()
+
+    def run_pass(self) -> None:
+        """ioreq_dispatcher: every VM, newest first."""
+        self.passes += 1
+        for vm in self.vms:
+            if vm.page_base is None:
+                break  # the driver stops at a VM without a request page
+            if vm.failed is not None:
+                continue
+            try:
+                self.dispatch(vm)
+            except MemoryFault as e:
+                self.fail_vm(vm, e)
+
+    def fail_vm(self, vm: Vm, exc: BaseException) -> None:
+        """The VM's request page became unreachable: stop serving that VM only."""
+        if vm.failed is None:
+            vm.failed = str(exc)
+            log.error(
+                "hsm.vm_failed",
+                vmid=vm.vmid,
+                pid=vm.owner_pid,
+                error=str(exc),
+                note="request page unreachable; VM no longer dispatched",
+            )
+
+    # -- the per-VM scan (hot path) ----------------------------------------
+
+    def dispatch(self, vm: Vm) -> None:
+        """acrn_ioreq_dispatch: slots 0..vcpu_num-1, PENDING ones, in the driver's order."""
+        mem = vm.mem
+        assert mem is not None and vm.page_base is not None
+        base = vm.page_base
+        load = mem.load_u32
+        counters = vm.counters
+        for i in range(vm.nslots):
+            off = base + (i << 8)
+            if load(off + _STATE) != PENDING:
+                continue
+            raw = mem.read(off, _HEAD_LEN)
+            typ, polling, direction, addr, size, value = _HEAD.unpack_from(raw)
+
+            if vm.clearing:
+                counters.cleared += 1
+                self._count_type(counters, typ)
+                self._finish(vm, i, off, polling, None)
+                continue
+
+            client: IoreqClient | None = None
+            if typ == PORTIO and (addr == PCI_CONF_ADDR or PCI_CONF_DATA <= addr <= PCI_CONF_DATA + 3):
+                # handle_cf8cfc
+                conf = vm.pci_conf_addr
+                if addr == PCI_CONF_ADDR:
+                    counters.pio += 1
+                    counters.cf8 += 1
+                    if direction == DIR_WRITE:
+                        vm.pci_conf_addr = value & 0xFFFFFFFF
+                        self._finish(vm, i, off, polling, None)
+                    else:
+                        self._finish(vm, i, off, polling, _U32.pack(conf))
+                    continue
+                if not conf & CONF1_ENABLE:
+                    counters.pio += 1
+                    counters.cf8 += 1
+                    self._finish(vm, i, off, polling, _ALL_ONES if direction == DIR_READ else None)
+                    continue
+                buf = bytearray(raw)
+                _U32.pack_into(buf, 0, PCICFG)
+                _PCI.pack_into(
+                    buf, _PCI_BUS,
+                    (conf >> 16) & 0xFF,
+                    (conf >> 11) & 0x1F,
+                    (conf >> 8) & 0x7,
+                    (conf & 0xFC) + ((conf >> 16) & 0xF00) + (addr - PCI_CONF_DATA),
+                )  # fmt: skip
+                mem.write(off, bytes(buf))
+                counters.pci += 1
+                typ = PCICFG
+            else:
+                if typ == PORTIO:
+                    counters.pio += 1
+                elif typ == MMIO:
+                    counters.mmio += 1
+                elif typ == PCICFG:
+                    counters.pci += 1
+                else:
+                    counters.other += 1
+                if (typ == PORTIO or typ == MMIO) and vm.range_clients:
+                    last = (addr + size - 1) & _U64_MASK
+                    for c in vm.range_clients:
+                        for rtype, start, end in c.ranges:
+                            if rtype == typ and start <= addr and last <= end:
+                                client = c
+                                break
+                        if client is not None:
+                            break
+
+            if client is None:
+                client = vm.default_client
+                if client is None:
+                    counters.stalled += 1
+                    return  # no client: abort this VM's scan, the request stays PENDING
+                counters.default += 1
+                mem.write_then(off + _KH, _KH0, off + _STATE, _S_PROCESSING)
+                client.bitmap |= 1 << i
+                client.wake()
+                continue
+
+            counters.range += 1
+            handler = client.handler
+            if handler is None:  # a range client served from elsewhere
+                mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
+                client.bitmap |= 1 << i
+                client.wake()
+                continue
+            # In-daemon client: its handler runs here rather than in a thread, so
+            # the request goes straight from PENDING to COMPLETE.
+            result = handler(vm, i, typ, direction, addr, size, value)
+            if isinstance(result, int) and result < 0:
+                mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
+                client.bitmap |= 1 << i
+                log.debug("hsm.ioreq_handler_failed", client=client.name, vcpu=i, err=result)
+                continue
+            counters.in_kernel += 1
+            if isinstance(result, bytes):
+                mem.write(off + _VALUE, result)
+            mem.write_then(off + _KH, _KH1, off + _STATE, _S_COMPLETE)
+            if not polling:
+                self._notify(vm, i)
+
+    @staticmethod
+    def _count_type(counters: RequestCounters, typ: int) -> None:
+        if typ == PORTIO:
+            counters.pio += 1
+        elif typ == MMIO:
+            counters.mmio += 1
+        elif typ == PCICFG:
+            counters.pci += 1
+        else:
+            counters.other += 1
+
+    def _finish(self, vm: Vm, vcpu: int, off: int, polling: int, value: bytes | None) -> None:
+        """ioreq_complete_request with the polling flag already read from the slot."""
+        mem = vm.mem
+        assert mem is not None
+        if value is None:
+            mem.store_u32(off + _STATE, COMPLETE)
+        else:
+            mem.write_then(off + _VALUE, value, off + _STATE, _S_COMPLETE)
+        if not polling:
+            self._notify(vm, vcpu)
+
+    def _notify(self, vm: Vm, vcpu: int) -> int:
+        ret = self.hv.notify_request_finish(vm.vmid, vcpu)
+        if ret < 0:
+            log.error("hsm.notify_failed", vmid=vm.vmid, vcpu=vcpu, ret=ret)
+        return ret
+
+    # -- completion ---------------------------------------------------------
+
+    def complete(self, vm: Vm, vcpu: int) -> int:
+        """ioreq_complete_request: polling read first, COMPLETE, notify unless polling."""
+        if vcpu >= SLOTS or vm.page_base is None or vm.mem is None:
+            return -errno.EINVAL  # the kernel would index past the page here
+        off = vm.page_base + (vcpu << 8)
+        polling = vm.mem.load_u32(off + _POLLING)
+        vm.mem.store_u32(off + _STATE, COMPLETE)
+        if polling:
+            return 0
+        return self._notify(vm, vcpu)
+
+    def client_complete(self, client: IoreqClient, vcpu: int) -> int:
+        """acrn_ioreq_complete_request."""
+        vm = client.vm
+        if vcpu >= vm.vcpu_num:
+            return -errno.EINVAL
+        client.bitmap &= ~(1 << vcpu)
+        return self.complete(vm, vcpu)
+
+    def default_complete(self, vm: Vm, vcpu: int) -> int:
+        """NOTIFY_REQUEST_FINISH: the default client's slot, whatever its state."""
+        client = vm.default_client
+        if client is None:
+            return 0
+        vm.counters.notified += 1
+        return self.client_complete(client, vcpu)
+
+    # -- clients ------------------------------------------------------------
+
+    def client_create(
+        self, vm: Vm, name: str, is_default: bool, handler: IoreqHandler | None = None
+    ) -> IoreqClient:
+        """acrn_ioreq_client_create (no pass is queued: the driver does not rescan)."""
+        client = IoreqClient(vm, name, is_default, handler)
+        if is_default:
+            vm.default_client = client
+        else:
+            vm.range_clients.insert(0, client)
+        log.debug("hsm.client_created", vmid=vm.vmid, client=client.name)
+        return client
+
+    def client_destroy(self, client: IoreqClient) -> None:
+        """acrn_ioreq_client_destroy: pause (drain), mark, wake, unlink, resume (a pass)."""
+        vm = client.vm
+        self.pause()
+        client.destroying = True
+        client.wake()
+        if client.is_default:
+            if vm.default_client is client:
+                vm.default_client = None
+        else:
+            vm.range_clients = [c for c in vm.range_clients if c is not client]
+        client.ranges.clear()
+        log.debug("hsm.client_destroyed", vmid=vm.vmid, client=client.name)
+        self.resume()
+
+    # -- request page ---------------------------------------------------------
+
+    def ioreq_init(self, vm: Vm, pid: int, buf: int) -> int:
+        """acrn_ioreq_init: "pin" the caller's page containing ``buf`` and hand it over."""
+        if vm.page_base is not None:
+            return -errno.EEXIST
+        base = buf & ~(PAGE_SIZE - 1)
+        mem = self.memory(pid)
+        try:
+            mem.check_writable(base, PAGE_SIZE)
+        except MemoryFault as e:
+            log.debug("hsm.ioreq_pin_failed", vmid=vm.vmid, pid=pid, error=str(e))
+            return -errno.EFAULT
+        # The hypervisor's vCPU threads get their own accessor: RemoteMemory keeps
+        # a scratch buffer that must not be shared with the trio thread.
+        page = SharedPage(self.memory(pid), base)
+        ret = self.hv.set_ioreq_buffer(vm.vmid, page)
+        if ret < 0:
+            return ret
+        vm.mem = mem
+        vm.page_base = base
+        vm.ioreq_page = page
+        vm.owner_pid = pid
+        vm.failed = None
+        return 0
+
+    def ioreq_deinit(self, vm: Vm) -> None:
+        """acrn_ioreq_deinit: range clients, then the default one, then the page."""
+        for client in list(vm.range_clients):
+            self.client_destroy(client)
+        if vm.default_client is not None:
+            self.client_destroy(vm.default_client)
+        vm.page_base = None
+        vm.mem = None
+        vm.ioreq_page = None
+
+    # -- CLEAR_VM_IOREQ -------------------------------------------------------
+
+    def request_clear(self, vm: Vm) -> ClearOp:
+        """acrn_ioreq_request_clear, split so its bounded wait can run as a task."""
+        vm.clearing = True
+        return ClearOp(self, vm)
+
+
+class ClearOp:
+    """One CLEAR_VM_IOREQ in progress: wait for range clients, then finish once."""
+
+    __slots__ = ("dispatcher", "vm", "done")
+
+    ROUNDS = 10
+
+    def __init__(self, dispatcher: Dispatcher, vm: Vm) -> None:
+        self.dispatcher = dispatcher
+        self.vm = vm
+        self.done = False
+
+    def range_pending(self) -> bool:
+        return any(c.bitmap for c in self.vm.range_clients)
+
+    async def wait_and_finish(self) -> int:
+        try:
+            retry = self.ROUNDS
+            while True:
+                pending = self.range_pending()
+                if pending:
+                    await trio.sleep(self.dispatcher.clear_round_s)
+                retry -= 1
+                if not (pending and retry > 0):
+                    break
+            if retry == 0:
+                log.warning("hsm.clear_vm_ioreq_timeout", vmid=self.vm.vmid)
+        finally:
+            self.finish()  # a signal ends the sleeps early; the driver still finishes
+        return 0
+
+    def finish(self) -> int:
+        """Complete every request the default client holds, then drop CLEARING."""
+        if self.done:
+            return 0
+        self.done = True
+        vm = self.vm
+        d = self.dispatcher
+        try:
+            client = vm.default_client
+            if client is not None:
+                for vcpu in range(SLOTS):
+                    if client.bitmap >> vcpu & 1 and vcpu < vm.vcpu_num:
+                        d.client_complete(client, vcpu)
+                        vm.counters.cleared += 1
+        except MemoryFault as e:
+            d.fail_vm(vm, e)
+        finally:
+            vm.clearing = False
+        return 0
+
+
+__all__ = [
+    "ClearOp",
+    "ClientMemory",
+    "Dispatcher",
+    "IoreqClient",
+    "IoreqHandler",
+    "Memory",
+    "MemoryFactory",
+    "RequestCounters",
+]
