@@ -99,6 +99,14 @@ size_t fuse_add_direntry(fuse_req_t req, char *buf, size_t bufsize, const char *
                          const struct stat *stbuf, off_t off);
 const struct fuse_ctx *fuse_req_ctx(fuse_req_t req);
 int fuse_req_interrupted(fuse_req_t req);
+void *fuse_req_userdata(fuse_req_t req);
+
+/* Mounts for FUSE mode (bind-mounting the served file onto the node path). */
+#define MS_BIND ...
+#define MNT_DETACH ...
+int mount(const char *source, const char *target, const char *fstype,
+          unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
 
 void free(void *ptr);
 

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <fuse_lowlevel.h>
 #include <cuse_lowlevel.h>
 

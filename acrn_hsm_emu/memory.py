@@ -74,12 +74,13 @@ class RemoteMemory:
 
     def write(self, addr: int, data: bytes) -> None:
         n = len(data)
-        if _lib.hsm_remote_write(self.pid, addr, data, n) != n:
+        if _lib.hsm_remote_write(self.pid, addr, _ffi.from_buffer(data), n) != n:
             raise self._fault("write", addr, n)
 
     def write_then(self, addr: int, data: bytes, addr2: int, data2: bytes) -> None:
         n = len(data) + len(data2)
-        if _lib.hsm_remote_write2(self.pid, addr, data, len(data), addr2, data2, len(data2)) != n:
+        d1, d2 = _ffi.from_buffer(data), _ffi.from_buffer(data2)
+        if _lib.hsm_remote_write2(self.pid, addr, d1, len(data), addr2, d2, len(data2)) != n:
             raise self._fault("write", addr, n)
 
     def load_u32(self, addr: int) -> int:

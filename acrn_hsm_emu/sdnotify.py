@@ -1,0 +1,57 @@
+"""systemd's notify protocol (sd_notify), trio-friendly and dependency-free.
+
+Does nothing when NOTIFY_SOCKET is unset; handles the abstract '@' form.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class Notifier:
+    def __init__(self, address: str | None = None) -> None:
+        address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+        self._sock: socket.socket | None = None
+        self._addr: str | bytes = ""
+        if not address:
+            return
+        if address.startswith("@"):
+            self._addr = b"\0" + address[1:].encode()  # abstract namespace
+        elif address.startswith("/"):
+            self._addr = address
+        else:
+            log.warning("NOTIFY_SOCKET is neither a path nor abstract; ignored", value=address)
+            return
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def notify(self, *fields: str) -> None:
+        """Send ``READY=1``, ``STATUS=...`` etc.; a datagram never blocks."""
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto("\n".join(fields).encode(), self._addr)
+        except OSError as e:
+            log.warning("sd_notify failed", error=str(e))
+
+    def watchdog_interval(self) -> float | None:
+        """Half of WATCHDOG_USEC when it is meant for this process, else None."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

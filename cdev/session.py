@@ -1,0 +1,514 @@
+"""One libfuse session, driven from trio, answering for one :class:`Device`.
+
+The trio thread waits for the session fd, receives a buffer and lets libfuse
+decode it; libfuse calls back into this module (``extern "Python"``), which
+answers at once or starts a task and answers when the task is done. Replies
+are only ever sent from the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import trio
+
+from cdev._fuse import ffi, lib
+from cdev.device import Device, DeviceError, IoctlCall, IoctlResult, RequestContext
+from cdev.ioctl import needs_retry, transfer_for
+
+log = structlog.get_logger("cdev")
+
+ROOT_INO = 1
+NODE_INO = 2
+_NULL = ffi.NULL
+
+
+class _Waiting:
+    """An ioctl whose answer a task is still working out."""
+
+    __slots__ = ("req", "handle", "call", "scope", "replied", "cdata", "out_size")
+
+    def __init__(self, req: Any, handle: object, call: IoctlCall, out_size: int) -> None:
+        self.req = req
+        self.handle = handle
+        self.call = call
+        self.out_size = out_size
+        self.scope = trio.CancelScope()
+        self.replied = False
+        self.cdata: Any = None
+
+
+class TidResolver:
+    """Thread id -> process id, as /proc says, cached and re-checked cheaply.
+
+    The FUSE header carries the calling thread; memory access needs its
+    process. A cached answer is trusted only while /proc/PID/task/TID exists,
+    so a recycled thread id can never be attributed to the wrong process.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, int] = {}
+
+    def __call__(self, tid: int) -> int:
+        if tid <= 0:
+            return tid
+        pid = self._cache.get(tid)
+        if pid is not None:
+            if pid == tid or os.path.exists(f"/proc/{pid}/task/{tid}"):
+                return pid
+            del self._cache[tid]
+        pid = self._lookup(tid)
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[tid] = pid
+        return pid
+
+    @staticmethod
+    def _lookup(tid: int) -> int:
+        try:
+            with open(f"/proc/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return tid  # gone already: the thread id is the best we know
+
+
+class Session:
+    """The request handlers of one served node (FUSE file or CUSE device)."""
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        name: str,
+        mode: int = 0o600,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> None:
+        self.device = device
+        self.name = name.encode()
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.arg_specs = dict(getattr(device, "arg_specs", {}) or {})
+        self.se: Any = _NULL
+        self.nursery: trio.Nursery | None = None
+        self.on_init_done: Callable[[], None] | None = None
+        self._files: dict[int, object] = {}
+        self._next_fh = 1
+        self._waiting: set[_Waiting] = set()
+        self._resolve = TidResolver()
+        self._self_handle = ffi.new_handle(self)
+        self._closing = False
+
+    # -- plumbing --------------------------------------------------------
+
+    @property
+    def userdata(self) -> Any:
+        return self._self_handle
+
+    def context(self, req: Any) -> RequestContext:
+        c = lib.fuse_req_ctx(req)
+        tid = c.pid
+        return RequestContext(uid=c.uid, gid=c.gid, pid=self._resolve(tid), tid=tid)
+
+    def open_files(self) -> int:
+        return len(self._files)
+
+    async def run(self, fd: int) -> None:
+        """Receive and process requests until the session ends or we are cancelled."""
+        os.set_blocking(fd, False)
+        buf = ffi.new("struct fuse_buf *")
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                try:
+                    await self._receive_loop(fd, buf)
+                finally:
+                    self._closing = True
+                    self._fail_waiting()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.nursery = None
+            if buf.mem != _NULL:
+                lib.free(buf.mem)
+                buf.mem = _NULL
+
+    async def _receive_loop(self, fd: int, buf: Any) -> None:
+        se = self.se
+        while not lib.fuse_session_exited(se):
+            await trio.lowlevel.wait_readable(fd)
+            # Drain what is queued, then let the tasks this started run.
+            for _ in range(64):
+                res = lib.fuse_session_receive_buf(se, buf)
+                if res == -errno.EAGAIN:
+                    break
+                if res == -errno.EINTR:
+                    continue
+                if res < 0:
+                    raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
+                if res == 0:  # unmounted (ENODEV) or an aborted request
+                    if lib.fuse_session_exited(se):
+                        return
+                    continue
+                lib.fuse_session_process_buf(se, buf)
+            await trio.lowlevel.checkpoint()
+
+    def _fail_waiting(self) -> None:
+        """Shutdown: every request still waiting gets ENODEV (the device is going)."""
+        for w in list(self._waiting):
+            if not w.replied:
+                w.replied = True
+                lib.fuse_reply_err(w.req, errno.ENODEV)
+            w.scope.cancel()
+        self._waiting.clear()
+
+    # -- operations -------------------------------------------------------
+
+    def fill_attr(self, st: Any, ino: int) -> None:
+        st.st_ino = ino
+        if ino == ROOT_INO:
+            st.st_mode = stat.S_IFDIR | 0o755
+            st.st_nlink = 2
+            st.st_uid = 0
+            st.st_gid = 0
+        else:
+            st.st_mode = stat.S_IFREG | self.mode
+            st.st_nlink = 1
+            st.st_uid = self.uid
+            st.st_gid = self.gid
+        st.st_size = 0
+
+    def op_lookup(self, req: Any, parent: int, name: bytes) -> None:
+        if parent != ROOT_INO or name != self.name:
+            lib.fuse_reply_err(req, errno.ENOENT)
+            return
+        e = ffi.new("struct fuse_entry_param *")
+        e.ino = NODE_INO
+        e.attr_timeout = 1.0
+        e.entry_timeout = 1.0
+        self.fill_attr(e.attr, NODE_INO)
+        lib.fuse_reply_entry(req, e)
+
+    def op_getattr(self, req: Any, ino: int) -> None:
+        if ino not in (ROOT_INO, NODE_INO):
+            lib.fuse_reply_err(req, errno.ENOENT)
+            return
+        st = ffi.new("struct stat *")
+        self.fill_attr(st, ino)
+        lib.fuse_reply_attr(req, st, 1.0)
+
+    def op_opendir(self, req: Any, ino: int, fi: Any) -> None:
+        if ino != ROOT_INO:
+            lib.fuse_reply_err(req, errno.ENOTDIR)
+            return
+        lib.fuse_reply_open(req, fi)
+
+    def op_readdir(self, req: Any, ino: int, size: int, off: int) -> None:
+        entries = [(b".", ROOT_INO), (b"..", ROOT_INO), (self.name, NODE_INO)]
+        buf = ffi.new("char[]", max(size, 1))
+        used = 0
+        st = ffi.new("struct stat *")
+        for i, (name, ino2) in enumerate(entries):
+            if i < off:
+                continue
+            self.fill_attr(st, ino2)
+            n = lib.fuse_add_direntry(req, buf + used, size - used, name, st, i + 1)
+            if n > size - used:
+                break
+            used += n
+        lib.fuse_reply_buf(req, buf, used)
+
+    def op_open(self, req: Any, ino: int, fi: Any) -> None:
+        if ino == ROOT_INO:
+            lib.fuse_reply_err(req, errno.EISDIR)
+            return
+        if self._closing:
+            lib.fuse_reply_err(req, errno.ENODEV)
+            return
+        try:
+            handle = self.device.open(self.context(req))
+        except DeviceError as e:
+            lib.fuse_reply_err(req, e.errno)
+            return
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = handle
+        fi.fh = fh
+        lib.cdev_fi_setup(fi, 1, 1)  # no page cache, no seeking: a character device
+        lib.fuse_reply_open(req, fi)
+
+    def op_release(self, req: Any, fi: Any) -> None:
+        handle = self._files.pop(fi.fh, None)
+        if handle is not None:
+            try:
+                self.device.release(handle)
+            except Exception:
+                log.exception("release failed", fh=fi.fh)
+        lib.fuse_reply_err(req, 0)
+
+    def op_ioctl(
+        self,
+        req: Any,
+        cmd: int,
+        arg: Any,
+        fi: Any,
+        flags: int,
+        in_buf: Any,
+        in_bufsz: int,
+        out_bufsz: int,
+    ) -> None:
+        handle = self._files.get(fi.fh)
+        if handle is None:
+            lib.fuse_reply_err(req, errno.EBADF)
+            return
+        if flags & lib.FUSE_IOCTL_UNRESTRICTED:
+            transfer = transfer_for(cmd, self.arg_specs.get(cmd))
+            if needs_retry(transfer, in_bufsz, out_bufsz):
+                self._retry(req, arg, transfer.in_size, transfer.out_size)
+                return
+            out_size = transfer.out_size
+        else:
+            out_size = out_bufsz
+        in_data = ffi.unpack(ffi.cast("char *", in_buf), in_bufsz) if in_bufsz else b""
+        call = IoctlCall(
+            cmd=cmd,
+            arg=int(ffi.cast("uintptr_t", arg)),
+            in_data=in_data,
+            out_size=out_size,
+            ctx=self.context(req),
+            compat=bool(flags & lib.FUSE_IOCTL_COMPAT),
+        )
+        try:
+            result = self.device.ioctl(handle, call)
+        except DeviceError as e:
+            lib.fuse_reply_err(req, e.errno)
+            return
+        if inspect.isawaitable(result):
+            self._start_waiting(req, handle, call, out_size, result)
+        else:
+            self._reply_ioctl(req, result, out_size)
+
+    def _retry(self, req: Any, arg: Any, in_size: int, out_size: int) -> None:
+        in_iov = ffi.new("struct iovec *")
+        in_iov.iov_base = arg
+        in_iov.iov_len = in_size
+        out_iov = ffi.new("struct iovec *")
+        out_iov.iov_base = arg
+        out_iov.iov_len = out_size
+        lib.fuse_reply_ioctl_retry(
+            req,
+            in_iov if in_size else _NULL,
+            1 if in_size else 0,
+            out_iov if out_size else _NULL,
+            1 if out_size else 0,
+        )
+
+    @staticmethod
+    def _reply_ioctl(req: Any, result: IoctlResult, out_size: int) -> None:
+        if isinstance(result, tuple):
+            value, data = result
+        else:
+            value, data = result, b""
+        if value < 0:
+            lib.fuse_reply_err(req, -value)
+            return
+        if len(data) > out_size:
+            data = data[:out_size]
+        if data:
+            lib.fuse_reply_ioctl(req, value, ffi.from_buffer(data), len(data))
+        else:
+            lib.fuse_reply_ioctl(req, value, _NULL, 0)
+
+    def _start_waiting(
+        self,
+        req: Any,
+        handle: object,
+        call: IoctlCall,
+        out_size: int,
+        coro: Awaitable[IoctlResult],
+    ) -> None:
+        assert self.nursery is not None
+        w = _Waiting(req, handle, call, out_size)
+        w.cdata = ffi.new_handle(w)
+        self._waiting.add(w)
+        self.nursery.start_soon(self._run_waiting, w, coro)
+        # Registered last: libfuse calls it at once if the caller was already interrupted.
+        lib.cdev_req_interrupt_func(req, w.cdata)
+
+    async def _run_waiting(self, w: _Waiting, coro: Awaitable[IoctlResult]) -> None:
+        result: IoctlResult = -errno.EIO
+        try:
+            with w.scope:
+                result = await coro
+        except Exception:
+            log.exception("ioctl handler failed", cmd=hex(w.call.cmd))
+            result = -errno.EIO
+        finally:
+            if inspect.iscoroutine(coro):
+                coro.close()  # never started: cancelled before it ran
+            self._waiting.discard(w)
+        if not w.replied:
+            w.replied = True
+            self._reply_ioctl(w.req, result, w.out_size)
+
+    def on_interrupt(self, w: _Waiting) -> None:
+        """The kernel says the caller got a signal: the device picks the answer."""
+        if w.replied:
+            return
+        w.replied = True
+        try:
+            result = self.device.interrupted(w.handle, w.call)
+        except Exception:
+            log.exception("interrupt handler failed", cmd=hex(w.call.cmd))
+            result = -errno.EINTR
+        self._reply_ioctl(w.req, result, w.out_size)
+        w.scope.cancel()
+
+    def op_poll(self, req: Any, fi: Any, ph: Any) -> None:
+        poll = getattr(self.device, "poll", None)
+        handle = self._files.get(fi.fh)
+        if poll is None or handle is None:
+            if ph != _NULL:
+                lib.fuse_pollhandle_destroy(ph)
+            # ENOSYS makes the kernel report the file as always ready, as it
+            # does for a character device with no poll operation.
+            lib.fuse_reply_err(req, errno.ENOSYS if handle is not None else errno.EBADF)
+            return
+
+        def wake(ph: Any = ph) -> None:
+            if ph != _NULL:
+                lib.fuse_lowlevel_notify_poll(ph)
+                lib.fuse_pollhandle_destroy(ph)
+
+        try:
+            mask = poll(handle, wake)
+        except DeviceError as e:
+            lib.fuse_reply_err(req, e.errno)
+            return
+        lib.fuse_reply_poll(req, mask)
+
+    def op_read(self, req: Any) -> None:
+        # A character device without read/write handlers answers EINVAL.
+        lib.fuse_reply_err(req, errno.EINVAL)
+
+
+# -- the C entry points ------------------------------------------------------
+
+
+def _session(req: Any) -> Session:
+    return ffi.from_handle(lib.fuse_req_userdata(req))
+
+
+def _guarded(req: Any, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("request handler failed")
+        lib.fuse_reply_err(req, errno.EIO)
+
+
+@ffi.def_extern()
+def cdev_ll_init(userdata: Any, conn: Any) -> None:
+    return None
+
+
+@ffi.def_extern()
+def cdev_ll_lookup(req: Any, parent: int, name: Any) -> None:
+    _guarded(req, lambda: _session(req).op_lookup(req, parent, ffi.string(name)))
+
+
+@ffi.def_extern()
+def cdev_ll_getattr(req: Any, ino: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_getattr(req, ino))
+
+
+@ffi.def_extern()
+def cdev_ll_open(req: Any, ino: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_open(req, ino if ino else NODE_INO, fi))
+
+
+@ffi.def_extern()
+def cdev_ll_release(req: Any, ino: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_release(req, fi))
+
+
+@ffi.def_extern()
+def cdev_ll_opendir(req: Any, ino: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_opendir(req, ino, fi))
+
+
+@ffi.def_extern()
+def cdev_ll_readdir(req: Any, ino: int, size: int, off: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_readdir(req, ino, size, off))
+
+
+@ffi.def_extern()
+def cdev_ll_read(req: Any, ino: int, size: int, off: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_read(req))
+
+
+@ffi.def_extern()
+def cdev_ll_write(req: Any, ino: int, buf: Any, size: int, off: int, fi: Any) -> None:
+    _guarded(req, lambda: _session(req).op_read(req))
+
+
+@ffi.def_extern()
+def cdev_ll_ioctl(
+    req: Any,
+    ino: int,
+    cmd: int,
+    arg: Any,
+    fi: Any,
+    flags: int,
+    in_buf: Any,
+    in_bufsz: int,
+    out_bufsz: int,
+) -> None:
+    try:
+        _session(req).op_ioctl(req, cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz)
+    except Exception:
+        log.exception("ioctl dispatch failed", cmd=hex(cmd))
+        lib.fuse_reply_err(req, errno.EIO)
+
+
+@ffi.def_extern()
+def cdev_ll_poll(req: Any, ino: int, fi: Any, ph: Any) -> None:
+    _guarded(req, lambda: _session(req).op_poll(req, fi, ph))
+
+
+@ffi.def_extern()
+def cdev_cuse_init_done(userdata: Any) -> None:
+    session: Session = ffi.from_handle(userdata)
+    if session.on_init_done is not None:
+        session.on_init_done()
+
+
+@ffi.def_extern()
+def cdev_interrupt(req: Any, data: Any) -> None:
+    w: _Waiting = ffi.from_handle(data)
+    try:
+        _session(req).on_interrupt(w)
+    except Exception:
+        log.exception("interrupt handling failed")
+
+
+_FUSE_LEVELS = ["critical", "critical", "critical", "error", "warning", "info", "info", "debug"]
+
+
+@ffi.def_extern()
+def cdev_log(level: int, msg: Any) -> None:
+    text = ffi.string(msg).decode(errors="replace")
+    name = _FUSE_LEVELS[level] if 0 <= level < len(_FUSE_LEVELS) else "info"
+    getattr(log, name)("libfuse", message=text)
+
+
+lib.cdev_install_log()

@@ -1,0 +1,246 @@
+"""Fixtures that run the real daemon (or a cdev test device) on a real mounted node.
+
+Each daemon gets its own temporary node path, run dir and control socket, so
+tests never touch the host's /dev/acrn_hsm. Readiness comes from the daemon's
+own sd_notify READY=1 on a socket the fixture listens on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+_serial = itertools.count()
+REPO = pathlib.Path(__file__).resolve().parent.parent
+VENV_BIN = pathlib.Path(sys.executable).parent
+
+
+def fuse_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (mounts a FUSE file system and bind-mounts the node)"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    return None
+
+
+def kvm_missing() -> str | None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"needs a usable /dev/kvm ({e.strerror})"
+    os.close(fd)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    fuse_reason = fuse_missing()
+    kvm_reason = kvm_missing()
+    for item in items:
+        if fuse_reason and "needs_fuse" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=fuse_reason))
+        if kvm_reason and "needs_kvm" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=kvm_reason))
+
+
+def mounted_under(path: pathlib.Path) -> list[str]:
+    """Mount points at or below ``path`` in this mount namespace."""
+    prefix = str(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == prefix or mp.startswith(prefix + "/"):
+                out.append(mp)
+    return out
+
+
+class NotifyListener:
+    """A fake systemd NOTIFY_SOCKET: collects what the daemon sends."""
+
+    def __init__(self, path: pathlib.Path | None = None, abstract: str | None = None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract is not None:
+            self.sock.bind(b"\0" + abstract.encode())
+            self.address = "@" + abstract
+        else:
+            assert path is not None
+            self.sock.bind(str(path))
+            self.address = str(path)
+        self.messages: list[str] = []
+
+    def wait_for(self, field: str, timeout: float = 30.0) -> None:
+        """Hang guard only: returns as soon as ``field`` arrives."""
+        deadline = time.monotonic() + timeout
+        while not any(field in m.split("\n") for m in self.messages):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{field} not received; got {self.messages}")
+            r, _, _ = select.select([self.sock], [], [], left)
+            if r:
+                self.messages.append(self.sock.recv(4096).decode())
+
+    def drain(self) -> None:
+        while select.select([self.sock], [], [], 0)[0]:
+            self.messages.append(self.sock.recv(4096).decode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """A running ``acrn-hsm-emu serve`` on a private node."""
+
+    def __init__(self, tmp: pathlib.Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.node = tmp / "acrn_hsm"
+        self.run_dir = tmp / "run"
+        self.control = self.run_dir / "control.sock"
+        self.log_path = tmp / "daemon.log"
+        self.notify = NotifyListener(tmp / f"notify-{next(_serial)}.sock")
+        self.args = [
+            str(VENV_BIN / "acrn-hsm-emu"),
+            "serve",
+            "--node",
+            str(self.node),
+            "--run-dir",
+            str(self.run_dir),
+            "--log-format",
+            "json",
+            *extra,
+        ]
+        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.address, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        self.notify.messages.clear()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        try:
+            self.notify.wait_for("READY=1")
+        except TimeoutError:
+            self.proc.kill()
+            raise RuntimeError(f"daemon did not become ready:\n{self.log()}") from None
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = [str(VENV_BIN / "acrn-hsm-emu"), *args]
+        if args and args[0] in ("status", "inject", "cpuid"):
+            cmd[2:2] = ["--control", str(self.control)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+            raise AssertionError(f"daemon did not stop on signal {sig}:\n{self.log()}") from None
+        self._log.close()
+        return rc
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
+    reason = fuse_missing()
+    if reason:
+        pytest.skip(reason)
+    made: list[Daemon] = []
+
+    def make(*extra: str, start: bool = True, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path, *extra, env=env)
+        made.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            rc = d.stop()
+            assert rc == 0, f"daemon exited {rc}:\n{d.log()}"
+        d.notify.close()
+        assert "Traceback" not in d.log(), d.log()
+    leftovers = mounted_under(tmp_path)
+    for mp in reversed(leftovers):
+        subprocess.run(["umount", "-l", mp], check=False)
+    assert not leftovers, f"mounts left behind: {leftovers}"
+
+
+@pytest.fixture
+def hsm_daemon(daemon_factory: Any) -> Daemon:
+    """The daemon with its defaults (scripted backend, built-in scenario)."""
+    return daemon_factory()
+
+
+class CdevServer:
+    """``python -m cdev`` serving tests/support/testdev.py on a private node."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.node = tmp / "testdev"
+        self.log_path = tmp / "cdev.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "cdev", "--device", "tests.support.testdev:TestDevice",
+                "--node", str(self.node), "--run-dir", str(tmp / "run"), "--transport", "fuse",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != b"READY":
+            self.proc.kill()
+            raise RuntimeError(f"cdev server did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=30)
+        self._log.close()
+        return rc
+
+
+@pytest.fixture
+def cdev_server(tmp_path: pathlib.Path) -> Iterator[CdevServer]:
+    reason = fuse_missing()
+    if reason:
+        pytest.skip(reason)
+    server = CdevServer(tmp_path)
+    yield server
+    if server.proc.poll() is None:
+        assert server.stop() == 0
+    assert "Traceback" not in server.log_path.read_text()
+    assert not mounted_under(tmp_path)
+
+
+def wait_in_syscall(pid: int, timeout: float = 30.0) -> None:
+    """Hang guard: until some thread of ``pid`` sits in ioctl(2) (syscall 16 on x86-64)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+            try:
+                if (task / "syscall").read_text().split()[0] == "16":
+                    return
+            except (OSError, IndexError):
+                pass
+        time.sleep(0.01)
+    raise TimeoutError(f"pid {pid} never blocked in ioctl")
