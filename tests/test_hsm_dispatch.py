@@ -13,7 +13,7 @@ import pytest
 import structlog
 import trio
 import trio.testing
-from test_hsm_harness import Buf, FakeHypervisor, VmSetup, call, make_device, settle
+from test_hsm_harness import Buf, HvProxy, VmSetup, call, creation, hypervisor, make_device, settle
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm.ioreq import IoreqClient
@@ -29,9 +29,15 @@ PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
 FREE = abi.ACRN_IOREQ_STATE_FREE
 
 
-def setup(vcpus: int = 4, client: bool = True, **kw: object) -> tuple[FakeHypervisor, VmSetup]:
-    hv = FakeHypervisor(vcpu_num=vcpus)
-    s = VmSetup(make_device(hv, **kw), hv)
+@pytest.fixture
+def hv():
+    h = hypervisor()
+    yield h
+    h.real.shutdown()
+
+
+def setup(hv: HvProxy, vcpus: int = 4, client: bool = True, **kw: object) -> tuple[HvProxy, VmSetup]:
+    s = VmSetup(make_device(hv, **kw), hv, vcpus=vcpus)
     if client:
         s.create_client()
     return hv, s
@@ -44,8 +50,8 @@ def run_pass(s: VmSetup) -> None:
 # -- plain dispatch ------------------------------------------------------------
 
 
-async def test_pending_request_goes_to_the_default_client():
-    hv, s = setup()
+async def test_pending_request_goes_to_the_default_client(hv):
+    hv, s = setup(hv)
     s.page.put_u32(s.slot_off(1) + abi.SLOT_KERNEL_HANDLED, 7)
     s.fill(1, MMIO, RD, 0xFE000000, 4, 0x1234)
     run_pass(s)
@@ -56,8 +62,8 @@ async def test_pending_request_goes_to_the_default_client():
     assert s.vm.counters.mmio == 1 and s.vm.counters.default == 1
 
 
-async def test_only_pending_slots_below_vcpu_num_are_looked_at():
-    hv, s = setup(vcpus=2)
+async def test_only_pending_slots_below_vcpu_num_are_looked_at(hv):
+    hv, s = setup(hv, vcpus=2)
     s.fill(0, PIO, WR, 0x60, 1, state=COMPLETE)
     s.fill(1, PIO, WR, 0x60, 1, state=PROCESSING)
     s.fill(2, PIO, WR, 0x60, 1)  # beyond vcpu_num
@@ -66,11 +72,10 @@ async def test_only_pending_slots_below_vcpu_num_are_looked_at():
     assert s.vm.default_client.bitmap == 0
 
 
-async def test_without_a_client_the_scan_of_that_vm_stops_at_the_first_request():
-    hv = FakeHypervisor(vcpu_num=4)
+async def test_without_a_client_the_scan_of_that_vm_stops_at_the_first_request(hv):
     dev = make_device(hv)
-    a = VmSetup(dev, hv)
-    b = VmSetup(dev, hv)  # newer, scanned first
+    a = VmSetup(dev, hv, vcpus=4)
+    b = VmSetup(dev, hv, vcpus=4)  # newer, scanned first
     b.create_client()
     for s in (a, b):
         s.fill(1, PIO, RD, 0x60, 1)
@@ -88,11 +93,10 @@ async def test_without_a_client_the_scan_of_that_vm_stops_at_the_first_request()
     assert a.state(1) == PROCESSING and a.state(3) == COMPLETE
 
 
-async def test_newest_vm_first_and_vcpu_zero_upward():
-    hv = FakeHypervisor(vcpu_num=2)
+async def test_newest_vm_first_and_vcpu_zero_upward(hv):
     dev = make_device(hv)
-    a = VmSetup(dev, hv)
-    b = VmSetup(dev, hv)
+    a = VmSetup(dev, hv, vcpus=2)
+    b = VmSetup(dev, hv, vcpus=2)
     for s in (a, b):
         s.create_client()
         for v in (1, 0):
@@ -101,8 +105,8 @@ async def test_newest_vm_first_and_vcpu_zero_upward():
     assert hv.notified == [(b.vmid, 0), (b.vmid, 1), (a.vmid, 0), (a.vmid, 1)]
 
 
-async def test_upcalls_are_coalesced_into_one_queued_pass():
-    hv, s = setup()
+async def test_upcalls_are_coalesced_into_one_queued_pass(hv):
+    hv, s = setup(hv)
     s.fill(0, PIO, RD, 0x60, 1)
     for _ in range(5):
         hv.upcall()
@@ -115,8 +119,8 @@ async def test_upcalls_are_coalesced_into_one_queued_pass():
     assert d.passes == 2
 
 
-async def test_upcall_from_another_thread_dispatches_on_the_trio_thread():
-    hv, s = setup()
+async def test_upcall_from_another_thread_dispatches_on_the_trio_thread(hv):
+    hv, s = setup(hv)
     s.fill(2, MMIO, WR, 0xD0000000, 8, 5)
     await trio.to_thread.run_sync(hv.upcall)
     await settle()
@@ -126,8 +130,8 @@ async def test_upcall_from_another_thread_dispatches_on_the_trio_thread():
 # -- CF8 / CFC -----------------------------------------------------------------
 
 
-async def test_cf8_write_latches_whole_value_any_size_and_read_returns_it():
-    hv, s = setup()
+async def test_cf8_write_latches_whole_value_any_size_and_read_returns_it(hv):
+    hv, s = setup(hv)
     s.page.put_u32(s.slot_off(0) + abi.SLOT_KERNEL_HANDLED, 9)
     s.fill(0, PIO, WR, 0xCF8, 2, 0x8001_2345)
     run_pass(s)
@@ -142,16 +146,16 @@ async def test_cf8_write_latches_whole_value_any_size_and_read_returns_it():
     assert s.vm.counters.cf8 == 2 and s.vm.counters.default == 0
 
 
-async def test_cf8_completion_in_polling_mode_skips_the_notify():
-    hv, s = setup()
+async def test_cf8_completion_in_polling_mode_skips_the_notify(hv):
+    hv, s = setup(hv)
     s.fill(0, PIO, WR, 0xCF8, 4, 0x8000_0000, polling=1)
     run_pass(s)
     assert s.state(0) == COMPLETE and hv.notified == []
 
 
 @pytest.mark.parametrize("port", [0xCFC, 0xCFD, 0xCFE, 0xCFF])
-async def test_cfc_with_enable_bit_clear_reads_all_ones_and_drops_writes(port):
-    hv, s = setup()
+async def test_cfc_with_enable_bit_clear_reads_all_ones_and_drops_writes(hv, port):
+    hv, s = setup(hv)
     s.vm.pci_conf_addr = 0x7FFF_FFFC
     s.fill(0, PIO, RD, port, 1, 0x12)
     s.fill(1, PIO, WR, port, 4, 0x3456)
@@ -178,8 +182,8 @@ def pci_fields(s: VmSetup, vcpu: int) -> tuple[int, int, int, int]:
         (0xF501_0803, 0xCFF, (0x01, 1, 0, 0x503)),  # bits 30:28 and 1:0 are not part of reg
     ],
 )
-async def test_cfc_with_enable_bit_is_folded_into_pcicfg(conf, port, expect):
-    hv, s = setup()
+async def test_cfc_with_enable_bit_is_folded_into_pcicfg(hv, conf, port, expect):
+    hv, s = setup(hv)
     s.vm.pci_conf_addr = conf
     junk = bytes(range(64))
     s.fill(2, PIO, RD, port, 2, 0x77, junk=junk)
@@ -197,8 +201,8 @@ async def test_cfc_with_enable_bit_is_folded_into_pcicfg(conf, port, expect):
     assert hv.notified == []
 
 
-async def test_folded_pcicfg_ignores_range_clients():
-    hv, s = setup()
+async def test_folded_pcicfg_ignores_range_clients(hv):
+    hv, s = setup(hv)
     s.vm.pci_conf_addr = 0x8000_0000
     rc = s.dev.dispatcher.client_create(s.vm, "r", False)
     rc.range_add(PIO, 0, 0xFFFF)
@@ -209,8 +213,8 @@ async def test_folded_pcicfg_ignores_range_clients():
 
 
 @pytest.mark.parametrize("port", [0xCF9, 0xCFA, 0xCFB, 0xCF7, 0xD00])
-async def test_other_ports_near_cf8_are_not_intercepted(port):
-    hv, s = setup()
+async def test_other_ports_near_cf8_are_not_intercepted(hv, port):
+    hv, s = setup(hv)
     s.vm.pci_conf_addr = 0x8000_0000
     s.fill(0, PIO, WR, port, 1, 6)
     run_pass(s)
@@ -218,21 +222,20 @@ async def test_other_ports_near_cf8_are_not_intercepted(port):
     assert s.vm.pci_conf_addr == 0x8000_0000
 
 
-async def test_mmio_at_cf8_is_not_intercepted():
-    hv, s = setup()
+async def test_mmio_at_cf8_is_not_intercepted(hv):
+    hv, s = setup(hv)
     s.fill(0, MMIO, WR, 0xCF8, 4, 0x8000_0000)
     run_pass(s)
     assert s.vm.pci_conf_addr == 0 and s.state(0) == PROCESSING
 
 
-async def test_pci_latch_survives_a_recreate_on_the_same_file():
-    hv, s = setup()
+async def test_pci_latch_survives_a_recreate_on_the_same_file(hv):
+    hv, s = setup(hv)
     s.fill(0, PIO, WR, 0xCF8, 4, 0x8000_0800)
     run_pass(s)
+    assert s.ioctl(abi.ACRN_IOCTL_PAUSE_VM) == 0
     assert s.ioctl(abi.ACRN_IOCTL_DESTROY_VM) == 0
     page = Buf()
-    from test_hsm_harness import creation
-
     s.page = page
     assert s.ioctl(abi.ACRN_IOCTL_CREATE_VM, page.addr, creation(page.addr), out_size=48)[0] == 0
     assert s.vm.pci_conf_addr == 0x8000_0800
@@ -253,8 +256,8 @@ async def test_pci_latch_survives_a_recreate_on_the_same_file():
         (0x1008, 1, False),
     ],
 )
-async def test_range_match_is_inclusive_and_needs_the_whole_access(addr, size, hit):
-    hv, s = setup()
+async def test_range_match_is_inclusive_and_needs_the_whole_access(hv, addr, size, hit):
+    hv, s = setup(hv)
     rc = s.dev.dispatcher.client_create(s.vm, "remote", False)
     assert rc.range_add(MMIO, 0x1000, 0x1007) == 0
     s.fill(0, MMIO, WR, addr, size, 1)
@@ -264,8 +267,8 @@ async def test_range_match_is_inclusive_and_needs_the_whole_access(addr, size, h
     assert s.kernel_handled(0) == (1 if hit else 0)
 
 
-async def test_range_types_must_match_and_newest_client_wins():
-    hv, s = setup()
+async def test_range_types_must_match_and_newest_client_wins(hv):
+    hv, s = setup(hv)
     d = s.dev.dispatcher
     old = d.client_create(s.vm, "old", False)
     new = d.client_create(s.vm, "new", False)
@@ -279,8 +282,8 @@ async def test_range_types_must_match_and_newest_client_wins():
     assert old.range_add(PIO, 5, 4) == -errno.EINVAL
 
 
-async def test_a_range_client_without_default_client_still_gets_its_requests():
-    hv, s = setup(client=False)
+async def test_a_range_client_without_default_client_still_gets_its_requests(hv):
+    hv, s = setup(hv, client=False)
     rc = s.dev.dispatcher.client_create(s.vm, "r", False)
     rc.range_add(PIO, 0x70, 0x71)
     s.fill(0, PIO, WR, 0x70, 1)
@@ -294,8 +297,8 @@ async def test_a_range_client_without_default_client_still_gets_its_requests():
 # -- ATTACH ----------------------------------------------------------------------
 
 
-async def test_attach_is_level_triggered():
-    hv, s = setup()
+async def test_attach_is_level_triggered(hv):
+    hv, s = setup(hv)
     s.fill(0, PIO, RD, 0x60, 1)
     run_pass(s)
     assert s.ioctl(abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT) == 0  # bit set: at once
@@ -306,8 +309,8 @@ async def test_attach_is_level_triggered():
     waiter.close()
 
 
-async def test_attach_waits_for_a_dispatched_request():
-    hv, s = setup()
+async def test_attach_waits_for_a_dispatched_request(hv):
+    hv, s = setup(hv)
     got: list[int] = []
 
     async def attach() -> None:
@@ -323,8 +326,8 @@ async def test_attach_waits_for_a_dispatched_request():
     assert s.state(3) == PROCESSING
 
 
-async def test_attach_gets_enodev_when_the_client_is_destroyed_from_another_thread():
-    hv, s = setup()
+async def test_attach_gets_enodev_when_the_client_is_destroyed_from_another_thread(hv):
+    hv, s = setup(hv)
     got: list[int] = []
 
     async def attach() -> None:
@@ -339,8 +342,8 @@ async def test_attach_gets_enodev_when_the_client_is_destroyed_from_another_thre
     assert s.ioctl(abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT) == -errno.ENODEV
 
 
-async def test_attach_destroyed_with_bits_set_still_enodev():
-    hv, s = setup()
+async def test_attach_destroyed_with_bits_set_still_enodev(hv):
+    hv, s = setup(hv)
     client = s.vm.default_client
     s.fill(0, PIO, RD, 0x60, 1)
     run_pass(s)
@@ -350,8 +353,8 @@ async def test_attach_destroyed_with_bits_set_still_enodev():
     assert s.state(0) == PROCESSING  # nobody completes it
 
 
-async def test_client_destroy_queues_a_pass_and_a_new_client_starts_empty():
-    hv, s = setup()
+async def test_client_destroy_queues_a_pass_and_a_new_client_starts_empty(hv):
+    hv, s = setup(hv)
     s.fill(0, PIO, RD, 0x60, 1)
     run_pass(s)
     assert s.ioctl(abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT) == 0
@@ -364,8 +367,8 @@ async def test_client_destroy_queues_a_pass_and_a_new_client_starts_empty():
     assert s.state(0) == PROCESSING
 
 
-async def test_client_destroy_drains_a_queued_pass_first():
-    hv, s = setup()
+async def test_client_destroy_drains_a_queued_pass_first(hv):
+    hv, s = setup(hv)
     client = s.vm.default_client
     s.fill(0, PIO, RD, 0x60, 1)
     hv.upcall()  # queued, not yet run
@@ -374,8 +377,8 @@ async def test_client_destroy_drains_a_queued_pass_first():
     assert client.bitmap == 1 and s.state(0) == PROCESSING
 
 
-async def test_interrupted_attach_answers_zero_and_leaves_the_client():
-    hv, s = setup()
+async def test_interrupted_attach_answers_zero_and_leaves_the_client(hv):
+    hv, s = setup(hv)
     c = call(abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
     waiter = s.dev.ioctl(s.file, c)
     assert not isinstance(waiter, int)
@@ -387,8 +390,8 @@ async def test_interrupted_attach_answers_zero_and_leaves_the_client():
 # -- completion ------------------------------------------------------------------
 
 
-async def test_notify_completes_and_clears_the_bit():
-    hv, s = setup()
+async def test_notify_completes_and_clears_the_bit(hv):
+    hv, s = setup(hv)
     s.fill(1, PIO, RD, 0x60, 1)
     run_pass(s)
     s.page.put_u32(s.slot_off(1) + abi.SLOT_VALUE, 0x42)  # the DM's answer
@@ -398,8 +401,8 @@ async def test_notify_completes_and_clears_the_bit():
     assert s.slot_u32(1, abi.SLOT_VALUE) == 0x42
 
 
-async def test_polling_mode_completion_is_read_from_the_slot_before_complete():
-    hv, s = setup()
+async def test_polling_mode_completion_is_read_from_the_slot_before_complete(hv):
+    hv, s = setup(hv)
     s.fill(0, MMIO, RD, 0x1000, 4, polling=1)
     run_pass(s)
     assert s.notify(0) == 0
@@ -409,8 +412,8 @@ async def test_polling_mode_completion_is_read_from_the_slot_before_complete():
 # -- CLEAR_VM_IOREQ ----------------------------------------------------------------
 
 
-async def test_clearing_completes_pending_requests_without_looking():
-    hv, s = setup()
+async def test_clearing_completes_pending_requests_without_looking(hv):
+    hv, s = setup(hv)
     s.vm.clearing = True
     s.fill(0, PIO, WR, 0xCF8, 4, 0x8000_0000)  # not even latched
     s.fill(1, MMIO, RD, 0x1000, 4)
@@ -421,8 +424,8 @@ async def test_clearing_completes_pending_requests_without_looking():
     assert s.vm.counters.cleared == 2
 
 
-async def test_clear_vm_ioreq_completes_the_default_clients_requests():
-    hv, s = setup(vcpus=3)
+async def test_clear_vm_ioreq_completes_the_default_clients_requests(hv):
+    hv, s = setup(hv, vcpus=3)
     for v in range(3):
         s.fill(v, PIO, RD, 0x60 + v, 1)
     run_pass(s)
@@ -434,8 +437,8 @@ async def test_clear_vm_ioreq_completes_the_default_clients_requests():
     assert not s.vm.clearing
 
 
-async def test_clear_vm_ioreq_waits_for_range_clients_ten_rounds(autojump_clock):
-    hv, s = setup(clear_round_s=0.01)
+async def test_clear_vm_ioreq_waits_for_range_clients_ten_rounds(hv, autojump_clock):
+    hv, s = setup(hv, clear_round_s=0.01)
     rc = s.dev.dispatcher.client_create(s.vm, "remote", False)
     rc.range_add(PIO, 0x70, 0x70)
     s.fill(0, PIO, WR, 0x70, 1)
@@ -454,8 +457,8 @@ async def test_clear_vm_ioreq_waits_for_range_clients_ten_rounds(autojump_clock)
     assert not s.vm.clearing
 
 
-async def test_clear_vm_ioreq_stops_waiting_when_the_range_client_is_done(autojump_clock):
-    hv, s = setup(clear_round_s=0.01)
+async def test_clear_vm_ioreq_stops_waiting_when_the_range_client_is_done(hv, autojump_clock):
+    hv, s = setup(hv, clear_round_s=0.01)
     d = s.dev.dispatcher
     rc = d.client_create(s.vm, "remote", False)
     rc.range_add(PIO, 0x70, 0x70)
@@ -479,8 +482,8 @@ async def test_clear_vm_ioreq_stops_waiting_when_the_range_client_is_done(autoju
     assert not s.vm.clearing and s.state(0) == COMPLETE
 
 
-async def test_interrupted_clear_vm_ioreq_finishes_and_answers_zero():
-    hv, s = setup(clear_round_s=3600)
+async def test_interrupted_clear_vm_ioreq_finishes_and_answers_zero(hv):
+    hv, s = setup(hv, clear_round_s=3600)
     rc = s.dev.dispatcher.client_create(s.vm, "remote", False)
     rc.range_add(PIO, 0x70, 0x70)
     s.fill(0, PIO, WR, 0x70, 1)
@@ -497,11 +500,10 @@ async def test_interrupted_clear_vm_ioreq_finishes_and_answers_zero():
 # -- faults and counters ----------------------------------------------------------
 
 
-async def test_a_vanished_request_page_fails_only_that_vm():
-    hv = FakeHypervisor(vcpu_num=2)
+async def test_a_vanished_request_page_fails_only_that_vm(hv):
     dev = make_device(hv)
-    a = VmSetup(dev, hv)
-    b = VmSetup(dev, hv)
+    a = VmSetup(dev, hv, vcpus=2)
+    b = VmSetup(dev, hv, vcpus=2)
     for s in (a, b):
         s.create_client()
     a.fill(0, PIO, RD, 0x60, 1)
@@ -522,8 +524,8 @@ async def test_a_vanished_request_page_fails_only_that_vm():
     dev.release(b.file)
 
 
-async def test_counters_in_the_snapshot():
-    hv, s = setup()
+async def test_counters_in_the_snapshot(hv):
+    hv, s = setup(hv)
     s.fill(0, PIO, WR, 0xCF8, 4, 0x8000_0000)
     s.fill(1, MMIO, WR, 0x1000, 4)
     run_pass(s)
@@ -536,7 +538,7 @@ async def test_counters_in_the_snapshot():
     assert clients[1]["name"] == f"ioeventfd-{s.vmid}" and clients[1]["in_daemon"]
 
 
-async def test_ioreq_client_names_are_truncated():
-    hv, s = setup()
+async def test_ioreq_client_names_are_truncated(hv):
+    hv, s = setup(hv)
     c = IoreqClient(s.vm, "x" * 40, False)
     assert c.name == "x" * 15

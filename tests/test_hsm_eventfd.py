@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import trio
-from test_hsm_harness import FakeHypervisor, VmSetup, make_device, settle
+from test_hsm_harness import HvProxy, VmSetup, hypervisor, make_device, settle
 
 from acrn_hsm_emu import abi
 
@@ -22,6 +22,13 @@ PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
 F_PIO = abi.ACRN_IOEVENTFD_FLAG_PIO
 F_DATA = abi.ACRN_IOEVENTFD_FLAG_DATAMATCH
 F_DEASSIGN = abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
+
+
+@pytest.fixture
+def hv():
+    h = hypervisor()
+    yield h
+    h.real.shutdown()
 
 
 @pytest.fixture
@@ -45,9 +52,8 @@ def fds():
             pass
 
 
-def setup(vcpus: int = 4) -> tuple[FakeHypervisor, VmSetup]:
-    hv = FakeHypervisor(vcpu_num=vcpus)
-    s = VmSetup(make_device(hv), hv)
+def setup(hv: HvProxy, vcpus: int = 4) -> tuple[HvProxy, VmSetup]:
+    s = VmSetup(make_device(hv), hv, vcpus=vcpus)
     s.create_client()
     return hv, s
 
@@ -72,8 +78,8 @@ def access(s: VmSetup, vcpu: int, typ: int, direction: int, addr: int, size: int
 # -- IOEVENTFD assign checks ---------------------------------------------------
 
 
-async def test_ioeventfd_checks_in_order(fds):
-    hv, s = setup()
+async def test_ioeventfd_checks_in_order(hv, fds):
+    hv, s = setup(hv)
     efd = fds()
     assert ioeventfd(s, efd, 0xFFFF_FFFF_FFFF_FFFF, 1) == -errno.EINVAL  # wraps
     assert ioeventfd(s, 12345, 0xFFFF_FFFF_FFFF_FFF8, 8) == -errno.EINVAL  # wraps before fd check
@@ -86,8 +92,8 @@ async def test_ioeventfd_checks_in_order(fds):
     assert s.vm.ioeventfd_client.ranges == [(MMIO, 0xFFFF_FFFF_FFFF_FFF8, 0xFFFF_FFFF_FFFF_FFFB)]
 
 
-async def test_ioeventfd_eexist_rule(fds):
-    hv, s = setup()
+async def test_ioeventfd_eexist_rule(hv, fds):
+    hv, s = setup(hv)
     a, b = fds(), fds()
     assert ioeventfd(s, a, 0x1000, 4) == 0
     assert ioeventfd(s, a, 0x1000, 8) == -errno.EEXIST  # length not compared
@@ -112,8 +118,8 @@ async def test_ioeventfd_eexist_rule(fds):
 # -- IOEVENTFD handling ----------------------------------------------------------
 
 
-async def test_write_at_the_exact_address_signals_and_completes(fds):
-    hv, s = setup()
+async def test_write_at_the_exact_address_signals_and_completes(hv, fds):
+    hv, s = setup(hv)
     efd = fds()
     assert ioeventfd(s, efd, 0x1000, 4) == 0
     access(s, 2, MMIO, WR, 0x1000, 4, 0xAB)
@@ -127,8 +133,8 @@ async def test_write_at_the_exact_address_signals_and_completes(fds):
     assert (c.range, c.in_kernel, c.default) == (2, 2, 0)
 
 
-async def test_reads_in_range_return_zero(fds):
-    hv, s = setup()
+async def test_reads_in_range_return_zero(hv, fds):
+    hv, s = setup(hv)
     efd = fds()
     assert ioeventfd(s, efd, 0x1000, 8) == 0
     assert ioeventfd(s, efd, 0x60, 2, F_PIO) == 0
@@ -150,8 +156,8 @@ async def test_reads_in_range_return_zero(fds):
         (0x1000, 8, 1),  # wider than a 4-byte range: not contained, goes to the DM
     ],
 )
-async def test_other_writes_in_range_are_dropped(fds, addr, size, value):
-    hv, s = setup()
+async def test_other_writes_in_range_are_dropped(hv, fds, addr, size, value):
+    hv, s = setup(hv)
     efd = fds()
     assert ioeventfd(s, efd, 0x1000, 8 if addr != 0x1000 else 4) == 0
     access(s, 0, MMIO, WR, addr, size, value)
@@ -162,8 +168,8 @@ async def test_other_writes_in_range_are_dropped(fds, addr, size, value):
         assert s.state(0) == COMPLETE and s.vm.default_client.bitmap == 0
 
 
-async def test_datamatch_and_pio_value_is_a_u32(fds):
-    hv, s = setup()
+async def test_datamatch_and_pio_value_is_a_u32(hv, fds):
+    hv, s = setup(hv)
     a, b = fds(), fds()
     assert ioeventfd(s, a, 0x60, 4, F_PIO | F_DATA, 0x1234) == 0
     assert ioeventfd(s, b, 0x60, 4, F_PIO) == 0
@@ -179,8 +185,8 @@ async def test_datamatch_and_pio_value_is_a_u32(fds):
     assert count(c) == 0 and s.state(0) == COMPLETE  # eaten
 
 
-async def test_ioeventfd_on_cf8_or_cfc_never_fires(fds):
-    hv, s = setup()
+async def test_ioeventfd_on_cf8_or_cfc_never_fires(hv, fds):
+    hv, s = setup(hv)
     efd = fds()
     assert ioeventfd(s, efd, 0xCF8, 4, F_PIO) == 0
     assert ioeventfd(s, efd, 0xCFC, 4, F_PIO) == 0
@@ -190,8 +196,8 @@ async def test_ioeventfd_on_cf8_or_cfc_never_fires(fds):
     assert s.slot_u32(0, abi.SLOT_TYPE) == abi.ACRN_IOREQ_TYPE_PCICFG
 
 
-async def test_deassign(fds):
-    hv, s = setup()
+async def test_deassign(hv, fds):
+    hv, s = setup(hv)
     a, b = fds(), fds()
     assert ioeventfd(s, a, 0x1000, 4) == 0
     assert ioeventfd(s, a, 0x2000, 4) == 0
@@ -209,11 +215,12 @@ async def test_deassign(fds):
     assert s.state(1) == PROCESSING and s.vm.default_client.bitmap == 0b10
 
 
-async def test_destroy_releases_the_ioeventfds(fds):
-    hv, s = setup()
+async def test_destroy_releases_the_ioeventfds(hv, fds):
+    hv, s = setup(hv)
     efd = fds()
     assert ioeventfd(s, efd, 0x1000, 4) == 0
     held = s.vm.ioeventfds[0].fd
+    assert s.ioctl(abi.ACRN_IOCTL_PAUSE_VM) == 0
     assert s.ioctl(abi.ACRN_IOCTL_DESTROY_VM) == 0
     with pytest.raises(OSError):
         os.fstat(held)
@@ -229,8 +236,8 @@ def irqfd(s: VmSetup, fd: int, flags: int = 0, addr: int = 0xFEE0_0000, data: in
 MSI = struct.pack("<QQ", 0xFEE0_0000, 0x31)
 
 
-async def test_irqfd_checks(fds):
-    hv, s = setup()
+async def test_irqfd_checks(hv, fds):
+    hv, s = setup(hv)
     assert irqfd(s, 9999) == -errno.EBADF
     assert irqfd(s, -1) == -errno.EBADF
     assert irqfd(s, fds("pipe")) == -errno.EINVAL
@@ -247,8 +254,8 @@ async def test_irqfd_checks(fds):
     await settle()
 
 
-async def test_irqfd_injects_one_msi_per_signal(fds):
-    hv, s = setup()
+async def test_irqfd_injects_one_msi_per_signal(hv, fds):
+    hv, s = setup(hv)
     a = fds()
     assert irqfd(s, a, addr=0xFEE0_1000, data=0x45) == 0
     await settle()
@@ -265,8 +272,8 @@ async def test_irqfd_injects_one_msi_per_signal(fds):
     assert len(hv.msis) == 6
 
 
-async def test_irqfd_already_signalled_at_assign_injects_once(fds):
-    hv, s = setup()
+async def test_irqfd_already_signalled_at_assign_injects_once(hv, fds):
+    hv, s = setup(hv)
     a = fds()
     os.eventfd_write(a, 5)
     assert irqfd(s, a) == 0
@@ -275,20 +282,20 @@ async def test_irqfd_already_signalled_at_assign_injects_once(fds):
     assert len(hv.msis) == 1
 
 
-async def test_irqfd_injection_failure_is_only_logged(fds):
-    hv, s = setup()
-    hv.ret["inject_msi"] = -errno.EPERM
+async def test_irqfd_injection_failure_is_only_logged(hv, fds):
+    hv, s = setup(hv)
     a = fds()
-    assert irqfd(s, a) == 0
+    assert irqfd(s, a, addr=0x1000) == 0  # not an MSI address: the hypervisor refuses
     os.eventfd_write(a, 1)
     await settle()
     os.eventfd_write(a, 1)
     await settle()
     assert len(hv.msis) == 2 and s.vm.irqfds[0].failures == 2
+    assert hv.returns[-1] == -errno.EPERM
 
 
-async def test_irqfd_deassign_stops_injection(fds):
-    hv, s = setup()
+async def test_irqfd_deassign_stops_injection(hv, fds):
+    hv, s = setup(hv)
     a, b = fds(), fds()
     assert irqfd(s, a) == 0
     assert irqfd(s, b, addr=0xFEE0_2000) == 0
@@ -306,11 +313,12 @@ async def test_irqfd_deassign_stops_injection(fds):
     await settle()
 
 
-async def test_destroy_vm_shuts_irqfds_down(fds):
-    hv, s = setup()
+async def test_destroy_vm_shuts_irqfds_down(hv, fds):
+    hv, s = setup(hv)
     a = fds()
     assert irqfd(s, a) == 0
     await settle()
+    assert s.ioctl(abi.ACRN_IOCTL_PAUSE_VM) == 0
     assert s.ioctl(abi.ACRN_IOCTL_DESTROY_VM) == 0
     await settle()
     os.eventfd_write(a, 1)
@@ -319,8 +327,7 @@ async def test_destroy_vm_shuts_irqfds_down(fds):
     assert count(a) == 1  # nobody reads it any more
 
 
-async def test_irqfd_watchers_can_run_in_a_given_nursery(fds):
-    hv = FakeHypervisor()
+async def test_irqfd_watchers_can_run_in_a_given_nursery(hv, fds):
     async with trio.open_nursery() as n:
         s = VmSetup(make_device(hv, nursery=n), hv)
         a = fds()
@@ -328,5 +335,6 @@ async def test_irqfd_watchers_can_run_in_a_given_nursery(fds):
         os.eventfd_write(a, 1)
         await settle()
         assert len(hv.msis) == 1
+        assert s.ioctl(abi.ACRN_IOCTL_PAUSE_VM) == 0
         s.dev.release(s.file)
     assert s.vm.irqfds == []

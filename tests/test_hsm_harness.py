@@ -7,18 +7,23 @@ RemoteMemory(os.getpid()), exactly as it reaches a real client.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import errno
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
+
+import trio.testing
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import HsmDevice, HsmFile
 from acrn_hsm_emu.hypervisor.api import MemoryRegionOp
+from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
+from acrn_hsm_emu.hypervisor.scenario import DEFAULT_SCENARIO_DATA, Scenario, parse_scenario
 from acrn_hsm_emu.memory import SharedPage
 from cdev.device import IoctlCall, RequestContext
 
@@ -26,133 +31,130 @@ PAGE = 4096
 EPERM = -errno.EPERM  # what ACRN's -1 looks like to the caller
 
 
-class FakeHypervisor:
-    """A minimal ``Hypercalls``: records every call, answers as configured."""
+class HvProxy:
+    """The real mock hypervisor, every hypercall recorded, any one forceable.
 
-    def __init__(self, vcpu_num: int = 4) -> None:
-        self.vcpu_num = vcpu_num
-        self.next_vmid = 1
+    ``calls`` holds ``(name, *args)`` per hypercall (``returns`` what each
+    gave back). ``force[name]`` replaces a hypercall: an int is returned
+    without calling the hypervisor, a callable is called instead of it.
+    Everything else is the real :class:`Hypervisor`'s behaviour.
+    """
+
+    def __init__(self, real: Hypervisor) -> None:
+        self.real = real
         self.calls: list[tuple[Any, ...]] = []
-        self.ret: dict[str, int] = {}  # hypercall name -> forced return value
-        self.create_vmid: int | None = None  # force the vmid create_vm writes
-        self.upcall: Callable[[], None] | None = None
-        self.pages: dict[int, SharedPage] = {}
-        self.monitor: dict[int, SharedPage] = {}
+        self.returns: list[int] = []
+        self.force: dict[str, int | Callable[..., int]] = {}
+        self.upcall_fn: Callable[[], None] | None = None
         self.regions: list[tuple[int, list[MemoryRegionOp]]] = []
-        self.notified: list[tuple[int, int]] = []
-        self.msis: list[tuple[int, bytes]] = []
-        self.cpu_state = bytes(range(1, 49))
-        self.live: set[int] = set()
         self._lock = threading.Lock()
 
-    def _r(self, name: str, *args: Any) -> int:
-        with self._lock:
-            self.calls.append((name, *args))
-        return self.ret.get(name, 0)
+    # -- test helpers --------------------------------------------------------
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
+    def calls_of(self, name: str) -> list[tuple[Any, ...]]:
+        return [c[1:] for c in self.calls if c[0] == name]
+
+    @property
+    def notified(self) -> list[tuple[int, int]]:
+        return [(c[0], c[1]) for c in self.calls_of("notify_request_finish")]
+
+    @property
+    def msis(self) -> list[tuple[int, bytes]]:
+        return [(c[0], c[1]) for c in self.calls_of("inject_msi")]
+
+    @property
+    def live(self) -> set[int]:
+        """vmids of the post-launched VMs the hypervisor holds (not POWERED_OFF)."""
+        return {v["vmid"] for v in self.real.snapshot()["vms"]}
+
+    def state(self, vmid: int) -> str:
+        return {v["vmid"]: v["state"] for v in self.real.snapshot()["vms"]}[vmid]
+
+    def upcall(self) -> None:
+        """Raise the upcall, as a vCPU does after filling a slot."""
+        assert self.upcall_fn is not None
+        self.upcall_fn()
+
+    def last_return(self, name: str) -> int:
+        for c, r in zip(reversed(self.calls), reversed(self.returns), strict=True):
+            if c[0] == name:
+                return r
+        raise AssertionError(f"no {name} call")
+
+    # -- the Hypercalls seam ---------------------------------------------------
+
+    def _call(self, name: str, record: tuple[Any, ...], *args: Any) -> int:
+        forced = self.force.get(name)
+        if forced is None:
+            ret = getattr(self.real, name)(*args)
+        elif callable(forced):
+            ret = forced(*args)
+        else:
+            ret = forced
+        with self._lock:
+            self.calls.append((name, *record))
+            self.returns.append(ret)
+        return ret
+
     def set_upcall(self, upcall: Callable[[], None] | None) -> None:
-        self.upcall = upcall
+        self.upcall_fn = upcall
+        self.real.set_upcall(upcall)
 
     def create_vm(self, param: bytearray) -> int:
-        ret = self._r("create_vm", bytes(param))
-        if ret < 0:
-            return ret
-        vmid = self.create_vmid if self.create_vmid is not None else self.next_vmid
-        self.next_vmid += 1
-        struct.pack_into("<H", param, 0, vmid)
-        struct.pack_into("<H", param, 4, self.vcpu_num)
-        self.live.add(vmid)
-        return 0
-
-    def destroy_vm(self, vmid: int) -> int:
-        ret = self._r("destroy_vm", vmid)
-        if ret == 0:
-            self.live.discard(vmid)
-        return ret
-
-    def start_vm(self, vmid: int) -> int:
-        return self._r("start_vm", vmid)
-
-    def pause_vm(self, vmid: int) -> int:
-        return self._r("pause_vm", vmid)
-
-    def reset_vm(self, vmid: int) -> int:
-        return self._r("reset_vm", vmid)
-
-    def set_vcpu_regs(self, vmid: int, regs: bytes) -> int:
-        return self._r("set_vcpu_regs", vmid, regs)
+        return self._call("create_vm", (bytes(param),), param)
 
     def set_ioreq_buffer(self, vmid: int, page: SharedPage) -> int:
-        ret = self._r("set_ioreq_buffer", vmid, page.base)
-        if ret == 0:
-            self.pages[vmid] = page
-            for i in range(16):
-                page.store_u32(i * 256 + abi.SLOT_PROCESSED, abi.ACRN_IOREQ_STATE_FREE)
-        return ret
-
-    def notify_request_finish(self, vmid: int, vcpu: int) -> int:
-        self.notified.append((vmid, vcpu))
-        return self._r("notify_request_finish", vmid, vcpu)
-
-    def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int:
-        ret = self._r("set_memory_regions", vmid, len(regions))
-        self.regions.append((vmid, regions))
-        return ret
-
-    def inject_msi(self, vmid: int, msi: bytes) -> int:
-        self.msis.append((vmid, msi))
-        return self._r("inject_msi", vmid, msi)
-
-    def set_irqline(self, vmid: int, value: int) -> int:
-        return self._r("set_irqline", vmid, value)
+        return self._call("set_ioreq_buffer", (vmid, page.base), vmid, page)
 
     def vm_intr_monitor(self, vmid: int, page: SharedPage) -> int:
-        ret = self._r("vm_intr_monitor", vmid, page.base)
-        if ret == 0:
-            self.monitor[vmid] = page
-        return ret
+        return self._call("vm_intr_monitor", (vmid, page.base), vmid, page)
 
-    def set_ptdev_intr(self, vmid: int, irq: bytes) -> int:
-        return self._r("set_ptdev_intr", vmid, irq)
-
-    def reset_ptdev_intr(self, vmid: int, irq: bytes) -> int:
-        return self._r("reset_ptdev_intr", vmid, irq)
-
-    def assign_pcidev(self, vmid: int, dev: bytes) -> int:
-        return self._r("assign_pcidev", vmid, dev)
-
-    def deassign_pcidev(self, vmid: int, dev: bytes) -> int:
-        return self._r("deassign_pcidev", vmid, dev)
-
-    def assign_mmiodev(self, vmid: int, dev: bytes) -> int:
-        return self._r("assign_mmiodev", vmid, dev)
-
-    def deassign_mmiodev(self, vmid: int, dev: bytes) -> int:
-        return self._r("deassign_mmiodev", vmid, dev)
-
-    def create_vdev(self, vmid: int, dev: bytes) -> int:
-        return self._r("create_vdev", vmid, dev)
-
-    def destroy_vdev(self, vmid: int, dev: bytes) -> int:
-        return self._r("destroy_vdev", vmid, dev)
+    def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int:
+        self.regions.append((vmid, regions))
+        return self._call("set_memory_regions", (vmid, len(regions)), vmid, regions)
 
     def get_cpu_state(self, cmd: int, out: bytearray) -> int:
-        ret = self._r("get_cpu_state", cmd)
-        if ret == 0:
-            out[:] = self.cpu_state
-        return ret
+        return self._call("get_cpu_state", (cmd,), cmd, out)
 
-    def service_vm_offline_cpu(self, lapic_id: int) -> int:
-        return self._r("service_vm_offline_cpu", lapic_id)
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+        if name not in HYPERCALLS:
+            return attr
+        return lambda *args: self._call(name, args, *args)
 
-    def snapshot(self) -> dict[str, object]:
-        return {"vms": [{"vmid": v, "state": "created"} for v in sorted(self.live)]}
 
-    def shutdown(self) -> None:
-        pass
+HYPERCALLS = {
+    "destroy_vm", "start_vm", "pause_vm", "reset_vm", "set_vcpu_regs",
+    "notify_request_finish", "inject_msi", "set_irqline", "set_ptdev_intr",
+    "reset_ptdev_intr", "assign_pcidev", "deassign_pcidev", "assign_mmiodev",
+    "deassign_mmiodev", "create_vdev", "destroy_vdev", "service_vm_offline_cpu",
+}  # fmt: skip
+
+
+def scenario(pcpus: int = 4, pstate_passthrough: bool = False) -> Scenario:
+    """The default scenario, with more pCPUs (vCPUs) or P-state passthrough if asked."""
+    data = copy.deepcopy(DEFAULT_SCENARIO_DATA)
+    data["platform"]["pcpus"] = pcpus
+    data["platform"]["pstate_passthrough"] = pstate_passthrough
+    data["vm"][0]["cpu_affinity"] = (1 << pcpus) - 1
+    return parse_scenario(data, "<tests>")
+
+
+def hypervisor(**kw: Any) -> HvProxy:
+    return HvProxy(Hypervisor(scenario(**kw)))
+
+
+def pause_then_destroy(hv: HvProxy) -> Callable[[int], int]:
+    """A destroy the hypervisor accepts in any state: pause first, as the DM would."""
+
+    def destroy(vmid: int) -> int:
+        hv.real.pause_vm(vmid)
+        return hv.real.destroy_vm(vmid)
+
+    return destroy
 
 
 class Buf:
@@ -236,12 +238,13 @@ def creation(ioreq_buf: int, **fields: int) -> bytes:
 class VmSetup:
     """One open file with a created VM, its request page and its creation struct."""
 
-    def __init__(self, dev: HsmDevice, hv: FakeHypervisor, **fields: int) -> None:
+    def __init__(self, dev: HsmDevice, hv: HvProxy, vcpus: int = 4, **fields: int) -> None:
         self.dev = dev
         self.hv = hv
         self.file = dev.open(ctx())
         self.page = Buf()
         self.arg = Buf()
+        fields.setdefault("cpu_affinity", (1 << vcpus) - 1)
         param = creation(self.page.addr, **fields)
         self.arg.put(0, param)
         r = ioctl(dev, self.file, abi.ACRN_IOCTL_CREATE_VM, self.arg.addr, param, out_size=48)
@@ -249,6 +252,7 @@ class VmSetup:
         out = abi.AcrnVmCreation.from_buffer_copy(r[1])
         self.vmid = out.vmid
         self.vcpu_num = out.vcpu_num
+        assert self.vcpu_num == bin(fields["cpu_affinity"]).count("1")
 
     @property
     def vm(self) -> Any:
@@ -297,13 +301,8 @@ class VmSetup:
 
 async def settle() -> None:
     """Let every task run until all are blocked (irqfd watchers, waiters)."""
-    import trio.testing
-
     await trio.testing.wait_all_tasks_blocked()
 
 
-def make_device(hv: FakeHypervisor, **kw: Any) -> HsmDevice:
+def make_device(hv: HvProxy, **kw: Any) -> HsmDevice:
     return HsmDevice(hv, **kw)
-
-
-Waiting = Awaitable[Any]

@@ -15,7 +15,14 @@ import structlog
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import ioeventfd, irqfd
-from acrn_hsm_emu.hsm.ioreq import SLOTS, Dispatcher, IoreqClient, Memory, RequestCounters
+from acrn_hsm_emu.hsm.ioreq import (
+    SLOTS,
+    Dispatcher,
+    IoreqClient,
+    Memory,
+    RequestCounters,
+    SlotScanner,
+)
 from acrn_hsm_emu.memory import SharedPage
 
 if TYPE_CHECKING:
@@ -35,7 +42,7 @@ class Vm:
 
     __slots__ = (
         "vmid", "vcpu_num", "nslots", "destroyed", "clearing",
-        "mem", "page_base", "ioreq_page", "pci_conf_addr",
+        "mem", "page_base", "ioreq_page", "scanner", "pci_conf_addr",
         "range_clients", "default_client", "ioeventfd_client", "ioeventfds",
         "irqfds", "monitor_page", "ram_mappings", "regions_mapping_count",
         "counters", "opener_pid", "owner_pid", "failed", "orphaned", "lost_vmid",
@@ -50,6 +57,7 @@ class Vm:
         self.mem: Memory | None = None  # the creator's memory, for the request page
         self.page_base: int | None = None  # ioreq_buf: None = no request page
         self.ioreq_page: SharedPage | None = None  # what the hypervisor was given
+        self.scanner: SlotScanner | None = None
         self.pci_conf_addr = 0  # never reset by a re-create, as in the driver
         self.range_clients: list[IoreqClient] = []  # newest first
         self.default_client: IoreqClient | None = None
@@ -133,6 +141,9 @@ def vm_create(
         vm.vmid = INVALID_VMID
         if had_page:
             vm.lost_vmid = old_vmid
+            assert vm.mem is not None and vm.page_base is not None
+            # the old page is now scanned for the new VM's vCPU count
+            vm.scanner = SlotScanner(vm.mem, vm.page_base, vm.nslots)
             log.warning(
                 "hsm.quirk.second_create_vm",
                 lost_vmid=old_vmid,
