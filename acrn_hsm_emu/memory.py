@@ -54,11 +54,12 @@ class RemoteMemory:
     CAP_SYS_PTRACE); the daemon runs as root.
     """
 
-    __slots__ = ("pid", "_buf")
+    # No scratch buffer is kept: vCPU threads and the trio thread read the same
+    # client at once, with the GIL released during the copy.
+    __slots__ = ("pid",)
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._buf = _ffi.new("char[]", PAGE_SIZE)
 
     def _fault(self, what: str, addr: int, n: int) -> MemoryFault:
         err = _ffi.errno
@@ -67,7 +68,7 @@ class RemoteMemory:
         return MemoryFault(err, f"{what} {n} bytes at {addr:#x} in pid {self.pid}: {os.strerror(err)}")
 
     def read(self, addr: int, n: int) -> bytes:
-        buf = self._buf if n <= PAGE_SIZE else _ffi.new("char[]", n)
+        buf = _ffi.new("char[]", n)
         if _lib.hsm_remote_read(self.pid, addr, buf, n) != n:
             raise self._fault("read", addr, n)
         return _ffi.unpack(buf, n)
@@ -84,10 +85,10 @@ class RemoteMemory:
             raise self._fault("write", addr, n)
 
     def load_u32(self, addr: int) -> int:
-        buf = self._buf
+        buf = _ffi.new("uint32_t *")
         if _lib.hsm_remote_read(self.pid, addr, buf, 4) != 4:
             raise self._fault("read", addr, 4)
-        return _U32.unpack(_ffi.buffer(buf, 4))[0]
+        return int(buf[0])
 
     def store_u32(self, addr: int, value: int) -> None:
         self.write(addr, _U32.pack(value))
