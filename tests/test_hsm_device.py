@@ -83,6 +83,8 @@ async def test_each_open_file_has_its_own_vm_and_the_list_is_newest_first(hv):
     assert [v["vmid"] for v in snap["vms"]] == [b.vmid, a.vmid]
     assert snap["open_files"] == 2 and snap["files_with_vm"] == 2
     assert snap["vms"][0]["state"] == "CREATED"  # from the hypervisor's snapshot
+    assert [v["id"] for v in snap["vms"][0]["vcpus"]] == [0, 1, 2, 3]
+    assert snap["vms"][0]["owner_pid"] == ctx().pid
 
 
 # -- CREATE_VM ------------------------------------------------------------------

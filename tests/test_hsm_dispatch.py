@@ -542,3 +542,19 @@ async def test_ioreq_client_names_are_truncated(hv):
     hv, s = setup(hv)
     c = IoreqClient(s.vm, "x" * 40, False)
     assert c.name == "x" * 15
+
+
+async def test_vm_lost_by_a_second_create_is_still_dispatched_but_cannot_notify(hv):
+    hv, s = setup(hv)
+    page = Buf()
+    assert s.ioctl(abi.ACRN_IOCTL_CREATE_VM, page.addr, creation(page.addr, cpu_affinity=1)) == -errno.EINVAL
+    assert s.vm.vmid == abi.ACRN_INVALID_VMID and s.vm.nslots == 1  # the new VM's vCPU count
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            s.fill(0, PIO, WR, 0xCF8, 4, 0x8000_0000)
+            s.fill(1, PIO, WR, 0xCF8, 4, 0x8000_0000)  # beyond the new vcpu_num: not scanned
+            run_pass(s)
+    assert s.state(0) == COMPLETE and s.state(1) == PENDING
+    assert hv.notified == [(0xFFFF, 0)] * 3 and hv.returns[-1] < 0
+    assert s.vm.counters.notify_failed == 3
+    assert [e["log_level"] for e in logs if e["event"] == "hsm.notify_failed"] == ["error", "debug", "debug"]

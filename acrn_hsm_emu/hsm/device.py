@@ -177,12 +177,14 @@ class HsmDevice(BaseDevice):
 
     def snapshot(self) -> dict[str, Any]:
         """State for ``acrn-hsm-emu status``: every listed VM, newest first."""
-        states = self._hv_states()
+        hv_vms = self._hv_vms()
         vms = []
         for vm in self.dispatcher.vms:
             s = vm.snapshot()
             key = vm.vmid if vm.live else vm.lost_vmid
-            s["state"] = states.get(key) if key is not None else None
+            hv_vm = hv_vms.get(key, {}) if key is not None else {}
+            s["state"] = hv_vm.get("state")
+            s["vcpus"] = hv_vm.get("vcpus")
             vms.append(s)
         return {
             "open_files": len(self.files),
@@ -193,7 +195,8 @@ class HsmDevice(BaseDevice):
             "vms": vms,
         }
 
-    def _hv_states(self) -> dict[int, Any]:
+    def _hv_vms(self) -> dict[int, dict[str, Any]]:
+        """The hypervisor's view of each post-launched VM, by vmid."""
         try:
             snap = self.hv.snapshot()
         except Exception as e:  # status must not fail because of the hypervisor
@@ -201,11 +204,7 @@ class HsmDevice(BaseDevice):
             return {}
         vms = snap.get("vms", []) if isinstance(snap, dict) else []
         items = vms.values() if isinstance(vms, dict) else vms
-        out: dict[int, Any] = {}
-        for item in items:
-            if isinstance(item, dict) and "vmid" in item:
-                out[int(item["vmid"])] = item.get("state")
-        return out
+        return {int(i["vmid"]): i for i in items if isinstance(i, dict) and "vmid" in i}
 
     def close(self) -> None:
         """Daemon exit: drop the upcall and every eventfd this device holds."""

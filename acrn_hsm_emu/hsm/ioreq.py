@@ -144,7 +144,7 @@ class RequestCounters:
 
     __slots__ = (
         "pio", "mmio", "pci", "other",
-        "default", "range", "in_kernel", "cf8", "cleared", "stalled", "notified",
+        "default", "range", "in_kernel", "cf8", "cleared", "stalled", "notified", "notify_failed",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -263,7 +263,10 @@ class Dispatcher:
             if self._queued:
                 return
             self._queued = True
-        self._token.run_sync_soon(self._queued_pass)
+        try:
+            self._token.run_sync_soon(self._queued_pass)
+        except trio.RunFinishedError:
+            pass
 
     def _queued_pass(self) -> None:
         with self._lock:
@@ -440,7 +443,10 @@ class Dispatcher:
     def _notify(self, vm: Vm, vcpu: int) -> int:
         ret = self.hv.notify_request_finish(vm.vmid, vcpu)
         if ret < 0:
-            log.error("hsm.notify_failed", vmid=vm.vmid, vcpu=vcpu, ret=ret)
+            vm.counters.notify_failed += 1
+            # the first failure of a VM is an error; repeating it per request would flood
+            level = log.error if vm.counters.notify_failed == 1 else log.debug
+            level("hsm.notify_failed", vmid=vm.vmid, vcpu=vcpu, ret=ret)
         return ret
 
     # -- completion ---------------------------------------------------------
@@ -514,8 +520,8 @@ class Dispatcher:
         except MemoryFault as e:
             log.debug("hsm.ioreq_pin_failed", vmid=vm.vmid, pid=pid, error=str(e))
             return -errno.EFAULT
-        # The hypervisor's vCPU threads get their own accessor: RemoteMemory keeps
-        # a scratch buffer that must not be shared with the trio thread.
+        # The hypervisor gets an accessor of its own: nothing of the trio thread's
+        # is shared with its vCPU threads.
         page = SharedPage(self.memory(pid), base)
         ret = self.hv.set_ioreq_buffer(vm.vmid, page)
         if ret < 0:
