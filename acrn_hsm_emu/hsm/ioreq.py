@@ -2,9 +2,9 @@
 
 What ``ioreq.c`` does, on the trio thread. The request page lives in the
 client's process, so every read and write of a slot goes through its
-:class:`~acrn_hsm_emu.memory.ClientMemory`; the dispatcher reads the state
-word first and the slot body only for PENDING slots, and writes fields
-before the state word (spec: hsm 6, 13 "Memory").
+memory accessor: a pass reads the state words, then the heads of the slots
+it found PENDING (:class:`SlotScanner`, one syscall), and every change is
+written fields first, state word last (spec: hsm 6, 13 "Memory").
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import trio
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
 from acrn_hsm_emu.hypervisor.api import Hypercalls
-from acrn_hsm_emu.memory import PAGE_SIZE, ClientMemory, MemoryFault, RemoteMemory, SharedPage
+from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.hsm.vm import Vm
@@ -607,11 +607,11 @@ class ClearOp:
 
 __all__ = [
     "ClearOp",
-    "ClientMemory",
     "Dispatcher",
     "IoreqClient",
     "IoreqHandler",
     "Memory",
     "MemoryFactory",
     "RequestCounters",
+    "SlotScanner",
 ]
