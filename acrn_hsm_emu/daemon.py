@@ -26,6 +26,8 @@ import trio
 from acrn_hsm_emu.hsm.device import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
+from acrn_hsm_emu.hypervisor.vcpu import AccessAborted
+from acrn_hsm_emu.memory import MemoryFault
 from acrn_hsm_emu.sdnotify import Notifier
 from cdev.server import ServeError, Server
 
@@ -117,6 +119,8 @@ class Daemon:
         finally:
             self.notifier.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
+                if self.device is not None:
+                    self.device.close()
                 self.hypervisor.shutdown()
             log.info("stopped")
 
@@ -246,6 +250,8 @@ class Daemon:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         except trio.TooSlowError:
             return {"ok": False, "error": "the access did not complete (is a client serving the VM?)"}
+        except (AccessAborted, MemoryFault) as e:
+            return {"ok": False, "error": f"the access was abandoned: {e}"}
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             return {"ok": False, "error": str(e) or type(e).__name__}
         except Exception as e:

@@ -67,6 +67,8 @@ class HsmDevice(BaseDevice):
     ``nursery``: where irqfd watchers run (default: trio system tasks).
     ``trio_token``: the trio run to dispatch in (default: the current one).
     ``clear_round_s``: one CLEAR_VM_IOREQ wait round (the driver's HZ/100).
+    ``release_pauses``: on the last close of a file whose VM still runs, pause
+    it so that it can be destroyed (the kernel would orphan it; docs/hsm.md).
     """
 
     arg_specs: dict[int, ArgSpec] = {
@@ -84,8 +86,10 @@ class HsmDevice(BaseDevice):
         nursery: trio.Nursery | None = None,
         trio_token: trio.lowlevel.TrioToken | None = None,
         clear_round_s: float = 0.01,
+        release_pauses: bool = True,
     ) -> None:
         self.hv = hypervisor
+        self.release_pauses = release_pauses
         self.quirks = quirks
         self._nursery = nursery
         token = trio_token if trio_token is not None else trio.lowlevel.current_trio_token()
@@ -136,6 +140,17 @@ class HsmDevice(BaseDevice):
         self.files.discard(handle)
         vm = handle.vm
         ret = vm_destroy(self.dispatcher, vm)
+        if ret < 0 and self.release_pauses and vm.live:
+            # ACRN destroys only PAUSED VMs, so the kernel would leave a VM whose
+            # owner died running in the hypervisor with nobody to serve it. We
+            # pause it first, as the device model's own teardown does (docs/hsm.md).
+            log.warning(
+                "hsm.release_paused_running_vm",
+                vmid=vm.vmid,
+                note="the kernel would leave this VM running, orphaned",
+            )
+            if self.hv.pause_vm(vm.vmid) == 0:
+                ret = vm_destroy(self.dispatcher, vm)
         if any(v is vm for v in self.dispatcher.vms):
             # The driver frees the object while it is still listed; we keep the VM.
             vm.orphaned = True
