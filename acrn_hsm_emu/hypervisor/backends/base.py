@@ -1,0 +1,125 @@
+"""The seam between the vCPU request machinery and where guest accesses come from.
+
+The machinery (``hypervisor/vcpu.py``) owns one OS thread per vCPU, the
+request slot, the upcall, the wait for completion, pause/reset/stop and the
+counters. A backend only produces the guest's next access and consumes the
+read result, so a new backend does not touch the request path:
+
+- ``scripted`` replays a :class:`~acrn_hsm_emu.hypervisor.workload.Workload`.
+- a ``kvm`` backend would open a KVM VM in :meth:`Backend.vm_created`, map
+  guest RAM from :meth:`Backend.memory_changed` (``MemoryRegionOp.backing`` /
+  ``host_va`` say where the bytes are), load registers from
+  :meth:`Backend.vcpu_regs`, and in :meth:`VcpuBackend.run` call KVM_RUN:
+  a KVM_EXIT_IO / KVM_EXIT_MMIO becomes the returned :class:`Access`, the
+  value given to :meth:`VcpuBackend.complete` goes into the exit's data before
+  the next KVM_RUN; HLT makes ``run`` return None with ``idle`` True until an
+  interrupt; :meth:`VcpuBackend.kick` (another thread) sets
+  ``immediate_exit`` / signals the thread so KVM_RUN returns for a pause.
+
+Threading contract: every ``VcpuBackend`` method except :meth:`kick` is
+called only from that vCPU's own thread. ``Backend`` methods are called from
+the hypercall caller's thread with the hypervisor lock held, so they must be
+quick and must not wait for vCPU threads.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
+
+Regs = tuple[int, int, int, int]
+
+
+class BackendError(Exception):
+    """The backend could not set a VM up; CREATE_VM then reports vmid 0xFFFF."""
+
+
+class VcpuHost(Protocol):
+    """What the machinery offers a running backend (the vCPU object itself)."""
+
+    vmid: int  # relative vmid, as the Service VM sees it
+    vcpu_id: int
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the backend should return from :meth:`VcpuBackend.run` at once
+        (pause, reset, stop, or an injected access waiting)."""
+        ...
+
+    def cpuid(self, leaf: int, subleaf: int) -> Regs:
+        """CPUID as this VM sees it (counted in the vCPU's ``cpuid`` counter)."""
+        ...
+
+    def sleep_until(self, deadline: float) -> bool:
+        """Sleep until ``time.monotonic() >= deadline``; False if interrupted first."""
+        ...
+
+    def mismatch(self, what: str, expected: object, got: object) -> None:
+        """Count and log a result that differs from the expected one."""
+        ...
+
+
+class VcpuBackend(Protocol):
+    """One vCPU's source of guest accesses."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to run until something external happens (workload finished, HLT)."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """The workload (if any) ran to its end; for snapshots."""
+        ...
+
+    @property
+    def position(self) -> str:
+        """Where the vCPU is, for snapshots (e.g. ``"run 1 step 42"``)."""
+        ...
+
+    def run(self, host: VcpuHost) -> Access | None:
+        """Run the guest until its next access; None to let the machinery look
+        around (interrupted, idle, or nothing to do right now)."""
+        ...
+
+    def complete(self, value: int) -> None:
+        """The access returned by the last :meth:`run` is done; ``value`` is what
+        a read got (after the width mask), 0 for a write."""
+        ...
+
+    def reset(self) -> None:
+        """Cold reset (RESET_VM): start over from the beginning at the next run.
+        An access abandoned by PAUSE_VM gets no :meth:`complete`; a reset follows
+        before the VM can run again."""
+        ...
+
+    def kick(self) -> None:
+        """From any thread: make a blocking :meth:`run` return soon."""
+        ...
+
+    def close(self) -> None:
+        """The vCPU is going away (its thread calls this last)."""
+        ...
+
+
+class Backend(Protocol):
+    """Per-hypervisor factory and VM-level hooks."""
+
+    name: str
+
+    def vm_created(self, vmid: int, vcpu_num: int) -> None:
+        """CREATE_VM; raise :class:`BackendError` to make the creation itself fail."""
+        ...
+
+    def create_vcpu(self, vmid: int, vcpu_id: int) -> VcpuBackend: ...
+
+    def vm_destroyed(self, vmid: int) -> None: ...
+
+    def memory_changed(self, vmid: int, op: MemoryRegionOp) -> None:
+        """One SET_MEMORY_REGIONS op the hypervisor accepted."""
+        ...
+
+    def vcpu_regs(self, vmid: int, vcpu_id: int, regs: bytes) -> None:
+        """SET_VCPU_REGS accepted (296-byte acrn_vcpu_regs)."""
+        ...

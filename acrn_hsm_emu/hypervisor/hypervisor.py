@@ -1,0 +1,878 @@
+"""The mock ACRN hypervisor: the :class:`~acrn_hsm_emu.hypervisor.api.Hypercalls` the HSM calls.
+
+Each method is the ACRN hypercall of the same name, with ACRN's target
+lookup (relative vmids, ``parse_target_vm``), state preconditions and return
+values (spec: hv A.0, A.1, A.1.1, A.4, A.5). Every method returns quickly and
+never waits for a vCPU thread beyond a short join of threads already told to
+stop; it is safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
+from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
+from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, make_backend
+from acrn_hsm_emu.hypervisor.scenario import (
+    MAX_VCPUS_PER_VM,
+    VIOAPIC_GSI_COUNT,
+    Scenario,
+    VmSlot,
+    default_scenario,
+    format_bdf,
+    load_scenario,
+)
+from acrn_hsm_emu.hypervisor.vcpu import AccessAborted, Vcpu
+from acrn_hsm_emu.hypervisor.vm import PAGE_SIZE, EptMapping, Vm, VmState, mem_type
+from acrn_hsm_emu.hypervisor.workload import Workload, check_access
+from acrn_hsm_emu.memory import MemoryFault, SharedPage
+
+_log = structlog.get_logger(__name__)
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+ENOTTY = -errno.ENOTTY  # dispatch: no such target (hv A.0)
+_FAIL = -1  # ACRN's generic failure
+
+_FREE = abi.ACRN_IOREQ_STATE_FREE
+_JOIN_BUDGET_S = 0.1  # total wait for stopped vCPU threads in one hypercall
+
+# CR0 bits a guest may set (PE MP EM TS ET NE WP AM NW CD PG); the rest are reserved.
+CR0_ALLOWED = 0x3F | 1 << 16 | 1 << 18 | 0b111 << 29
+# CR4 bits a guest may set: VME..UMIP (0-11), FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
+# Reserved here: LA57, VMXE (no nested VMX), SMXE, CET, PKS and everything above.
+CR4_ALLOWED = 0xFFF | 1 << 16 | 1 << 17 | 1 << 18 | 1 << 20 | 1 << 21 | 1 << 22
+
+# Emulated devices CREATE_VDEV knows (hc.c emul_dev_ops_tbl): full 64-bit id.value.
+VDEV_IVSHMEM = 0x1AF4 | 0x1110 << 16
+VDEV_MCS9900 = 0x9710 | 0x9900 << 16
+VDEV_VROOT_PORT = 0x8086 | 0x9D14 << 16
+_VDEV_IDS = frozenset({VDEV_IVSHMEM, VDEV_MCS9900, VDEV_VROOT_PORT})
+
+# EPT memory types in acrn_mmiodev.res.mem_type (bits 5:3).
+_EPT_MT = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
+_VPIC_PINS = 16
+
+
+def valid_cr0_cr4(cr0: int, cr4: int) -> bool:
+    """``is_valid_cr0_cr4``, reduced to reserved bits: none may be set."""
+    return not (cr0 & ~CR0_ALLOWED) and not (cr4 & ~CR4_ALLOWED)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """Runtime part of a ``vm_configs[]`` entry: what CREATE/DESTROY change in it."""
+
+    config: VmSlot
+    name: bytes  # compared like strncmp(.., 16); empty = free dynamic slot
+    guest_flags: int
+    vm: Vm | None = None  # None: POWERED_OFF
+
+    @property
+    def state(self) -> VmState:
+        return VmState.POWERED_OFF if self.vm is None else self.vm.state
+
+
+class Hypervisor:
+    """ACRN as seen from the Service VM. ``Hypervisor(scenario, backend="scripted", workload=None)``."""
+
+    def __init__(
+        self,
+        scenario: Scenario | str | Path | None = None,
+        backend: str | Backend = "scripted",
+        workload: Workload | str | Path | None = None,
+    ) -> None:
+        if scenario is None:
+            scenario = default_scenario()
+        elif not isinstance(scenario, Scenario):
+            scenario = load_scenario(scenario)
+        self.scenario = scenario
+        if workload is not None and not isinstance(workload, Workload):
+            workload = Workload.load(workload)
+        if isinstance(backend, str):
+            self.backend: Backend = make_backend(backend, workload)
+        else:
+            self.backend = backend
+            if workload is not None:
+                self.set_workload(None, workload)
+        self._lock = threading.RLock()
+        self._upcall: Callable[[], None] | None = None
+        self._sid = scenario.service_vm_id
+        self._max = scenario.max_vm_num
+        self._dm_owned = scenario.dm_owned_flags
+        self._slots = [_Slot(c, c.name.encode(), c.guest_flags) for c in scenario.vms]
+        self._pci_owner: dict[int, int] = {}  # phys BDF -> abs id of the VM it was given to
+        self._intx_owner: dict[int, int] = {}  # phys GSI -> abs id
+        self._offline_lapics: set[int] = set()
+        for abs_id, slot in enumerate(self._slots):  # hv boot: Service VM and pre-launched VMs
+            if slot.config.load_order != "post":
+                vm = self._new_vm(abs_id, slot, slot.config.cpu_affinity)
+                vm.vcpu_num = slot.config.cpu_affinity.bit_count()
+                vm.state = VmState.RUNNING
+                slot.vm = vm
+        _log.info(
+            "hypervisor.boot",
+            scenario=scenario.source,
+            pcpus=scenario.pcpus,
+            max_vm_num=self._max,
+            service_vm_id=self._sid,
+            acrn=scenario.acrn,
+            privileged=scenario.privileged,
+            backend=self.backend.name,
+        )
+
+    # ----- helpers -------------------------------------------------------------------
+
+    def _rel(self, abs_id: int) -> int:
+        return (abs_id - self._sid) & 0xFFFF  # vmid_2_rel_vmid
+
+    def _target(self, vmid: int) -> _Slot | int:
+        """``parse_target_vm`` + dispatch checks for a relative vmid: the slot or -ENOTTY."""
+        abs_id = (self._sid + (vmid & 0xFFFF)) & 0xFFFF
+        if abs_id >= self._max:
+            return ENOTTY
+        slot = self._slots[abs_id]
+        if slot.config.load_order == "pre":
+            return ENOTTY
+        return slot
+
+    def _new_vm(self, abs_id: int, slot: _Slot, affinity: int) -> Vm:
+        name = slot.name.decode(errors="replace")
+        return Vm(
+            abs_id,
+            self._rel(abs_id),
+            slot.config,
+            name,
+            slot.guest_flags,
+            affinity,
+            lambda: self._upcall,
+            lambda leaf, sub, svc=(abs_id == self._sid): cpuid_mod.cpuid(
+                self.scenario, leaf, sub, service_vm=svc
+            ),
+        )
+
+    def _find_name(self, name: bytes) -> int | None:
+        for i, s in enumerate(self._slots):
+            if s.name == name:
+                return i
+        return None
+
+    def _unused_slot(self) -> int | None:
+        """``get_unused_vmid``: the first dynamic slot with an empty name."""
+        for i, s in enumerate(self._slots):
+            if not s.name and s.config.dynamic:
+                return i
+        return None
+
+    # ----- the HSM seam --------------------------------------------------------------
+
+    def set_upcall(self, upcall: Callable[[], None] | None) -> None:
+        self._upcall = upcall
+
+    def set_workload(self, vmid: int | None, workload: Workload | None) -> None:
+        """Scripted backend: the workload of VM ``vmid`` (None: every VM), used from the
+        next START_VM after CREATE or RESET."""
+        setter = getattr(self.backend, "set_workload", None)
+        if setter is None:
+            raise ValueError(f"the {self.backend.name} backend does not take workloads")
+        setter(vmid, workload)
+
+    # ----- VM lifecycle ----------------------------------------------------------------
+
+    def create_vm(self, param: bytearray) -> int:
+        """HC_CREATE_VM (hc.c ``hcall_create_vm``, vm.c ``create_vm``; spec hv A.5)."""
+        if len(param) != ctypes.sizeof(abi.AcrnVmCreation):
+            return ENOTTY  # the copy in parse_target_vm fails: no target
+        cv = abi.AcrnVmCreation.from_buffer(param)  # written back in place
+        name = bytes(cv.uuid).split(b"\0", 1)[0]
+        with self._lock:
+            abs_id = self._find_name(name) if name else None
+            if abs_id is None:
+                abs_id = self._unused_slot()
+                if abs_id is None:
+                    _log.warning("hypercall.create_vm.no_slot", name=name.decode(errors="replace"))
+                    return ENOTTY
+                self._slots[abs_id].name = name
+            slot = self._slots[abs_id]
+            if slot.config.load_order == "pre":
+                return ENOTTY
+            ret = _FAIL
+            vm = None
+            if slot.vm is None:
+                slot.guest_flags = (slot.guest_flags & ~self._dm_owned) | (
+                    cv.vm_flag & self._dm_owned
+                )
+                # Dynamic slots: the caller's pCPUs must exist; 0 takes the slot's default
+                # affinity (our choice, see docs/scenario.md). Static: a subset of the config.
+                allowed = (
+                    self.scenario.pcpu_mask if slot.config.dynamic else slot.config.cpu_affinity
+                )
+                lapic_pt = slot.guest_flags & abi.GUEST_FLAG_LAPIC_PASSTHROUGH
+                if cv.cpu_affinity & ~allowed:
+                    _log.info(
+                        "hypercall.create_vm.bad_affinity",
+                        abs_id=abs_id,
+                        cpu_affinity=hex(cv.cpu_affinity),
+                        allowed=hex(allowed),
+                    )
+                elif lapic_pt and not slot.guest_flags & abi.GUEST_FLAG_RT:
+                    _log.info("hypercall.create_vm.lapic_pt_without_rt", abs_id=abs_id)
+                else:
+                    vm = self._create(abs_id, slot, cv.cpu_affinity or slot.config.cpu_affinity)
+                    if vm is None:
+                        cv.vmid = abi.ACRN_INVALID_VMID
+                    else:
+                        cv.vmid, cv.vcpu_num = vm.vmid, vm.vcpu_num
+                    ret = 0
+            if vm is None and slot.config.dynamic:
+                slot.name = b""  # the slot is free again (ACRN also does this for a live VM)
+            return ret
+
+    def _create(self, abs_id: int, slot: _Slot, affinity: int) -> Vm | None:
+        """``create_vm`` proper: the new VM (CREATED, vCPU threads idle), or None."""
+        if not slot.name:
+            slot.name = f"ACRN VM_{abs_id}".encode()  # vm.c names unnamed VMs after their id
+        pcpus = [i for i in range(affinity.bit_length()) if affinity >> i & 1]
+        if len(pcpus) > MAX_VCPUS_PER_VM:
+            _log.warning("hypercall.create_vm.too_many_vcpus", abs_id=abs_id, vcpus=len(pcpus))
+            return None
+        rel = self._rel(abs_id)
+        vm = self._new_vm(abs_id, slot, affinity)
+        vm.vcpu_num = len(pcpus)
+        try:
+            self.backend.vm_created(rel, vm.vcpu_num)
+            vm.vcpus = [
+                Vcpu(vm, i, p, self.backend.create_vcpu(rel, i)) for i, p in enumerate(pcpus)
+            ]
+        except BackendError as e:
+            _log.error("hypercall.create_vm.backend_failed", abs_id=abs_id, error=str(e))
+            self.backend.vm_destroyed(rel)
+            return None
+        slot.vm = vm
+        for v in vm.vcpus:
+            v.start_thread()
+        _log.info(
+            "vm.created",
+            vmid=rel,
+            abs_id=abs_id,
+            name=vm.name,
+            vcpus=vm.vcpu_num,
+            cpu_affinity=hex(affinity),
+            guest_flags=hex(vm.guest_flags),
+            polling=vm.polling,
+        )
+        return vm
+
+    def destroy_vm(self, vmid: int) -> int:
+        """HC_DESTROY_VM: only from PAUSED (``shutdown_vm``)."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or vm.state != VmState.PAUSED:
+                return _FAIL
+            with vm.lock:
+                vm.state = VmState.POWERED_OFF
+            for v in vm.vcpus:
+                v.stop()
+            deadline = time.monotonic() + _JOIN_BUDGET_S
+            for v in vm.vcpus:
+                if not v.join(max(0.0, deadline - time.monotonic())):
+                    _log.warning("vm.vcpu_thread_lingers", vmid=vm.vmid, vcpu=v.vcpu_id)
+            if slot.config.load_order == "post":
+                self.backend.vm_destroyed(vm.vmid)
+            self._release_devices(vm)
+            vm.clear_records()
+            slot.vm = None
+            slot.guest_flags &= ~self._dm_owned
+            if slot.config.dynamic:
+                slot.name = b""
+            _log.info("vm.destroyed", vmid=vm.vmid, abs_id=vm.abs_id)
+            return 0
+
+    def start_vm(self, vmid: int) -> int:
+        """HC_START_VM: CREATED with the request buffer set."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or vm.state != VmState.CREATED or vm.page is None:
+                return _FAIL
+            with vm.lock:
+                vm.state = VmState.RUNNING
+            for v in vm.vcpus:
+                v.kick()
+            _log.info("vm.started", vmid=vm.vmid)
+            return 0
+
+    def pause_vm(self, vmid: int) -> int:
+        """HC_PAUSE_VM: 0 in every state but POWERED_OFF, changing it only when ACRN would."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None:
+                return _FAIL
+            if (vm.state == VmState.RUNNING and vm.severity_pass) or vm.state in (
+                VmState.CREATED,
+                VmState.READY_TO_POWEROFF,
+            ):
+                with vm.lock:
+                    vm.state = VmState.PAUSED
+                for v in vm.vcpus:
+                    v.kick()
+                _log.info("vm.paused", vmid=vm.vmid)
+            return 0
+
+    def reset_vm(self, vmid: int) -> int:
+        """HC_RESET_VM: PAUSED -> CREATED, all 16 slots FREE, vCPUs cold-reset."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or vm.state != VmState.PAUSED:
+                return _FAIL
+            with vm.lock:
+                for v in vm.vcpus:
+                    v.reset()
+                fault = vm.fault
+                if vm.page is not None:
+                    try:
+                        _free_slots(vm.page)
+                        fault = None
+                    except MemoryFault as e:
+                        _log.warning("vm.reset_page_fault", vmid=vm.vmid, error=str(e))
+                vm.fault = fault
+                vm.reset_devices()
+                vm.state = VmState.CREATED
+            for v in vm.vcpus:
+                v.fail_queued("VM reset")
+            _log.info("vm.reset", vmid=vm.vmid)
+            return 0
+
+    def create_vcpu(self, vmid: int) -> int:
+        """HC_CREATE_VCPU: an obsolete no-op."""
+        return 0
+
+    def set_vcpu_regs(self, vmid: int, regs: bytes) -> int:
+        """HC_SET_VCPU_REGS: not POWERED_OFF, not RUNNING, an existing vCPU, sane CR0/CR4."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or vm.state == VmState.RUNNING or not regs:
+                return _FAIL
+            if len(regs) != ctypes.sizeof(abi.AcrnVcpuRegs):
+                return _FAIL
+            r = abi.AcrnVcpuRegs.from_buffer_copy(regs)
+            if r.vcpu_id >= self.scenario.pcpus or r.vcpu_id >= vm.vcpu_num:
+                return _FAIL  # past MAX_VCPUS_PER_VM, or an OFFLINE (never created) vCPU
+            if not valid_cr0_cr4(r.vcpu_regs.cr0, r.vcpu_regs.cr4):
+                return _FAIL
+            vm.regs[r.vcpu_id] = bytes(regs)
+            if slot.config.load_order == "post":
+                self.backend.vcpu_regs(vm.vmid, r.vcpu_id, bytes(regs))
+            return 0
+
+    # ----- I/O requests ----------------------------------------------------------------
+
+    def set_ioreq_buffer(self, vmid: int, page: SharedPage) -> int:
+        """HC_SET_IOREQ_BUFFER: CREATED only; all 16 slots set FREE."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or vm.state != VmState.CREATED:
+                return _FAIL
+            with vm.lock:
+                try:
+                    _free_slots(page)
+                except MemoryFault as e:  # ACRN: the GPA does not translate
+                    _log.warning("hypercall.set_ioreq_buffer.fault", vmid=vm.vmid, error=str(e))
+                    vm.page = None
+                    return _FAIL
+                vm.page = page
+                vm.fault = None
+            return 0
+
+    def notify_request_finish(self, vmid: int, vcpu: int) -> int:
+        """HC_NOTIFY_REQUEST_FINISH: wake the vCPU (notification mode). Lock-free: hot path."""
+        abs_id = (self._sid + (vmid & 0xFFFF)) & 0xFFFF
+        if abs_id >= self._max:
+            return ENOTTY
+        slot = self._slots[abs_id]
+        if slot.config.load_order == "pre":
+            return ENOTTY
+        vm = slot.vm
+        if vm is None or not vm.severity_pass or vm.page is None:
+            return _FAIL
+        vcpu &= 0xFFFF
+        if vcpu >= vm.vcpu_num:
+            return _FAIL
+        if not vm.polling:
+            vm.vcpus[vcpu].notify()
+        return 0
+
+    # ----- memory --------------------------------------------------------------------
+
+    def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int:
+        """HC_VM_SET_MEMORY_REGIONS: apply in order, stop at the first bad region."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or not (vm.severity_pass or vm.state != VmState.RUNNING):
+                return _FAIL
+            ret = _FAIL  # stays -1 for an empty batch
+            for op in regions:
+                if op.size % PAGE_SIZE:
+                    return -errno.EINVAL
+                if op.type == abi.MR_ADD:
+                    vm.memory.add(
+                        EptMapping(
+                            op.user_vm_pa,
+                            op.size,
+                            op.service_vm_pa,
+                            op.attr & abi.ACRN_MEM_ACCESS_RWX,
+                            mem_type(op.attr),
+                            op.backing,
+                            op.host_va,
+                        )
+                    )
+                elif vm.memory.covers(op.user_vm_pa, op.size):  # any other type deletes
+                    vm.memory.delete(op.user_vm_pa, op.size)
+                else:
+                    return -errno.EINVAL
+                if slot.config.load_order == "post":
+                    self.backend.memory_changed(vm.vmid, op)
+                ret = 0
+            return ret
+
+    # ----- interrupts ------------------------------------------------------------------
+
+    def inject_msi(self, vmid: int, msi: bytes) -> int:
+        """HC_INJECT_MSI: recorded; the address must target the LAPIC range (0xFEExxxxx)."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or not vm.severity_pass or len(msi) != ctypes.sizeof(abi.AcrnMsiEntry):
+                return _FAIL
+            m = abi.AcrnMsiEntry.from_buffer_copy(msi)
+            if (m.msi_addr >> 20) & 0xFFF != 0xFEE:
+                return _FAIL
+            vm.msi_count += 1
+            vm.msi_recent.append((m.msi_addr, m.msi_data))
+            return 0
+
+    def set_irqline(self, vmid: int, value: int) -> int:
+        """HC_SET_IRQLINE: ``value`` is acrn_irqline_ops itself (gsi low, op high)."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or not vm.severity_pass:
+                return _FAIL
+            gsi, op = value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
+            gsi_count = (
+                VIOAPIC_GSI_COUNT
+                if slot.config.load_order == "post"
+                else self.scenario.host_gsi_count
+            )
+            if gsi >= gsi_count:
+                return _FAIL
+            vm.record_irqline(gsi, op)
+            return 0
+
+    def vm_intr_monitor(self, vmid: int, page: SharedPage) -> int:
+        """HC_VM_INTR_MONITOR: reads/writes ``acrn_intr_monitor`` in the page itself."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None:
+                return -errno.EINVAL
+            try:
+                cmd, buf_cnt = struct.unpack("<II", page.read(0, 8))
+                if buf_cnt > abi.MAX_PTDEV_NUM * 2:
+                    return -errno.EINVAL
+                if cmd == abi.INTR_CMD_GET_DATA:
+                    words: list[int] = []
+                    limit = (buf_cnt - 2) & 0xFFFFFFFF  # ACRN's u32 test: at least one entry
+                    for (_pin, _pic), irq in sorted(vm.ptdev_intx.items()):
+                        words += [irq.intx.phys_pin, 0]  # no physical interrupts here: count 0
+                        if len(words) > limit or len(words) >= abi.MAX_PTDEV_NUM * 2:
+                            break
+                    if words:
+                        page.write(8, struct.pack(f"<{len(words)}Q", *words))
+                    page.write(4, _U32.pack(len(words)))
+                elif cmd == abi.INTR_CMD_DELAY_INT:
+                    vm.intr_delay_ms = _U64.unpack(page.read(8, 8))[0]
+                else:
+                    return -errno.EINVAL
+            except MemoryFault:
+                return -errno.EINVAL  # the page does not translate
+            return 0
+
+    # ----- devices -------------------------------------------------------------------
+
+    def _device_target(
+        self,
+        vmid: int,
+        states: tuple[VmState, ...],
+        fail: int,
+        arg: bytes,
+        cls: type[ctypes.Structure],
+    ) -> tuple[Vm, Any] | int:
+        """Common preamble: target, state, argument size; the VM and the parsed struct."""
+        slot = self._target(vmid)
+        if isinstance(slot, int):
+            return slot
+        vm = slot.vm
+        if vm is None or vm.state not in states or len(arg) != ctypes.sizeof(cls):
+            return fail
+        return vm, cls.from_buffer_copy(arg)
+
+    def assign_pcidev(self, vmid: int, dev: bytes) -> int:
+        """HC_ASSIGN_PCIDEV: a Service-VM-owned non-bridge device from the scenario."""
+        with self._lock:
+            t = self._device_target(vmid, (VmState.CREATED,), -errno.EINVAL, dev, abi.AcrnPcidev)
+            if isinstance(t, int):
+                return t
+            vm, d = t
+            if d.phys_bdf not in self.scenario.pci_devices or d.phys_bdf in self._pci_owner:
+                return -errno.ENODEV
+            if d.virt_bdf in vm.pcidevs or d.virt_bdf in vm.vdevs:
+                return -errno.EFAULT  # the vdev cannot be initialised there
+            vm.pcidevs[d.virt_bdf] = d
+            self._pci_owner[d.phys_bdf] = vm.abs_id
+            _log.info(
+                "vm.pcidev_assigned",
+                vmid=vm.vmid,
+                phys=format_bdf(d.phys_bdf),
+                virt=format_bdf(d.virt_bdf),
+            )
+            return 0
+
+    def deassign_pcidev(self, vmid: int, dev: bytes) -> int:
+        """HC_DEASSIGN_PCIDEV: CREATED or PAUSED; back to the Service VM."""
+        with self._lock:
+            t = self._device_target(
+                vmid, (VmState.CREATED, VmState.PAUSED), -errno.EINVAL, dev, abi.AcrnPcidev
+            )
+            if isinstance(t, int):
+                return t
+            vm, d = t
+            have = vm.pcidevs.get(d.virt_bdf)
+            if have is None or have.phys_bdf != d.phys_bdf:
+                return -errno.ENODEV
+            del vm.pcidevs[d.virt_bdf]
+            self._pci_owner.pop(d.phys_bdf, None)
+            for key in [k for k, i in vm.ptdev_intx.items() if i.virt_bdf == d.virt_bdf]:
+                self._intx_owner.pop(vm.ptdev_intx.pop(key).intx.phys_pin, None)
+            return 0
+
+    def assign_mmiodev(self, vmid: int, dev: bytes) -> int:
+        """HC_ASSIGN_MMIODEV: every resource page-aligned; mapped into the VM's EPT."""
+        with self._lock:
+            t = self._device_target(vmid, (VmState.CREATED,), -errno.EINVAL, dev, abi.AcrnMmiodev)
+            if isinstance(t, int):
+                return t
+            vm, d = t
+            if not all(_aligned(r.user_vm_pa, r.service_vm_pa, r.size) for r in d.res):
+                return -errno.EINVAL
+            for r in d.res:
+                vm.memory.add(
+                    EptMapping(
+                        r.user_vm_pa,
+                        r.size,
+                        r.service_vm_pa,
+                        abi.ACRN_MEM_ACCESS_RWX,
+                        _EPT_MT.get((r.mem_type >> 3) & 7, "UC"),
+                    )
+                )
+            vm.mmiodevs.append(d)
+            return 0
+
+    def deassign_mmiodev(self, vmid: int, dev: bytes) -> int:
+        """HC_DEASSIGN_MMIODEV: CREATED or PAUSED; unmapped from the VM, back to the Service VM."""
+        with self._lock:
+            t = self._device_target(
+                vmid, (VmState.CREATED, VmState.PAUSED), -errno.EINVAL, dev, abi.AcrnMmiodev
+            )
+            if isinstance(t, int):
+                return t
+            vm, d = t
+            for r in d.res:
+                if vm.memory.covers(r.user_vm_pa, r.size):
+                    if not _aligned(r.user_vm_pa, r.size):
+                        return -errno.EINVAL
+                    vm.memory.delete(r.user_vm_pa, r.size)
+            if not all(_aligned(r.user_vm_pa, r.service_vm_pa, r.size) for r in d.res):
+                return -errno.EINVAL  # re-adding to the Service VM checks alignment
+            raw = bytes(d)
+            vm.mmiodevs = [m for m in vm.mmiodevs if bytes(m) != raw]
+            return 0
+
+    def create_vdev(self, vmid: int, dev: bytes) -> int:
+        """HC_CREATE_VDEV: ivshmem (if enabled), PCI vUART (MCS9900) or a virtual root port."""
+        with self._lock:
+            t = self._device_target(vmid, (VmState.CREATED,), -errno.EINVAL, dev, abi.AcrnVdev)
+            if isinstance(t, int):
+                return t
+            vm, d = t
+            ident = d.id.value
+            if ident not in _VDEV_IDS or (ident == VDEV_IVSHMEM and not self.scenario.ivshmem):
+                return -errno.EINVAL
+            bdf = d.slot & 0xFFFF
+            if bdf in vm.vdevs or bdf in vm.pcidevs:
+                return -errno.EINVAL
+            vm.vdevs[bdf] = d
+            return 0
+
+    def destroy_vdev(self, vmid: int, dev: bytes) -> int:
+        """HC_DESTROY_VDEV: CREATED or PAUSED; the vdev at ``slot`` must exist."""
+        with self._lock:
+            t = self._device_target(
+                vmid, (VmState.CREATED, VmState.PAUSED), -errno.EINVAL, dev, abi.AcrnVdev
+            )
+            if isinstance(t, int):
+                return t
+            vm, d = t
+            bdf = d.slot & 0xFFFF
+            if d.id.value not in _VDEV_IDS or bdf not in vm.vdevs:
+                return -errno.EINVAL
+            del vm.vdevs[bdf]
+            return 0
+
+    def _intx_target(
+        self, vmid: int, states: tuple[VmState, ...], irq: bytes
+    ) -> tuple[Vm, abi.AcrnPtdevIrq] | int:
+        t = self._device_target(vmid, states, _FAIL, irq, abi.AcrnPtdevIrq)
+        if isinstance(t, int):
+            return t
+        vm, i = t
+        if i.type != abi.ACRN_PTDEV_IRQ_INTX:
+            return _FAIL
+        dev = vm.pcidevs.get(i.virt_bdf)
+        if dev is None or dev.phys_bdf != i.phys_bdf:
+            return _FAIL
+        pins = _VPIC_PINS if i.intx.is_pic_pin else VIOAPIC_GSI_COUNT
+        if i.intx.virt_pin >= pins:
+            return _FAIL
+        return vm, i
+
+    def set_ptdev_intr(self, vmid: int, irq: bytes) -> int:
+        """HC_SET_PTDEV_INTR: INTx of an assigned device; the physical GSI must exist."""
+        with self._lock:
+            t = self._intx_target(vmid, (VmState.CREATED,), irq)
+            if isinstance(t, int):
+                return t
+            vm, i = t
+            phys = i.intx.phys_pin
+            if phys >= self.scenario.host_gsi_count:
+                return _FAIL
+            owner = self._intx_owner.get(phys)
+            if owner is not None and owner != vm.abs_id:
+                return -errno.ENODEV  # remapped to another VM already
+            key = (i.intx.virt_pin, bool(i.intx.is_pic_pin))
+            old = vm.ptdev_intx.get(key)
+            if old is not None and old.intx.phys_pin != phys:
+                self._intx_owner.pop(old.intx.phys_pin, None)
+            vm.ptdev_intx[key] = i
+            self._intx_owner[phys] = vm.abs_id
+            return 0
+
+    def reset_ptdev_intr(self, vmid: int, irq: bytes) -> int:
+        """HC_RESET_PTDEV_INTR: CREATED or PAUSED; drops the virtual pin's remapping."""
+        with self._lock:
+            t = self._intx_target(vmid, (VmState.CREATED, VmState.PAUSED), irq)
+            if isinstance(t, int):
+                return t
+            vm, i = t
+            old = vm.ptdev_intx.pop((i.intx.virt_pin, bool(i.intx.is_pic_pin)), None)
+            if old is not None and self._intx_owner.get(old.intx.phys_pin) == vm.abs_id:
+                del self._intx_owner[old.intx.phys_pin]
+            return 0
+
+    def _release_devices(self, vm: Vm) -> None:
+        for d in vm.pcidevs.values():
+            self._pci_owner.pop(d.phys_bdf, None)
+        for i in vm.ptdev_intx.values():
+            if self._intx_owner.get(i.intx.phys_pin) == vm.abs_id:
+                del self._intx_owner[i.intx.phys_pin]
+
+    # ----- power management, CPUs ------------------------------------------------------
+
+    def get_cpu_state(self, cmd: int, out: bytearray) -> int:
+        """HC_PM_GET_CPU_STATE (hc.c ``hcall_get_cpu_pm_state``; spec hv A.4)."""
+        with self._lock:
+            slot = self._target((cmd & abi.PMCMD_VMID_MASK) >> abi.PMCMD_VMID_SHIFT)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None or vm.state not in (VmState.CREATED, VmState.PAUSED):
+                return _FAIL
+            sc = self.scenario
+            kind = cmd & abi.PMCMD_TYPE_MASK
+            index = (cmd & abi.PMCMD_STATE_NUM_MASK) >> abi.PMCMD_STATE_NUM_SHIFT
+            if kind == abi.ACRN_PMCMD_GET_PX_CNT:
+                if vm.guest_flags & abi.GUEST_FLAG_VHWP:
+                    return _put(out, _U64.pack(0))
+                if not sc.pstate_passthrough or not sc.pstates:
+                    return _FAIL  # is_pt_pstate() is false in current ACRN
+                return _put(out, _U64.pack(len(sc.pstates)))  # u8 count, zero-extended
+            if kind == abi.ACRN_PMCMD_GET_PX_DATA:
+                if not sc.pstate_passthrough or index >= len(sc.pstates):
+                    return _FAIL
+                return _put(out, sc.pstates[index].pack())
+            if kind == abi.ACRN_PMCMD_GET_CX_CNT:
+                return _put(out, _U64.pack(len(sc.cstates)))
+            if kind == abi.ACRN_PMCMD_GET_CX_DATA:
+                if not 1 <= index <= len(sc.cstates):
+                    return _FAIL  # C-state indexes start at 1
+                return _put(out, sc.cstates[index - 1].pack())
+            return _FAIL
+
+    def service_vm_offline_cpu(self, lapic_id: int) -> int:
+        """HC_SERVICE_VM_OFFLINE_CPU: LAPIC id = pCPU index here; the BSP refuses."""
+        with self._lock:
+            service = self._slots[self._sid]
+            lapic_id &= 0xFFFFFFFF
+            aff = service.config.cpu_affinity
+            lapics = [i for i in range(aff.bit_length()) if aff >> i & 1]
+            if lapic_id in lapics and lapic_id not in self._offline_lapics:
+                if lapics.index(lapic_id) == 0:
+                    return _FAIL  # the BSP
+                self._offline_lapics.add(lapic_id)
+                _log.info("service_vm.cpu_offlined", lapic_id=lapic_id)
+            return 0
+
+    # ----- emulator controls ---------------------------------------------------------
+
+    def cpuid(
+        self, leaf: int, subleaf: int = 0, vmid: int | None = None
+    ) -> tuple[int, int, int, int]:
+        """CPUID in the Service VM (``vmid`` None) or in VM ``vmid`` (relative)."""
+        service = True
+        if vmid is not None:
+            slot = self._target(vmid)
+            if isinstance(slot, int) or slot.vm is None:
+                raise ValueError(f"no VM with vmid {vmid}")
+            service = slot.vm.abs_id == self._sid
+        return cpuid_mod.cpuid(self.scenario, leaf, subleaf, service_vm=service)
+
+    def hsm_init_check(self) -> int:
+        """What the HSM's module init decides on this platform: 0, -ENODEV or -EPERM."""
+        return cpuid_mod.hsm_init_check(lambda leaf, sub: self.cpuid(leaf, sub))
+
+    def inject(self, vmid: int, vcpu: int, access: Access) -> concurrent.futures.Future[int]:
+        """Have vCPU ``vcpu`` of VM ``vmid`` perform ``access`` (queued until the VM runs)."""
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        try:
+            check_access(access)
+        except ValueError as e:
+            future.set_exception(e)
+            return future
+        with self._lock:
+            slot = self._target(vmid)
+            vm = None if isinstance(slot, int) else slot.vm
+            if vm is None or not vm.vcpus or not 0 <= vcpu < vm.vcpu_num:
+                future.set_exception(ValueError(f"no vCPU {vcpu} in a post-launched VM {vmid}"))
+            elif vm.fault is not None:
+                future.set_exception(AccessAborted(f"VM faulted: {vm.fault}"))
+            else:
+                vm.vcpus[vcpu].inject(access, future)
+        return future
+
+    def snapshot(self) -> dict[str, Any]:
+        """State for ``acrn-hsm-emu status`` (JSON-serialisable; format in docs/scenario.md)."""
+        with self._lock:
+            sc = self.scenario
+            service = self._slots[self._sid]
+            return {
+                "backend": self.backend.name,
+                "scenario": sc.source,
+                "platform": {
+                    "pcpus": sc.pcpus,
+                    "tsc_khz": sc.tsc_khz,
+                    "acrn": sc.acrn,
+                    "privileged": sc.privileged,
+                    "max_vm_num": self._max,
+                },
+                "upcall": self._upcall is not None,
+                "service_vm": {
+                    "abs_id": self._sid,
+                    "name": service.name.decode(errors="replace"),
+                    "state": service.state.name,
+                    "cpu_affinity": service.config.cpu_affinity,
+                    "offline_lapic_ids": sorted(self._offline_lapics),
+                },
+                "slots": [
+                    {
+                        "abs_id": i,
+                        "vmid": self._rel(i),
+                        "load_order": s.config.load_order,
+                        "static": s.config.static,
+                        "name": s.name.decode(errors="replace"),
+                        "state": s.state.name,
+                    }
+                    for i, s in enumerate(self._slots)
+                ],
+                "vms": [
+                    s.vm.snapshot()
+                    for s in self._slots
+                    if s.vm is not None and s.config.load_order == "post"
+                ],
+            }
+
+    def shutdown(self) -> None:
+        """Stop every vCPU thread (daemon exit); VMs stay in the table, frozen."""
+        with self._lock:
+            vcpus = [v for s in self._slots if s.vm is not None for v in s.vm.vcpus]
+            for v in vcpus:
+                v.stop()
+            deadline = time.monotonic() + 1.0
+            for v in vcpus:
+                if not v.join(max(0.0, deadline - time.monotonic())):
+                    _log.warning("hypervisor.vcpu_thread_lingers", vmid=v.vmid, vcpu=v.vcpu_id)
+        _log.info("hypervisor.shutdown", vcpus=len(vcpus))
+
+
+def _free_slots(page: SharedPage) -> None:
+    for i in range(abi.ACRN_IO_REQUEST_MAX):
+        page.store_u32(i * abi.IOREQ_SLOT_SIZE + abi.SLOT_PROCESSED, _FREE)
+
+
+def _put(out: bytearray, data: bytes) -> int:
+    n = min(len(out), len(data))  # never grow the caller's buffer
+    out[:n] = data[:n]
+    return 0
+
+
+def _aligned(*values: int) -> bool:
+    return not any(v % PAGE_SIZE for v in values)

@@ -1,0 +1,412 @@
+"""vCPUs: one OS thread each, one I/O request outstanding at a time.
+
+The request path (spec: hv A.2.3 - A.2.6): the vCPU fills its private
+``acrn_io_request`` image (type + the 64-byte ``reqs`` union, which keeps
+leftovers of earlier requests exactly as ACRN's per-vCPU buffer does), then
+writes it into its slot and stores PENDING with a single ``write_then``
+(fields land before the state word), raises the upcall, and waits: for the
+latched notify event in notification mode, or polling the slot for COMPLETE
+in polling mode. Then it post-processes (PIO/PCICFG: u32 under the width mask,
+MMIO: the u64) and stores FREE. If the VM was paused meanwhile the result is
+dropped and the slot just set FREE.
+
+Accesses the hypervisor answers itself (CF8 reads, vPIC, vIOAPIC, ... see
+``Vm.hv_pio``) never reach the slot. A MemoryFault on the page (the client
+died) stops the VM's vCPUs (``Vm.report_fault``); a vCPU waiting for a notify
+re-reads its state word now and then, only so that it notices such a fault.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import struct
+import threading
+import time
+from typing import Any
+
+import structlog
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu.hypervisor.api import Access
+from acrn_hsm_emu.hypervisor.backends.base import Regs, VcpuBackend
+from acrn_hsm_emu.hypervisor.vm import (
+    PCI_CONFIG_ADDR,
+    PCI_CONFIG_DATA,
+    VIOAPIC_BASE,
+    VIOAPIC_END,
+    Vm,
+    VmState,
+)
+from acrn_hsm_emu.hypervisor.workload import pci_reg
+from acrn_hsm_emu.memory import MemoryFault, SharedPage
+
+_log = structlog.get_logger(__name__)
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_REQ_HEAD = struct.Struct("<I4xQQ")  # reqs: direction, reserved, address, size
+
+_SLOT = abi.IOREQ_SLOT_SIZE
+_HEAD_LEN = abi.SLOT_REQS + 64  # type .. end of the reqs union: what one request writes
+_OFF_POLLING = abi.SLOT_COMPLETION_POLLING
+_OFF_REQS = abi.SLOT_REQS
+_OFF_VALUE = abi.SLOT_VALUE
+_OFF_STATE = abi.SLOT_PROCESSED
+_VALUE_TO_STATE = _OFF_STATE + 4 - _OFF_VALUE  # one read gets the value and the state
+
+_PORTIO = abi.ACRN_IOREQ_TYPE_PORTIO
+_MMIO = abi.ACRN_IOREQ_TYPE_MMIO
+_COMPLETE = abi.ACRN_IOREQ_STATE_COMPLETE
+_FREE = abi.ACRN_IOREQ_STATE_FREE
+_PENDING_BYTES = _U32.pack(abi.ACRN_IOREQ_STATE_PENDING)
+
+_RUNNING = VmState.RUNNING
+_PAUSED = VmState.PAUSED
+
+_PROBE_S = 0.5  # a long wait re-reads the page so a dead client is noticed (no completion)
+_SPINS = 64  # polling mode: sched_yield-like turns before backing off
+_POLL_MAX_S = 0.001
+
+
+class AccessAborted(Exception):
+    """An access that did not complete: the VM was paused, reset or destroyed, or faulted."""
+
+
+class _Abort(Exception):
+    """Internal: leave the current access (reason in args[0])."""
+
+
+class Vcpu:
+    """One vCPU of a post-launched VM; also the backend's :class:`VcpuHost`."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, pcpu: int, backend: VcpuBackend) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.pcpu = pcpu
+        self.backend = backend
+        self.state = "init"
+        # counters (written by this vCPU's thread only)
+        self.accesses = 0  # guest I/O accesses performed (a PCI access counts once)
+        self.requests = 0  # of which ioreqs posted to the Service VM (PCI: CF8 + CFC)
+        self.hv_handled = 0  # answered by the hypervisor itself
+        self.cpuid_count = 0
+        self.mismatches = 0
+        self.injected = 0
+        self._wake = threading.Event()  # notify, kicks and control changes all set it
+        self._stop = False
+        self._reset_gen = 0  # bumped by RESET_VM; the thread rewinds its backend
+        self._applied_gen = 0
+        self._queue: collections.deque[tuple[Access, concurrent.futures.Future[int]]] = (
+            collections.deque()
+        )
+        self._page: SharedPage | None = None
+        self._off = vcpu_id * _SLOT
+        self._head = bytearray(_HEAD_LEN)  # private acrn_io_request: type .. reqs
+        self._thread = threading.Thread(
+            target=self._main, name=f"vm{vm.vmid}-vcpu{vcpu_id}", daemon=True
+        )
+
+    # ----- control, from any thread -------------------------------------------------
+
+    @property
+    def vmid(self) -> int:
+        return self.vm.vmid
+
+    def start_thread(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        """HC_NOTIFY_REQUEST_FINISH: latch the completion event."""
+        self._wake.set()
+
+    def kick(self) -> None:
+        """Make the thread look at the VM state again (pause, start, inject, fault)."""
+        self._wake.set()
+        self.backend.kick()
+
+    def reset(self) -> None:
+        """RESET_VM (VM paused, ``vm.lock`` held): abandon any wait and rewind the
+        backend before the next start. Then call :meth:`fail_queued` (without the lock:
+        a future's callbacks run right there)."""
+        self._reset_gen += 1
+        self.kick()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.kick()
+
+    def join(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` for a stopped thread; True if it ended."""
+        if self._thread.ident is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def inject(self, access: Access, future: concurrent.futures.Future[int]) -> None:
+        self._queue.append((access, future))
+        self.kick()
+
+    # ----- VcpuHost, for the backend (vCPU thread) --------------------------------
+
+    @property
+    def interrupted(self) -> bool:
+        return (
+            self._stop
+            or self.vm.state != _RUNNING
+            or bool(self._queue)
+            or self._reset_gen != self._applied_gen
+            or self.vm.fault is not None
+        )
+
+    def cpuid(self, leaf: int, subleaf: int) -> Regs:
+        self.cpuid_count += 1
+        return self.vm.cpuid(leaf, subleaf)
+
+    def sleep_until(self, deadline: float) -> bool:
+        ev = self._wake
+        while not self.interrupted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            ev.wait(remaining)
+            ev.clear()  # every waker also changed a flag `interrupted` looks at
+        return False
+
+    def mismatch(self, what: str, expected: object, got: object) -> None:
+        self.mismatches += 1
+        _log.warning(
+            "workload.mismatch",
+            vmid=self.vm.vmid,
+            vcpu=self.vcpu_id,
+            what=what,
+            expected=_hex(expected),
+            got=_hex(got),
+        )
+
+    # ----- the thread ---------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+            self.state = "stopped"
+        except Exception:
+            self.state = "crashed"
+            _log.exception("vcpu.crashed", vmid=self.vm.vmid, vcpu=self.vcpu_id)
+        finally:
+            self.fail_queued("vCPU stopped")
+            try:
+                self.backend.close()
+            except Exception:
+                _log.exception("vcpu.backend_close_failed", vmid=self.vm.vmid, vcpu=self.vcpu_id)
+
+    def _loop(self) -> None:
+        ev = self._wake
+        vm = self.vm
+        while not self._stop:
+            if self._applied_gen != self._reset_gen:
+                self._applied_gen = self._reset_gen
+                self.backend.reset()
+            if vm.fault is not None:
+                self.state = "faulted"
+                self.fail_queued(f"VM faulted: {vm.fault}")
+            elif vm.state != _RUNNING:
+                self.state = "zombie" if vm.state == _PAUSED else "init"
+            elif self._queue:
+                try:
+                    item = self._queue.popleft()
+                except IndexError:  # RESET_VM emptied it meanwhile
+                    continue
+                self._run_injected(*item)
+                continue
+            elif self.backend.idle:
+                self.state = "idle"
+            else:
+                self.state = "running"
+                access = self.backend.run(self)
+                if access is not None:
+                    try:
+                        value = self._perform(access)
+                    except _Abort:
+                        continue  # paused/reset/stopped mid-access: no completion
+                    except MemoryFault as e:
+                        self._fault(e)
+                        continue
+                    self.backend.complete(value)
+                continue
+            ev.wait()
+            ev.clear()  # whoever set it also changed what the loop re-reads
+
+    def _run_injected(self, access: Access, future: concurrent.futures.Future[int]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        self.injected += 1
+        try:
+            value = self._perform(access)
+        except _Abort as e:
+            future.set_exception(AccessAborted(e.args[0]))
+        except MemoryFault as e:
+            future.set_exception(e)
+            self._fault(e)
+        except Exception as e:  # a bug: fail the caller, then let _main log it
+            future.set_exception(e)
+            raise
+        else:
+            future.set_result(value)
+
+    def fail_queued(self, reason: str) -> None:
+        """Fail the injected accesses not started yet with :class:`AccessAborted`."""
+        while self._queue:
+            try:
+                _, future = self._queue.popleft()
+            except IndexError:
+                break
+            if future.set_running_or_notify_cancel():
+                future.set_exception(AccessAborted(reason))
+
+    def _fault(self, exc: MemoryFault) -> None:
+        self.state = "faulted"
+        self.vm.report_fault(self.vcpu_id, exc)
+
+    # ----- one access ---------------------------------------------------------------
+
+    def _perform(self, access: Access) -> int:
+        kind = access.kind
+        if kind == "pio":
+            value = self._pio(access.addr, access.size, access.write, access.value)
+        elif kind == "mmio":
+            value = self._mmio(access.addr, access.size, access.write, access.value)
+        else:  # pci, as a guest does it: address to 0xCF8, then the data port
+            a = access.addr
+            reg = pci_reg(a)
+            with self.vm.pci_lock:  # the guest's config lock: one CF8/CFC pair at a time
+                self._pio(PCI_CONFIG_ADDR, 4, True, 0x80000000 | (a & 0x0FFFFF00) | (reg & 0xFC))
+                value = self._pio(
+                    PCI_CONFIG_DATA + (reg & 3), access.size, access.write, access.value
+                )
+        self.accesses += 1
+        return value
+
+    def _pio(self, port: int, size: int, write: bool, value: int) -> int:
+        mask = (1 << (8 * size)) - 1
+        head = self._head
+        _U32.pack_into(head, 0, _PORTIO)
+        _REQ_HEAD.pack_into(head, _OFF_REQS, write, port, size)
+        if write:
+            _U32.pack_into(head, _OFF_VALUE, value & mask)  # OUT: RAX under the width
+        vm = self.vm
+        if port in vm.hv_ports:
+            answer = vm.hv_pio(port, size, write, value)
+            if answer is not None:
+                if not write:
+                    _U32.pack_into(head, _OFF_VALUE, answer)
+                self.hv_handled += 1
+                return answer
+        elif PCI_CONFIG_DATA <= port <= 0xCFF:
+            vm.cf8_latch = 0  # the hypervisor drops its latch on every data-port access
+        return self._post(write, False) & mask
+
+    def _mmio(self, gpa: int, size: int, write: bool, value: int) -> int:
+        mask = (1 << (8 * size)) - 1
+        head = self._head
+        _U32.pack_into(head, 0, _MMIO)
+        _REQ_HEAD.pack_into(head, _OFF_REQS, write, gpa, size)
+        if write:
+            _U64.pack_into(head, _OFF_VALUE, value & mask)  # emulated before sending
+        if VIOAPIC_BASE <= gpa < VIOAPIC_END:
+            self.hv_handled += 1
+            return self.vm.hv_mmio(gpa, size, write, value)
+        return self._post(write, True) & mask
+
+    def _post(self, write: bool, mmio: bool) -> int:
+        """Send the private request through the slot and wait for it: the read value."""
+        vm = self.vm
+        ev = self._wake
+        ev.clear()  # before the checks: a stop/reset after them still wakes the wait below
+        with vm.lock:  # PAUSE/RESET/DESTROY cannot slip between the check and PENDING
+            if vm.state != _RUNNING or self._stop or vm.fault is not None:
+                raise _Abort("VM not running")
+            page = vm.page
+            assert page is not None  # START_VM needs the request buffer
+            if page is not self._page:
+                self._adopt(page)
+            gen = self._reset_gen
+            page.write_then(self._off, self._head, self._off + _OFF_STATE, _PENDING_BYTES)
+            self.state = "waiting"
+        self.requests += 1
+        try:
+            vm.upcall()
+        except Exception:
+            _log.exception("vcpu.upcall_failed", vmid=vm.vmid, vcpu=self.vcpu_id)
+        off = self._off
+        if vm.polling:
+            self._poll(page, gen)
+            raw = b"" if write else page.read(off + _OFF_VALUE, 8)
+        else:
+            while True:
+                if not ev.wait(_PROBE_S):
+                    page.load_u32(off + _OFF_STATE)  # still mapped? faults if the client died
+                    continue
+                ev.clear()
+                if self._stop or self._reset_gen != gen:
+                    raise _Abort("VM reset" if not self._stop else "vCPU stopped")
+                raw = page.read(off + _OFF_VALUE, _VALUE_TO_STATE)
+                if _U32.unpack_from(raw, _VALUE_TO_STATE - 4)[0] == _COMPLETE:
+                    break
+        value = 0
+        if not write:  # copy back into the private request, as ACRN does
+            if mmio:
+                self._head[_OFF_VALUE : _OFF_VALUE + 8] = raw[:8]
+                value = _U64.unpack_from(raw)[0]
+            else:
+                self._head[_OFF_VALUE : _OFF_VALUE + 4] = raw[:4]
+                value = _U32.unpack_from(raw)[0]
+        page.store_u32(off + _OFF_STATE, _FREE)
+        self.state = "running"
+        if vm.state != _RUNNING:  # zombie vCPU: the slot is only freed
+            raise _Abort("VM paused")
+        return value
+
+    def _poll(self, page: SharedPage, gen: int) -> None:
+        load = page.load_u32
+        off = self._off + _OFF_STATE
+        ev = self._wake
+        spins = 0
+        while load(off) != _COMPLETE:
+            if self._stop or self._reset_gen != gen:
+                raise _Abort("VM reset" if not self._stop else "vCPU stopped")
+            spins += 1
+            if spins < _SPINS:
+                time.sleep(0)  # give the GIL away: the HSM runs in this process
+            else:
+                ev.wait(min(_POLL_MAX_S, 1e-5 * (spins - _SPINS + 1)))
+                ev.clear()
+
+    def _adopt(self, page: SharedPage) -> None:
+        """First request on a (new) page: take the slot's reserved words as they are."""
+        self._page = page
+        self._head[_OFF_POLLING:_OFF_REQS] = page.read(
+            self._off + _OFF_POLLING, _OFF_REQS - _OFF_POLLING
+        )
+        if self.vm.polling:  # set for polling VMs, never cleared otherwise
+            _U32.pack_into(self._head, _OFF_POLLING, 1)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.vcpu_id,
+            "pcpu": self.pcpu,
+            "state": self.state,
+            "accesses": self.accesses,
+            "requests": self.requests,
+            "hv_handled": self.hv_handled,
+            "cpuid": self.cpuid_count,
+            "injected": self.injected,
+            "mismatches": self.mismatches,
+            "workload_done": self.backend.done,
+            "workload": self.backend.position,
+            "queued": len(self._queue),
+        }
+
+
+def _hex(v: object) -> object:
+    return f"{v:#x}" if isinstance(v, int) else v

@@ -1,0 +1,359 @@
+"""A VM as the hypervisor keeps it: state, request page, vCPUs, and records.
+
+spec: hv A.1 (states), A.1.1 (what each hypercall records), A.2.1 (the
+accesses the hypervisor answers itself instead of forwarding them).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import enum
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu.hypervisor.scenario import SEVERITY_SERVICE_VM, VmSlot, format_bdf
+from acrn_hsm_emu.memory import ClientMemory, SharedPage
+
+if TYPE_CHECKING:
+    from acrn_hsm_emu.hypervisor.vcpu import Vcpu
+
+_log = structlog.get_logger(__name__)
+
+PAGE_SIZE = 4096
+
+
+class VmState(enum.IntEnum):
+    """``enum vm_state`` (vm.h)."""
+
+    POWERED_OFF = 0
+    CREATED = 1
+    RUNNING = 2
+    READY_TO_POWEROFF = 3
+    PAUSED = 4
+
+
+MEM_TYPES = (  # first match wins, as in hc.c add_vm_memory_region
+    (abi.ACRN_MEM_TYPE_WB, "WB"),
+    (abi.ACRN_MEM_TYPE_WT, "WT"),
+    (abi.ACRN_MEM_TYPE_WC, "WC"),
+    (abi.ACRN_MEM_TYPE_WP, "WP"),
+)
+
+
+def mem_type(attr: int) -> str:
+    """EPT memory type ACRN derives from a region's ``prot`` (UC if none is set)."""
+    for bit, name in MEM_TYPES:
+        if attr & bit:
+            return name
+    return "UC"
+
+
+@dataclass(frozen=True, slots=True)
+class EptMapping:
+    """One guest-physical range of the VM's EPT."""
+
+    gpa: int
+    size: int
+    service_vm_pa: int
+    access: int  # RWX bits
+    mem_type: str
+    backing: ClientMemory | None = None
+    host_va: int | None = None
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def piece(self, start: int, end: int) -> EptMapping:
+        off = start - self.gpa
+        return EptMapping(
+            start,
+            end - start,
+            self.service_vm_pa + off,
+            self.access,
+            self.mem_type,
+            self.backing,
+            None if self.host_va is None else self.host_va + off,
+        )
+
+
+class GuestMemoryMap:
+    """The guest-physical map built by SET_MEMORY_REGIONS: sorted, non-overlapping."""
+
+    def __init__(self) -> None:
+        self._maps: list[EptMapping] = []
+
+    def __iter__(self) -> Iterator[EptMapping]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def add(self, m: EptMapping) -> None:
+        """Map ``m``, replacing whatever overlapped it."""
+        if m.size == 0:
+            return
+        self._carve(m.gpa, m.end)
+        bisect.insort(self._maps, m, key=lambda x: x.gpa)
+
+    def covers(self, gpa: int, size: int) -> bool:
+        """Every byte of [gpa, gpa+size) is mapped (ACRN's ``ept_is_valid_mr``)."""
+        pos, end = gpa, gpa + size
+        if size == 0:
+            return True
+        for m in self._maps:
+            if m.end <= pos:
+                continue
+            if m.gpa > pos:
+                return False
+            pos = m.end
+            if pos >= end:
+                return True
+        return pos >= end
+
+    def delete(self, gpa: int, size: int) -> None:
+        self._carve(gpa, gpa + size)
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+    def _carve(self, start: int, end: int) -> None:
+        out: list[EptMapping] = []
+        for m in self._maps:
+            if m.end <= start or m.gpa >= end:
+                out.append(m)
+                continue
+            if m.gpa < start:
+                out.append(m.piece(m.gpa, start))
+            if m.end > end:
+                out.append(m.piece(end, m.end))
+        self._maps = out
+
+
+IRQ_OPS = {
+    abi.IRQ_SET_HIGH: "set_high",
+    abi.IRQ_SET_LOW: "set_low",
+    abi.IRQ_RAISING_PULSE: "raising_pulse",
+    abi.IRQ_FALLING_PULSE: "falling_pulse",
+}
+
+# Ports the hypervisor emulates itself for a post-launched VM (hv A.2.1).
+VPIC_PORTS = frozenset({0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1})  # vPIC and ELCR
+RTC_PORTS = frozenset({0x70, 0x71})  # vRTC, RT VMs only
+PCI_CONFIG_ADDR = 0xCF8
+PCI_CONFIG_DATA = 0xCFC
+KBD_STATUS_PORT = 0x64  # RT VMs: reads answered all-ones by the hypervisor
+VIOAPIC_BASE = 0xFEC00000  # vIOAPIC MMIO page, handled in the hypervisor
+VIOAPIC_END = VIOAPIC_BASE + 0x1000
+
+
+class Vm:
+    """A VM that left POWERED_OFF; dropped again at DESTROY_VM (``shutdown_vm``)."""
+
+    def __init__(
+        self,
+        abs_id: int,
+        vmid: int,
+        slot: VmSlot,
+        name: str,
+        guest_flags: int,
+        cpu_affinity: int,
+        upcall: Callable[[], Callable[[], None] | None],
+        cpuid: Callable[[int, int], tuple[int, int, int, int]],
+    ) -> None:
+        self.abs_id = abs_id
+        self.vmid = vmid  # relative, as the Service VM sees it
+        self.slot = slot
+        self.name = name
+        self.guest_flags = guest_flags
+        self.cpu_affinity = cpu_affinity
+        self.state = VmState.CREATED
+        self.lock = threading.Lock()  # state changes vs. a vCPU posting a request
+        # Guest side: a kernel serialises CF8/CFC pairs (Linux pci_config_lock); the
+        # scripted "pci" access does too, so vCPUs do not clobber each other's address.
+        self.pci_lock = threading.Lock()
+        self.page: SharedPage | None = None
+        self.polling = slot.load_order == "post" and bool(
+            guest_flags & abi.GUEST_FLAG_IO_COMPLETION_POLLING
+        )  # vm.c: post-launched only
+        self.vcpus: list[Vcpu] = []
+        self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
+        self.fault: str | None = None  # the request page faulted: vCPUs stopped
+        self.get_upcall = upcall
+        self.cpuid = cpuid
+        # records
+        self.memory = GuestMemoryMap()
+        self.regs: dict[int, bytes] = {}
+        self.msi_count = 0
+        self.msi_recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=16)
+        self.irqlines: dict[int, dict[str, int]] = {}
+        self.pcidevs: dict[int, abi.AcrnPcidev] = {}  # by virtual BDF
+        self.mmiodevs: list[abi.AcrnMmiodev] = []
+        self.vdevs: dict[int, abi.AcrnVdev] = {}  # by BDF (acrn_vdev.slot)
+        self.ptdev_intx: dict[tuple[int, bool], abi.AcrnPtdevIrq] = {}  # by (virt pin, pic)
+        self.intr_delay_ms = 0
+        # what the hypervisor answers itself (hv A.2.1)
+        self.cf8_latch = 0
+        self._hv_regs: dict[int, int] = {}
+        rt = bool(guest_flags & abi.GUEST_FLAG_RT)
+        lapic_pt = bool(guest_flags & abi.GUEST_FLAG_LAPIC_PASSTHROUGH)
+        ports = {PCI_CONFIG_ADDR}
+        if not lapic_pt:
+            ports |= VPIC_PORTS
+        if rt:
+            ports |= RTC_PORTS | {KBD_STATUS_PORT}
+        self.hv_ports = frozenset(ports)
+
+    @property
+    def severity_pass(self) -> bool:
+        """``is_severity_pass``: the target is not more critical than the Service VM."""
+        return self.slot.severity <= SEVERITY_SERVICE_VM
+
+    def report_fault(self, vcpu_id: int, exc: Exception) -> None:
+        """The request page faulted (the client died?): stop every vCPU of the VM."""
+        with self.lock:
+            first = self.fault is None
+            if first:
+                self.fault = f"vcpu {vcpu_id}: {exc}"
+        if first:
+            _log.error("vm.request_page_fault", vmid=self.vmid, vcpu=vcpu_id, error=str(exc))
+        for v in self.vcpus:
+            v.kick()
+
+    def upcall(self) -> None:
+        fn = self.get_upcall()
+        if fn is not None:
+            fn()
+
+    def hv_pio(self, port: int, size: int, write: bool, value: int) -> int | None:
+        """A port access the hypervisor answers itself: the read value (0 for a
+        write), or None when it goes to the Service VM. ``port`` is in ``hv_ports``."""
+        mask = (1 << (8 * size)) - 1
+        if port == PCI_CONFIG_ADDR:
+            if not write:  # every CF8 read is answered here (vpci_pio_cfgaddr_read)
+                return (self.cf8_latch if size == 4 else 0xFFFFFFFF) & mask
+            if size != 4:
+                return 0  # CF8 writes of other widths are dropped
+            self.cf8_latch = value & ~0x7F000003 & 0xFFFFFFFF  # reserved bits masked
+            return None  # latched, and still forwarded
+        if port == KBD_STATUS_PORT:
+            return None if write else mask
+        if write:
+            self._hv_regs[port] = value & mask
+            return 0
+        return self._hv_regs.get(port, 0) & mask
+
+    def hv_mmio(self, gpa: int, size: int, write: bool, value: int) -> int:
+        """vIOAPIC access: a minimal register file (writes stored, reads give them back)."""
+        mask = (1 << (8 * size)) - 1
+        if write:
+            self._hv_regs[gpa] = value & mask
+            return 0
+        return self._hv_regs.get(gpa, 0) & mask
+
+    def reset_devices(self) -> None:
+        """RESET_VM: the hypervisor-side device state (CF8 latch, vPIC, vIOAPIC) is cleared."""
+        self.cf8_latch = 0
+        self._hv_regs.clear()
+
+    def record_irqline(self, gsi: int, op: int) -> None:
+        line = self.irqlines.get(gsi)
+        if line is None:
+            line = self.irqlines[gsi] = {"level": 0}
+        name = IRQ_OPS.get(op, "other")
+        line[name] = line.get(name, 0) + 1
+        if op in (abi.IRQ_SET_HIGH, abi.IRQ_FALLING_PULSE):  # a falling pulse ends high
+            line["level"] = 1
+        elif op in (abi.IRQ_SET_LOW, abi.IRQ_RAISING_PULSE):
+            line["level"] = 0
+
+    def clear_records(self) -> None:
+        """What ``shutdown_vm`` tears down (vPCI, ptirq entries, EPT)."""
+        self.memory.clear()
+        self.pcidevs.clear()
+        self.mmiodevs.clear()
+        self.vdevs.clear()
+        self.ptdev_intx.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "vmid": self.vmid,
+            "abs_id": self.abs_id,
+            "name": self.name,
+            "load_order": self.slot.load_order,
+            "static": self.slot.static,
+            "state": self.state.name,
+            "guest_flags": self.guest_flags,
+            "cpu_affinity": self.cpu_affinity,
+            "severity": self.slot.severity,
+            "vcpu_num": self.vcpu_num,
+            "polling": self.polling,
+            "ioreq_buffer": self.page is not None,
+            "fault": self.fault,
+            "vcpus": [v.snapshot() for v in self.vcpus],
+            "msi": {
+                "count": self.msi_count,
+                "recent": [
+                    {"addr": a, "data": d, "vector": d & 0xFF, "dest": (a >> 12) & 0xFF}
+                    for a, d in self.msi_recent
+                ],
+            },
+            "irqlines": {str(g): dict(v) for g, v in sorted(self.irqlines.items())},
+            "memory": [
+                {
+                    "gpa": m.gpa,
+                    "size": m.size,
+                    "service_vm_pa": m.service_vm_pa,
+                    "access": m.access,
+                    "type": m.mem_type,
+                    "host_va": m.host_va,
+                }
+                for m in self.memory
+            ],
+            "pci_devices": [
+                {
+                    "virt_bdf": format_bdf(v),
+                    "phys_bdf": format_bdf(d.phys_bdf),
+                    "intr_line": d.intr_line,
+                    "intr_pin": d.intr_pin,
+                }
+                for v, d in sorted(self.pcidevs.items())
+            ],
+            "mmio_devices": [
+                {
+                    "name": bytes(d.name).rstrip(b"\0").decode(errors="replace"),
+                    "res": [
+                        {
+                            "user_vm_pa": r.user_vm_pa,
+                            "service_vm_pa": r.service_vm_pa,
+                            "size": r.size,
+                        }
+                        for r in d.res
+                        if r.size
+                    ],
+                }
+                for d in self.mmiodevs
+            ],
+            "vdevs": [
+                {"bdf": format_bdf(b), "vendor": d.id.fields.vendor, "device": d.id.fields.device}
+                for b, d in sorted(self.vdevs.items())
+            ],
+            "ptdev_intx": [
+                {
+                    "virt_pin": p,
+                    "pic": pic,
+                    "phys_pin": i.intx.phys_pin,
+                    "virt_bdf": format_bdf(i.virt_bdf),
+                    "phys_bdf": format_bdf(i.phys_bdf),
+                }
+                for (p, pic), i in sorted(self.ptdev_intx.items())
+            ],
+            "intr_delay_ms": self.intr_delay_ms,
+            "regs_set": sorted(self.regs),
+        }
