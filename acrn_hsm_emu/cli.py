@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import structlog
 
 from acrn_hsm_emu import logs
+from acrn_hsm_emu.hypervisor.backends import BACKENDS, resolve_backend
 
 EXIT_USAGE = 2
 StartErrorT = TypeVar("StartErrorT", bound=BaseException)
@@ -157,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(
         node=args.node,
         transport=args.transport,
-        backend=args.backend,
+        backend=resolve_backend(args.backend),
         scenario=args.scenario,
         workload=args.workload,
         run_dir=args.run_dir,
@@ -238,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve /dev/acrn_hsm in the foreground")
     s.add_argument("--node", default="/dev/acrn_hsm", help="node path (default /dev/acrn_hsm)")
     s.add_argument("--transport", default="auto", choices=["auto", "fuse", "cuse"])
-    s.add_argument("--backend", default="scripted", choices=["scripted"], help="vCPU backend")
+    s.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", *BACKENDS],
+        help="vCPU backend (auto: kvm where /dev/kvm works, else scripted)",
+    )
     s.add_argument("--scenario", help="scenario TOML file (default: built-in)")
     s.add_argument("--workload", help="workload file for the scripted backend")
     s.add_argument("--run-dir", default="/run/acrn-hsm-emu")

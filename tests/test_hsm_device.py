@@ -251,6 +251,7 @@ async def test_release_without_vm_makes_no_hypercall(hv):
 
 async def test_release_when_destroy_is_refused_keeps_the_vm_listed_and_orphaned(hv):
     dev = make_device(hv)
+    dev.release_pauses = False  # the kernel's behaviour, not the emulator's default
     s = VmSetup(dev, hv)
     assert s.ioctl(abi.ACRN_IOCTL_START_VM) == 0  # a running VM cannot be destroyed
     with structlog.testing.capture_logs() as logs:

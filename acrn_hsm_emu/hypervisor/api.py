@@ -119,7 +119,9 @@ class Hypercalls(Protocol):
     def inject(self, vmid: int, vcpu: int, access: Access) -> concurrent.futures.Future[int]:
         """Have a vCPU perform ``access``; the future yields the value a read got."""
 
-    def cpuid(self, leaf: int, subleaf: int = 0, vmid: int | None = None) -> tuple[int, int, int, int]:
+    def cpuid(
+        self, leaf: int, subleaf: int = 0, vmid: int | None = None
+    ) -> tuple[int, int, int, int]:
         """CPUID as a VM sees it (None: the Service VM)."""
 
     def snapshot(self) -> dict[str, object]:

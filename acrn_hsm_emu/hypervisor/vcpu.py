@@ -18,6 +18,7 @@ re-reads its state word now and then, only so that it notices such a fault.
 
 from __future__ import annotations
 
+import array
 import collections
 import concurrent.futures
 import struct
@@ -69,6 +70,40 @@ _SPINS = 64  # polling mode: sched_yield-like turns before backing off
 _POLL_MAX_S = 0.001
 
 
+class CycleRing:
+    """The last ``size`` request cycle times in ns, for benchmarks and status.
+
+    A fixed ring: recording is one store, whatever the run length.
+    """
+
+    __slots__ = ("buf", "n", "size")
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.buf = array.array("Q", bytes(8 * size))
+        self.size = size
+        self.n = 0
+
+    def add(self, ns: int) -> None:
+        self.buf[self.n % self.size] = ns
+        self.n += 1
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def summary(self) -> dict[str, float]:
+        """count (all time), and p50/p99/mean in microseconds over the ring."""
+        k = min(self.n, self.size)
+        if k == 0:
+            return {"count": 0}
+        data = sorted(self.buf[:k])
+        return {
+            "count": self.n,
+            "p50_us": data[k // 2] / 1000,
+            "p99_us": data[min(k - 1, (k * 99) // 100)] / 1000,
+            "mean_us": sum(data) / k / 1000,
+        }
+
+
 class AccessAborted(Exception):
     """An access that did not complete: the VM was paused, reset or destroyed, or faulted."""
 
@@ -92,6 +127,7 @@ class Vcpu:
         self.hv_handled = 0  # answered by the hypervisor itself
         self.cpuid_count = 0
         self.mismatches = 0
+        self.cycles = CycleRing()  # request cycle times: PENDING written -> slot FREE
         self.injected = 0
         self._wake = threading.Event()  # notify, kicks and control changes all set it
         self._stop = False
@@ -320,6 +356,12 @@ class Vcpu:
 
     def _post(self, write: bool, mmio: bool) -> int:
         """Send the private request through the slot and wait for it: the read value."""
+        t0 = time.perf_counter_ns()
+        value = self._post_wait(write, mmio)
+        self.cycles.add(time.perf_counter_ns() - t0)
+        return value
+
+    def _post_wait(self, write: bool, mmio: bool) -> int:
         vm = self.vm
         ev = self._wake
         ev.clear()  # before the checks: a stop/reset after them still wakes the wait below
@@ -405,6 +447,7 @@ class Vcpu:
             "workload_done": self.backend.done,
             "workload": self.backend.position,
             "queued": len(self._queue),
+            "cycle": self.cycles.summary(),
         }
 
 

@@ -21,7 +21,26 @@ __all__ = [
     "VcpuBackend",
     "VcpuHost",
     "make_backend",
+    "resolve_backend",
 ]
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` -> the best backend this host can run (kvm when it exists and works)."""
+    if name != "auto":
+        return name
+    return "kvm" if "kvm" in BACKENDS and kvm_usable() else "scripted"
+
+
+def kvm_usable() -> bool:
+    import os
+
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def make_backend(name: str, workload: Workload | None = None) -> Backend:
