@@ -51,8 +51,7 @@ def fuse_flags() -> list[str]:
 
 @contextmanager
 def c_null_server(tmp: pathlib.Path) -> Iterator[pathlib.Path]:
-    mnt = tmp / "cnull"
-    mnt.mkdir()
+    mnt = pathlib.Path(tempfile.mkdtemp(prefix="cnull-", dir=tmp))
     proc = subprocess.Popen([str(build("null_server", *fuse_flags())), str(mnt)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"READY":
@@ -120,7 +119,93 @@ def bench_null_ioctl(tmp: pathlib.Path, rounds: int, calls: int) -> dict[str, An
     }
 
 
-BENCHES = {"null_ioctl": bench_null_ioctl}
+def control(ctl: pathlib.Path, request: dict[str, Any]) -> Any:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(ctl))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            buf += s.recv(1 << 20)
+    reply = json.loads(buf)
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def vm_vcpus(ctl: pathlib.Path) -> list[dict[str, Any]]:
+    st = control(ctl, {"cmd": "status"})
+    return [v for vm in st["hypervisor"]["vms"] for v in vm["vcpus"]]
+
+
+def pio_forever_workload(path: pathlib.Path, vcpus: int) -> None:
+    """Each vCPU writes a port forever: the cycle with nothing but the request path."""
+    steps = [{"op": "pio", "port": 0x500 + 4 * i, "size": 4, "write": True, "value": i} for i in range(4)]
+    data = {"vcpu": [{"id": v, "repeat": 0, "steps": steps} for v in range(vcpus)]}
+    path.write_text(json.dumps(data))
+
+
+def measure_cycles(tmp: pathlib.Path, backend_args: list[str], client: list[str], vcpus: int,
+                   seconds: float) -> dict[str, float]:
+    """Run a client against the daemon for ``seconds``; requests/s and cycle percentiles."""
+    with daemon(tmp, *backend_args) as d:
+        proc = subprocess.Popen([*client[:1], str(d["node"]), *client[1:]], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()  # vmid=.. vcpu_num=..: the VM runs
+            time.sleep(0.5)  # warm-up
+            before = vm_vcpus(d["control"])
+            t0 = time.monotonic()
+            time.sleep(seconds)
+            after = vm_vcpus(d["control"])
+            elapsed = time.monotonic() - t0
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    reqs = sum(a["requests"] for a in after) - sum(b["requests"] for b in before)
+    cyc = [a["cycle"] for a in after if a["cycle"].get("count")]
+    return {
+        "requests_per_s": reqs / elapsed,
+        "cycle_p50_us": statistics.median(c["p50_us"] for c in cyc),
+        "cycle_p99_us": max(c["p99_us"] for c in cyc),
+        "cycle_mean_us": statistics.mean(c["mean_us"] for c in cyc),
+    }
+
+
+def bench_cycle_scripted(tmp: pathlib.Path, rounds: int, calls: int) -> dict[str, Any]:
+    dm = build_dm_loop()
+    out: dict[str, Any] = {}
+    c_rt = []
+    with c_null_server(tmp) as c_node:
+        c_rt.append(ioctl_loop(c_node, calls, GATE_IOCTL))
+    for vcpus in (1, 2):
+        wl = tmp / f"pio-{vcpus}.json"
+        pio_forever_workload(wl, vcpus)
+        res = measure_cycles(tmp, ["--backend", "scripted", "--workload", str(wl)],
+                             [str(dm), hex((1 << vcpus) - 1)], vcpus, 3.0)
+        out[f"scripted_{vcpus}vcpu"] = res
+    with c_null_server(tmp) as c_node:
+        c_rt.append(ioctl_loop(c_node, calls, GATE_IOCTL))
+    rt = med(c_rt, "p50")
+    out["c_libfuse_null_ioctl_us"] = {"p50": rt}
+    for vcpus in (1, 2):
+        r = out[f"scripted_{vcpus}vcpu"]
+        r["ratio_cycle_to_2x_c_rt"] = r["cycle_p50_us"] / (2 * rt)
+    out["scaling_1_to_2_vcpus"] = (
+        out["scripted_2vcpu"]["requests_per_s"] / out["scripted_1vcpu"]["requests_per_s"]
+    )
+    return out
+
+
+def build_dm_loop() -> pathlib.Path:
+    """tests/clients/dm_loop.c: the acrn-dm-style default client the tests use."""
+    BIN.mkdir(exist_ok=True)
+    src = REPO / "tests" / "clients" / "dm_loop.c"
+    out = BIN / "dm_loop"
+    if not out.exists() or src.stat().st_mtime > out.stat().st_mtime:
+        subprocess.run(["cc", "-O2", "-Wall", "-pthread", "-o", str(out), str(src)], check=True)
+    return out
+
+
+BENCHES = {"null_ioctl": bench_null_ioctl, "cycle_scripted": bench_cycle_scripted}
 
 
 def main() -> int:
