@@ -1,0 +1,201 @@
+"""Faults: clients that die or misbehave at each step, a restarted daemon, stopped clients.
+
+In every case the daemon keeps serving a well-behaved neighbour VM, nothing
+hangs, and a failed VM is torn down cleanly (the fixture also checks the
+daemon's log has no traceback and its exit is clean).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import wait_in_syscall
+from tests.support.answers import pio_answer
+from tests.support.cbuild import build_c
+
+pytestmark = pytest.mark.needs_fuse
+
+
+def start(node, *args: str) -> tuple[subprocess.Popen[str], int]:
+    exe = build_c("hsm_fault" if args[0] != "dm" else "dm_loop")
+    argv = [str(exe), str(node), *(args[1:] if args[0] == "dm" else args)]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    header = dict(kv.split("=") for kv in p.stdout.readline().split())
+    return p, int(header["vmid"])
+
+
+def inject_async(daemon, vmid: int, *access: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [daemon.args[0], "inject", "--control", str(daemon.control), "--vm", str(vmid),
+         "--timeout", "60", *access],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def status(daemon) -> dict:
+    return json.loads(daemon.cli("status", "--json").stdout)
+
+
+def wait_until(pred, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout  # hang guard only
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def neighbour_works(daemon, vmid: int) -> None:
+    out = daemon.cli("inject", "--vm", str(vmid), "pio-read", "0x70", "2").stdout
+    assert out.strip() == f"{pio_answer(0x70, 2):#x}"
+
+
+def gone(daemon, vmid: int) -> bool:
+    st = status(daemon)
+    return all(v["vmid"] != vmid for v in st["hsm"]["vms"]) and all(
+        v["vmid"] != vmid for v in st["hypervisor"]["vms"]
+    )
+
+
+STEPS = ["after_create", "pending", "processing", "after_notify", "in_attach"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_client_killed_at_each_step(hsm_daemon, step):
+    good, good_vmid = start(hsm_daemon.node, "dm", "0x1")
+    bad, bad_vmid = start(hsm_daemon.node, step)
+    injected = None
+    try:
+        if step in ("pending", "processing", "after_notify"):
+            injected = inject_async(hsm_daemon, bad_vmid, "pio-read", "0x60", "1")
+        assert bad.stdout is not None
+        assert bad.stdout.readline().strip() == f"at {step}"
+        if step == "after_notify":
+            injected2 = inject_async(hsm_daemon, bad_vmid, "pio-read", "0x61", "1")
+            bad.wait(timeout=60)  # it killed itself right after NOTIFY
+            injected2.communicate(timeout=90)
+        else:
+            if step == "in_attach":
+                wait_in_syscall(bad.pid)
+            bad.send_signal(signal.SIGKILL)
+            bad.wait(timeout=60)
+        assert bad.returncode == -signal.SIGKILL
+        if injected is not None:
+            out, err = injected.communicate(timeout=90)
+            if step == "after_notify":
+                assert injected.returncode == 0, err  # answered before the client died
+            else:
+                assert injected.returncode == 1 and "abandoned" in err, (out, err)
+        wait_until(lambda: gone(hsm_daemon, bad_vmid), f"VM {bad_vmid} still listed")
+        neighbour_works(hsm_daemon, good_vmid)
+    finally:
+        for p in (bad, good):
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL if p is bad else signal.SIGTERM)
+                p.communicate(timeout=60)
+    assert good.returncode == 0
+
+
+@pytest.mark.parametrize("how", ["unmap_page", "ro_page"])
+def test_request_page_taken_away_fails_only_that_vm(hsm_daemon, how):
+    good, good_vmid = start(hsm_daemon.node, "dm", "0x1")
+    bad, bad_vmid = start(hsm_daemon.node, how)
+    try:
+        assert bad.stdout is not None
+        assert bad.stdout.readline().strip() == f"at {how}"
+        # The vCPU cannot post the request into the page: the VM fails, cleanly.
+        p = inject_async(hsm_daemon, bad_vmid, "pio-read", "0x60", "1")
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 1, (out, err)
+        vm = next(v for v in status(hsm_daemon)["hypervisor"]["vms"] if v["vmid"] == bad_vmid)
+        assert vm["fault"], vm
+        neighbour_works(hsm_daemon, good_vmid)
+        bad.send_signal(signal.SIGKILL)
+        bad.wait(timeout=60)
+        wait_until(lambda: gone(hsm_daemon, bad_vmid), f"VM {bad_vmid} still listed")
+        neighbour_works(hsm_daemon, good_vmid)
+    finally:
+        for q in (bad, good):
+            if q.poll() is None:
+                q.send_signal(signal.SIGKILL if q is bad else signal.SIGTERM)
+                q.communicate(timeout=60)
+    assert good.returncode == 0
+    assert "faulted" in hsm_daemon.log() or "fault" in hsm_daemon.log()
+
+
+def test_stopped_client_does_not_hold_up_other_vms(hsm_daemon):
+    good, good_vmid = start(hsm_daemon.node, "dm", "0x1")
+    stopped, stopped_vmid = start(hsm_daemon.node, "dm", "0x1")
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        pending = inject_async(hsm_daemon, stopped_vmid, "pio-read", "0x60", "1")
+        for _ in range(20):
+            neighbour_works(hsm_daemon, good_vmid)
+        assert pending.poll() is None, "the stopped client cannot have answered"
+        os.kill(stopped.pid, signal.SIGCONT)
+        out, err = pending.communicate(timeout=90)
+        assert pending.returncode == 0, err
+        assert out.strip() == f"{pio_answer(0x60, 1):#x}"
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+        for p in (stopped, good):
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=60)
+    assert good.returncode == 0 and stopped.returncode == 0
+
+
+def test_daemon_restarted_while_clients_hold_the_node(daemon_factory):
+    first = daemon_factory()
+    holder, _ = start(first.node, "after_create")
+    waiter, _ = start(first.node, "in_attach")
+    try:
+        assert holder.stdout is not None and waiter.stdout is not None
+        assert holder.stdout.readline().strip() == "at after_create"
+        assert waiter.stdout.readline().strip() == "at in_attach"
+        wait_in_syscall(waiter.pid)
+        assert first.stop(signal.SIGTERM) == 0
+        # The blocked ATTACH is answered (ENODEV: the device went away), not left hanging.
+        assert waiter.wait(timeout=60) == 3
+        # An fd from the old daemon now fails; it does not hang.
+        fd_path = f"/proc/{holder.pid}/fd"
+        assert os.listdir(fd_path)
+        second = daemon_factory()
+        dm, vmid = start(second.node, "dm", "0x1")
+        try:
+            neighbour_works(second, vmid)
+        finally:
+            dm.send_signal(signal.SIGTERM)
+            dm.communicate(timeout=60)
+        assert dm.returncode == 0
+    finally:
+        for p in (holder, waiter):
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=60)
+
+
+def test_old_fd_after_restart_gets_an_error(daemon_factory, tmp_path):
+    import fcntl
+
+    first = daemon_factory()
+    fd = os.open(first.node, os.O_RDWR)
+    try:
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, 0xA211)  # DESTROY_VM on the dead connection
+        assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV)
+        second = daemon_factory()
+        fd2 = os.open(second.node, os.O_RDWR)
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd2, 0xA211)
+        assert e.value.errno == errno.EINVAL  # a live node again: the gate answers
+        os.close(fd2)
+    finally:
+        os.close(fd)
