@@ -23,7 +23,13 @@ def _load(spec: str) -> object:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    server = Server(_load(args.device), args.node, transport=args.transport, run_dir=args.run_dir)
+    server = Server(
+        _load(args.device),
+        args.node,
+        transport=args.transport,
+        run_dir=args.run_dir,
+        max_waiting_per_pid=args.max_waiting_per_pid,
+    )
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await nursery.start(server.serve)
@@ -39,6 +45,7 @@ def main() -> int:
     p.add_argument("--node", required=True)
     p.add_argument("--transport", default="auto", choices=["auto", "fuse", "cuse"])
     p.add_argument("--run-dir", default="/run/cdev")
+    p.add_argument("--max-waiting-per-pid", type=int, default=256)
     args = p.parse_args()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     try:

@@ -101,6 +101,8 @@ class Server:
         mode: int = 0o600,
         uid: int = 0,
         gid: int = 0,
+        max_waiting: int = 4096,
+        max_waiting_per_pid: int = 256,
     ) -> None:
         self.device = device
         self.node = pathlib.Path(node)
@@ -109,7 +111,15 @@ class Server:
             raise ServeError(f"unknown transport {transport!r} (auto, fuse or cuse)")
         self.run_dir = pathlib.Path(run_dir)
         self.name = self.node.name
-        self.session = Session(device, name=self.name, mode=mode, uid=uid, gid=gid)
+        self.session = Session(
+            device,
+            name=self.name,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            max_waiting=max_waiting,
+            max_waiting_per_pid=max_waiting_per_pid,
+        )
         self._keep: list[Any] = []  # C strings libfuse holds on to
         self._created: list[pathlib.Path] = []
         self._bound = False

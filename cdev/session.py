@@ -92,8 +92,15 @@ class Session:
         mode: int = 0o600,
         uid: int = 0,
         gid: int = 0,
+        max_waiting: int = 4096,
+        max_waiting_per_pid: int = 256,
     ) -> None:
         self.device = device
+        # Bounds on ioctls left waiting (each holds a task): one process cannot
+        # exhaust the daemon; past them the call fails at once with EAGAIN.
+        self.max_waiting = max_waiting
+        self.max_waiting_per_pid = max_waiting_per_pid
+        self._waiting_by_pid: dict[int, int] = {}
         self.name = name.encode()
         self.mode = mode
         self.uid = uid
@@ -143,24 +150,23 @@ class Session:
                 buf.mem = _NULL
 
     async def _receive_loop(self, fd: int, buf: Any) -> None:
+        # One buffer per readiness: waiting again is cheaper than a read that
+        # only says EAGAIN, and wait_readable is itself the checkpoint that lets
+        # the tasks this request started run.
         se = self.se
+        receive = lib.fuse_session_receive_buf
+        process = lib.fuse_session_process_buf
+        wait_readable = trio.lowlevel.wait_readable
         while not lib.fuse_session_exited(se):
-            await trio.lowlevel.wait_readable(fd)
-            # Drain what is queued, then let the tasks this started run.
-            for _ in range(64):
-                res = lib.fuse_session_receive_buf(se, buf)
-                if res == -errno.EAGAIN:
-                    break
-                if res == -errno.EINTR:
-                    continue
-                if res < 0:
-                    raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
-                if res == 0:  # unmounted (ENODEV) or an aborted request
-                    if lib.fuse_session_exited(se):
-                        return
-                    continue
-                lib.fuse_session_process_buf(se, buf)
-            await trio.lowlevel.checkpoint()
+            await wait_readable(fd)
+            res = receive(se, buf)
+            if res > 0:
+                process(se, buf)
+            elif res == 0:  # unmounted (ENODEV) or an aborted request
+                if lib.fuse_session_exited(se):
+                    return
+            elif res not in (-errno.EAGAIN, -errno.EINTR):
+                raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
 
     def _fail_waiting(self) -> None:
         """Shutdown: every request still waiting gets ENODEV (the device is going)."""
@@ -337,6 +343,22 @@ class Session:
         coro: Awaitable[IoctlResult],
     ) -> None:
         assert self.nursery is not None
+        pid = call.ctx.pid
+        mine = self._waiting_by_pid.get(pid, 0)
+        if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
+            if inspect.iscoroutine(coro):
+                coro.close()
+            log.warning(
+                "waiting request refused: limit reached",
+                pid=pid,
+                waiting=len(self._waiting),
+                waiting_for_pid=mine,
+                limit=self.max_waiting,
+                limit_per_pid=self.max_waiting_per_pid,
+            )
+            lib.fuse_reply_err(req, errno.EAGAIN)
+            return
+        self._waiting_by_pid[pid] = mine + 1
         w = _Waiting(req, handle, call, out_size)
         w.cdata = ffi.new_handle(w)
         self._waiting.add(w)
@@ -356,6 +378,12 @@ class Session:
             if inspect.iscoroutine(coro):
                 coro.close()  # never started: cancelled before it ran
             self._waiting.discard(w)
+            pid = w.call.ctx.pid
+            left = self._waiting_by_pid.get(pid, 1) - 1
+            if left > 0:
+                self._waiting_by_pid[pid] = left
+            else:
+                self._waiting_by_pid.pop(pid, None)
         if not w.replied:
             w.replied = True
             self._reply_ioctl(w.req, result, w.out_size)

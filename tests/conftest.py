@@ -193,7 +193,7 @@ def hsm_daemon(daemon_factory: Any) -> Daemon:
 class CdevServer:
     """``python -m cdev`` serving tests/support/testdev.py on a private node."""
 
-    def __init__(self, tmp: pathlib.Path) -> None:
+    def __init__(self, tmp: pathlib.Path, *extra: str) -> None:
         self.node = tmp / "testdev"
         self.log_path = tmp / "cdev.log"
         self._log = open(self.log_path, "wb")
@@ -201,6 +201,7 @@ class CdevServer:
             [
                 sys.executable, "-m", "cdev", "--device", "tests.support.testdev:TestDevice",
                 "--node", str(self.node), "--run-dir", str(tmp / "run"), "--transport", "fuse",
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -220,11 +221,12 @@ class CdevServer:
 
 
 @pytest.fixture
-def cdev_server(tmp_path: pathlib.Path) -> Iterator[CdevServer]:
+def cdev_server(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[CdevServer]:
     reason = fuse_missing()
     if reason:
         pytest.skip(reason)
-    server = CdevServer(tmp_path)
+    marker = request.node.get_closest_marker("cdev_args")
+    server = CdevServer(tmp_path, *(marker.args if marker else ()))
     yield server
     if server.proc.poll() is None:
         assert server.stop() == 0

@@ -94,3 +94,16 @@ def test_read_and_write_answer_einval(cdev_server):
         assert e.value.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+@pytest.mark.cdev_args("--max-waiting-per-pid", "3")
+def test_waiting_requests_are_bounded_per_process(cdev_server, client):
+    p = subprocess.Popen([client, str(cdev_server.node), "waits", "5"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    refused = [p.stdout.readline().strip() for _ in range(2)]
+    assert refused == [f"ret=-1 errno={errno.EAGAIN}"] * 2
+    wait_in_syscall(p.pid)
+    assert run(client, cdev_server.node, "wake").strip() == "ret=3"
+    out, _ = p.communicate(timeout=30)
+    assert out.strip().splitlines() == ["ret=1 errno=0"] * 3
+    assert "limit reached" in cdev_server.log_path.read_text()

@@ -5,6 +5,7 @@
  *   cdev_client NODE wait|wait0       blocks until WAKE or a signal (SIGUSR1 handled)
  *   cdev_client NODE wake             wakes every waiter
  *   cdev_client NODE who-thread       WHO from a second thread
+ *   cdev_client NODE waits N          N threads of one process WAIT at once
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,6 +40,15 @@ static void *who_thread(void *arg)
     (void)arg;
     int r = ioctl(fd, T_WHO, who);
     printf("thread tid=%ld ret=%d pid=%u tid=%u\n", (long)syscall(SYS_gettid), r, who[0], who[1]);
+    return NULL;
+}
+
+static void *wait_thread(void *arg)
+{
+    (void)arg;
+    int r = ioctl(fd, T_WAIT);
+    printf("ret=%d errno=%d\n", r, r < 0 ? errno : 0);
+    fflush(stdout);
     return NULL;
 }
 
@@ -89,6 +99,13 @@ int main(int argc, char **argv)
         printf("main pid=%d\n", getpid());
         pthread_create(&t, NULL, who_thread, NULL);
         pthread_join(t, NULL);
+    } else if (!strcmp(cmd, "waits") && argc > 3) {
+        int n = atoi(argv[3]);
+        pthread_t t[64];
+        for (int i = 0; i < n && i < 64; i++)
+            pthread_create(&t[i], NULL, wait_thread, NULL);
+        for (int i = 0; i < n && i < 64; i++)
+            pthread_join(t[i], NULL);
     } else {
         fprintf(stderr, "unknown command %s\n", cmd);
         return 2;
