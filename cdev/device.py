@@ -14,14 +14,46 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
-@dataclass(frozen=True, slots=True)
 class RequestContext:
-    """Who made a request: the kernel's view of the calling thread."""
+    """Who made a request: the kernel's view of the calling thread.
 
-    uid: int
-    gid: int
-    pid: int  # thread group (process) id, resolved from tid
-    tid: int  # the calling thread, as the FUSE header carries it
+    ``pid`` is the thread group (process) of the calling thread ``tid``. It is
+    resolved on first use (a /proc look-up), so requests that never touch the
+    caller's memory do not pay for it.
+    """
+
+    __slots__ = ("uid", "gid", "tid", "_pid", "_resolve")
+
+    def __init__(
+        self,
+        uid: int,
+        gid: int,
+        pid: int | None = None,
+        tid: int = 0,
+        resolve: Callable[[int], int] | None = None,
+    ) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.tid = tid
+        self._pid = pid
+        self._resolve = resolve
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            self._pid = self._resolve(self.tid) if self._resolve is not None else self.tid
+        return self._pid
+
+    def __repr__(self) -> str:
+        return f"RequestContext(uid={self.uid}, gid={self.gid}, pid={self.pid}, tid={self.tid})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RequestContext):
+            return NotImplemented
+        return (self.uid, self.gid, self.pid, self.tid) == (other.uid, other.gid, other.pid, other.tid)
+
+    def __hash__(self) -> int:
+        return hash((self.uid, self.gid, self.pid, self.tid))
 
 
 class DeviceError(Exception):
@@ -55,6 +87,36 @@ class IoctlCall:
 IoctlResult = int | tuple[int, bytes]
 
 
+class Deferred:
+    """An answer the device gives later, without a task: the cheap way to wait.
+
+    A handler returns a Deferred it keeps (say, in a list of waiters); cdev
+    holds the request, and :meth:`reply` answers it from wherever the device
+    learns the answer (another request's handler, an upcall), in the trio
+    thread. If the caller is interrupted first, cdev answers with the device's
+    :meth:`Device.interrupted` and calls ``on_cancel`` so the device can forget
+    the waiter; a later :meth:`reply` is then ignored.
+    """
+
+    __slots__ = ("_send", "done", "on_cancel", "call")
+
+    def __init__(self, on_cancel: Callable[[Deferred], None] | None = None) -> None:
+        self._send: Callable[[IoctlResult], None] | None = None
+        self.done = False
+        self.on_cancel = on_cancel
+        self.call: IoctlCall | None = None
+
+    def reply(self, result: IoctlResult) -> bool:
+        """Answer now; False if the request was already answered (interrupted)."""
+        if self.done:
+            return False
+        self.done = True
+        send, self._send = self._send, None
+        if send is not None:
+            send(result)
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class ArgSpec:
     """How a command's argument really travels, where it differs from _IOC.
@@ -83,8 +145,9 @@ class Device(Protocol):
 
     def ioctl(
         self, handle: object, call: IoctlCall
-    ) -> IoctlResult | Awaitable[IoctlResult]:
-        """Answer at once, or return a coroutine that cdev runs in its own task."""
+    ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
+        """Answer at once, return a :class:`Deferred` to answer later, or return
+        a coroutine that cdev runs in its own task."""
         ...
 
     def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
@@ -110,7 +173,7 @@ class BaseDevice:
 
     def ioctl(
         self, handle: object, call: IoctlCall
-    ) -> IoctlResult | Awaitable[IoctlResult]:
+    ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         return -errno.ENOTTY
 
     def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:

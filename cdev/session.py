@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from cdev._fuse import ffi, lib
-from cdev.device import Device, DeviceError, IoctlCall, IoctlResult, RequestContext
+from cdev.device import Deferred, Device, DeviceError, IoctlCall, IoctlResult, RequestContext
 from cdev.ioctl import needs_retry, transfer_for
 
 log = structlog.get_logger("cdev")
@@ -32,16 +32,17 @@ _NULL = ffi.NULL
 class _Waiting:
     """An ioctl whose answer a task is still working out."""
 
-    __slots__ = ("req", "handle", "call", "scope", "replied", "cdata", "out_size")
+    __slots__ = ("req", "handle", "call", "scope", "replied", "cdata", "out_size", "deferred")
 
     def __init__(self, req: Any, handle: object, call: IoctlCall, out_size: int) -> None:
         self.req = req
         self.handle = handle
         self.call = call
         self.out_size = out_size
-        self.scope = trio.CancelScope()
+        self.scope: trio.CancelScope | None = None  # a task's, when one waits
         self.replied = False
         self.cdata: Any = None
+        self.deferred: Deferred | None = None
 
 
 class TidResolver:
@@ -125,7 +126,7 @@ class Session:
     def context(self, req: Any) -> RequestContext:
         c = lib.fuse_req_ctx(req)
         tid = c.pid
-        return RequestContext(uid=c.uid, gid=c.gid, pid=self._resolve(tid), tid=tid)
+        return RequestContext(c.uid, c.gid, None, tid, self._resolve)
 
     def open_files(self) -> int:
         return len(self._files)
@@ -171,11 +172,16 @@ class Session:
     def _fail_waiting(self) -> None:
         """Shutdown: every request still waiting gets ENODEV (the device is going)."""
         for w in list(self._waiting):
+            if w.deferred is not None:
+                w.deferred.done = True
+                w.deferred._send = None
             if not w.replied:
                 w.replied = True
                 lib.fuse_reply_err(w.req, errno.ENODEV)
-            w.scope.cancel()
+            if w.scope is not None:
+                w.scope.cancel()
         self._waiting.clear()
+        self._waiting_by_pid.clear()
 
     # -- operations -------------------------------------------------------
 
@@ -298,7 +304,11 @@ class Session:
         except DeviceError as e:
             lib.fuse_reply_err(req, e.errno)
             return
-        if inspect.isawaitable(result):
+        if type(result) is int or type(result) is tuple:
+            self._reply_ioctl(req, result, out_size)
+        elif isinstance(result, Deferred):
+            self._defer(req, handle, call, out_size, result)
+        elif inspect.isawaitable(result):
             self._start_waiting(req, handle, call, out_size, result)
         else:
             self._reply_ioctl(req, result, out_size)
@@ -334,6 +344,56 @@ class Session:
         else:
             lib.fuse_reply_ioctl(req, value, _NULL, 0)
 
+    def _defer(self, req: Any, handle: object, call: IoctlCall, out_size: int, d: Deferred) -> None:
+        """Hold the request until the device calls ``d.reply`` (or the caller is interrupted)."""
+        if d.done:  # answered before it was handed back
+            return
+        pid = call.ctx.pid
+        mine = self._waiting_by_pid.get(pid, 0)
+        if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
+            d.done = True
+            if d.on_cancel is not None:
+                d.on_cancel(d)
+            self._refuse_waiting(req, pid, mine)
+            return
+        self._waiting_by_pid[pid] = mine + 1
+        w = _Waiting(req, handle, call, out_size)
+        w.deferred = d
+        w.cdata = ffi.new_handle(w)
+        self._waiting.add(w)
+        d.call = call
+
+        def send(result: IoctlResult, w: _Waiting = w) -> None:
+            self._forget(w)
+            if not w.replied:
+                w.replied = True
+                self._reply_ioctl(w.req, result, w.out_size)
+
+        d._send = send
+        lib.cdev_req_interrupt_func(req, w.cdata)  # may interrupt at once
+
+    def _refuse_waiting(self, req: Any, pid: int, mine: int) -> None:
+        log.warning(
+            "waiting request refused: limit reached",
+            pid=pid,
+            waiting=len(self._waiting),
+            waiting_for_pid=mine,
+            limit=self.max_waiting,
+            limit_per_pid=self.max_waiting_per_pid,
+        )
+        lib.fuse_reply_err(req, errno.EAGAIN)
+
+    def _forget(self, w: _Waiting) -> None:
+        if w not in self._waiting:
+            return
+        self._waiting.discard(w)
+        pid = w.call.ctx.pid
+        left = self._waiting_by_pid.get(pid, 1) - 1
+        if left > 0:
+            self._waiting_by_pid[pid] = left
+        else:
+            self._waiting_by_pid.pop(pid, None)
+
     def _start_waiting(
         self,
         req: Any,
@@ -348,18 +408,11 @@ class Session:
         if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
             if inspect.iscoroutine(coro):
                 coro.close()
-            log.warning(
-                "waiting request refused: limit reached",
-                pid=pid,
-                waiting=len(self._waiting),
-                waiting_for_pid=mine,
-                limit=self.max_waiting,
-                limit_per_pid=self.max_waiting_per_pid,
-            )
-            lib.fuse_reply_err(req, errno.EAGAIN)
+            self._refuse_waiting(req, pid, mine)
             return
         self._waiting_by_pid[pid] = mine + 1
         w = _Waiting(req, handle, call, out_size)
+        w.scope = trio.CancelScope()
         w.cdata = ffi.new_handle(w)
         self._waiting.add(w)
         self.nursery.start_soon(self._run_waiting, w, coro)
@@ -368,6 +421,7 @@ class Session:
 
     async def _run_waiting(self, w: _Waiting, coro: Awaitable[IoctlResult]) -> None:
         result: IoctlResult = -errno.EIO
+        assert w.scope is not None
         try:
             with w.scope:
                 result = await coro
@@ -377,13 +431,7 @@ class Session:
         finally:
             if inspect.iscoroutine(coro):
                 coro.close()  # never started: cancelled before it ran
-            self._waiting.discard(w)
-            pid = w.call.ctx.pid
-            left = self._waiting_by_pid.get(pid, 1) - 1
-            if left > 0:
-                self._waiting_by_pid[pid] = left
-            else:
-                self._waiting_by_pid.pop(pid, None)
+            self._forget(w)
         if not w.replied:
             w.replied = True
             self._reply_ioctl(w.req, result, w.out_size)
@@ -393,13 +441,24 @@ class Session:
         if w.replied:
             return
         w.replied = True
+        d = w.deferred
+        if d is not None:
+            d.done = True
+            d._send = None
+            self._forget(w)
+            if d.on_cancel is not None:
+                try:
+                    d.on_cancel(d)
+                except Exception:
+                    log.exception("on_cancel failed", cmd=hex(w.call.cmd))
         try:
             result = self.device.interrupted(w.handle, w.call)
         except Exception:
             log.exception("interrupt handler failed", cmd=hex(w.call.cmd))
             result = -errno.EINTR
         self._reply_ioctl(w.req, result, w.out_size)
-        w.scope.cancel()
+        if w.scope is not None:
+            w.scope.cancel()
 
     def op_poll(self, req: Any, fi: Any, ph: Any) -> None:
         poll = getattr(self.device, "poll", None)

@@ -5,8 +5,8 @@ Commands (type 'T'), mirrored in tests/clients/cdev_client.c:
   2 RAW      _IO: records the raw argument, answers 7
   3 LASTARG  _IOR u64: the last raw argument RAW saw on this file
   4 FAIL     _IO: answers -arg (a negative errno chosen by the caller)
-  5 WAIT     _IO: waits for WAKE; interrupted -> EINTR (the default)
-  6 WAIT0    _IO: waits for WAKE; interrupted -> 0 (the device's choice)
+  5 WAIT     _IO: waits for WAKE (a Deferred reply); interrupted -> EINTR (the default)
+  6 WAIT0    _IO: waits for WAKE (in a task); interrupted -> 0 (the device's choice)
   7 WAKE     _IO: wakes every waiter, answers how many
   8 WHO      _IOR 16 bytes: pid, tid, uid, gid of the caller (u32 each)
 """
@@ -19,7 +19,7 @@ from collections.abc import Awaitable
 
 import trio
 
-from cdev.device import BaseDevice, IoctlCall, IoctlResult, RequestContext
+from cdev.device import BaseDevice, Deferred, IoctlCall, IoctlResult, RequestContext
 
 
 def _ioc(d: int, nr: int, size: int) -> int:
@@ -46,11 +46,14 @@ class TestDevice(BaseDevice):
     def __init__(self) -> None:
         self.wake = trio.Event()
         self.waiters = 0
+        self.deferred: list[Deferred] = []
 
     def open(self, ctx: RequestContext) -> object:
         return _File(ctx)
 
-    def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Awaitable[IoctlResult]:
+    def ioctl(
+        self, handle: object, call: IoctlCall
+    ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         assert isinstance(handle, _File)
         cmd = call.cmd
         if cmd == REWRITE:
@@ -62,12 +65,19 @@ class TestDevice(BaseDevice):
             return 0, struct.pack("<Q", handle.last_arg)
         if cmd == FAIL:
             return -call.arg
-        if cmd in (WAIT, WAIT0):
+        if cmd == WAIT:
+            d = Deferred(on_cancel=self.deferred.remove)
+            self.deferred.append(d)
+            return d
+        if cmd == WAIT0:
             return self._wait()
         if cmd == WAKE:
-            n = self.waiters
+            n = self.waiters + len(self.deferred)
             self.wake.set()
             self.wake = trio.Event()
+            waiting, self.deferred = self.deferred, []
+            for d in waiting:
+                d.reply(1)
             return n
         if cmd == WHO:
             c = call.ctx
