@@ -90,7 +90,12 @@ def test_client_killed_at_each_step(hsm_daemon, step):
         if injected is not None:
             out, err = injected.communicate(timeout=90)
             if step == "after_notify":
-                assert injected.returncode == 0, err  # answered before the client died
+                # Answered, or abandoned if the vCPU read the answer after the
+                # process (and with it the page, which the kernel would have kept
+                # pinned) was gone: docs/fidelity.md. Never a hang or a made-up value.
+                assert injected.returncode == 0 or "abandoned" in err, (out, err)
+                if injected.returncode == 0:
+                    assert out.strip() == "0x0"
             else:
                 assert injected.returncode == 1 and "abandoned" in err, (out, err)
         wait_until(lambda: gone(hsm_daemon, bad_vmid), f"VM {bad_vmid} still listed")
