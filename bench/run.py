@@ -1,10 +1,12 @@
 """``make bench``: our figures next to the floors, measured in the same run.
 
 Floors are built here from C: a minimal libfuse low-level server answering
-ioctls (the best a FUSE-served node can do). Rounds alternate between the
-floor and ours so machine noise hits both alike; each figure is the median
-over rounds of the per-round median. Results are printed as a table and
-written to bench/results/latest.json.
+ioctls (the best a FUSE-served node can do), a bare process_vm_writev of 256
+bytes, and (when /dev/kvm works) a bare KVM PIO exit loop. Floor and ours
+alternate where they are compared directly, so machine noise hits both
+alike. Results: a table on stdout, bench/results/latest.json, and a plot
+bench/results/latest.png (cycle time and throughput against vCPU count, the
+floors as lines) when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,17 +32,29 @@ REPO = HERE.parent
 BIN = HERE / "bin"
 RESULTS = HERE / "results"
 VENV_BIN = pathlib.Path(sys.executable).parent
+SCENARIO = HERE / "scenario-8cpu.toml"
 
 GATE_IOCTL = 0xA299  # _IO(0xA2, 0x99): EINVAL at the HSM's gate, before any VM exists
 
 
-def build(name: str, *flags: str) -> pathlib.Path:
+# -- building and running the C pieces --------------------------------------------
+
+
+def build(src: pathlib.Path, name: str, *flags: str) -> pathlib.Path:
     BIN.mkdir(exist_ok=True)
-    src = HERE / "c" / f"{name}.c"
     out = BIN / name
     if not out.exists() or src.stat().st_mtime > out.stat().st_mtime:
-        subprocess.run(["cc", "-O2", "-Wall", "-o", str(out), str(src), *flags], check=True)
+        subprocess.run(["cc", "-O2", "-Wall", "-pthread", "-o", str(out), str(src), *flags], check=True)
     return out
+
+
+def bench_c(name: str, *flags: str) -> pathlib.Path:
+    return build(HERE / "c" / f"{name}.c", name, *flags)
+
+
+def test_client(name: str) -> pathlib.Path:
+    """A C client of the test suite (tests/clients), e.g. the acrn-dm-style dm_loop."""
+    return build(REPO / "tests" / "clients" / f"{name}.c", name)
 
 
 def fuse_flags() -> list[str]:
@@ -49,10 +63,16 @@ def fuse_flags() -> list[str]:
     ).stdout.split()
 
 
+def ns_line(out: str) -> dict[str, float]:
+    """``ns p50=.. p99=.. mean=..`` -> microseconds."""
+    line = next(x for x in out.splitlines() if x.startswith("ns "))
+    return {k: float(v) / 1000.0 for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+
 @contextmanager
 def c_null_server(tmp: pathlib.Path) -> Iterator[pathlib.Path]:
     mnt = pathlib.Path(tempfile.mkdtemp(prefix="cnull-", dir=tmp))
-    proc = subprocess.Popen([str(build("null_server", *fuse_flags())), str(mnt)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([str(bench_c("null_server", *fuse_flags())), str(mnt)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"READY":
         raise RuntimeError("the C null server did not start")
@@ -82,41 +102,20 @@ def daemon(tmp: pathlib.Path, *extra: str) -> Iterator[dict[str, Any]]:
     try:
         while b"READY=1" not in notify.recv(4096):
             pass
-        yield {"node": d / "acrn_hsm", "control": d / "run" / "control.sock", "pid": proc.pid, "dir": d}
+        yield {"node": d / "acrn_hsm", "control": d / "run" / "control.sock", "pid": proc.pid}
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
         notify.close()
         log.close()
 
 
-def ioctl_loop(node: pathlib.Path, n: int, cmd: int, arg: int = 0) -> dict[str, float]:
+def ioctl_loop(node: pathlib.Path, n: int, cmd: int = GATE_IOCTL) -> dict[str, float]:
     out = subprocess.run(
-        [str(build("ioctl_loop")), str(node), str(n), hex(cmd), hex(arg)],
+        [str(bench_c("ioctl_loop")), str(node), str(n), hex(cmd), "0"],
         capture_output=True, text=True, check=True,
     ).stdout
-    fields = dict(kv.split("=") for kv in out.split()[1:])
-    return {k: float(v) / 1000.0 for k, v in fields.items()}  # microseconds
-
-
-def med(rounds: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in rounds)
-
-
-def bench_null_ioctl(tmp: pathlib.Path, rounds: int, calls: int) -> dict[str, Any]:
-    c_rounds: list[dict[str, float]] = []
-    our_rounds: list[dict[str, float]] = []
-    with c_null_server(tmp) as c_node, daemon(tmp) as d:
-        for _ in range(rounds):
-            c_rounds.append(ioctl_loop(c_node, calls, GATE_IOCTL))
-            our_rounds.append(ioctl_loop(d["node"], calls, GATE_IOCTL))
-    c50, o50 = med(c_rounds, "p50"), med(our_rounds, "p50")
-    return {
-        "c_libfuse_null_ioctl_us": {"p50": c50, "p99": med(c_rounds, "p99"), "mean": med(c_rounds, "mean")},
-        "daemon_null_ioctl_us": {"p50": o50, "p99": med(our_rounds, "p99"), "mean": med(our_rounds, "mean")},
-        "ratio_p50": o50 / c50,
-        "ratio_mean": med(our_rounds, "mean") / med(c_rounds, "mean"),
-    }
+    return ns_line(out)
 
 
 def control(ctl: pathlib.Path, request: dict[str, Any]) -> Any:
@@ -131,87 +130,220 @@ def control(ctl: pathlib.Path, request: dict[str, Any]) -> Any:
     return reply["result"]
 
 
-def vm_vcpus(ctl: pathlib.Path) -> list[dict[str, Any]]:
+def vcpus_of(ctl: pathlib.Path) -> list[dict[str, Any]]:
     st = control(ctl, {"cmd": "status"})
     return [v for vm in st["hypervisor"]["vms"] for v in vm["vcpus"]]
 
 
-def pio_forever_workload(path: pathlib.Path, vcpus: int) -> None:
-    """Each vCPU writes a port forever: the cycle with nothing but the request path."""
-    steps = [{"op": "pio", "port": 0x500 + 4 * i, "size": 4, "write": True, "value": i} for i in range(4)]
-    data = {"vcpu": [{"id": v, "repeat": 0, "steps": steps} for v in range(vcpus)]}
-    path.write_text(json.dumps(data))
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_cycles(tmp: pathlib.Path, backend_args: list[str], client: list[str], vcpus: int,
-                   seconds: float) -> dict[str, float]:
-    """Run a client against the daemon for ``seconds``; requests/s and cycle percentiles."""
-    with daemon(tmp, *backend_args) as d:
-        proc = subprocess.Popen([*client[:1], str(d["node"]), *client[1:]], stdout=subprocess.PIPE, text=True)
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def med(rounds: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
+# -- the benchmarks --------------------------------------------------------------
+
+
+def floors(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with c_null_server(tmp) as node:
+        out["c_libfuse_null_ioctl_us"] = summarize([ioctl_loop(node, args.calls) for _ in range(args.rounds)])
+    pvw = bench_c("pvw_loop")
+    out["process_vm_writev_256B_us"] = summarize(
+        [ns_line(subprocess.run([str(pvw), str(args.calls)], capture_output=True, text=True, check=True).stdout)
+         for _ in range(args.rounds)]
+    )
+    kvm_src = HERE / "c" / "kvm_pio_loop.c"
+    if kvm_src.exists() and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        kvm = build(kvm_src, "kvm_pio_loop")
+        out["kvm_pio_exit_us"] = summarize(
+            [ns_line(subprocess.run([str(kvm), str(args.calls)], capture_output=True, text=True, check=True).stdout)
+             for _ in range(args.rounds)]
+        )
+    return out
+
+
+def summarize(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: med(rounds, k) for k in ("p50", "p99", "mean")}
+
+
+def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Our null ioctl and the C server's, alternated round by round."""
+    c_rounds: list[dict[str, float]] = []
+    our_rounds: list[dict[str, float]] = []
+    with c_null_server(tmp) as c_node, daemon(tmp) as d:
+        for _ in range(args.rounds):
+            c_rounds.append(ioctl_loop(c_node, args.calls))
+            our_rounds.append(ioctl_loop(d["node"], args.calls))
+    c, ours = summarize(c_rounds), summarize(our_rounds)
+    return {"c_libfuse_us": c, "daemon_us": ours, "ratio_p50": ours["p50"] / c["p50"]}
+
+
+def write_workload(path: pathlib.Path, kind: str, vcpus: int) -> None:
+    """Each vCPU writes forever: the request path and nothing else."""
+    if kind == "pio":
+        steps = [{"op": "pio", "port": 0x500 + 4 * i, "size": 4, "write": True, "value": i} for i in range(4)]
+    else:
+        steps = [{"op": "mmio", "gpa": 0xE000_0000 + 8 * i, "size": 8, "write": True, "value": i} for i in range(4)]
+    path.write_text(json.dumps({"vcpu": [{"id": v, "repeat": 0, "steps": steps} for v in range(vcpus)]}))
+
+
+def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]], seconds: float,
+               ) -> dict[str, float]:
+    """Clients serve the daemon's VMs for ``seconds``: throughput, cycle times, daemon CPU."""
+    with daemon(tmp, *serve_args) as d:
+        procs = []
         try:
-            assert proc.stdout is not None
-            proc.stdout.readline()  # vmid=.. vcpu_num=..: the VM runs
+            for argv in clients:
+                p = subprocess.Popen([argv[0], str(d["node"]), *argv[1:]], stdout=subprocess.PIPE, text=True)
+                assert p.stdout is not None
+                p.stdout.readline()  # vmid=.. vcpu_num=..: the VM runs
+                procs.append(p)
             time.sleep(0.5)  # warm-up
-            before = vm_vcpus(d["control"])
-            t0 = time.monotonic()
+            before, cpu0, t0 = vcpus_of(d["control"]), cpu_seconds(d["pid"]), time.monotonic()
             time.sleep(seconds)
-            after = vm_vcpus(d["control"])
-            elapsed = time.monotonic() - t0
+            after, cpu1, t1 = vcpus_of(d["control"]), cpu_seconds(d["pid"]), time.monotonic()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=60)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.communicate(timeout=60)
     reqs = sum(a["requests"] for a in after) - sum(b["requests"] for b in before)
     cyc = [a["cycle"] for a in after if a["cycle"].get("count")]
     return {
-        "requests_per_s": reqs / elapsed,
+        "requests_per_s": reqs / (t1 - t0),
         "cycle_p50_us": statistics.median(c["p50_us"] for c in cyc),
         "cycle_p99_us": max(c["p99_us"] for c in cyc),
-        "cycle_mean_us": statistics.mean(c["mean_us"] for c in cyc),
+        "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(reqs, 1),
     }
 
 
-def bench_cycle_scripted(tmp: pathlib.Path, rounds: int, calls: int) -> dict[str, Any]:
-    dm = build_dm_loop()
+def cycle_scripted(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    dm = str(test_client("dm_loop"))
     out: dict[str, Any] = {}
-    c_rt = []
-    with c_null_server(tmp) as c_node:
-        c_rt.append(ioctl_loop(c_node, calls, GATE_IOCTL))
-    for vcpus in (1, 2):
-        wl = tmp / f"pio-{vcpus}.json"
-        pio_forever_workload(wl, vcpus)
-        res = measure_cycles(tmp, ["--backend", "scripted", "--workload", str(wl)],
-                             [str(dm), hex((1 << vcpus) - 1)], vcpus, 3.0)
-        out[f"scripted_{vcpus}vcpu"] = res
-    with c_null_server(tmp) as c_node:
-        c_rt.append(ioctl_loop(c_node, calls, GATE_IOCTL))
-    rt = med(c_rt, "p50")
-    out["c_libfuse_null_ioctl_us"] = {"p50": rt}
-    for vcpus in (1, 2):
-        r = out[f"scripted_{vcpus}vcpu"]
-        r["ratio_cycle_to_2x_c_rt"] = r["cycle_p50_us"] / (2 * rt)
-    out["scaling_1_to_2_vcpus"] = (
-        out["scripted_2vcpu"]["requests_per_s"] / out["scripted_1vcpu"]["requests_per_s"]
-    )
+    for kind in ("pio", "mmio"):
+        for vms in (1, 4):
+            for vcpus in (1, 2, 4, 8):
+                wl = tmp / f"{kind}-{vcpus}.json"
+                write_workload(wl, kind, vcpus)
+                mask = hex((1 << vcpus) - 1)
+                res = run_cycles(
+                    tmp, ["--backend", "scripted", "--scenario", str(SCENARIO), "--workload", str(wl)],
+                    [[dm, mask] for _ in range(vms)], args.seconds,
+                )
+                out[f"{kind}_{vms}vm_{vcpus}vcpu"] = res
+                print(f"  scripted {kind} {vms} VM x {vcpus} vCPU: {fmt(res)}", flush=True)
+    one, two = out["pio_1vm_1vcpu"], out["pio_1vm_2vcpu"]
+    out["scaling_1_to_2_vcpus"] = two["requests_per_s"] / one["requests_per_s"]
     return out
 
 
-def build_dm_loop() -> pathlib.Path:
-    """tests/clients/dm_loop.c: the acrn-dm-style default client the tests use."""
-    BIN.mkdir(exist_ok=True)
-    src = REPO / "tests" / "clients" / "dm_loop.c"
-    out = BIN / "dm_loop"
-    if not out.exists() or src.stat().st_mtime > out.stat().st_mtime:
-        subprocess.run(["cc", "-O2", "-Wall", "-pthread", "-o", str(out), str(src)], check=True)
+def memory_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Daemon RSS idle, and with 16 idle VMs each held by a client."""
+    dm = str(test_client("dm_loop"))
+    with daemon(tmp, "--backend", "scripted") as d:
+        time.sleep(0.5)
+        idle = rss_mib(d["pid"])
+        procs = []
+        try:
+            for _ in range(16):
+                p = subprocess.Popen([dm, str(d["node"]), "0x1"], stdout=subprocess.PIPE, text=True)
+                assert p.stdout is not None
+                p.stdout.readline()
+                procs.append(p)
+            time.sleep(0.5)
+            busy = rss_mib(d["pid"])
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.communicate(timeout=60)
+    return {"rss_idle_mib": idle, "rss_16_vms_mib": busy, "rss_per_vm_mib": (busy - idle) / 16}
+
+
+def fmt(res: dict[str, float]) -> str:
+    return "  ".join(f"{k}={v:.2f}" for k, v in res.items())
+
+
+BENCHES: dict[str, Callable[[pathlib.Path, argparse.Namespace], dict[str, Any]]] = {
+    "floors": floors,
+    "null_ioctl": null_ioctl,
+    "cycle_scripted": cycle_scripted,
+    "memory": memory_cost,
+}
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The issue's targets, from figures of this run."""
+    out: dict[str, float] = {}
+    fl = results.get("floors", {})
+    rt = fl.get("c_libfuse_null_ioctl_us", {}).get("p50")
+    if "null_ioctl" in results:
+        out["null_ioctl_vs_c_libfuse"] = results["null_ioctl"]["ratio_p50"]
+    cs = results.get("cycle_scripted", {})
+    if rt and cs:
+        for key in ("pio_1vm_1vcpu", "pio_1vm_2vcpu"):
+            out[f"scripted_{key}_cycle_vs_2x_c_rt"] = cs[key]["cycle_p50_us"] / (2 * rt)
+        out["scaling_1_to_2_vcpus"] = cs["scaling_1_to_2_vcpus"]
     return out
 
 
-BENCHES = {"null_ioctl": bench_null_ioctl, "cycle_scripted": bench_cycle_scripted}
+def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed (pip install '.[bench]'); no PNG")
+        return False
+    cs = results.get("cycle_scripted", {})
+    fl = results.get("floors", {})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind in ("pio", "mmio"):
+        for vms in (1, 4):
+            xs = [v for v in (1, 2, 4, 8) if f"{kind}_{vms}vm_{v}vcpu" in cs]
+            if not xs:
+                continue
+            rows = [cs[f"{kind}_{vms}vm_{v}vcpu"] for v in xs]
+            label = f"scripted {kind}, {vms} VM"
+            ax1.plot(xs, [r["cycle_p50_us"] for r in rows], marker="o", label=label)
+            ax2.plot(xs, [r["requests_per_s"] for r in rows], marker="o", label=label)
+    rt = fl.get("c_libfuse_null_ioctl_us", {}).get("p50")
+    if rt:
+        ax1.axhline(2 * rt, linestyle="--", color="grey", label="floor: 2 x C libfuse round trip")
+    kvm = fl.get("kvm_pio_exit_us", {}).get("p50")
+    if kvm and rt:
+        ax1.axhline(kvm + 2 * rt, linestyle=":", color="black", label="floor: KVM exit + 2 x C round trip")
+    ax1.set(xlabel="vCPUs per VM", ylabel="request cycle p50 (us)", title="Cycle time", xscale="log", xticks=[1, 2, 4, 8])
+    ax1.set_xticklabels(["1", "2", "4", "8"])
+    ax2.set(xlabel="vCPUs per VM", ylabel="requests / s (all VMs)", title="Throughput", xscale="log", xticks=[1, 2, 4, 8])
+    ax2.set_xticklabels(["1", "2", "4", "8"])
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"acrn-hsm-emu, {results['when']}, {results['host']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=20000)
+    p.add_argument("--seconds", type=float, default=2.0, help="measurement window per cycle figure")
     p.add_argument("--only", choices=sorted(BENCHES), action="append")
     args = p.parse_args()
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
@@ -219,31 +351,34 @@ def main() -> int:
         return 1
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                 "load_before": os.getloadavg()[0]},
     }
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="acrn-bench-"))
     try:
         for name in args.only or list(BENCHES):
-            results[name] = BENCHES[name](tmp, args.rounds, args.calls)
-            report(name, results[name])
+            print(f"== {name}", flush=True)
+            results[name] = BENCHES[name](tmp, args)
+            report(results[name])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    results["ratios"] = ratios(results)
+    print("== ratios (same run)")
+    report(results["ratios"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {RESULTS / 'latest.json'}")
+    if plot(results, RESULTS / "latest.png"):
+        print(f"plot: {RESULTS / 'latest.png'}")
     return 0
 
 
-def report(name: str, r: dict[str, Any]) -> None:
-    print(f"\n== {name}")
+def report(r: dict[str, Any]) -> None:
     for key, value in r.items():
         if isinstance(value, dict):
-            cells = "  ".join(f"{k}={v:9.2f}" for k, v in value.items() if isinstance(v, (int, float)))
-            print(f"  {key:34s} {cells}")
+            print(f"  {key:34s} {fmt(value)}")
         elif isinstance(value, float):
             print(f"  {key:34s} {value:9.3f}")
-        else:
-            print(f"  {key:34s} {value}")
 
 
 if __name__ == "__main__":
