@@ -8,60 +8,30 @@ daemon's log has no traceback and its exit is clean).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import wait_in_syscall
 from tests.support.answers import pio_answer
-from tests.support.cbuild import build_c
+from tests.support.hsmctl import (
+    gone,
+    inject_async,
+    neighbour_works,
+    start_client,
+    status,
+    wait_until,
+)
 
 pytestmark = pytest.mark.needs_fuse
 
 
 def start(node, *args: str) -> tuple[subprocess.Popen[str], int]:
-    exe = build_c("hsm_fault" if args[0] != "dm" else "dm_loop")
-    argv = [str(exe), str(node), *(args[1:] if args[0] == "dm" else args)]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    header = dict(kv.split("=") for kv in p.stdout.readline().split())
-    return p, int(header["vmid"])
-
-
-def inject_async(daemon, vmid: int, *access: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [daemon.args[0], "inject", "--control", str(daemon.control), "--vm", str(vmid),
-         "--timeout", "60", *access],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def status(daemon) -> dict:
-    return json.loads(daemon.cli("status", "--json").stdout)
-
-
-def wait_until(pred, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout  # hang guard only
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
-def neighbour_works(daemon, vmid: int) -> None:
-    out = daemon.cli("inject", "--vm", str(vmid), "pio-read", "0x70", "2").stdout
-    assert out.strip() == f"{pio_answer(0x70, 2):#x}"
-
-
-def gone(daemon, vmid: int) -> bool:
-    st = status(daemon)
-    return all(v["vmid"] != vmid for v in st["hsm"]["vms"]) and all(
-        v["vmid"] != vmid for v in st["hypervisor"]["vms"]
-    )
+    if args[0] == "dm":
+        return start_client("dm_loop", node, *args[1:])
+    return start_client("hsm_fault", node, *args)
 
 
 STEPS = ["after_create", "pending", "processing", "after_notify", "in_attach"]

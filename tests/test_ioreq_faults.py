@@ -2,52 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import time
 
 import pytest
 
-from tests.support.answers import pio_answer
-from tests.support.cbuild import build_c
+from tests.support.hsmctl import gone, inject_async, neighbour_works, start_client, wait_until
 
 pytestmark = pytest.mark.needs_fuse
 
 
-def start(client: str, node, *args: str) -> tuple[subprocess.Popen[str], int]:
-    p = subprocess.Popen([client, str(node), *args], stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    header = dict(kv.split("=") for kv in p.stdout.readline().split())
-    return p, int(header["vmid"])
-
-
-def inject_async(daemon, vmid: int, *access: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [daemon.args[0], "inject", "--control", str(daemon.control), "--vm", str(vmid), *access],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def status(daemon) -> dict:
-    return json.loads(daemon.cli("status", "--json").stdout)
-
-
-def wait_until(pred, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout  # hang guard only
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("how", ["close", "kill"])
 def test_owner_gone_mid_request_frees_the_vm_and_spares_others(hsm_daemon, how):
-    hold = str(build_c("hsm_hold"))
-    dm = str(build_c("dm_loop"))
     # A healthy VM next to the one that will fail.
-    good, good_vmid = start(dm, hsm_daemon.node, "0x1")
-    bad, bad_vmid = start(hold, hsm_daemon.node, "close" if how == "close" else "hang")
+    good, good_vmid = start_client("dm_loop", hsm_daemon.node, "0x1")
+    bad, bad_vmid = start_client("hsm_hold", hsm_daemon.node, "close" if how == "close" else "hang")
     try:
         pending = inject_async(hsm_daemon, bad_vmid, "pio-read", "0x60", "1")
         assert bad.stdout is not None
@@ -61,15 +29,9 @@ def test_owner_gone_mid_request_frees_the_vm_and_spares_others(hsm_daemon, how):
         out, err = pending.communicate(timeout=60)
         assert pending.returncode == 1, (out, err)
         # The VM is gone from the HSM and the hypervisor; its vCPU threads stopped.
-        wait_until(
-            lambda: all(v["vmid"] != bad_vmid for v in status(hsm_daemon)["hsm"]["vms"]),
-            "the failed VM is still listed",
-        )
-        hv_vms = status(hsm_daemon)["hypervisor"]["vms"]
-        assert all(v["vmid"] != bad_vmid for v in hv_vms)
+        wait_until(lambda: gone(hsm_daemon, bad_vmid), "the failed VM is still listed")
         # The other VM is served as before.
-        out = hsm_daemon.cli("inject", "--vm", str(good_vmid), "pio-read", "0x70", "1").stdout
-        assert out.strip() == f"{pio_answer(0x70, 1):#x}"
+        neighbour_works(hsm_daemon, good_vmid)
     finally:
         for p in (bad, good):
             if p.poll() is None:

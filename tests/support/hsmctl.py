@@ -1,0 +1,55 @@
+"""Driving a test daemon from outside: C clients, async injections, status polling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.support.answers import pio_answer
+from tests.support.cbuild import build_c
+
+
+def start_client(client: str, node: object, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start a tests/clients program that prints ``vmid=N vcpu_num=N`` first; (proc, vmid)."""
+    p = subprocess.Popen([str(build_c(client)), str(node), *args], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    header = dict(kv.split("=") for kv in p.stdout.readline().split())
+    return p, int(header["vmid"])
+
+
+def inject_async(daemon: Any, vmid: int, *access: str) -> subprocess.Popen[str]:
+    """``acrn-hsm-emu inject`` in the background (it returns once a client answered)."""
+    return subprocess.Popen(
+        [daemon.args[0], "inject", "--control", str(daemon.control), "--vm", str(vmid),
+         "--timeout", "60", *access],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def status(daemon: Any) -> dict[str, Any]:
+    return json.loads(daemon.cli("status", "--json").stdout)
+
+
+def wait_until(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout  # hang guard only
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def gone(daemon: Any, vmid: int) -> bool:
+    """The VM is in neither the HSM's list nor the hypervisor's table."""
+    st = status(daemon)
+    return all(v["vmid"] != vmid for v in st["hsm"]["vms"]) and all(
+        v["vmid"] != vmid for v in st["hypervisor"]["vms"]
+    )
+
+
+def neighbour_works(daemon: Any, vmid: int) -> None:
+    """A read injected into a dm_loop-served VM gets dm_loop's answer."""
+    out = daemon.cli("inject", "--vm", str(vmid), "pio-read", "0x70", "2").stdout
+    assert out.strip() == f"{pio_answer(0x70, 2):#x}"
