@@ -1,4 +1,4 @@
-"""``acrn-hsm-emu``: serve the node, and talk to a running daemon."""
+"""``acrn-hsm-emu``: serve the node, check its configuration, and talk to a running daemon."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import json
 import os
 import re
 import socket
+import stat
 import sys
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
-from acrn_hsm_emu import logs
-from acrn_hsm_emu.hypervisor.backends import BACKENDS, resolve_backend
+from acrn_hsm_emu import config, logs, publish
+from acrn_hsm_emu.config import ConfigError
+from acrn_hsm_emu.hypervisor.backends import resolve_backend
 
 EXIT_USAGE = 2
-StartErrorT = TypeVar("StartErrorT", bound=BaseException)
 
 
 class CliError(Exception):
@@ -108,73 +109,149 @@ def parse_access(words: list[str]) -> dict[str, Any]:
 # -- the control socket client ----------------------------------------------
 
 
-def default_control() -> str:
-    from acrn_hsm_emu.daemon import DEFAULT_RUN_DIR
+def default_control(config_file: str | None = None) -> str:
+    """$ACRN_HSM_EMU_CONTROL, else the control socket the configuration names."""
+    env = os.environ.get("ACRN_HSM_EMU_CONTROL")
+    return env or config.load(config_file).control_path
 
-    return os.environ.get("ACRN_HSM_EMU_CONTROL", os.path.join(DEFAULT_RUN_DIR, "control.sock"))
 
-
-def control_call(path: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+def connect(path: str, timeout: float = 60.0) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(path)
     except FileNotFoundError:
+        s.close()
         raise CliError(f"no daemon control socket at {path} (is acrn-hsm-emu serve running?)") from None
     except PermissionError:
+        s.close()
         raise CliError(f"permission denied on {path}: the control socket is for root") from None
     except OSError as e:
+        s.close()
         raise CliError(f"cannot reach the daemon at {path}: {e.strerror}") from None
-    with s:
-        s.sendall(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                raise CliError("the daemon closed the control connection")
-            buf += chunk
+    return s
+
+
+def _exchange(s: socket.socket, request: dict[str, Any]) -> tuple[Any, list[int]]:
+    """Send one request; the result and any descriptors that came with the reply."""
+    s.sendall(json.dumps(request).encode() + b"\n")
+    buf = b""
+    fds: list[int] = []
+    while not buf.endswith(b"\n"):
+        chunk, more, _flags, _addr = socket.recv_fds(s, 65536, 4)
+        fds += more
+        if not chunk:
+            raise CliError("the daemon closed the control connection")
+        buf += chunk
     reply = json.loads(buf)
     if not reply.get("ok"):
+        for fd in fds:
+            os.close(fd)
         raise CliError(f"daemon: {reply.get('error')}")
-    return reply["result"]
+    return reply["result"], fds
+
+
+def control_call(path: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+    with connect(path, timeout) as s:
+        result, _fds = _exchange(s, request)
+    return result
 
 
 # -- commands -----------------------------------------------------------------
 
 
-def _first(group: BaseExceptionGroup[StartErrorT]) -> StartErrorT:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc  # type: ignore[return-value]
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from acrn_hsm_emu.daemon import Daemon, Settings, StartError
+    from acrn_hsm_emu.daemon import Daemon, StartError, first_exception
 
-    logs.configure(args.log_format, args.log_level)
-    settings = Settings(
-        node=args.node,
-        transport=args.transport,
-        backend=resolve_backend(args.backend),
-        scenario=args.scenario,
-        workload=args.workload,
-        run_dir=args.run_dir,
-        control=args.control,
-        node_mode=args.node_mode,
-    )
+    settings = config.load(args.config, config.flags(args))
+    logs.configure(settings.log_format, settings.log_level)
+    settings.backend = resolve_backend(settings.backend)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     error: StartError | None = None
     try:
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, command)
         trio.run(daemon.run)
     except* StartError as group:  # maybe raised inside the daemon's nurseries
-        error = _first(group)
+        error = first_exception(group)
     if error is not None:
         structlog.get_logger("acrn_hsm_emu").error("cannot start", reason=str(error))
         print(f"acrn-hsm-emu: {error}", file=sys.stderr)
         return 1
+    return daemon.exit_code
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = config.load(args.config, config.flags(args))
+    source = settings.config_file or f"no file at {config.DEFAULT_CONFIG}, built-in defaults"
+    print(f"# {source}: ok")
+    print(config.render(settings))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Attach a sandboxed daemon's FUSE node in this mount namespace (ExecStartPost=+)."""
+    from cdev.server import FS_TYPE, detach, is_stale, mounts
+
+    settings = config.load(args.config, config.flags(args))
+    path = settings.control_path
+    with connect(path) as s:
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid = int.from_bytes(creds[:4], "little")
+        if publish.mount_namespace(pid) == publish.mount_namespace():
+            print(f"{settings.node} is served in this mount namespace already: nothing to publish")
+            return 0
+        result, fds = _exchange(s, {"cmd": "node-tree"})
+    node = result["node"]
+    if not fds:
+        raise CliError("the daemon sent no mount to publish")
+    try:
+        if not os.path.isfile(node):
+            raise CliError(
+                f"cannot publish {node}: the daemon's node file is not visible here "
+                "(its directory must be shared with the daemon: no PrivateDevices=/PrivateTmp= there)"
+            )
+        for m in mounts():
+            if m.mount_point != node:
+                continue
+            if m.fs_type != FS_TYPE:
+                raise CliError(f"cannot publish {node}: {m.fs_type} is mounted on it")
+            if not is_stale(node):
+                print(f"{node} is published already")
+                return 0
+            detach(node)  # what an earlier, crashed run left
+        publish.attach_tree(fds[0], node)
+    except OSError as e:
+        raise CliError(f"cannot publish {node}: {e.strerror}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    print(f"published {node} (daemon pid {pid})")
+    return 0
+
+
+def cmd_unpublish(args: argparse.Namespace) -> int:
+    """After the daemon stopped: remove what a crashed run left at the node path here."""
+    from cdev.server import FS_TYPE, detach, mounts
+
+    settings = config.load(args.config, config.flags(args))
+    node = settings.node
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        if probe.connect_ex(settings.control_path) == 0:
+            raise CliError(
+                f"the daemon still answers on {settings.control_path}: stop it before unpublishing"
+            )
+    ours = [m for m in mounts() if m.mount_point == node and m.fs_type == FS_TYPE]
+    try:
+        for _ in ours:
+            detach(node)
+        st = os.lstat(node) if ours and os.path.lexists(node) else None
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            os.unlink(node)  # the crashed daemon's placeholder
+    except OSError as e:
+        raise CliError(f"cannot unpublish {node}: {e.strerror}") from None
+    print(f"unpublished {node}" if ours else f"nothing published at {node}")
     return 0
 
 
@@ -234,28 +311,38 @@ def cmd_cpuid(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acrn-hsm-emu", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="subcommand", required=True)
 
-    s = sub.add_parser("serve", help="serve /dev/acrn_hsm in the foreground")
-    s.add_argument("--node", default="/dev/acrn_hsm", help="node path (default /dev/acrn_hsm)")
-    s.add_argument("--transport", default="auto", choices=["auto", "fuse", "cuse"])
-    s.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", *BACKENDS],
-        help="vCPU backend (auto: kvm where /dev/kvm works, else scripted)",
+    s = sub.add_parser(
+        "serve",
+        help="serve /dev/acrn_hsm in the foreground",
+        description="Serve the node. Settings come from the configuration file, then the flags. "
+        "With a COMMAND, run it once the node is ready and exit with its status.",
     )
-    s.add_argument("--scenario", help="scenario TOML file (default: built-in)")
-    s.add_argument("--workload", help="workload file for the scripted backend")
-    s.add_argument("--run-dir", default="/run/acrn-hsm-emu")
-    s.add_argument("--control", help="control socket path (default RUN_DIR/control.sock)")
-    s.add_argument("--node-mode", type=lambda t: int(t, 8), default=0o600, help="octal, default 600")
-    s.add_argument("--log-format", default="auto", choices=["auto", "console", "json"])
-    s.add_argument("--log-level", default="info", choices=list(logs.LEVELS))
+    config.add_flags(s)
+    s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="run, then stop")
     s.set_defaults(func=cmd_serve)
+
+    cc = sub.add_parser(
+        "check-config",
+        help="validate the configuration (file and flags) without starting; print the result",
+    )
+    config.add_flags(cc)
+    cc.set_defaults(func=cmd_check_config)
+
+    for name, func, text in (
+        ("publish", cmd_publish, "attach a sandboxed daemon's FUSE node in this mount namespace"),
+        ("unpublish", cmd_unpublish, "after the daemon stopped, remove what it left at the node path"),
+    ):
+        pp = sub.add_parser(name, help=text, description=text + " (systemd: ExecStartPost=+/ExecStopPost=+)")
+        config.add_flags(pp)
+        pp.set_defaults(func=func)
 
     def control_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--control", default=None, help="daemon control socket")
+        sp.add_argument(
+            "--config", default=None, metavar="FILE", help="find the control socket in this configuration"
+        )
 
     st = sub.add_parser("status", help="VMs, vCPUs, clients and counters of a running daemon")
     control_opt(st)
@@ -285,15 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_CONTROL_CLIENTS = ("status", "inject", "cpuid")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "control", "x") is None and args.command != "serve":
-        args.control = default_control()
     try:
+        if args.subcommand in _CONTROL_CLIENTS and args.control is None:
+            args.control = default_control(args.config)
         return int(args.func(args))
     except CliError as e:
         print(f"acrn-hsm-emu: {e}", file=sys.stderr)
         return e.code
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"acrn-hsm-emu: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

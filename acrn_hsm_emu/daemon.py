@@ -3,11 +3,14 @@
 Nurseries: the node's server (cdev) and the control socket live in one root
 nursery; SIGINT/SIGTERM cancel it; clean-up runs shielded in ``finally``.
 Readiness (``READY=1``) is sent once the node can be opened and the control
-socket listens.
+socket listens; then ``STATUS=`` whenever the VM count changes, ``WATCHDOG=1``
+when systemd asks for it, and ``STOPPING=1`` on the way out. With a command
+(``serve -- CMD``) the daemon runs it once ready and exits with its status.
 """
 
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import contextlib
 import errno
@@ -17,12 +20,14 @@ import pathlib
 import signal
 import socket
 import stat
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import structlog
 import trio
 
+from acrn_hsm_emu import publish
+from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
 from acrn_hsm_emu.hsm.device import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
@@ -32,32 +37,25 @@ from acrn_hsm_emu.sdnotify import Notifier
 from cdev.server import ServeError, Server
 
 log = structlog.get_logger("acrn_hsm_emu.daemon")
+ErrorT = TypeVar("ErrorT", bound=BaseException)
 
-DEFAULT_RUN_DIR = "/run/acrn-hsm-emu"
-DEFAULT_NODE = "/dev/acrn_hsm"
+__all__ = ["DEFAULT_NODE", "DEFAULT_RUN_DIR", "Daemon", "Settings", "StartError", "first_exception"]
+
+STATUS_POLL_S = 1.0  # how often the VM count is compared for STATUS=
+# The service manager's variables are the daemon's, not its command's.
+_SERVICE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
 class StartError(Exception):
     """The daemon cannot start: one readable sentence."""
 
 
-@dataclass
-class Settings:
-    node: str = DEFAULT_NODE
-    transport: str = "auto"
-    backend: str = "scripted"
-    scenario: str | None = None
-    workload: str | None = None
-    run_dir: str = DEFAULT_RUN_DIR
-    control: str | None = None  # default: <run_dir>/control.sock
-    node_mode: int = 0o600
-    node_uid: int = 0
-    node_gid: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def control_path(self) -> str:
-        return self.control or os.path.join(self.run_dir, "control.sock")
+def first_exception(group: BaseExceptionGroup[ErrorT]) -> ErrorT:
+    """The first leaf of a (nested) exception group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc  # type: ignore[return-value]
 
 
 async def await_future(fut: concurrent.futures.Future[Any]) -> Any:
@@ -84,8 +82,10 @@ def parse_access(spec: dict[str, Any]) -> Access:
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, command: Sequence[str] = ()) -> None:
         self.settings = settings
+        self.command = list(command)
+        self.exit_code = 0  # the command's exit status, when there is one
         self.notifier = Notifier()
         try:
             self.hypervisor = Hypervisor(
@@ -116,6 +116,8 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._signals, signal_aiter, root)
                     await self._serve(nursery, task_status)
+                    if self.command:
+                        nursery.start_soon(self._run_command, root)
         finally:
             self.notifier.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
@@ -138,24 +140,45 @@ class Daemon:
                 gid=s.node_gid,
             )
             await nursery.start(self.server.serve)
-            await nursery.start(self._control_server)
-        except ServeError as e:
-            raise StartError(str(e)) from None
-        nursery.start_soon(self._status_loop)
-        self.notifier.notify("READY=1", self._status_line())
+            if self.server.transport == "cuse":
+                self._own_device_node()
+        # The server's errors may come wrapped in the groups of its own nursery.
+        except* ServeError as group:
+            raise StartError(str(first_exception(group))) from None
+        except* OSError as group:
+            e = first_exception(group)
+            where = f"{e.filename}: " if e.filename else ""
+            raise StartError(f"cannot serve {s.node}: {where}{e.strerror or e}") from None
+        await nursery.start(self._control_server)
+        status = self._status_line()
+        self.notifier.notify("READY=1", status)
+        nursery.start_soon(self._status_loop, status)
         log.info(
             "serving",
             node=s.node,
             transport=self.server.transport,
             backend=s.backend,
             control=s.control_path,
+            config=s.config_file,
+            scenario=s.scenario_file or "built-in",
             pid=os.getpid(),
         )
         task_status.started()
 
+    def _own_device_node(self) -> None:
+        """CUSE: the kernel makes the node root's and 0600; apply the configured owner and mode.
+
+        (A FUSE node carries them in its attributes: cdev's session answers getattr with them.)
+        """
+        s = self.settings
+        os.chown(s.node, s.node_uid, s.node_gid)
+        os.chmod(s.node, s.node_mode)
+
     def _status_line(self) -> str:
         vms = len(self.device.snapshot()["vms"]) if self.device else 0
-        return f"STATUS=serving {self.settings.node}: {vms} VM(s)"
+        s = self.settings
+        transport = self.server.transport if self.server else s.transport
+        return f"STATUS=serving {s.node} ({transport}, {s.backend}): {vms} VM(s)"
 
     async def _signals(self, signals: Any, scope: trio.CancelScope) -> None:
         async for signum in signals:
@@ -163,18 +186,38 @@ class Daemon:
             scope.cancel()
             return
 
-    async def _status_loop(self) -> None:
-        """STATUS= when the VM count changes; WATCHDOG=1 at half the interval."""
-        interval = self.notifier.watchdog_interval()
-        last = ""
+    async def _status_loop(self, last: str) -> None:
+        """STATUS= when the VM count changes; WATCHDOG=1 every half watchdog interval.
+
+        The pings come from the trio loop itself, so a stuck loop stops them.
+        """
+        watchdog = self.notifier.watchdog_interval()
+        next_ping = trio.current_time()
         while True:
             line = self._status_line()
             if line != last:
                 self.notifier.notify(line)
                 last = line
-            if interval is not None:
+            if watchdog is not None and trio.current_time() >= next_ping:
                 self.notifier.notify("WATCHDOG=1")
-            await trio.sleep(min(interval or 1.0, 1.0))
+                next_ping = trio.current_time() + watchdog
+            await trio.sleep(min(watchdog or STATUS_POLL_S, STATUS_POLL_S))
+
+    async def _run_command(self, scope: trio.CancelScope) -> None:
+        """``serve -- CMD``: run CMD against the ready node, then stop with its exit status."""
+        env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
+        log.info("running command", argv=self.command)
+        try:
+            # On cancellation (SIGTERM to us) trio terminates it, then kills it after 5 s.
+            proc = await trio.run_process(self.command, check=False, stdin=None, env=env)
+        except OSError as e:
+            log.error("cannot run the command", argv=self.command, error=e.strerror or str(e))
+            self.exit_code = 127
+        else:
+            rc = proc.returncode
+            self.exit_code = rc if rc >= 0 else 128 - rc
+            log.info("command exited", argv=self.command, status=self.exit_code)
+        scope.cancel()
 
     # -- control socket -------------------------------------------------
 
@@ -182,18 +225,10 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         path = self.settings.control_path
-        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)  # a crashed run's socket
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is created 0600
         try:
-            await sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+            sock = await self._listen(path)
+        except OSError as e:
+            raise StartError(f"cannot listen on the control socket {path}: {e.strerror or e}") from None
         listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:
@@ -202,6 +237,31 @@ class Daemon:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+    @staticmethod
+    async def _listen(path: str) -> trio.socket.SocketType:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.connect(path)
+                    except ConnectionRefusedError:
+                        os.unlink(path)  # a crashed run's socket
+                    else:
+                        raise StartError(
+                            f"control socket {path} is in use by another running daemon; "
+                            "stop it or give this one another --control"
+                        )
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is created 0600
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        return sock
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
         # Only root or the daemon's own user may talk to it, whatever the mode says.
@@ -223,40 +283,66 @@ class Daemon:
                 buf += data
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    reply = await self._control_request(line)
+                    reply, fd = await self._control_request(line)
+                    payload = json.dumps(reply).encode() + b"\n"
                     try:
-                        await stream.send_all(json.dumps(reply).encode() + b"\n")
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        if fd is None:
+                            await stream.send_all(payload)
+                        else:
+                            fds = array.array("i", [fd])
+                            await stream.socket.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         return
+                    finally:
+                        if fd is not None:
+                            os.close(fd)
 
-    async def _control_request(self, line: bytes) -> dict[str, Any]:
+    async def _control_request(self, line: bytes) -> tuple[dict[str, Any], int | None]:
+        """The reply to one request line, and a descriptor to pass along with it (node-tree)."""
         try:
             req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("a request is a JSON object")
             cmd = req.get("cmd")
             if cmd == "status":
-                return {"ok": True, "result": self.status()}
+                return {"ok": True, "result": self.status()}, None
             if cmd == "cpuid":
                 vm = req.get("vm")
                 regs = self.hypervisor.cpuid(
                     int(req["leaf"]), int(req.get("subleaf", 0)), None if vm is None else int(vm)
                 )
-                return {"ok": True, "result": list(regs)}
+                return {"ok": True, "result": list(regs)}, None
             if cmd == "inject":
                 access = parse_access(req["access"])
                 fut = self.hypervisor.inject(int(req["vm"]), int(req["vcpu"]), access)
                 with trio.fail_after(float(req.get("timeout", 30))):
                     value = await await_future(fut)
-                return {"ok": True, "result": value}
-            return {"ok": False, "error": f"unknown command {cmd!r}"}
+                return {"ok": True, "result": value}, None
+            if cmd == "node-tree":
+                return self._node_tree()
+            return {"ok": False, "error": f"unknown command {cmd!r}"}, None
         except trio.TooSlowError:
-            return {"ok": False, "error": "the access did not complete (is a client serving the VM?)"}
+            return {"ok": False, "error": "the access did not complete (is a client serving the VM?)"}, None
         except (AccessAborted, MemoryFault) as e:
-            return {"ok": False, "error": f"the access was abandoned: {e}"}
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            return {"ok": False, "error": str(e) or type(e).__name__}
+            return {"ok": False, "error": f"the access was abandoned: {e}"}, None
+        except (ValueError, KeyError, TypeError, OverflowError, json.JSONDecodeError) as e:
+            return {"ok": False, "error": str(e) or type(e).__name__}, None
         except Exception as e:
             log.exception("control request failed")
-            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
+
+    def _node_tree(self) -> tuple[dict[str, Any], int | None]:
+        """For ``publish``: a detached clone of the node's mount, and where it belongs."""
+        assert self.server is not None
+        node = self.settings.node
+        if self.server.transport != "fuse":
+            msg = f"{node} is a {self.server.transport} device node, visible everywhere: nothing to publish"
+            return {"ok": False, "error": msg}, None
+        try:
+            fd = publish.clone_tree(node)
+        except OSError as e:
+            return {"ok": False, "error": f"cannot clone the mount of {node}: {e.strerror}"}, None
+        return {"ok": True, "result": {"node": node, "pid": os.getpid()}}, fd
 
     def status(self) -> dict[str, Any]:
         assert self.device is not None

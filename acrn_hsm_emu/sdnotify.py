@@ -18,6 +18,7 @@ class Notifier:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         self._sock: socket.socket | None = None
         self._addr: str | bytes = ""
+        self._failing = False  # warn once per run of failures, not at every ping
         if not address:
             return
         if address.startswith("@"):
@@ -41,13 +42,25 @@ class Notifier:
         try:
             self._sock.sendto("\n".join(fields).encode(), self._addr)
         except OSError as e:
-            log.warning("sd_notify failed", error=str(e))
+            if not self._failing:
+                log.warning("sd_notify failed", error=e.strerror or str(e), socket=self.address)
+            self._failing = True
+        else:
+            self._failing = False
+
+    @property
+    def address(self) -> str:
+        a = self._addr
+        return "@" + a[1:].decode(errors="replace") if isinstance(a, bytes) else a
 
     def watchdog_interval(self) -> float | None:
         """Half of WATCHDOG_USEC when it is meant for this process, else None."""
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         if not usec or (pid and pid != str(os.getpid())):
+            return None
+        if not usec.isdigit() or int(usec) == 0:
+            log.warning("WATCHDOG_USEC is not a positive number; no watchdog pings", value=usec)
             return None
         return int(usec) / 2e6
 

@@ -81,14 +81,25 @@ class NotifyListener:
 
     def wait_for(self, field: str, timeout: float = 30.0) -> None:
         """Hang guard only: returns as soon as ``field`` arrives."""
+        self.wait_until(lambda line: line == field, field, timeout)
+
+    def wait_until(self, match: Any, what: str = "", timeout: float = 30.0) -> str:
+        """Hang guard only: the first line (of any message) for which ``match(line)`` holds."""
         deadline = time.monotonic() + timeout
-        while not any(field in m.split("\n") for m in self.messages):
+        while True:
+            for line in self.lines():
+                if match(line):
+                    return line
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{field} not received; got {self.messages}")
+                raise TimeoutError(f"{what or match} not received; got {self.messages}")
             r, _, _ = select.select([self.sock], [], [], left)
             if r:
                 self.messages.append(self.sock.recv(4096).decode())
+
+    def lines(self) -> list[str]:
+        """Every field received so far, in order (a message may carry several)."""
+        return [line for m in self.messages for line in m.split("\n")]
 
     def drain(self) -> None:
         while select.select([self.sock], [], [], 0)[0]:
@@ -101,13 +112,19 @@ class NotifyListener:
 class Daemon:
     """A running ``acrn-hsm-emu serve`` on a private node."""
 
-    def __init__(self, tmp: pathlib.Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: pathlib.Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        notify: NotifyListener | None = None,
+    ) -> None:
         self.tmp = tmp
         self.node = tmp / "acrn_hsm"
         self.run_dir = tmp / "run"
         self.control = self.run_dir / "control.sock"
         self.log_path = tmp / "daemon.log"
-        self.notify = NotifyListener(tmp / f"notify-{next(_serial)}.sock")
+        self.notify = notify or NotifyListener(tmp / f"notify-{next(_serial)}.sock")
         self.args = [
             str(VENV_BIN / "acrn-hsm-emu"),
             "serve",
@@ -166,8 +183,13 @@ def daemon_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
         pytest.skip(reason)
     made: list[Daemon] = []
 
-    def make(*extra: str, start: bool = True, env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(tmp_path, *extra, env=env)
+    def make(
+        *extra: str,
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        notify: NotifyListener | None = None,
+    ) -> Daemon:
+        d = Daemon(tmp_path, *extra, env=env, notify=notify)
         made.append(d)
         return d.start() if start else d
 
@@ -246,3 +268,48 @@ def wait_in_syscall(pid: int, timeout: float = 30.0) -> None:
                 pass
         time.sleep(0.01)
     raise TimeoutError(f"pid {pid} never blocked in ioctl")
+
+
+# -- an installed copy (make install into a scratch prefix), for the service tests --------
+
+
+class Installed:
+    """``make install PREFIX=<base>/prefix SYSCONFDIR=<base>/etc``: runnable, like /usr/local."""
+
+    def __init__(self, base: pathlib.Path) -> None:
+        self.base = base
+        self.prefix = base / "prefix"
+        self.sysconfdir = base / "etc"
+        self.exe = self.prefix / "bin" / "acrn-hsm-emu"
+        self.unit = self.prefix / "lib" / "systemd" / "system" / "acrn-hsm-emu.service"
+        self.config = self.sysconfdir / "acrn-hsm-emu" / "config.toml"
+
+    def make(self, target: str, **variables: str) -> subprocess.CompletedProcess[str]:
+        """Run a Makefile target; the venv is taken as it is (-o: never rebuilt mid-run)."""
+        args = {"PREFIX": str(self.prefix), "SYSCONFDIR": str(self.sysconfdir), **variables}
+        proc = subprocess.run(
+            ["make", "--no-print-directory", "-C", str(REPO), "-o", ".venv/.installed", target,
+             *(f"{k}={v}" for k, v in args.items())],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"make {target} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def installed() -> Iterator[Installed]:
+    """One installed copy per run, outside /home, /root and /tmp (the unit hides those)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (installs under /run)")
+    import tempfile
+
+    base = pathlib.Path(tempfile.mkdtemp(prefix="acrn-hsm-emu-test-", dir="/run"))
+    base.chmod(0o755)
+    inst = Installed(base)
+    try:
+        inst.make("install")
+        yield inst
+        inst.make("uninstall")
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
