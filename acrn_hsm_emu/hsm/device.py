@@ -12,14 +12,17 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm
+from acrn_hsm_emu.client import extension as ext
+from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
+from acrn_hsm_emu.hsm.ranges import Binding, BindPolicy
 from acrn_hsm_emu.hsm.vm import INVALID_VMID, Vm, vm_create, vm_destroy
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
@@ -49,13 +52,31 @@ Handler = Callable[[Vm, IoctlCall], "IoctlResult | Awaitable[IoctlResult]"]
 
 
 class HsmFile:
-    """One open file of the node: its VM object, for the file's whole life."""
+    """One open file of the node: its VM object, for the file's whole life.
 
-    __slots__ = ("vm", "ctx")
+    ``binding``: set when the file was bound to another file's VM through
+    the extension ABI (it then serves a range client, docs/extension-abi.md).
+    """
+
+    __slots__ = ("vm", "ctx", "binding")
 
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
         self.vm = Vm(ctx.pid)
+        self.binding: Binding | None = None
+
+
+# ACRN ioctls a bound file may issue; they act on the bound VM. The VM's
+# life and configuration stay with its owner's file (EPERM here).
+_BOUND_ALLOWED = {
+    abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT,
+    abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH,
+    abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT,
+    abi.ACRN_IOCTL_INJECT_MSI,
+    abi.ACRN_IOCTL_SET_IRQLINE,
+    abi.ACRN_IOCTL_IOEVENTFD,
+    abi.ACRN_IOCTL_IRQFD,
+}
 
 
 class HsmDevice(BaseDevice):
@@ -69,6 +90,12 @@ class HsmDevice(BaseDevice):
     ``clear_round_s``: one CLEAR_VM_IOREQ wait round (the driver's HZ/100).
     ``release_pauses``: on the last close of a file whose VM still runs, pause
     it so that it can be destroyed (the kernel would orphan it; docs/hsm.md).
+    ``bind_policy``: who may bind a file to a VM with the extension ABI:
+    "owner" (the VM creator's uid, or root), "root", "any", or a predicate
+    ``(ctx, vm) -> bool``; a refusal is EPERM.
+    ``ioeventfd_mismatch``: "drop" (the driver: an access in an ioeventfd's
+    range that signals nothing is consumed) or "forward" (it goes on to the
+    device model, as with KVM); docs/extension-abi.md.
     """
 
     arg_specs: dict[int, ArgSpec] = {
@@ -87,13 +114,19 @@ class HsmDevice(BaseDevice):
         trio_token: trio.lowlevel.TrioToken | None = None,
         clear_round_s: float = 0.01,
         release_pauses: bool = True,
+        bind_policy: BindPolicy = "owner",
+        ioeventfd_mismatch: Literal["drop", "forward"] = "drop",
     ) -> None:
         self.hv = hypervisor
         self.release_pauses = release_pauses
+        self.bind_policy = bind_policy
         self.quirks = quirks
         self._nursery = nursery
         token = trio_token if trio_token is not None else trio.lowlevel.current_trio_token()
         self.dispatcher = Dispatcher(hypervisor, memory, token, clear_round_s)
+        if ioeventfd_mismatch not in ("drop", "forward"):
+            raise ValueError(f"ioeventfd_mismatch must be 'drop' or 'forward', not {ioeventfd_mismatch!r}")
+        self.dispatcher.ioeventfd_mismatch = ioeventfd_mismatch
         self.fake_pa = mm.FakePhysAllocator()
         self.files: set[HsmFile] = set()
         self._clears: dict[int, ClearOp] = {}
@@ -104,9 +137,9 @@ class HsmDevice(BaseDevice):
             abi.ACRN_IOCTL_PAUSE_VM: lambda vm, call: self.hv.pause_vm(vm.vmid),
             abi.ACRN_IOCTL_RESET_VM: lambda vm, call: self.hv.reset_vm(vm.vmid),
             abi.ACRN_IOCTL_SET_VCPU_REGS: self._set_vcpu_regs,
-            abi.ACRN_IOCTL_INJECT_MSI: self._pass(self.hv.inject_msi, 16),
+            abi.ACRN_IOCTL_INJECT_MSI: self._pass("inject_msi", 16),
             abi.ACRN_IOCTL_VM_INTR_MONITOR: self._vm_intr_monitor,
-            abi.ACRN_IOCTL_SET_IRQLINE: lambda vm, call: self.hv.set_irqline(vm.vmid, call.arg),
+            abi.ACRN_IOCTL_SET_IRQLINE: self._set_irqline,
             abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH: self._notify_request_finish,
             abi.ACRN_IOCTL_CREATE_IOREQ_CLIENT: self._create_ioreq_client,
             abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT: self._attach_ioreq_client,
@@ -114,17 +147,25 @@ class HsmDevice(BaseDevice):
             abi.ACRN_IOCTL_CLEAR_VM_IOREQ: self._clear_vm_ioreq,
             abi.ACRN_IOCTL_SET_MEMSEG: self._set_memseg,
             abi.ACRN_IOCTL_UNSET_MEMSEG: self._unset_memseg,
-            abi.ACRN_IOCTL_SET_PTDEV_INTR: self._pass(self.hv.set_ptdev_intr, 20),
-            abi.ACRN_IOCTL_RESET_PTDEV_INTR: self._pass(self.hv.reset_ptdev_intr, 20),
-            abi.ACRN_IOCTL_ASSIGN_PCIDEV: self._pass(self.hv.assign_pcidev, 36),
-            abi.ACRN_IOCTL_DEASSIGN_PCIDEV: self._pass(self.hv.deassign_pcidev, 36),
-            abi.ACRN_IOCTL_ASSIGN_MMIODEV: self._pass(self.hv.assign_mmiodev, 104),
-            abi.ACRN_IOCTL_DEASSIGN_MMIODEV: self._pass(self.hv.deassign_mmiodev, 104),
-            abi.ACRN_IOCTL_CREATE_VDEV: self._pass(self.hv.create_vdev, 192),
-            abi.ACRN_IOCTL_DESTROY_VDEV: self._pass(self.hv.destroy_vdev, 192),
+            abi.ACRN_IOCTL_SET_PTDEV_INTR: self._pass("set_ptdev_intr", 20),
+            abi.ACRN_IOCTL_RESET_PTDEV_INTR: self._pass("reset_ptdev_intr", 20),
+            abi.ACRN_IOCTL_ASSIGN_PCIDEV: self._pass("assign_pcidev", 36),
+            abi.ACRN_IOCTL_DEASSIGN_PCIDEV: self._pass("deassign_pcidev", 36),
+            abi.ACRN_IOCTL_ASSIGN_MMIODEV: self._pass("assign_mmiodev", 104),
+            abi.ACRN_IOCTL_DEASSIGN_MMIODEV: self._pass("deassign_mmiodev", 104),
+            abi.ACRN_IOCTL_CREATE_VDEV: self._pass("create_vdev", 192),
+            abi.ACRN_IOCTL_DESTROY_VDEV: self._pass("destroy_vdev", 192),
             abi.ACRN_IOCTL_PM_GET_CPU_STATE: self._pm_get_cpu_state,
             abi.ACRN_IOCTL_IOEVENTFD: self._ioeventfd,
             abi.ACRN_IOCTL_IRQFD: self._irqfd,
+        }
+        self._ext_table: dict[int, Callable[[HsmFile, IoctlCall], IoctlResult]] = {
+            ext.ACRN_EMU_IOCTL_VERSION: self._ext_version,
+            ext.ACRN_EMU_IOCTL_BIND_VM: self._ext_bind,
+            ext.ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT: self._ext_create_client,
+            ext.ACRN_EMU_IOCTL_DESTROY_RANGE_CLIENT: self._ext_destroy_client,
+            ext.ACRN_EMU_IOCTL_ADD_RANGE: self._ext_add_range,
+            ext.ACRN_EMU_IOCTL_DEL_RANGE: self._ext_del_range,
         }
         hypervisor.set_upcall(self.dispatcher.upcall)
 
@@ -138,6 +179,8 @@ class HsmDevice(BaseDevice):
     def release(self, handle: object) -> None:
         assert isinstance(handle, HsmFile)
         self.files.discard(handle)
+        if handle.binding is not None:
+            self._unbind(handle, "file closed")
         vm = handle.vm
         ret = vm_destroy(self.dispatcher, vm)
         if ret < 0 and self.release_pauses and vm.live:
@@ -169,8 +212,14 @@ class HsmDevice(BaseDevice):
     def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Awaitable[IoctlResult]:
         if call.compat:
             return -errno.ENOTTY  # no compat_ioctl in the driver
-        vm = handle.vm  # type: ignore[attr-defined]
+        assert isinstance(handle, HsmFile)
         cmd = call.cmd
+        if (cmd >> 8) & 0xFF == ext.ACRN_EMU_IOCTL_TYPE:
+            efn = self._ext_table.get(cmd)
+            return -errno.ENOTTY if efn is None else efn(handle, call)
+        if handle.binding is not None:
+            return self._bound_ioctl(handle, handle.binding, call)
+        vm = handle.vm
         if vm.vmid == INVALID_VMID and cmd != CREATE_VM:
             return -errno.EINVAL
         fn = self._table.get(cmd)
@@ -238,15 +287,23 @@ class HsmDevice(BaseDevice):
 
     # -- ioctls -------------------------------------------------------------------
 
-    def _pass(self, hypercall: Callable[[int, bytes], int], size: int) -> Handler:
-        """An ioctl that copies ``size`` bytes and hands them to one hypercall."""
+    def _pass(self, name: str, size: int) -> Handler:
+        """An ioctl that copies ``size`` bytes and hands them to one hypercall (recorded)."""
 
         def handler(vm: Vm, call: IoctlCall) -> IoctlResult:
             if len(call.in_data) < size:
                 return -errno.EFAULT
-            return hypercall(vm.vmid, bytes(call.in_data[:size]))
+            data = bytes(call.in_data[:size])
+            ret = getattr(self.hv, name)(vm.vmid, data)
+            vm.hypercalls.record(name, ret, **decode(name, data))
+            return ret
 
         return handler
+
+    def _set_irqline(self, vm: Vm, call: IoctlCall) -> IoctlResult:
+        ret = self.hv.set_irqline(vm.vmid, call.arg)
+        vm.hypercalls.record("set_irqline", ret, **decode("set_irqline", call.arg))
+        return ret
 
     def _create_vm(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < _CREATION_SIZE:
@@ -256,7 +313,7 @@ class HsmDevice(BaseDevice):
         if r0 | r1:
             return -errno.EINVAL
         pid = call.ctx.pid
-        ret = vm_create(self.dispatcher, vm, param, pid, self.quirks)
+        ret = vm_create(self.dispatcher, vm, param, pid, self.quirks, call.ctx.uid)
         if ret < 0:
             return ret
         # The kernel copies the struct back and destroys the VM if that faults;
@@ -289,6 +346,12 @@ class HsmDevice(BaseDevice):
             return -errno.EFAULT
         page = SharedPage(self.dispatcher.memory(pid), call.arg)
         ret = self.hv.vm_intr_monitor(vm.vmid, page)
+        fields = decode("vm_intr_monitor", page.base)
+        try:
+            fields["cmd"], fields["buf_cnt"] = struct.unpack("<II", page.read(0, 8))
+        except MemoryFault:
+            pass
+        vm.hypercalls.record("vm_intr_monitor", ret, **fields)
         if ret < 0:
             return ret
         vm.monitor_page = page  # the previous one is released
@@ -358,6 +421,10 @@ class HsmDevice(BaseDevice):
             return 0  # unknown sub-command: success, nothing written
         out = bytearray(48)  # zero-filled, as the newer driver's kzalloc
         ret = self.hv.get_cpu_state(cmd, out)
+        fields = decode("get_cpu_state", cmd)
+        if ret >= 0:
+            fields["result"] = _U64.unpack_from(out)[0] if n == 8 else out[:n].hex()
+        vm.hypercalls.record("get_cpu_state", ret, **fields)
         if ret < 0:
             return ret
         result = bytes(out[:n])
@@ -369,15 +436,126 @@ class HsmDevice(BaseDevice):
         k = min(n, call.out_size)
         return (ret, result[:k]) if k > 0 else ret
 
-    def _ioeventfd(self, vm: Vm, call: IoctlCall) -> IoctlResult:
+    def _ioeventfd(self, vm: Vm, call: IoctlCall, owner: object = None) -> IoctlResult:
         data = call.in_data
         if len(data) < 32:
             return -errno.EFAULT
         if data[20:24] != b"\0\0\0\0":
             return -errno.EINVAL
-        return ioeventfd.ioeventfd_config(vm, call.ctx.pid, data)
+        return ioeventfd.ioeventfd_config(vm, call.ctx.pid, data, owner)
 
-    def _irqfd(self, vm: Vm, call: IoctlCall) -> IoctlResult:
+    def _irqfd(self, vm: Vm, call: IoctlCall, owner: object = None) -> IoctlResult:
         if len(call.in_data) < 24:
             return -errno.EFAULT
-        return irqfd.irqfd_config(vm, self.hv, self._spawn, call.ctx.pid, call.in_data)
+        return irqfd.irqfd_config(vm, self.hv, self._spawn, call.ctx.pid, call.in_data, owner)
+
+    # -- a file bound to another file's VM (extension ABI) -----------------------
+
+    def _bound_ioctl(
+        self, f: HsmFile, binding: Binding, call: IoctlCall
+    ) -> IoctlResult | Awaitable[IoctlResult]:
+        cmd = call.cmd
+        if cmd not in _BOUND_ALLOWED:
+            if cmd == CREATE_VM:
+                return -errno.EBUSY  # the file serves another VM
+            return -errno.EPERM if cmd in self._table else -errno.ENOTTY
+        if cmd == abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT:
+            return self._ext_destroy_client(f, call)  # 0 even when there is nothing left
+        if not binding.valid:
+            return -errno.ENODEV  # the VM it was bound to is gone
+        vm = binding.vm
+        if cmd == ATTACH_IOREQ_CLIENT:
+            client = binding.live_client
+            if client is None:
+                return -errno.ENODEV
+            if client.bitmap:
+                return 0
+            return client.wait()
+        if cmd == abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH:
+            data = call.in_data
+            if len(data) < 8:
+                return -errno.EFAULT
+            _vmid, reserved, vcpu = _NOTIFY.unpack_from(data)
+            if reserved:
+                return -errno.EINVAL
+            client = binding.live_client
+            if client is None:
+                return -errno.ENODEV
+            try:
+                return self.dispatcher.remote_complete(client, vcpu & 0xFFFF)
+            except MemoryFault as e:
+                self.dispatcher.fail_vm(vm, e)
+                return -errno.EFAULT
+        if cmd == abi.ACRN_IOCTL_IOEVENTFD:
+            return self._ioeventfd(vm, call, binding)
+        if cmd == abi.ACRN_IOCTL_IRQFD:
+            return self._irqfd(vm, call, binding)
+        return self._table[cmd](vm, call)  # INJECT_MSI, SET_IRQLINE
+
+    def _unbind(self, f: HsmFile, reason: str) -> None:
+        binding = f.binding
+        assert binding is not None
+        f.binding = None
+        if binding.valid:
+            ioeventfd.drop_owned(binding.vm, binding)
+            irqfd.drop_owned(binding.vm, binding)
+        ranges.unbind(self.dispatcher, binding, reason)
+
+    def _ext_version(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        v = ext.AcrnEmuVersion(ext.ACRN_EMU_ABI_MAJOR, ext.ACRN_EMU_ABI_MINOR, ext.FEATURES, 0)
+        return 0, bytes(v)
+
+    def _ext_bind(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        if len(call.in_data) < ext.sizeof(ext.AcrnEmuBind):
+            return -errno.EFAULT
+        if f.vm.live:
+            return -errno.EBUSY  # this file owns a VM
+        if f.binding is not None:
+            if f.binding.valid:
+                return -errno.EBUSY
+            self._unbind(f, "rebinding")
+        ret, binding, out = ranges.bind(self.dispatcher, self.bind_policy, call.ctx, call.in_data)
+        if ret < 0:
+            return ret
+        f.binding = binding
+        return 0, out
+
+    def _bound(self, f: HsmFile) -> Binding | int:
+        if f.binding is None:
+            return -errno.EINVAL  # not bound: as the driver's gate for a file without a VM
+        if not f.binding.valid:
+            return -errno.ENODEV
+        return f.binding
+
+    def _ext_create_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        b = self._bound(f)
+        if isinstance(b, int):
+            return b
+        if len(call.in_data) < ext.sizeof(ext.AcrnEmuRangeClient):
+            return -errno.EFAULT
+        return ranges.create_client(self.dispatcher, b, call.ctx, call.in_data)
+
+    def _ext_destroy_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        b = f.binding
+        if b is None:
+            return -errno.EINVAL
+        client = b.live_client
+        if client is not None:
+            self.dispatcher.client_destroy(client, "destroyed by its file")
+        return 0
+
+    def _ext_add_range(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        b = self._bound(f)
+        if isinstance(b, int):
+            return b
+        if len(call.in_data) < ext.sizeof(ext.AcrnEmuRange):
+            return -errno.EFAULT
+        return ranges.add_range(b, call.in_data)
+
+    def _ext_del_range(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        b = self._bound(f)
+        if isinstance(b, int):
+            return b
+        if len(call.in_data) < ext.sizeof(ext.AcrnEmuRange):
+            return -errno.EFAULT
+        return ranges.del_range(b, call.in_data)

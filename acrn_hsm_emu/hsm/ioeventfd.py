@@ -37,9 +37,13 @@ _ARGS = struct.Struct("<IIQIIQ")  # fd, flags, addr, len, reserved, data
 class Ioeventfd:
     """struct hsm_ioeventfd; ``fd`` is the daemon's duplicate of the caller's eventfd."""
 
-    __slots__ = ("fd", "addr", "data", "length", "type", "wildcard")
+    __slots__ = ("fd", "addr", "data", "length", "type", "wildcard", "owner")
 
-    def __init__(self, fd: int, addr: int, data: int, length: int, type: int, wildcard: bool) -> None:
+    def __init__(
+        self, fd: int, addr: int, data: int, length: int, type: int, wildcard: bool,
+        owner: object = None,
+    ) -> None:  # fmt: skip
+        self.owner = owner  # None: the VM's own file; else the binding that assigned it
         self.fd = fd
         self.addr = addr
         self.data = data
@@ -78,9 +82,29 @@ def handler(vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, v
     return 0
 
 
+def forward_handler(
+    vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, value: int
+) -> int | None:
+    """``mismatch="forward"`` (not the driver): signal a matching write, let the rest through.
+
+    Reads and writes that match no entry go on to the device model, as
+    KVM's ioeventfds do, instead of being consumed (spec: hsm 7).
+    """
+    if direction == abi.ACRN_IOREQ_DIR_READ:
+        return None
+    if typ != MMIO:
+        value &= 0xFFFFFFFF
+    for p in vm.ioeventfds:
+        if p.type == typ and p.addr == addr and p.length >= size and (p.wildcard or p.data == value):
+            eventfd.signal(p.fd)
+            return 0
+    return None
+
+
 def ioeventfd_init(d: Dispatcher, vm: Vm) -> None:
     vm.ioeventfds = []
-    vm.ioeventfd_client = d.client_create(vm, f"ioeventfd-{vm.vmid}", False, handler)
+    h = forward_handler if d.ioeventfd_mismatch == "forward" else handler
+    vm.ioeventfd_client = d.client_create(vm, f"ioeventfd-{vm.vmid}", False, h)
 
 
 def ioeventfd_deinit(d: Dispatcher, vm: Vm) -> None:
@@ -92,15 +116,32 @@ def ioeventfd_deinit(d: Dispatcher, vm: Vm) -> None:
     vm.ioeventfds = []
 
 
-def ioeventfd_config(vm: Vm, pid: int, args: bytes) -> int:
-    """IOEVENTFD after the reserved check: assign or deassign."""
+def ioeventfd_config(vm: Vm, pid: int, args: bytes, owner: object = None) -> int:
+    """IOEVENTFD after the reserved check: assign or deassign.
+
+    ``owner``: the binding of a bound file (extension ABI) assigning it, so
+    that its entries go when that file closes; None for the VM's own file.
+    """
     fd, flags, addr, length, _reserved, data = _ARGS.unpack_from(args)
     if flags & FLAG_DEASSIGN:
         return _deassign(vm, pid, fd)
-    return _assign(vm, pid, fd, flags, addr, length, data)
+    return _assign(vm, pid, fd, flags, addr, length, data, owner)
 
 
-def _assign(vm: Vm, pid: int, fd: int, flags: int, addr: int, length: int, data: int) -> int:
+def drop_owned(vm: Vm, owner: object) -> None:
+    """A bound file closed: its ioeventfds go (with one identical range each)."""
+    client = vm.ioeventfd_client
+    for p in [p for p in vm.ioeventfds if p.owner is owner]:
+        if client is not None:
+            client.range_del(p.type, p.addr, p.addr + p.length - 1)
+        vm.ioeventfds.remove(p)
+        p.close()
+        log.debug("hsm.ioeventfd_dropped", vmid=vm.vmid, **p.snapshot())
+
+
+def _assign(
+    vm: Vm, pid: int, fd: int, flags: int, addr: int, length: int, data: int, owner: object = None
+) -> int:
     if addr + length > 0xFFFFFFFFFFFFFFFF:
         return -errno.EINVAL  # the range wraps
     if length not in (1, 2, 4, 8):
@@ -111,7 +152,7 @@ def _assign(vm: Vm, pid: int, fd: int, flags: int, addr: int, length: int, data:
         return -e.errno
     typ = PORTIO if flags & FLAG_PIO else MMIO
     wildcard = not flags & FLAG_DATAMATCH
-    p = Ioeventfd(dup, addr, 0 if wildcard else data, length, typ, wildcard)
+    p = Ioeventfd(dup, addr, 0 if wildcard else data, length, typ, wildcard, owner)
     for q in vm.ioeventfds:
         if (
             q.addr == addr

@@ -51,11 +51,16 @@ _HEAD_LEN = abi.SLOT_PCI_REG + 4  # read up to PCICFG reg, so a fold can be writ
 assert _HEAD.size == abi.SLOT_VALUE + 8
 _U32 = struct.Struct("<I")
 _PCI = struct.Struct("<IIII")  # bus, dev, func, reg
+_PCI3 = struct.Struct("<III")  # bus, dev, func
 _S_PROCESSING = _U32.pack(PROCESSING)
 _S_COMPLETE = _U32.pack(COMPLETE)
 _KH0 = _U32.pack(0)
 _KH1 = _U32.pack(1)
 _ALL_ONES = _U32.pack(0xFFFFFFFF)
+_ALL_ONES_64 = b"\xff" * 8
+_KH0_PROCESSING = struct.pack("<II", 0, PROCESSING)  # kernel_handled, processed: adjacent
+assert _STATE == _KH + 4
+FREE = abi.ACRN_IOREQ_STATE_FREE
 _U64_MASK = (1 << 64) - 1
 
 PCI_CONF_ADDR = 0xCF8
@@ -65,8 +70,9 @@ CLIENT_NAME_MAX = 15  # ACRN_NAME_LEN - 1
 
 # An in-daemon handler gets (vm, vcpu, type, direction, address, size, value) and
 # returns a negative errno (request stays PROCESSING, its bit set), 0, or the bytes
-# to store in the slot's value field before the request is completed.
-IoreqHandler = Callable[["Vm", int, int, int, int, int, int], "int | bytes"]
+# to store in the slot's value field before the request is completed; None lets
+# the request go on to the next client (ioeventfd "forward" mode only).
+IoreqHandler = Callable[["Vm", int, int, int, int, int, int], "int | bytes | None"]
 
 
 class Memory(Protocol):
@@ -144,7 +150,8 @@ class RequestCounters:
 
     __slots__ = (
         "pio", "mmio", "pci", "other",
-        "default", "range", "in_kernel", "cf8", "cleared", "stalled", "notified", "notify_failed",
+        "default", "range", "in_kernel", "remote", "orphaned",
+        "cf8", "cleared", "stalled", "notified", "notify_failed",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -155,21 +162,45 @@ class RequestCounters:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+class RemotePage:
+    """The request page of a range client in another process (extension ABI).
+
+    Same layout as the ACRN page, one slot per vCPU, in the memory of the
+    process that created the client (``pid``, whose user is ``uid``).
+    """
+
+    __slots__ = ("mem", "base", "pid", "uid")
+
+    def __init__(self, mem: Memory, base: int, pid: int, uid: int) -> None:
+        self.mem = mem
+        self.base = base
+        self.pid = pid
+        self.uid = uid
+
+
 class IoreqClient:
     """struct acrn_ioreq_client.
 
     A client owns inclusive ranges ``(type, start, end)``, a bitmap of the
     vCPUs whose requests it holds, and a wake-up (the wait queue). With a
     ``handler`` it is an in-daemon client (the kernel's handler thread: the
-    ioeventfd client); without one it is served by a waiter, like the
-    default client (ATTACH), or a future range client living in another
-    process.
+    ioeventfd client); with a ``remote`` page it is a range client served
+    by another process through the extension ABI (docs/extension-abi.md);
+    with neither it is served by a waiter, like the default client (ATTACH).
     """
 
-    __slots__ = ("name", "vm", "is_default", "destroying", "ranges", "bitmap", "handler", "_lot")
+    __slots__ = (
+        "name", "vm", "is_default", "destroying", "ranges", "bitmap", "handler", "_lot",
+        "remote", "inflight", "served", "orphaned",
+    )  # fmt: skip
 
     def __init__(
-        self, vm: Vm, name: str, is_default: bool, handler: IoreqHandler | None = None
+        self,
+        vm: Vm,
+        name: str,
+        is_default: bool,
+        handler: IoreqHandler | None = None,
+        remote: RemotePage | None = None,
     ) -> None:
         self.name = name[:CLIENT_NAME_MAX]
         self.vm = vm
@@ -179,6 +210,11 @@ class IoreqClient:
         self.bitmap = 0
         self.handler = handler
         self._lot = trio.lowlevel.ParkingLot()
+        self.remote = remote
+        # remote clients: (type, direction) of the request each vCPU's bit stands for
+        self.inflight: list[tuple[int, int] | None] = [None] * SLOTS
+        self.served = 0  # remote: requests completed by the client
+        self.orphaned = 0  # remote: requests completed for it after it went away
 
     def wake(self) -> None:
         if self._lot:
@@ -207,16 +243,29 @@ class IoreqClient:
             pass
 
     def snapshot(self) -> dict[str, object]:
-        return {
+        snap: dict[str, object] = {
             "name": self.name,
             "default": self.is_default,
             "in_daemon": self.handler is not None,
             "ranges": [
-                {"type": t, "start": s, "end": e} for t, s, e in self.ranges
+                {"type": t, "kind": RANGE_KINDS.get(t, str(t)), "start": s, "end": e}
+                for t, s, e in self.ranges
             ],
             "pending": self.bitmap,
             "waiters": self.waiters,
         }
+        if self.remote is not None:
+            snap["remote"] = {
+                "pid": self.remote.pid,
+                "uid": self.remote.uid,
+                "request_page": self.remote.base,
+                "served": self.served,
+                "orphaned": self.orphaned,
+            }
+        return snap
+
+
+RANGE_KINDS = {PORTIO: "pio", MMIO: "mmio", PCICFG: "pci"}
 
 
 class Dispatcher:
@@ -235,6 +284,9 @@ class Dispatcher:
         self._queued = False
         self.upcalls = 0
         self.passes = 0
+        # ioeventfd: accesses in a range that signal nothing are consumed ("drop",
+        # the driver) or go on to the device model ("forward"); see ioeventfd.py
+        self.ioeventfd_mismatch = "drop"
 
     # -- the global VM list ------------------------------------------------
 
@@ -337,6 +389,7 @@ class Dispatcher:
                 continue
 
             client: IoreqClient | None = None
+            folded: bytearray | None = None
             if typ == PORTIO and (addr == PCI_CONF_ADDR or PCI_CONF_DATA <= addr <= PCI_CONF_DATA + 3):
                 # handle_cf8cfc
                 conf = vm.pci_conf_addr
@@ -354,32 +407,49 @@ class Dispatcher:
                     counters.cf8 += 1
                     self._finish(vm, i, off, polling, _ALL_ONES if direction == DIR_READ else None)
                     continue
-                buf = bytearray(data[head : head + _HEAD_LEN])
-                _U32.pack_into(buf, 0, PCICFG)
+                folded = bytearray(data[head : head + _HEAD_LEN])
+                _U32.pack_into(folded, 0, PCICFG)
                 _PCI.pack_into(
-                    buf, _PCI_BUS,
+                    folded, _PCI_BUS,
                     (conf >> 16) & 0xFF,
                     (conf >> 11) & 0x1F,
                     (conf >> 8) & 0x7,
                     (conf & 0xFC) + ((conf >> 16) & 0xF00) + (addr - PCI_CONF_DATA),
                 )  # fmt: skip
-                mem.write(off, bytes(buf))
+                mem.write(off, bytes(folded))
                 counters.pci += 1
                 typ = PCICFG
+            elif typ == PORTIO:
+                counters.pio += 1
+            elif typ == MMIO:
+                counters.mmio += 1
+            elif typ == PCICFG:
+                counters.pci += 1
             else:
-                if typ == PORTIO:
-                    counters.pio += 1
-                elif typ == MMIO:
-                    counters.mmio += 1
-                elif typ == PCICFG:
-                    counters.pci += 1
-                else:
-                    counters.other += 1
-                if (typ == PORTIO or typ == MMIO) and vm.range_clients:
+                counters.other += 1
+
+            if vm.range_clients:
+                if typ == PORTIO or typ == MMIO:
                     last = (addr + size - 1) & _U64_MASK
                     for c in vm.range_clients:
                         for rtype, start, end in c.ranges:
                             if rtype == typ and start <= addr and last <= end:
+                                client = c
+                                break
+                        if client is not None:
+                            break
+                elif typ == PCICFG:
+                    # extension: PCI ranges match bus/dev/func (the driver has no such ranges)
+                    bus, dev, func = _PCI3.unpack_from(
+                        folded if folded is not None else data,
+                        _PCI_BUS if folded is not None else head + _PCI_BUS,
+                    )
+                    bdf = (bus & 0xFF) << 8 | (dev & 0x1F) << 3 | (func & 0x7)
+                    for c in vm.range_clients:
+                        if c.remote is None:
+                            continue  # in_range: in-daemon clients never match PCICFG
+                        for rtype, start, end in c.ranges:
+                            if rtype == PCICFG and start <= bdf <= end:
                                 client = c
                                 break
                         if client is not None:
@@ -398,7 +468,14 @@ class Dispatcher:
 
             counters.range += 1
             handler = client.handler
-            if handler is None:  # a range client served from elsewhere
+            if handler is None:
+                remote = client.remote
+                if remote is not None:  # a range client in another process
+                    self._hand_over(
+                        vm, client, remote, i, off, polling, typ, direction,
+                        bytes(folded) if folded is not None else data[head : head + _HEAD_LEN],
+                    )  # fmt: skip
+                    continue
                 mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
                 client.bitmap |= 1 << i
                 client.wake()
@@ -406,6 +483,12 @@ class Dispatcher:
             # In-daemon client: its handler runs here rather than in a thread, so
             # the request goes straight from PENDING to COMPLETE.
             result = handler(vm, i, typ, direction, addr, size, value)
+            if result is None:
+                # Not consumed (ioeventfd "forward" mode, not the driver's): the
+                # request goes on to a later range client or the default client.
+                counters.range -= 1
+                self._pass_on(vm, client, i, off, polling, typ, direction, addr, size, data, head)
+                continue
             if isinstance(result, int) and result < 0:
                 mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
                 client.bitmap |= 1 << i
@@ -417,6 +500,64 @@ class Dispatcher:
             mem.write_then(off + _KH, _KH1, off + _STATE, _S_COMPLETE)
             if not polling:
                 self._notify(vm, i)
+
+    def _pass_on(
+        self, vm: Vm, after: IoreqClient, vcpu: int, off: int, polling: int, typ: int,
+        direction: int, addr: int, size: int, data: bytes, head: int,
+    ) -> None:  # fmt: skip
+        """Deliver a PIO/MMIO request an in-daemon client let through: the next match, else default."""
+        last = (addr + size - 1) & _U64_MASK
+        clients = vm.range_clients
+        start_at = clients.index(after) + 1 if after in clients else len(clients)
+        for c in clients[start_at:]:
+            if c.remote is not None and any(
+                rtype == typ and start <= addr and last <= end for rtype, start, end in c.ranges
+            ):
+                vm.counters.range += 1
+                self._hand_over(
+                    vm, c, c.remote, vcpu, off, polling, typ, direction, data[head : head + _HEAD_LEN]
+                )
+                return
+        client = vm.default_client
+        assert vm.mem is not None
+        if client is None:
+            vm.counters.stalled += 1
+            return  # stays PENDING until a client exists (this pass goes on with other slots)
+        vm.counters.default += 1
+        vm.mem.write_then(off + _KH, _KH0, off + _STATE, _S_PROCESSING)
+        client.bitmap |= 1 << vcpu
+        client.wake()
+
+    def _hand_over(
+        self, vm: Vm, client: IoreqClient, remote: RemotePage, vcpu: int, off: int,
+        polling: int, typ: int, direction: int, head: bytes,
+    ) -> None:  # fmt: skip
+        """Copy a request into a remote range client's page, then mark the ACRN slot.
+
+        The client sees PROCESSING with kernel_handled = 0 in its own page;
+        the ACRN slot gets kernel_handled = 1 so ACRN userspace skips it.
+        """
+        coff = remote.base + (vcpu << 8)
+        assert vm.mem is not None
+        try:
+            remote.mem.write_then(coff, head, coff + _KH, _KH0_PROCESSING)
+        except MemoryFault as e:
+            # The client's page is gone (process exiting, page unmapped): answer
+            # as unclaimed hardware does and drop the client.
+            log.warning(
+                "hsm.range_client_fault",
+                vmid=vm.vmid, client=client.name, pid=remote.pid, vcpu=vcpu, error=str(e),
+            )  # fmt: skip
+            vm.counters.orphaned += 1
+            client.orphaned += 1
+            self._finish(vm, vcpu, off, polling, _all_ones(typ) if direction == DIR_READ else None)
+            self.remote_drop(client, "request page unreachable")
+            return
+        vm.mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
+        client.bitmap |= 1 << vcpu
+        client.inflight[vcpu] = (typ, direction)
+        vm.counters.remote += 1
+        client.wake()
 
     @staticmethod
     def _count_type(counters: RequestCounters, typ: int) -> None:
@@ -478,6 +619,74 @@ class Dispatcher:
         vm.counters.notified += 1
         return self.client_complete(client, vcpu)
 
+    def _complete_value(self, vm: Vm, vcpu: int, value: bytes | None) -> int:
+        """Complete a slot with an optional read value: polling first, COMPLETE, notify."""
+        if vm.page_base is None or vm.mem is None:
+            return -errno.ENODEV  # the VM was destroyed meanwhile
+        off = vm.page_base + (vcpu << 8)
+        polling = vm.mem.load_u32(off + _POLLING)
+        if value is None:
+            vm.mem.store_u32(off + _STATE, COMPLETE)
+        else:
+            vm.mem.write_then(off + _VALUE, value, off + _STATE, _S_COMPLETE)
+        if polling:
+            return 0
+        return self._notify(vm, vcpu)
+
+    def remote_complete(self, client: IoreqClient, vcpu: int) -> int:
+        """NOTIFY_REQUEST_FINISH on a range client's file (extension ABI).
+
+        Only a request the client holds can be completed (else EINVAL); a
+        read's value is copied from the client's page into the ACRN slot.
+        The client's slot goes back to FREE. A fault on the VM's own page
+        raises MemoryFault, as default_complete does.
+        """
+        vm = client.vm
+        remote = client.remote
+        assert remote is not None
+        if vcpu >= vm.vcpu_num or vcpu >= SLOTS or not client.bitmap >> vcpu & 1:
+            return -errno.EINVAL
+        held = client.inflight[vcpu]
+        typ, direction = held if held is not None else (PORTIO, DIR_WRITE)
+        coff = remote.base + (vcpu << 8)
+        value: bytes | None = None
+        try:
+            if direction == DIR_READ:
+                value = remote.mem.read(coff + _VALUE, 8 if typ == MMIO else 4)
+            remote.mem.store_u32(coff + _STATE, FREE)
+        except MemoryFault as e:
+            log.debug("hsm.range_client_page_fault", client=client.name, vcpu=vcpu, error=str(e))
+            return -errno.EFAULT  # the request stays with the client
+        client.bitmap &= ~(1 << vcpu)
+        client.inflight[vcpu] = None
+        client.served += 1
+        vm.counters.notified += 1
+        return self._complete_value(vm, vcpu, value)
+
+    def _complete_orphans(self, client: IoreqClient) -> list[dict[str, object]]:
+        """Complete what a vanished range client held: reads get all ones."""
+        vm = client.vm
+        done: list[dict[str, object]] = []
+        for vcpu in range(SLOTS):
+            if not client.bitmap >> vcpu & 1:
+                continue
+            client.bitmap &= ~(1 << vcpu)
+            held = client.inflight[vcpu]
+            client.inflight[vcpu] = None
+            if held is None:
+                continue
+            typ, direction = held
+            read = direction == DIR_READ
+            try:
+                ret = self._complete_value(vm, vcpu, _all_ones(typ) if read else None)
+            except MemoryFault as e:
+                self.fail_vm(vm, e)
+                ret = -errno.EFAULT
+            client.orphaned += 1
+            vm.counters.orphaned += 1
+            done.append({"vcpu": vcpu, "kind": RANGE_KINDS.get(typ, str(typ)), "read": read, "ret": ret})
+        return done
+
     # -- clients ------------------------------------------------------------
 
     def client_create(
@@ -492,8 +701,29 @@ class Dispatcher:
         log.debug("hsm.client_created", vmid=vm.vmid, client=client.name)
         return client
 
-    def client_destroy(self, client: IoreqClient) -> None:
-        """acrn_ioreq_client_destroy: pause (drain), mark, wake, unlink, resume (a pass)."""
+    def remote_create(self, vm: Vm, name: str, remote: RemotePage) -> IoreqClient:
+        """A range client in another process (extension ABI).
+
+        It is matched after the VM's in-daemon clients (the ioeventfd client
+        keeps precedence, as the VM owner's ioeventfds are its fast path) and
+        after the range clients created before it.
+        """
+        client = IoreqClient(vm, name, False, None, remote)
+        vm.range_clients = [*vm.range_clients, client]
+        log.info(
+            "hsm.range_client_created",
+            vmid=vm.vmid, client=client.name, pid=remote.pid, uid=remote.uid,
+        )  # fmt: skip
+        return client
+
+    def client_destroy(self, client: IoreqClient, reason: str = "destroyed", *, vm_gone: bool = False) -> None:
+        """acrn_ioreq_client_destroy: pause (drain), mark, wake, unlink, resume (a pass).
+
+        A remote range client's in-flight requests are completed (reads get
+        all ones, as unclaimed hardware answers) unless the VM itself is
+        going away (``vm_gone``); the driver leaves an in-kernel client's
+        requests PROCESSING, but no in-kernel client can vanish mid-request.
+        """
         vm = client.vm
         self.pause()
         client.destroying = True
@@ -504,8 +734,45 @@ class Dispatcher:
         else:
             vm.range_clients = [c for c in vm.range_clients if c is not client]
         client.ranges.clear()
-        log.debug("hsm.client_destroyed", vmid=vm.vmid, client=client.name)
+        if client.remote is not None:
+            self._remote_gone(client, reason, vm_gone)
+        else:
+            log.debug("hsm.client_destroyed", vmid=vm.vmid, client=client.name)
         self.resume()
+
+    def remote_drop(self, client: IoreqClient, reason: str) -> None:
+        """Unlink a remote range client from inside a dispatcher pass (no pause/resume)."""
+        vm = client.vm
+        if client.destroying:
+            return
+        client.destroying = True
+        client.wake()
+        vm.range_clients = [c for c in vm.range_clients if c is not client]
+        client.ranges.clear()
+        self._remote_gone(client, reason, False)
+
+    def _remote_gone(self, client: IoreqClient, reason: str, vm_gone: bool) -> None:
+        vm = client.vm
+        remote = client.remote
+        assert remote is not None
+        if vm_gone:
+            client.bitmap = 0
+            client.inflight = [None] * SLOTS
+            log.info("hsm.range_client_destroyed", vmid=vm.vmid, client=client.name, reason=reason)
+            return
+        done = self._complete_orphans(client)
+        if done:
+            log.warning(
+                "hsm.range_client_gone",
+                vmid=vm.vmid, client=client.name, pid=remote.pid, reason=reason,
+                completed=done,
+                note="its requests were completed as unclaimed (reads: all ones)",
+            )  # fmt: skip
+        else:
+            log.info(
+                "hsm.range_client_destroyed",
+                vmid=vm.vmid, client=client.name, pid=remote.pid, reason=reason,
+            )  # fmt: skip
 
     # -- request page ---------------------------------------------------------
 
@@ -537,7 +804,7 @@ class Dispatcher:
     def ioreq_deinit(self, vm: Vm) -> None:
         """acrn_ioreq_deinit: range clients, then the default one, then the page."""
         for client in list(vm.range_clients):
-            self.client_destroy(client)
+            self.client_destroy(client, "VM destroyed", vm_gone=True)
         if vm.default_client is not None:
             self.client_destroy(vm.default_client)
         vm.page_base = None
@@ -551,6 +818,11 @@ class Dispatcher:
         """acrn_ioreq_request_clear, split so its bounded wait can run as a task."""
         vm.clearing = True
         return ClearOp(self, vm)
+
+
+def _all_ones(typ: int) -> bytes:
+    """What a read of unclaimed hardware gets: the value field's width of ones."""
+    return _ALL_ONES_64 if typ == MMIO else _ALL_ONES
 
 
 class ClearOp:
@@ -606,12 +878,14 @@ class ClearOp:
 
 
 __all__ = [
+    "RANGE_KINDS",
     "ClearOp",
     "Dispatcher",
     "IoreqClient",
     "IoreqHandler",
     "Memory",
     "MemoryFactory",
+    "RemotePage",
     "RequestCounters",
     "SlotScanner",
 ]

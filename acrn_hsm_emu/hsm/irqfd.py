@@ -18,6 +18,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import eventfd
+from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 
 if TYPE_CHECKING:
@@ -32,15 +33,17 @@ MAX_BURST = 4096
 
 _ARGS = struct.Struct("<iI16s")  # fd, flags, msi (acrn_msi_entry)
 
+
 Spawner = Callable[[Callable[[], Awaitable[None]]], None]
 
 
 class Irqfd:
     """struct hsm_irqfd."""
 
-    __slots__ = ("vm", "hv", "fd", "msi", "scope", "closed", "injected", "failures")
+    __slots__ = ("vm", "hv", "fd", "msi", "scope", "closed", "injected", "failures", "owner")
 
-    def __init__(self, vm: Vm, hv: Hypercalls, fd: int, msi: bytes) -> None:
+    def __init__(self, vm: Vm, hv: Hypercalls, fd: int, msi: bytes, owner: object = None) -> None:
+        self.owner = owner  # None: the VM's own file; else the binding that assigned it
         self.vm = vm
         self.hv = hv
         self.fd = fd
@@ -54,6 +57,7 @@ class Irqfd:
         """acrn_msi_inject; failures are only logged, as in the driver."""
         ret = self.hv.inject_msi(self.vm.vmid, self.msi)
         self.injected += 1
+        self.vm.hypercalls.record("inject_msi", ret, "irqfd", **decode("inject_msi", self.msi))
         if ret < 0:
             self.failures += 1
             level = log.warning if self.failures == 1 else log.debug
@@ -103,14 +107,27 @@ def irqfd_deinit(vm: Vm) -> None:
     vm.irqfds = []
 
 
-def irqfd_config(vm: Vm, hv: Hypercalls, spawner: Spawner, pid: int, args: bytes) -> int:
+def irqfd_config(
+    vm: Vm, hv: Hypercalls, spawner: Spawner, pid: int, args: bytes, owner: object = None
+) -> int:
+    """IRQFD: assign or deassign; ``owner`` as for ioeventfd_config."""
     fd, flags, msi = _ARGS.unpack_from(args)
     if flags & FLAG_DEASSIGN:
         return _deassign(vm, pid, fd)
-    return _assign(vm, hv, spawner, pid, fd, msi)
+    return _assign(vm, hv, spawner, pid, fd, msi, owner)
 
 
-def _assign(vm: Vm, hv: Hypercalls, spawner: Spawner, pid: int, fd: int, msi: bytes) -> int:
+def drop_owned(vm: Vm, owner: object) -> None:
+    """A bound file closed: its irqfds are shut down."""
+    for irqfd in [i for i in vm.irqfds if i.owner is owner]:
+        vm.irqfds.remove(irqfd)
+        irqfd.shutdown()
+        log.debug("hsm.irqfd_dropped", vmid=vm.vmid)
+
+
+def _assign(
+    vm: Vm, hv: Hypercalls, spawner: Spawner, pid: int, fd: int, msi: bytes, owner: object = None
+) -> int:
     try:
         dup = eventfd.fdget(pid, fd)
     except eventfd.EventfdError as e:
@@ -119,7 +136,7 @@ def _assign(vm: Vm, hv: Hypercalls, spawner: Spawner, pid: int, fd: int, msi: by
         if eventfd.same(other.fd, dup):
             os.close(dup)
             return -errno.EBUSY
-    irqfd = Irqfd(vm, hv, dup, msi)
+    irqfd = Irqfd(vm, hv, dup, msi, owner)
     vm.irqfds.append(irqfd)
     # The driver polls once: an eventfd already signalled gets one MSI now.
     if eventfd.read_counter(dup) > 0:

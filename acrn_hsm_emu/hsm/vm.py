@@ -15,6 +15,7 @@ import structlog
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import ioeventfd, irqfd
+from acrn_hsm_emu.hsm.hypercall_log import HypercallLog
 from acrn_hsm_emu.hsm.ioreq import (
     SLOTS,
     Dispatcher,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from acrn_hsm_emu.hsm.ioeventfd import Ioeventfd
     from acrn_hsm_emu.hsm.irqfd import Irqfd
     from acrn_hsm_emu.hsm.mm import RamMapping
+    from acrn_hsm_emu.hsm.ranges import Binding
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -46,6 +48,7 @@ class Vm:
         "range_clients", "default_client", "ioeventfd_client", "ioeventfds",
         "irqfds", "monitor_page", "ram_mappings", "regions_mapping_count",
         "counters", "opener_pid", "owner_pid", "failed", "orphaned", "lost_vmid",
+        "owner_uid", "generation", "bindings", "hypercalls",
     )  # fmt: skip
 
     def __init__(self, opener_pid: int) -> None:
@@ -73,6 +76,10 @@ class Vm:
         self.failed: str | None = None
         self.orphaned = False  # its file is gone but the VM lives on
         self.lost_vmid: int | None = None  # hypervisor VM this object lost (quirk)
+        self.owner_uid = 0  # uid of the CREATE_VM caller: the bind permission rule
+        self.generation = 0  # bumped by every successful CREATE_VM (bindings check it)
+        self.bindings: list[Binding] = []  # other files bound to this VM (extension ABI)
+        self.hypercalls = HypercallLog()
 
     @property
     def live(self) -> bool:
@@ -102,11 +109,14 @@ class Vm:
             "irqfds": len(self.irqfds),
             "monitor_page": self.monitor_page.base if self.monitor_page else None,
             "counters": self.counters.as_dict(),
+            "owner_uid": self.owner_uid,
+            "bound_files": [b.snapshot() for b in self.bindings],
+            "hypercalls": self.hypercalls.snapshot(),
         }
 
 
 def vm_create(
-    d: Dispatcher, vm: Vm, param: bytearray, pid: int, quirks: bool
+    d: Dispatcher, vm: Vm, param: bytearray, pid: int, quirks: bool, uid: int = 0
 ) -> int:
     """acrn_vm_create; 0, or -EINVAL for every failure (the driver hides the errno)."""
     if not quirks and vm.live:
@@ -152,6 +162,10 @@ def vm_create(
             )
         log.debug("hsm.create_vm_failed", vmid=vmid, err=ret)
         return -errno.EINVAL
+    vm.owner_uid = uid
+    vm.generation += 1
+    vm.bindings = []
+    vm.hypercalls = HypercallLog()
     d.list_add(vm)
     ioeventfd.ioeventfd_init(d, vm)
     irqfd.irqfd_init(vm)
@@ -175,6 +189,7 @@ def vm_destroy(d: Dispatcher, vm: Vm) -> int:
     d.ioreq_deinit(vm)
     vm.monitor_page = None
     vm.ram_mappings = []  # unpin; regions_mapping_count is left as is
+    vm.bindings = []  # bound files now answer ENODEV (their generation is gone)
     log.info("hsm.vm_destroyed", vmid=vm.vmid)
     vm.vmid = INVALID_VMID
     return 0

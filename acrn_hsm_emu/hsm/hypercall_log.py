@@ -1,0 +1,103 @@
+"""A per-VM record of the interrupt, PM and device hypercalls the HSM made.
+
+The kernel keeps no such record; it is what makes INJECT_MSI, SET_IRQLINE,
+VM_INTR_MONITOR, PM_GET_CPU_STATE, SET/RESET_PTDEV_INTR,
+ASSIGN/DEASSIGN_PCIDEV/MMIODEV, CREATE/DESTROY_VDEV and irqfd injections
+observable in ``acrn-hsm-emu status``: per hypercall the number of calls,
+of failures and the last return value, and the most recent calls with
+their decoded arguments. The hypervisor's validation decides the return
+values (spec: hv A.1.1); its own state (MSIs received, IRQ line levels,
+devices) is in the hypervisor's part of the status.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+from typing import Any
+
+from acrn_hsm_emu import abi
+
+RECENT = 32
+
+
+def _bdf(v: int) -> str:
+    return f"{(v >> 8) & 0xFF:02x}:{(v >> 3) & 0x1F:02x}.{v & 7}"
+
+
+def _struct(cls: type[ctypes.Structure], data: bytes) -> Any:
+    n = ctypes.sizeof(cls)
+    return cls.from_buffer_copy(bytes(data[:n]).ljust(n, b"\0"))
+
+
+def decode(name: str, arg: bytes | int) -> dict[str, Any]:
+    """The interesting fields of a hypercall's argument, JSON-friendly."""
+    try:
+        if name == "inject_msi" and isinstance(arg, bytes | bytearray):
+            m = _struct(abi.AcrnMsiEntry, arg)
+            return {"msi_addr": m.msi_addr, "msi_data": m.msi_data, "vector": m.msi_data & 0xFF}
+        if name == "set_irqline" and isinstance(arg, int):
+            return {"gsi": arg & 0xFFFFFFFF, "op": (arg >> 32) & 0xFFFFFFFF}
+        if name in ("set_ptdev_intr", "reset_ptdev_intr") and isinstance(arg, bytes | bytearray):
+            i = _struct(abi.AcrnPtdevIrq, arg)
+            return {
+                "type": i.type, "virt_bdf": _bdf(i.virt_bdf), "phys_bdf": _bdf(i.phys_bdf),
+                "virt_pin": i.intx.virt_pin, "phys_pin": i.intx.phys_pin,
+                "pic_pin": bool(i.intx.is_pic_pin),
+            }  # fmt: skip
+        if name in ("assign_pcidev", "deassign_pcidev") and isinstance(arg, bytes | bytearray):
+            p = _struct(abi.AcrnPcidev, arg)
+            return {"virt_bdf": _bdf(p.virt_bdf), "phys_bdf": _bdf(p.phys_bdf), "type": p.type}
+        if name in ("assign_mmiodev", "deassign_mmiodev") and isinstance(arg, bytes | bytearray):
+            d = _struct(abi.AcrnMmiodev, arg)
+            return {
+                "dev_name": bytes(d.name).split(b"\0", 1)[0].decode(errors="replace"),
+                "res": [
+                    {"user_vm_pa": r.user_vm_pa, "service_vm_pa": r.service_vm_pa, "size": r.size}
+                    for r in d.res
+                    if r.size
+                ],
+            }
+        if name in ("create_vdev", "destroy_vdev") and isinstance(arg, bytes | bytearray):
+            v = _struct(abi.AcrnVdev, arg)
+            return {
+                "vendor": v.id.fields.vendor, "device": v.id.fields.device,
+                "slot": _bdf(v.slot & 0xFFFF),
+            }  # fmt: skip
+        if name == "get_cpu_state" and isinstance(arg, int):
+            return {
+                "type": arg & abi.PMCMD_TYPE_MASK,
+                "state": (arg & abi.PMCMD_STATE_NUM_MASK) >> abi.PMCMD_STATE_NUM_SHIFT,
+                "vcpu": (arg & abi.PMCMD_VCPUID_MASK) >> abi.PMCMD_VCPUID_SHIFT,
+                "vmid": (arg & abi.PMCMD_VMID_MASK) >> abi.PMCMD_VMID_SHIFT,
+            }
+        if name == "vm_intr_monitor" and isinstance(arg, int):
+            return {"page": arg}
+    except (ValueError, AttributeError):
+        pass
+    return {}
+
+
+class HypercallLog:
+    """Counts per hypercall and a ring of the latest calls, for one VM."""
+
+    __slots__ = ("counts", "recent", "seq")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self.seq = 0
+
+    def record(self, name: str, ret: int, source: str = "ioctl", /, **fields: Any) -> None:
+        c = self.counts.get(name)
+        if c is None:
+            c = self.counts[name] = {"calls": 0, "failed": 0, "last_ret": 0}
+        c["calls"] += 1
+        if ret < 0:
+            c["failed"] += 1
+        c["last_ret"] = ret
+        self.seq += 1
+        self.recent.append({"seq": self.seq, "call": name, "ret": ret, "source": source, **fields})
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"counts": {k: dict(v) for k, v in self.counts.items()}, "recent": list(self.recent)}

@@ -1,0 +1,1 @@
+../acrn_hsm_emu/client/include/acrn_hsm_emu.h
