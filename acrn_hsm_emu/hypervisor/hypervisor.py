@@ -25,7 +25,7 @@ import structlog
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
-from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, make_backend
+from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, VcpuBackend, make_backend
 from acrn_hsm_emu.hypervisor.scenario import (
     MAX_VCPUS_PER_VM,
     VIOAPIC_GSI_COUNT,
@@ -253,15 +253,18 @@ class Hypervisor:
         rel = self._rel(abs_id)
         vm = self._new_vm(abs_id, slot, affinity)
         vm.vcpu_num = len(pcpus)
+        made: list[VcpuBackend] = []
         try:
             self.backend.vm_created(rel, vm.vcpu_num)
-            vm.vcpus = [
-                Vcpu(vm, i, p, self.backend.create_vcpu(rel, i)) for i, p in enumerate(pcpus)
-            ]
+            for i in range(len(pcpus)):
+                made.append(self.backend.create_vcpu(rel, i))
         except BackendError as e:
             _log.error("hypercall.create_vm.backend_failed", abs_id=abs_id, error=str(e))
+            for b in made:  # never started: their threads will not close them
+                b.close()
             self.backend.vm_destroyed(rel)
             return None
+        vm.vcpus = [Vcpu(vm, i, p, b) for i, (p, b) in enumerate(zip(pcpus, made, strict=True))]
         slot.vm = vm
         for v in vm.vcpus:
             v.start_thread()
@@ -316,6 +319,8 @@ class Hypervisor:
                 return _FAIL
             with vm.lock:
                 vm.state = VmState.RUNNING
+            if slot.config.load_order == "post":
+                self.backend.vm_started(vm.vmid)
             for v in vm.vcpus:
                 v.kick()
             _log.info("vm.started", vmid=vm.vmid)
@@ -338,6 +343,8 @@ class Hypervisor:
                     vm.state = VmState.PAUSED
                 for v in vm.vcpus:
                     v.kick()
+                if slot.config.load_order == "post":
+                    self.backend.vm_paused(vm.vmid)  # a short wait for kicked vCPUs
                 _log.info("vm.paused", vmid=vm.vmid)
             return 0
 
@@ -363,6 +370,8 @@ class Hypervisor:
                 vm.fault = fault
                 vm.reset_devices()
                 vm.state = VmState.CREATED
+            if slot.config.load_order == "post":
+                self.backend.vm_reset(vm.vmid)
             for v in vm.vcpus:
                 v.fail_queued("VM reset")
             _log.info("vm.reset", vmid=vm.vmid)
@@ -388,9 +397,12 @@ class Hypervisor:
                 return _FAIL  # past MAX_VCPUS_PER_VM, or an OFFLINE (never created) vCPU
             if not valid_cr0_cr4(r.vcpu_regs.cr0, r.vcpu_regs.cr4):
                 return _FAIL
-            vm.regs[r.vcpu_id] = bytes(regs)
             if slot.config.load_order == "post":
-                self.backend.vcpu_regs(vm.vmid, r.vcpu_id, bytes(regs))
+                try:
+                    self.backend.vcpu_regs(vm.vmid, r.vcpu_id, bytes(regs))
+                except BackendError:
+                    return _FAIL  # a combination the CPU cannot run (logged by the backend)
+            vm.regs[r.vcpu_id] = bytes(regs)
             return 0
 
     # ----- I/O requests ----------------------------------------------------------------
@@ -444,10 +456,9 @@ class Hypervisor:
             vm = slot.vm
             if vm is None or not (vm.severity_pass or vm.state != VmState.RUNNING):
                 return _FAIL
-            ret = _FAIL  # stays -1 for an empty batch
-            for op in regions:
-                if op.size % PAGE_SIZE:
-                    return -errno.EINVAL
+            post = slot.config.load_order == "post"
+
+            def apply(op: MemoryRegionOp) -> None:
                 if op.type == abi.MR_ADD:
                     vm.memory.add(
                         EptMapping(
@@ -460,13 +471,36 @@ class Hypervisor:
                             op.host_va,
                         )
                     )
-                elif vm.memory.covers(op.user_vm_pa, op.size):  # any other type deletes
-                    vm.memory.delete(op.user_vm_pa, op.size)
                 else:
-                    return -errno.EINVAL
-                if slot.config.load_order == "post":
+                    vm.memory.delete(op.user_vm_pa, op.size)
+                if post:
                     self.backend.memory_changed(vm.vmid, op)
+
+            # ADD ops that continue each other (the HSM sends one per 4 KiB page) are
+            # applied as one: same effect, in order, without n^2 work on big segments.
+            run: _AddRun | None = None
+            ret = _FAIL  # stays -1 for an empty batch
+            for op in regions:
+                if op.size % PAGE_SIZE:
+                    ret = -errno.EINVAL
+                    break
                 ret = 0
+                if op.type == abi.MR_ADD:
+                    if run is not None and run.extend(op):
+                        continue
+                    if run is not None:
+                        apply(run.op())
+                    run = _AddRun(op)
+                    continue
+                if run is not None:
+                    apply(run.op())
+                    run = None
+                if not vm.memory.covers(op.user_vm_pa, op.size):  # any other type deletes
+                    ret = -errno.EINVAL
+                    break
+                apply(op)
+            if run is not None:
+                apply(run.op())
             return ret
 
     # ----- interrupts ------------------------------------------------------------------
@@ -485,6 +519,8 @@ class Hypervisor:
                 return _FAIL
             vm.msi_count += 1
             vm.msi_recent.append((m.msi_addr, m.msi_data))
+            if slot.config.load_order == "post":
+                self.backend.inject_msi(vm.vmid, m.msi_addr, m.msi_data)
             return 0
 
     def set_irqline(self, vmid: int, value: int) -> int:
@@ -505,6 +541,8 @@ class Hypervisor:
             if gsi >= gsi_count:
                 return _FAIL
             vm.record_irqline(gsi, op)
+            if slot.config.load_order == "post":
+                self.backend.set_irqline(vm.vmid, gsi, op)
             return 0
 
     def vm_intr_monitor(self, vmid: int, page: SharedPage) -> int:
@@ -860,6 +898,7 @@ class Hypervisor:
             for v in vcpus:
                 if not v.join(max(0.0, deadline - time.monotonic())):
                     _log.warning("hypervisor.vcpu_thread_lingers", vmid=v.vmid, vcpu=v.vcpu_id)
+            self.backend.shutdown()
         _log.info("hypervisor.shutdown", vcpus=len(vcpus))
 
 
@@ -876,3 +915,36 @@ def _put(out: bytearray, data: bytes) -> int:
 
 def _aligned(*values: int) -> bool:
     return not any(v % PAGE_SIZE for v in values)
+
+
+class _AddRun:
+    """Consecutive MR_ADD ops that continue each other: guest, service-VM and host
+    addresses all contiguous, same attributes, same backing."""
+
+    __slots__ = ("first", "size")
+
+    def __init__(self, op: MemoryRegionOp) -> None:
+        self.first = op
+        self.size = op.size
+
+    def extend(self, op: MemoryRegionOp) -> bool:
+        f, n = self.first, self.size
+        if (
+            op.user_vm_pa != f.user_vm_pa + n
+            or op.service_vm_pa != f.service_vm_pa + n
+            or op.attr != f.attr
+            or op.backing is not f.backing
+            or (op.host_va is None) != (f.host_va is None)
+            or (f.host_va is not None and op.host_va != f.host_va + n)
+        ):
+            return False
+        self.size = n + op.size
+        return True
+
+    def op(self) -> MemoryRegionOp:
+        f = self.first
+        if self.size == f.size:
+            return f
+        return MemoryRegionOp(
+            f.type, f.attr, f.user_vm_pa, f.service_vm_pa, self.size, f.backing, f.host_va
+        )

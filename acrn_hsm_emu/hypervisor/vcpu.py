@@ -209,6 +209,20 @@ class Vcpu:
             ev.clear()  # every waker also changed a flag `interrupted` looks at
         return False
 
+    def cpuid_model(self, leaf: int, subleaf: int) -> Regs:
+        return self.vm.cpuid(leaf, subleaf)
+
+    def guest_stop(self, event: str, **details: object) -> None:
+        """Pause the VM because of its guest (shutdown, triple fault, unrunnable state)."""
+        vm = self.vm
+        with vm.lock:
+            if vm.state != _RUNNING:
+                return
+            vm.state = _PAUSED
+        _log.warning(event, vmid=vm.vmid, **details)
+        for v in vm.vcpus:
+            v.kick()
+
     def mismatch(self, what: str, expected: object, got: object) -> None:
         self.mismatches += 1
         _log.warning(

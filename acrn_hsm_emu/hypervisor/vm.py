@@ -84,10 +84,16 @@ class EptMapping:
 
 
 class GuestMemoryMap:
-    """The guest-physical map built by SET_MEMORY_REGIONS: sorted, non-overlapping."""
+    """The guest-physical map built by SET_MEMORY_REGIONS: sorted, non-overlapping.
+
+    Lookups and updates bisect a parallel list of start addresses, so adding,
+    deleting or finding a range costs O(log n) comparisons plus the pieces it
+    touches (and one C-level list move), whatever the number of mappings.
+    """
 
     def __init__(self) -> None:
         self._maps: list[EptMapping] = []
+        self._starts: list[int] = []
 
     def __iter__(self) -> Iterator[EptMapping]:
         return iter(self._maps)
@@ -99,41 +105,65 @@ class GuestMemoryMap:
         """Map ``m``, replacing whatever overlapped it."""
         if m.size == 0:
             return
-        self._carve(m.gpa, m.end)
-        bisect.insort(self._maps, m, key=lambda x: x.gpa)
+        i = self._carve(m.gpa, m.end)
+        self._maps.insert(i, m)
+        self._starts.insert(i, m.gpa)
+
+    def find(self, gpa: int) -> EptMapping | None:
+        """The mapping holding ``gpa``, or None."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and gpa < self._maps[i].end:
+            return self._maps[i]
+        return None
 
     def covers(self, gpa: int, size: int) -> bool:
         """Every byte of [gpa, gpa+size) is mapped (ACRN's ``ept_is_valid_mr``)."""
-        pos, end = gpa, gpa + size
         if size == 0:
             return True
-        for m in self._maps:
-            if m.end <= pos:
-                continue
+        pos, end = gpa, gpa + size
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i < 0:
+            return False
+        maps = self._maps
+        while i < len(maps):
+            m = maps[i]
             if m.gpa > pos:
                 return False
-            pos = m.end
-            if pos >= end:
-                return True
-        return pos >= end
+            if m.end > pos:
+                pos = m.end
+                if pos >= end:
+                    return True
+            i += 1
+        return False
 
     def delete(self, gpa: int, size: int) -> None:
-        self._carve(gpa, gpa + size)
+        if size:
+            self._carve(gpa, gpa + size)
 
     def clear(self) -> None:
         self._maps.clear()
+        self._starts.clear()
 
-    def _carve(self, start: int, end: int) -> None:
-        out: list[EptMapping] = []
-        for m in self._maps:
-            if m.end <= start or m.gpa >= end:
-                out.append(m)
-                continue
-            if m.gpa < start:
-                out.append(m.piece(m.gpa, start))
-            if m.end > end:
-                out.append(m.piece(end, m.end))
-        self._maps = out
+    def _carve(self, start: int, end: int) -> int:
+        """Unmap [start, end); returns the index where a mapping at ``start`` belongs."""
+        maps = self._maps
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0 or maps[i].end <= start:
+            i += 1
+        j = i
+        while j < len(maps) and maps[j].gpa < end:
+            j += 1
+        if i == j:
+            return i
+        keep: list[EptMapping] = []
+        first, last = maps[i], maps[j - 1]
+        if first.gpa < start:
+            keep.append(first.piece(first.gpa, start))
+        if last.end > end:
+            keep.append(last.piece(end, last.end))
+        maps[i:j] = keep
+        self._starts[i:j] = [m.gpa for m in keep]
+        return i + (1 if keep and keep[0].gpa < start else 0)
 
 
 IRQ_OPS = {

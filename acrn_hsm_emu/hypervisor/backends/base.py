@@ -6,20 +6,22 @@ counters. A backend only produces the guest's next access and consumes the
 read result, so a new backend does not touch the request path:
 
 - ``scripted`` replays a :class:`~acrn_hsm_emu.hypervisor.workload.Workload`.
-- a ``kvm`` backend would open a KVM VM in :meth:`Backend.vm_created`, map
-  guest RAM from :meth:`Backend.memory_changed` (``MemoryRegionOp.backing`` /
-  ``host_va`` say where the bytes are), load registers from
-  :meth:`Backend.vcpu_regs`, and in :meth:`VcpuBackend.run` call KVM_RUN:
-  a KVM_EXIT_IO / KVM_EXIT_MMIO becomes the returned :class:`Access`, the
-  value given to :meth:`VcpuBackend.complete` goes into the exit's data before
-  the next KVM_RUN; HLT makes ``run`` return None with ``idle`` True until an
-  interrupt; :meth:`VcpuBackend.kick` (another thread) sets
-  ``immediate_exit`` / signals the thread so KVM_RUN returns for a pause.
+- ``kvm`` (``kvm.py``, ``docs/kvm.md``) opens a KVM VM in
+  :meth:`Backend.vm_created`, maps guest RAM from
+  :meth:`Backend.memory_changed` (``MemoryRegionOp.backing`` / ``host_va``
+  say where the bytes are), loads registers from :meth:`Backend.vcpu_regs`,
+  and in :meth:`VcpuBackend.run` calls KVM_RUN: a KVM_EXIT_IO / KVM_EXIT_MMIO
+  becomes the returned :class:`Access`, the value given to
+  :meth:`VcpuBackend.complete` goes into the exit's data before the next
+  KVM_RUN; :meth:`VcpuBackend.kick` (another thread) signals the thread so
+  KVM_RUN returns for a pause. Interrupts reach it through
+  :meth:`Backend.inject_msi` and :meth:`Backend.set_irqline`.
 
 Threading contract: every ``VcpuBackend`` method except :meth:`kick` is
 called only from that vCPU's own thread. ``Backend`` methods are called from
 the hypercall caller's thread with the hypervisor lock held, so they must be
-quick and must not wait for vCPU threads.
+quick and must not wait for vCPU threads (:meth:`Backend.vm_paused` may wait
+a few milliseconds for kicked vCPUs to leave the guest, as ACRN's pause does).
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ class VcpuHost(Protocol):
 
     def mismatch(self, what: str, expected: object, got: object) -> None:
         """Count and log a result that differs from the expected one."""
+        ...
+
+    def cpuid_model(self, leaf: int, subleaf: int) -> Regs:
+        """CPUID as the hypervisor models it for this VM (not counted): what a
+        backend that runs real code programs into its CPU."""
+        ...
+
+    def guest_stop(self, event: str, **details: object) -> None:
+        """The guest shut down, triple-faulted or cannot run: pause the VM, as
+        ACRN would stop it, with one log line ``event`` carrying ``details``."""
         ...
 
 
@@ -121,5 +133,32 @@ class Backend(Protocol):
         ...
 
     def vcpu_regs(self, vmid: int, vcpu_id: int, regs: bytes) -> None:
-        """SET_VCPU_REGS accepted (296-byte acrn_vcpu_regs)."""
+        """SET_VCPU_REGS passed the hypervisor's checks (296-byte acrn_vcpu_regs); takes
+        effect when the vCPU next starts. Raise :class:`BackendError` to refuse them
+        (the hypercall then fails with -1)."""
+        ...
+
+    def vm_started(self, vmid: int) -> None:
+        """START_VM: the VM is RUNNING (its vCPUs are kicked right after)."""
+        ...
+
+    def vm_paused(self, vmid: int) -> None:
+        """PAUSE_VM: the VM is PAUSED and its vCPUs were kicked."""
+        ...
+
+    def vm_reset(self, vmid: int) -> None:
+        """RESET_VM: the VM is CREATED again; each vCPU's :meth:`VcpuBackend.reset`
+        follows on its own thread."""
+        ...
+
+    def inject_msi(self, vmid: int, addr: int, data: int) -> None:
+        """INJECT_MSI accepted by the hypervisor."""
+        ...
+
+    def set_irqline(self, vmid: int, gsi: int, op: int) -> None:
+        """SET_IRQLINE accepted by the hypervisor (op: ACRN's SET_HIGH .. FALLING_PULSE)."""
+        ...
+
+    def shutdown(self) -> None:
+        """The hypervisor shuts down (vCPU threads stopped): release everything."""
         ...

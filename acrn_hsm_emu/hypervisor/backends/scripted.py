@@ -57,6 +57,24 @@ class ScriptedBackend:
     def vcpu_regs(self, vmid: int, vcpu_id: int, regs: bytes) -> None:
         pass
 
+    def vm_started(self, vmid: int) -> None:
+        pass
+
+    def vm_paused(self, vmid: int) -> None:
+        pass
+
+    def vm_reset(self, vmid: int) -> None:
+        pass
+
+    def inject_msi(self, vmid: int, addr: int, data: int) -> None:
+        pass  # recorded by the hypervisor; there is no guest to interrupt
+
+    def set_irqline(self, vmid: int, gsi: int, op: int) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
 
 class ScriptedVcpu:
     """Replays one vCPU's program; all methods but :meth:`kick` run on the vCPU thread."""

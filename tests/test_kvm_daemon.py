@@ -1,0 +1,331 @@
+"""Issue 4's acceptance checks: guests' own instructions make the I/O requests.
+
+The real daemon (``--backend kvm``) serves a FUSE node; tests/clients/vm_sample.c
+(a vm-sample-style launcher: zero-filled CREATE_VM, posix_memalign'd or memfd
+RAM, SET_MEMSEG, SET_VCPU_REGS, one ioreq client) runs guests from
+tests/guests/, assembled here with binutils, and prints every request it
+handles.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.guests.build import Guest, assemble, page_tables_64
+from tests.support.cbuild import build_c
+
+pytestmark = [pytest.mark.needs_kvm, pytest.mark.needs_fuse]
+
+HANG_GUARD_S = 60.0
+_KV = re.compile(r"(\w+)=(\S+)")
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Guest]:
+    out = tmp_path_factory.mktemp("guests")
+    made: dict[str, Guest] = {}
+
+    def get(name: str, load: int = 0, bits: int = 32) -> Guest:
+        if name not in made:
+            made[name] = assemble(name, out, load, bits)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture
+def kvm_daemon(daemon_factory):
+    return daemon_factory("--backend", "kvm", "--log-level", "debug")
+
+
+@dataclass
+class Run:
+    """What vm_sample printed."""
+
+    lines: list[str]
+    reqs: list[dict[str, object]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for line in self.lines:
+            if line.startswith("req "):
+                d: dict[str, object] = {}
+                for k, v in _KV.findall(line):
+                    d[k] = v if k in ("type", "dir") else int(v, 0)
+                self.reqs.append(d)
+
+    def writes(self, port: int) -> list[int]:
+        return [
+            r["value"] for r in self.reqs  # type: ignore[misc]
+            if r["type"] == "pio" and r["dir"] == "w" and r["addr"] == port
+        ]
+
+    def first(self, prefix: str) -> dict[str, int]:
+        for line in self.lines:
+            if line.startswith(prefix + " "):
+                return {k: int(v, 0) for k, v in _KV.findall(line)}
+        raise AssertionError(f"no {prefix!r} line in {self.lines}")
+
+
+def vm_sample(daemon, *args: str) -> Run:
+    proc = subprocess.run(
+        [str(build_c("vm_sample")), *args, str(daemon.node)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{daemon.log()}"
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith("done requests="), lines
+    return Run(lines)
+
+
+def events(daemon, name: str) -> list[dict[str, object]]:
+    out = []
+    for line in daemon.log().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == name:
+            out.append(e)
+    return out
+
+
+def kvm_fds(pid: int) -> list[str]:
+    out = []
+    for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if target.startswith("anon_inode:kvm-"):
+            out.append(target)
+    return out
+
+
+def wait_for(pred: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# ----- the acceptance checks ------------------------------------------------------------
+
+
+def test_cpuid_leaves_reach_a_vm_sample_client(kvm_daemon, guests) -> None:
+    """A 16-bit guest writes CPUID 0x40000000/0x40000001 to ports; the client,
+    with private memory and vm-sample's real-mode registers, reads "ACRN"."""
+    run = vm_sample(kvm_daemon, "-g", f"{guests('cpuid16').path}@0")
+    assert run.lines[0].startswith("vmid=") and run.lines[0].endswith("ram=private")
+    sig = b"".join(v.to_bytes(4, "little") for v in run.writes(0x10))
+    assert sig == b"ACRNACRNACRN"
+    assert run.writes(0x11) == [0x40000010]  # the highest hypervisor leaf
+    assert run.writes(0x12) == [0]  # features: bit 0 (privileged) clear for a User VM
+    assert run.writes(0x13)[0] >> 31 == 1  # CPUID.1:ECX[31]: a hypervisor is present
+    assert run.writes(0x14) == [2_000_000]  # TSC kHz from the scenario
+    copied = events(kvm_daemon, "kvm.private_memory_copied")
+    assert len(copied) == 1 and "not seen by the other" in str(copied[0]["note"])
+
+
+def test_a_read_answer_reaches_the_guest_register(kvm_daemon, guests) -> None:
+    """IN, then OUT of the value plus one, for 1, 2 and 4 bytes; string I/O per element."""
+    run = vm_sample(
+        kvm_daemon, "-g", f"{guests('roundtrip16').path}@0",
+        "-a", "0x30=0x41", "-a", "0x32=0x1234", "-a", "0x34=0xfffffffe", "-a", "0x41=0x4142",
+    )  # fmt: skip
+    assert run.writes(0x31) == [0x42]
+    assert run.writes(0x33) == [0x1235]
+    assert run.writes(0x35) == [0xFFFFFFFF]
+    assert bytes(run.writes(0x40)) == b"ACRN"  # rep outsb: four 1-byte requests
+    ins = [r for r in run.reqs if r["addr"] == 0x41]
+    assert [(r["dir"], r["size"]) for r in ins] == [("r", 2), ("r", 2)]  # rep insw
+    assert run.writes(0x42) == [0x41424142]  # both words landed in guest memory
+    reads = [r for r in run.reqs if r["dir"] == "r"]
+    assert [(r["addr"], r["size"]) for r in reads][:3] == [(0x30, 1), (0x32, 2), (0x34, 4)]
+
+
+def test_unmapped_gpa_is_mmio_and_cf8_cfc_is_pcicfg(kvm_daemon, guests) -> None:
+    run = vm_sample(
+        kvm_daemon, "-g", f"{guests('mmio16').path}@0", "-M", "0x20020=0xbeef", "-P", "0xcafef00d",
+    )  # fmt: skip
+    mmio = [(r["dir"], r["addr"], r["size"], r["value"]) for r in run.reqs if r["type"] == "mmio"]
+    assert mmio == [
+        ("w", 0x20010, 4, 0x12345678),
+        ("w", 0x20031, 1, 0x5A),
+        ("r", 0x20020, 2, 0xBEEF),
+    ]
+    assert run.writes(0x36) == [0xBEEF]
+    pci = [
+        (r["dir"], r["bus"], r["dev"], r["func"], r["reg"], r["size"])
+        for r in run.reqs
+        if r["type"] == "pci"
+    ]
+    assert pci == [("r", 0, 3, 2, 0x10, 4), ("w", 0, 3, 2, 0x12, 1)]
+    assert run.writes(0x37) == [0xCAFEF00D]
+    assert [r for r in run.reqs if r["type"] == "pio" and r["addr"] in (0xCF8, 0xCFC, 0xCFE)] == []
+    assert run.writes(0x38) == [0]  # CF8 read: the hypervisor's latch, cleared by the CFC access
+
+
+def pm32_args(g: Guest) -> list[str]:
+    s = g.symbols
+    return [
+        "-m", "0x20000", "-g", f"{g.path}@{g.load:#x}", "-r", "pm32", "-e", hex(g.load),
+        "-s", "0x8000", "-G", f"{s['gdt']:#x}:{s['gdt_end'] - s['gdt'] - 1:#x}",
+        "-I", f"{s['idt']:#x}:{s['idt_end'] - s['idt'] - 1:#x}",
+    ]  # fmt: skip
+
+
+def test_32bit_protected_mode_guest(kvm_daemon, guests) -> None:
+    g = guests("pm32", 0x1000)
+    run = vm_sample(kvm_daemon, *pm32_args(g), "-M", "0xd0000010=41", "-d", "0x50")
+    assert run.writes(0x10) == [0xC0DE3232]
+    mmio = [(r["dir"], r["addr"], r["size"], r["value"]) for r in run.reqs if r["type"] == "mmio"]
+    assert mmio == [("w", 0xD0000000, 4, 0x11223344), ("r", 0xD0000010, 4, 41)]
+    assert run.writes(0x11) == [42]
+    assert run.writes(0x50) == [1]  # it got as far as enabling its local APIC
+
+
+def test_inject_msi_reaches_the_guest_interrupt_handler(kvm_daemon, guests) -> None:
+    """The guest installs a handler for vector 0x41 and halts with interrupts on;
+    INJECT_MSI (fixed, vector 0x41, APIC 0) makes the handler write port 0x51."""
+    run = vm_sample(kvm_daemon, *pm32_args(guests("pm32", 0x1000)), "-x", "0x50:1:msi:0x41")
+    assert "msi data=0x41" in run.lines
+    assert run.lines.index("msi data=0x41") < next(
+        i for i, line in enumerate(run.lines) if "addr=0x51" in line
+    )
+    assert run.writes(0x51) == [0x41]
+    assert run.writes(0x1F) == [1]
+
+
+def test_64bit_long_mode_guest(kvm_daemon, guests, tmp_path) -> None:
+    g = guests("long64", 0x1000, 64)
+    tables = tmp_path / "pt.bin"
+    tables.write_bytes(page_tables_64(0x10000))
+    run = vm_sample(
+        kvm_daemon, "-m", "0x20000", "-g", f"{g.path}@0x1000", "-g", f"{tables}@0x10000",
+        "-r", "long", "-e", "0x1000", "-c", "0x10000", "-s", "0x8000",
+        "-M", "0xd0000010=0xaabbccdd11223344",
+    )  # fmt: skip
+    mmio = [(r["dir"], r["addr"], r["size"], r["value"]) for r in run.reqs if r["type"] == "mmio"]
+    assert mmio == [("w", 0xD0000008, 8, 0x1122334455667788), ("r", 0xD0000010, 8, 0xAABBCCDD11223344)]
+    assert run.writes(0x10) == [0x11223344]
+    assert run.writes(0x11) == [0x11223344] and run.writes(0x12) == [0xAABBCCDD]
+
+
+def test_memfd_ram_is_shared_both_ways(kvm_daemon, guests) -> None:
+    """RAM backed by a memfd: the client sees the guest's store, the guest the client's."""
+    run = vm_sample(
+        kvm_daemon, "-f", "-g", f"{guests('shared16').path}@0",
+        "-x", "0x15:1:peek:0x600", "-x", "0x15:1:poke:0x604:0x5eed1234",
+    )  # fmt: skip
+    assert run.lines[0].endswith("ram=memfd")
+    assert run.first("peek") == {"gpa": 0x600, "value": 0xFEEDBEEF}
+    assert run.writes(0x16) == [0x5EED1234]
+    assert events(kvm_daemon, "kvm.private_memory_copied") == []
+    slots = events(kvm_daemon, "kvm.memory_slot")
+    assert [(s["kind"], s["gpa"]) for s in slots] == [("shared", "0x0")]
+    assert "memfd:vm_sample_ram" in str(slots[0]["file"])
+
+
+def _free_huge_pages() -> int:
+    try:
+        return int(pathlib.Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+    except OSError:
+        return 0
+
+
+@pytest.mark.skipif(_free_huge_pages() < 1, reason="no free 2 MiB huge pages (vm.nr_hugepages)")
+def test_hugetlb_memfd_ram_is_shared(kvm_daemon, guests) -> None:
+    """acrn-dm's kind of RAM: a MFD_HUGETLB memfd."""
+    run = vm_sample(
+        kvm_daemon, "-H", "-m", "0x200000", "-g", f"{guests('shared16').path}@0",
+        "-x", "0x15:1:peek:0x600", "-x", "0x15:1:poke:0x604:0x5eed1234",
+    )  # fmt: skip
+    assert run.lines[0].endswith("ram=hugetlb")
+    assert run.first("peek") == {"gpa": 0x600, "value": 0xFEEDBEEF}
+    assert run.writes(0x16) == [0x5EED1234]
+
+
+def test_private_ram_is_a_copy(kvm_daemon, guests) -> None:
+    """posix_memalign'd RAM is copied at START_VM: the documented one-way snapshot."""
+    run = vm_sample(
+        kvm_daemon, "-g", f"{guests('shared16').path}@0",
+        "-x", "0x15:1:peek:0x600", "-x", "0x15:1:poke:0x604:0x5eed1234",
+    )  # fmt: skip
+    assert run.first("peek") == {"gpa": 0x600, "value": 0}
+    assert run.writes(0x16) == [0]
+    assert len(events(kvm_daemon, "kvm.private_memory_copied")) == 1
+
+
+def test_pause_stops_a_spinning_guest_and_reset_reruns_it(kvm_daemon, guests) -> None:
+    """The guest counts in RAM without any I/O. PAUSE_VM returns and the count
+    stands still; RESET_VM + START_VM runs from the architectural reset state
+    (F000:FFF0, mapped to the image's reset vector); RESET_VM + SET_VCPU_REGS +
+    START_VM runs from the registers again."""
+    run = vm_sample(
+        kvm_daemon, "-f", "-m", "0x100000", "-A", "0xffff0000:0xf0000:0x10000",
+        "-g", f"{guests('spin16').path}@0", "-g", f"{guests('reset16', 0xF0000).path}@0xf0000",
+        "-x", "0x60:1:pause:0x500", "-x", "0x60:1:reset",
+        "-x", "0x60:2:pause:0x500", "-x", "0x60:2:resetregs",
+        "-x", "0x60:3:pause:0x500", "-x", "0x60:3:stop",
+    )  # fmt: skip
+    assert run.writes(0x60) == [0xA1, 0xB2, 0xA1]
+    paused = [
+        {k: int(v, 0) for k, v in _KV.findall(line)} for line in run.lines if line.startswith("paused")
+    ]
+    assert len(paused) == 3
+    for p in paused:
+        assert p["after_pause"] == p["later"]  # stopped by the time PAUSE_VM returned
+        assert p["after_pause"] >= p["running_count"]
+    assert run.lines.count("reset") == 1 and run.lines.count("resetregs") == 1
+
+
+def test_destroy_and_close_free_the_kvm_vm(kvm_daemon, guests) -> None:
+    pid = kvm_daemon.proc.pid
+    vm_sample(kvm_daemon, "-g", f"{guests('cpuid16').path}@0")
+    wait_for(lambda: kvm_fds(pid) == [], "DESTROY_VM to free the KVM VM")
+    # a client killed while its guest spins: release pauses and destroys the VM
+    proc = subprocess.Popen(
+        [str(build_c("vm_sample")), "-f", "-g", f"{guests('spin16').path}@0", str(kvm_daemon.node)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "addr=0x60" in line:
+                break
+        fds = kvm_fds(pid)
+        assert "anon_inode:kvm-vm" in fds and any(f.startswith("anon_inode:kvm-vcpu") for f in fds)
+        assert "memfd:vm_sample_ram" in pathlib.Path(f"/proc/{pid}/maps").read_text()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=HANG_GUARD_S)
+    wait_for(lambda: kvm_fds(pid) == [], "the closed file to free the KVM VM")
+    wait_for(
+        lambda: "memfd:vm_sample_ram" not in pathlib.Path(f"/proc/{pid}/maps").read_text(),
+        "the guest RAM mapping to go",
+    )
+    assert len(events(kvm_daemon, "kvm.vm_freed")) == 2
+
+
+def test_auto_picks_kvm_and_logs_it(daemon_factory) -> None:
+    d = daemon_factory()  # --backend auto
+    st = json.loads(d.cli("status", "--json").stdout)
+    assert st["backend"] == "kvm"
+    chosen = events(d, "hypervisor.backend_chosen")
+    assert len(chosen) == 1 and chosen[0]["backend"] == "kvm" and chosen[0]["requested"] == "auto"
+    assert events(d, "kvm.backend_ready")
+
