@@ -68,7 +68,8 @@ async def test_vm_owner_serves_its_default_client_with_an_async_handler(hsm_daem
         assert st["ram_mappings"] == 1 and st["state"] == "RUNNING"
         hv = control.hv_vm(vm.vmid)
         assert hv["name"] == "lib-test"
-        assert any(m["gpa"] == 0x100000 and m["size"] == 0x3000 for m in hv["memory"])
+        mapped = [m for m in hv["memory"] if 0x100000 <= m["gpa"] < 0x103000]
+        assert sum(m["size"] for m in mapped) == 0x3000  # one op per page, maybe merged
     assert [(r.vcpu, r.kind, r.write, r.address, r.size) for r in seen[:4]] == [
         (0, "pio", False, 0x70, 2),
         (1, "mmio", False, 0xE000_0000, 8),
