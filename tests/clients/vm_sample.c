@@ -39,6 +39,7 @@
  *   req vcpu=0 type=pci dir=r bus=0 dev=3 func=2 reg=0x10 size=4 value=0x...
  * (reads show the answer given; -q: no request lines), lines for the actions, then
  *   cycle ns p50=.. p99=.. mean=.. per_s=..   (request to request, from the 2nd on)
+ * (after "vmid=.." a line "memseg ns=.." gives the time the SET_MEMSEGs took)
  *   done requests=N
  * after PAUSE_VM, DESTROY_VM and close. Exit 0, or 1 with a message on stderr.
  */
@@ -425,9 +426,11 @@ int main(int argc, char **argv)
 	printf("vmid=%u vcpu_num=%u ram=%s\n", vmid, create_vm.vcpu_num,
 	       huge ? "hugetlb" : use_memfd ? "memfd" : "private");
 
+	uint64_t t_memseg = now_ns();
 	add_memseg(0, ram, ram_size);
 	for (int i = 0; i < n_aliases; i++)
 		add_memseg(aliases[i].gpa, ram + aliases[i].off, aliases[i].len);
+	printf("memseg ns=%" PRIu64 "\n", now_ns() - t_memseg);
 
 	regs.vcpu_id = 0;
 	int client = ioctl(hsm_fd, ACRN_IOCTL_CREATE_IOREQ_CLIENT, 0);
