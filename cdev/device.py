@@ -9,9 +9,11 @@ which cdev runs in its own task and answers when it finishes.
 from __future__ import annotations
 
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+import trio
 
 
 class RequestContext:
@@ -98,23 +100,48 @@ class Deferred:
     the waiter; a later :meth:`reply` is then ignored.
     """
 
-    __slots__ = ("_send", "done", "on_cancel", "call")
+    __slots__ = ("_send", "done", "on_cancel", "call", "result", "_event")
 
     def __init__(self, on_cancel: Callable[[Deferred], None] | None = None) -> None:
         self._send: Callable[[IoctlResult], None] | None = None
         self.done = False
         self.on_cancel = on_cancel
         self.call: IoctlCall | None = None
+        self.result: IoctlResult | None = None
+        self._event: trio.Event | None = None
 
     def reply(self, result: IoctlResult) -> bool:
         """Answer now; False if the request was already answered (interrupted)."""
         if self.done:
             return False
         self.done = True
+        self.result = result
         send, self._send = self._send, None
         if send is not None:
             send(result)
+        if self._event is not None:
+            self._event.set()
         return True
+
+    def cancel(self) -> None:
+        """The waiter gives up (an in-process caller going away): forget it."""
+        if not self.done:
+            self.done = True
+            self._send = None
+            if self.on_cancel is not None:
+                self.on_cancel(self)
+
+    def __await__(self) -> Generator[Any, None, IoctlResult]:
+        """In-process callers (tests, Python clients of a device) can await the answer."""
+        return self._wait().__await__()
+
+    async def _wait(self) -> IoctlResult:
+        if not self.done:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        assert self.result is not None
+        return self.result
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from test_hsm_harness import Buf, HvProxy, VmSetup, call, creation, hypervisor, 
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm.ioreq import IoreqClient
+from cdev.device import Deferred
 
 PIO = abi.ACRN_IOREQ_TYPE_PORTIO
 MMIO = abi.ACRN_IOREQ_TYPE_MMIO
@@ -305,8 +306,9 @@ async def test_attach_is_level_triggered(hv):
     assert s.ioctl(abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT) == 0  # still set
     assert s.notify(0) == 0
     waiter = s.ioctl(abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
-    assert not isinstance(waiter, int)  # nothing pending any more: it would wait
-    waiter.close()
+    assert isinstance(waiter, Deferred) and not waiter.done  # nothing pending: it waits
+    waiter.cancel()
+    assert s.vm.default_client.waiters == 0
 
 
 async def test_attach_waits_for_a_dispatched_request(hv):
@@ -381,8 +383,9 @@ async def test_interrupted_attach_answers_zero_and_leaves_the_client(hv):
     hv, s = setup(hv)
     c = call(abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
     waiter = s.dev.ioctl(s.file, c)
-    assert not isinstance(waiter, int)
-    waiter.close()  # cdev cancels the waiting coroutine
+    assert isinstance(waiter, Deferred)
+    waiter.cancel()  # what cdev does on an interrupt: the device forgets the waiter
+    assert s.vm.default_client.waiters == 0
     assert s.dev.interrupted(s.file, c) == 0
     assert s.vm.default_client is not None
 

@@ -26,7 +26,7 @@ from acrn_hsm_emu.hsm.ranges import Binding, BindPolicy
 from acrn_hsm_emu.hsm.vm import INVALID_VMID, Vm, vm_create, vm_destroy
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
-from cdev.device import ArgSpec, BaseDevice, IoctlCall, IoctlResult, RequestContext
+from cdev.device import ArgSpec, BaseDevice, Deferred, IoctlCall, IoctlResult, RequestContext
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -48,7 +48,7 @@ _PM_RESULT_SIZE = {
     abi.ACRN_PMCMD_GET_CX_DATA: 32,
 }
 
-Handler = Callable[[Vm, IoctlCall], "IoctlResult | Awaitable[IoctlResult]"]
+Handler = Callable[[Vm, IoctlCall], "IoctlResult | Deferred | Awaitable[IoctlResult]"]
 
 
 class HsmFile:
@@ -209,7 +209,7 @@ class HsmDevice(BaseDevice):
                 ret=ret,
             )
 
-    def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Awaitable[IoctlResult]:
+    def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         if call.compat:
             return -errno.ENOTTY  # no compat_ioctl in the driver
         assert isinstance(handle, HsmFile)
@@ -376,7 +376,7 @@ class HsmDevice(BaseDevice):
         self.dispatcher.client_create(vm, "acrndm", True)
         return 0
 
-    def _attach_ioreq_client(self, vm: Vm, call: IoctlCall) -> IoctlResult | Awaitable[IoctlResult]:
+    def _attach_ioreq_client(self, vm: Vm, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         client = vm.default_client
         if client is None:
             return -errno.ENODEV
@@ -389,7 +389,7 @@ class HsmDevice(BaseDevice):
             self.dispatcher.client_destroy(vm.default_client)
         return 0
 
-    def _clear_vm_ioreq(self, vm: Vm, call: IoctlCall) -> IoctlResult | Awaitable[IoctlResult]:
+    def _clear_vm_ioreq(self, vm: Vm, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         op = self.dispatcher.request_clear(vm)
         if not op.range_pending():
             return op.finish()
@@ -453,7 +453,7 @@ class HsmDevice(BaseDevice):
 
     def _bound_ioctl(
         self, f: HsmFile, binding: Binding, call: IoctlCall
-    ) -> IoctlResult | Awaitable[IoctlResult]:
+    ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         cmd = call.cmd
         if cmd not in _BOUND_ALLOWED:
             if cmd == CREATE_VM:

@@ -22,6 +22,7 @@ from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
+from cdev.device import Deferred
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.hsm.vm import Vm
@@ -190,7 +191,7 @@ class IoreqClient:
     """
 
     __slots__ = (
-        "name", "vm", "is_default", "destroying", "ranges", "bitmap", "handler", "_lot",
+        "name", "vm", "is_default", "destroying", "ranges", "bitmap", "handler", "_waiting",
         "remote", "inflight", "served", "orphaned",
     )  # fmt: skip
 
@@ -209,7 +210,7 @@ class IoreqClient:
         self.ranges: list[tuple[int, int, int]] = []
         self.bitmap = 0
         self.handler = handler
-        self._lot = trio.lowlevel.ParkingLot()
+        self._waiting: list[Deferred] = []  # blocked ATTACH calls, answered by wake()
         self.remote = remote
         # remote clients: (type, direction) of the request each vCPU's bit stands for
         self.inflight: list[tuple[int, int] | None] = [None] * SLOTS
@@ -217,18 +218,30 @@ class IoreqClient:
         self.orphaned = 0  # remote: requests completed for it after it went away
 
     def wake(self) -> None:
-        if self._lot:
-            self._lot.unpark_all()
+        """Answer the blocked ATTACH calls if their condition now holds."""
+        if self._waiting and (self.bitmap or self.destroying):
+            answer = -errno.ENODEV if self.destroying else 0
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.reply(answer)
 
     @property
     def waiters(self) -> int:
-        return len(self._lot)
+        return len(self._waiting)
 
-    async def wait(self) -> int:
-        """acrn_ioreq_client_wait for a default client: level-triggered, ENODEV on destroy."""
-        while not self.bitmap and not self.destroying:
-            await self._lot.park()
-        return -errno.ENODEV if self.destroying else 0
+    def wait(self) -> Deferred:
+        """acrn_ioreq_client_wait: level-triggered, ENODEV on destroy.
+
+        A Deferred, answered by :meth:`wake` from the dispatcher pass that sets a
+        bit (or from the destroy): no task per waiting ATTACH.
+        """
+        d = Deferred(on_cancel=self._forget)
+        self._waiting.append(d)
+        return d
+
+    def _forget(self, d: Deferred) -> None:
+        if d in self._waiting:
+            self._waiting.remove(d)
 
     def range_add(self, type: int, start: int, end: int) -> int:
         if end < start:
