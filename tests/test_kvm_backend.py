@@ -444,3 +444,21 @@ def test_kick_signal_is_harmless_process_wide() -> None:
     assert signal.getsignal(kvm_mod.KICK_SIGNAL) == signal.SIG_DFL
     os.kill(os.getpid(), kvm_mod.KICK_SIGNAL)
     assert ctypes.sizeof(ctypes.c_int) == 4  # still alive
+
+
+def test_injected_accesses_interleave_with_a_running_guest(rigs, guests) -> None:
+    """``inject`` (the control socket's) kicks the vCPU out of the guest, performs the
+    access between two KVM_RUNs, and the guest goes on."""
+    from acrn_hsm_emu.hypervisor.api import Access
+
+    r = rigs()
+    r.load(guests("spin16"))
+    r.answers[0x71] = 0x5A
+    assert r.hv.set_vcpu_regs(r.vmid, regs()) == 0
+    assert r.hv.start_vm(r.vmid) == 0
+    r.wait_write(0x60)
+    got = r.hv.inject(r.vmid, 0, Access("pio", False, 0x71, 1)).result(HANG_GUARD_S)
+    assert got == 0x5A
+    count = r.u32(0x500)
+    wait_for(lambda: r.u32(0x500) != count, "the guest to go on counting")
+    assert r.hv.snapshot()["vms"][0]["vcpus"][0]["injected"] == 1
