@@ -668,7 +668,7 @@ class KvmVcpu:
             except OSError:
                 continue  # not offered by this KVM: not restored either
             state.append((set_, bytes(buf)))
-            if set_ == k.KVM_SET_XCRS:  # MSRs after the control registers
+            if set_ == k.KVM_SET_REGS:  # MSRs right after the registers
                 msrs = self._get_msrs()
                 if msrs is not None:
                     state.append((k.KVM_SET_MSRS, msrs))
