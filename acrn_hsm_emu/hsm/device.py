@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -38,6 +39,7 @@ _CREATION_SIZE = 48
 _RESERVED_CREATION = struct.Struct("<2xH2xH")
 _NOTIFY = struct.Struct("<HHI")
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 # Byte ranges of acrn_vcpu_regs that must be zero: reserved[3], gdt.reserved,
 # idt.reserved, reserved_64[4], reserved_32[3] (spec: hsm 11).
 _VCPU_REGS_RESERVED = ((2, 8), (146, 152), (162, 168), (224, 256), (264, 276))
@@ -79,6 +81,28 @@ _BOUND_ALLOWED = {
 }
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Bounds the kernel does not have, so one client cannot exhaust the daemon.
+
+    Each refusal is logged (``hsm.limit``) and answered with an errno that says
+    what ran out: EAGAIN for a process's VMs (as RLIMIT_NPROC does for fork),
+    ENOMEM for memory segments (as the driver's 256 RAM mappings), ENOSPC for
+    eventfds and range clients (like the extension's range limit).
+    """
+
+    vms_per_process: int = 16
+    mmio_segments_per_vm: int = 1024
+    ioeventfds_per_vm: int = 256
+    irqfds_per_vm: int = 256
+    range_clients_per_vm: int = 16
+
+
+def _refuse(limit: str, value: int, err: int, **kw: object) -> int:
+    log.warning("hsm.limit", limit=limit, value=value, **kw)
+    return -err
+
+
 class HsmDevice(BaseDevice):
     """The ACRN Hypervisor Service Module, served by cdev.
 
@@ -116,7 +140,9 @@ class HsmDevice(BaseDevice):
         release_pauses: bool = True,
         bind_policy: BindPolicy = "owner",
         ioeventfd_mismatch: Literal["drop", "forward"] = "drop",
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits if limits is not None else Limits()
         self.hv = hypervisor
         self.release_pauses = release_pauses
         self.bind_policy = bind_policy
@@ -313,6 +339,9 @@ class HsmDevice(BaseDevice):
         if r0 | r1:
             return -errno.EINVAL
         pid = call.ctx.pid
+        mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and v.live)
+        if mine >= self.limits.vms_per_process:
+            return _refuse("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
         ret = vm_create(self.dispatcher, vm, param, pid, self.quirks, call.ctx.uid)
         if ret < 0:
             return ret
@@ -405,12 +434,22 @@ class HsmDevice(BaseDevice):
     def _set_memseg(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < 32:
             return -errno.EFAULT
-        return mm.memseg_map(self.dispatcher, vm, call.ctx.pid, self.fake_pa, call.in_data)
+        mmio = _U32.unpack_from(call.in_data)[0] == abi.ACRN_MEMMAP_MMIO
+        if mmio and vm.mmio_segments >= self.limits.mmio_segments_per_vm:
+            return _refuse("mmio_segments_per_vm", self.limits.mmio_segments_per_vm,
+                           errno.ENOMEM, vmid=vm.vmid)
+        ret = mm.memseg_map(self.dispatcher, vm, call.ctx.pid, self.fake_pa, call.in_data)
+        if mmio and ret == 0:
+            vm.mmio_segments += 1
+        return ret
 
     def _unset_memseg(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < 32:
             return -errno.EFAULT
-        return mm.memseg_unmap(self.dispatcher, vm, call.in_data)
+        ret = mm.memseg_unmap(self.dispatcher, vm, call.in_data)
+        if ret == 0 and vm.mmio_segments:
+            vm.mmio_segments -= 1
+        return ret
 
     def _pm_get_cpu_state(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < 8:
@@ -442,11 +481,18 @@ class HsmDevice(BaseDevice):
             return -errno.EFAULT
         if data[20:24] != b"\0\0\0\0":
             return -errno.EINVAL
+        assigning = not _U32.unpack_from(data, 4)[0] & abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
+        if assigning and len(vm.ioeventfds) >= self.limits.ioeventfds_per_vm:
+            return _refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
+                           vmid=vm.vmid)
         return ioeventfd.ioeventfd_config(vm, call.ctx.pid, data, owner)
 
     def _irqfd(self, vm: Vm, call: IoctlCall, owner: object = None) -> IoctlResult:
         if len(call.in_data) < 24:
             return -errno.EFAULT
+        assigning = not _U32.unpack_from(call.in_data, 4)[0] & abi.ACRN_IRQFD_FLAG_DEASSIGN
+        if assigning and len(vm.irqfds) >= self.limits.irqfds_per_vm:
+            return _refuse("irqfds_per_vm", self.limits.irqfds_per_vm, errno.ENOSPC, vmid=vm.vmid)
         return irqfd.irqfd_config(vm, self.hv, self._spawn, call.ctx.pid, call.in_data, owner)
 
     # -- a file bound to another file's VM (extension ABI) -----------------------
@@ -533,6 +579,10 @@ class HsmDevice(BaseDevice):
             return b
         if len(call.in_data) < ext.sizeof(ext.AcrnEmuRangeClient):
             return -errno.EFAULT
+        remote = sum(1 for c in b.vm.range_clients if c.remote is not None)
+        if remote >= self.limits.range_clients_per_vm:
+            return _refuse("range_clients_per_vm", self.limits.range_clients_per_vm, errno.ENOSPC,
+                           vmid=b.vm.vmid)
         return ranges.create_client(self.dispatcher, b, call.ctx, call.in_data)
 
     def _ext_destroy_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:

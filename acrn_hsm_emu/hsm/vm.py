@@ -48,7 +48,7 @@ class Vm:
         "range_clients", "default_client", "ioeventfd_client", "ioeventfds",
         "irqfds", "monitor_page", "ram_mappings", "regions_mapping_count",
         "counters", "opener_pid", "owner_pid", "failed", "orphaned", "lost_vmid",
-        "owner_uid", "generation", "bindings", "hypercalls",
+        "owner_uid", "generation", "bindings", "hypercalls", "mmio_segments",
     )  # fmt: skip
 
     def __init__(self, opener_pid: int) -> None:
@@ -67,6 +67,7 @@ class Vm:
         self.ioeventfd_client: IoreqClient | None = None
         self.ioeventfds: list[Ioeventfd] = []
         self.irqfds: list[Irqfd] = []
+        self.mmio_segments = 0  # MMIO SET_MEMSEGs in force (the daemon's limit)
         self.monitor_page: SharedPage | None = None
         self.ram_mappings: list[RamMapping] = []
         self.regions_mapping_count = 0  # never reset (quirk)
@@ -164,6 +165,7 @@ def vm_create(
         return -errno.EINVAL
     vm.owner_uid = uid
     vm.generation += 1
+    vm.mmio_segments = 0  # a new VM in the hypervisor: no MMIO regions yet
     vm.bindings = []
     vm.hypercalls = HypercallLog()
     d.list_add(vm)
