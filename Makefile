@@ -3,10 +3,28 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-APT_PKGS := fuse3 libfuse3-dev pkg-config gcc libc6-dev binutils make util-linux
+# systemd: systemd-analyze verifies the unit; strace checks its system call filter.
+APT_PKGS := fuse3 libfuse3-dev pkg-config gcc libc6-dev binutils make util-linux systemd strace
 ARGS ?=
 
-.PHONY: setup run test lint bench soak fuzz clean apt venv
+# make install: the package and its dependencies in a private directory (nothing goes
+# into the system Python), a launcher, the systemd unit, a default config, the docs.
+DESTDIR ?=
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib/acrn-hsm-emu
+DOCDIR ?= $(PREFIX)/share/doc/acrn-hsm-emu
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+INSTALL_PYTHON ?= /usr/bin/python3
+CONFIG := $(SYSCONFDIR)/acrn-hsm-emu/config.toml
+UNIT := acrn-hsm-emu.service
+# The installed unit names the installed paths.
+UNIT_SED := -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/acrn-hsm-emu|$(DOCDIR)|g' \
+	-e 's|/etc/acrn-hsm-emu/|$(SYSCONFDIR)/acrn-hsm-emu/|g'
+SYSTEMD_RUNNING = [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]
+
+.PHONY: setup run test lint bench soak fuzz clean apt venv install uninstall
 
 setup: apt venv
 
@@ -40,6 +58,34 @@ test: setup lint
 
 bench: setup
 	$(VPY) -m bench.run $(ARGS)
+
+install: venv
+	@pyver='import sys; print(sys.version_info[:2])'; \
+	[ "$$($(INSTALL_PYTHON) -c "$$pyver")" = "$$($(VPY) -c "$$pyver")" ] \
+	  || { echo "install: $(INSTALL_PYTHON) is not the Python version of $(VPY), which builds the package" >&2; exit 1; }
+	rm -rf $(DESTDIR)$(LIBDIR)
+	$(VPY) -m pip install -q --no-warn-script-location --target $(DESTDIR)$(LIBDIR) .
+	rm -rf $(DESTDIR)$(LIBDIR)/bin build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(SYSCONFDIR)/acrn-hsm-emu
+	sed -e 's|@PYTHON@|$(INSTALL_PYTHON)|' -e 's|@LIBDIR@|$(LIBDIR)|' systemd/acrn-hsm-emu.in > $(DESTDIR)$(BINDIR)/acrn-hsm-emu
+	chmod 755 $(DESTDIR)$(BINDIR)/acrn-hsm-emu
+	sed $(UNIT_SED) systemd/$(UNIT) > $(DESTDIR)$(UNITDIR)/$(UNIT)
+	chmod 644 $(DESTDIR)$(UNITDIR)/$(UNIT)
+	@# An existing config is the administrator's: never overwritten.
+	@if [ -e $(DESTDIR)$(CONFIG) ]; then echo "install: keeping $(DESTDIR)$(CONFIG)"; \
+	else install -m 644 systemd/config.toml $(DESTDIR)$(CONFIG); fi
+	install -m 644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
+
+uninstall:
+	@if $(SYSTEMD_RUNNING); then systemctl disable --now $(UNIT) 2>/dev/null || true; fi
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(BINDIR)/acrn-hsm-emu $(DESTDIR)$(UNITDIR)/$(UNIT)
+	@# The config goes only if it is still the one we installed.
+	@if cmp -s systemd/config.toml $(DESTDIR)$(CONFIG); then rm -f $(DESTDIR)$(CONFIG); \
+	elif [ -e $(DESTDIR)$(CONFIG) ]; then echo "uninstall: keeping the modified $(DESTDIR)$(CONFIG)"; fi
+	-@rmdir $(DESTDIR)$(SYSCONFDIR)/acrn-hsm-emu 2>/dev/null || true
+	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
 
 clean:
 	rm -rf build *.egg-info tests/clients/bin bench/bin cdev/_fuse*.so acrn_hsm_emu/_native*.so

@@ -134,15 +134,20 @@ def connect(path: str, timeout: float = 60.0) -> socket.socket:
 
 def _exchange(s: socket.socket, request: dict[str, Any]) -> tuple[Any, list[int]]:
     """Send one request; the result and any descriptors that came with the reply."""
-    s.sendall(json.dumps(request).encode() + b"\n")
     buf = b""
     fds: list[int] = []
-    while not buf.endswith(b"\n"):
-        chunk, more, _flags, _addr = socket.recv_fds(s, 65536, 4)
-        fds += more
-        if not chunk:
-            raise CliError("the daemon closed the control connection")
-        buf += chunk
+    try:
+        s.sendall(json.dumps(request).encode() + b"\n")
+        while not buf.endswith(b"\n"):
+            chunk, more, _flags, _addr = socket.recv_fds(s, 65536, 4)
+            fds += more
+            if not chunk:
+                raise ConnectionResetError
+            buf += chunk
+    except TimeoutError:
+        raise CliError(f"the daemon did not answer within {s.gettimeout():g} s") from None
+    except ConnectionError:  # a refused peer gets a reset, or an EOF
+        raise CliError("the daemon closed the control connection") from None
     reply = json.loads(buf)
     if not reply.get("ok"):
         for fd in fds:

@@ -147,8 +147,8 @@ class Daemon:
             raise StartError(str(first_exception(group))) from None
         except* OSError as group:
             e = first_exception(group)
-            where = f"{e.filename}: " if e.filename else ""
-            raise StartError(f"cannot serve {s.node}: {where}{e.strerror or e}") from None
+            reason = f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)
+            raise StartError(f"cannot serve {s.node}: {reason}") from None
         await nursery.start(self._control_server)
         status = self._status_line()
         self.notifier.notify("READY=1", status)
@@ -336,8 +336,11 @@ class Daemon:
         assert self.server is not None
         node = self.settings.node
         if self.server.transport != "fuse":
-            msg = f"{node} is a {self.server.transport} device node, visible everywhere: nothing to publish"
-            return {"ok": False, "error": msg}, None
+            return {
+                "ok": False,
+                "error": f"{node} is a {self.server.transport} device node, visible everywhere: "
+                "nothing to publish",
+            }, None
         try:
             fd = publish.clone_tree(node)
         except OSError as e:

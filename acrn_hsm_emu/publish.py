@@ -30,10 +30,10 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 
 
-def _check(ret: int, what: str) -> int:
+def _check(ret: int, path: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, os.strerror(err), path)
     return ret
 
 
@@ -46,7 +46,7 @@ def clone_tree(path: str) -> int:
             ctypes.c_char_p(path.encode()),
             ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
         ),
-        f"open_tree({path})",
+        path,
     )
 
 
@@ -61,7 +61,7 @@ def attach_tree(fd: int, path: str) -> None:
             ctypes.c_char_p(path.encode()),
             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
         ),
-        f"move_mount onto {path}",
+        path,
     )
 
 

@@ -19,6 +19,7 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._addr: str | bytes = ""
         self._failing = False  # warn once per run of failures, not at every ping
+        self._watchdog = self._watchdog_from_env()
         if not address:
             return
         if address.startswith("@"):
@@ -55,6 +56,10 @@ class Notifier:
 
     def watchdog_interval(self) -> float | None:
         """Half of WATCHDOG_USEC when it is meant for this process, else None."""
+        return self._watchdog
+
+    @staticmethod
+    def _watchdog_from_env() -> float | None:
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         if not usec or (pid and pid != str(os.getpid())):

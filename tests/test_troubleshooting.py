@@ -1,0 +1,847 @@
+"""docs/troubleshooting.md: every message it lists is produced here, and it lists every message.
+
+The page's entries are its ``### `message` `` headings, ``<...>`` standing for
+the varying part. Each entry names a trigger below: a situation that makes
+the real program print it (command errors: stderr without the
+``acrn-hsm-emu: `` prefix; log events: the JSON ``event``). A few cannot
+happen on a healthy machine (libfuse failing, CUSE, which our kernels lack):
+those are produced by running the daemon's own code with a fault injected.
+The reverse check reads the message templates out of the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import errno
+import functools
+import io
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import structlog
+import trio
+
+from tests.conftest import REPO, VENV_BIN, Daemon, mounted_under
+from tests.support.cbuild import build_c
+
+PAGE = REPO / "docs" / "troubleshooting.md"
+EXE = str(VENV_BIN / "acrn-hsm-emu")
+PREFIX = "acrn-hsm-emu: "
+
+
+def page_messages() -> list[str]:
+    return re.findall(r"^### `(.+)`$", PAGE.read_text(), re.M)
+
+
+def as_regex(message: str) -> re.Pattern[str]:
+    parts = re.split(r"(<[^<>]+>)", message)
+    return re.compile("".join(".*" if p.startswith("<") and p.endswith(">") else re.escape(p) for p in parts))
+
+
+def candidates(output: str) -> list[str]:
+    """What a reader would look up: each line, without the command prefix, or a log line's event."""
+    out = []
+    for line in output.splitlines():
+        out.append(line)
+        if line.startswith(PREFIX):
+            out.append(line[len(PREFIX):])
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line)["event"])
+    return out
+
+
+# -- the situations ----------------------------------------------------------------------
+
+
+class Scene:
+    """Shared state of the triggers: a scratch directory, one running daemon, a cache."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp = tmp
+        self._daemon: Daemon | None = None
+        self._n = 0
+
+    def dir(self) -> pathlib.Path:
+        self._n += 1
+        d = self.tmp / f"t{self._n}"
+        d.mkdir()
+        return d
+
+    @property
+    def daemon(self) -> Daemon:
+        if self._daemon is None:
+            d = self.tmp / "main"
+            d.mkdir()
+            self._daemon = Daemon(d, "--backend", "scripted").start()
+        return self._daemon
+
+    def close(self) -> None:
+        if self._daemon is not None and self._daemon.proc is not None:
+            assert self._daemon.stop() == 0
+            self._daemon.notify.close()
+
+
+def run(*cmd: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False,
+                       env={**os.environ, **(env or {})})
+    return p.stdout + p.stderr
+
+
+def serve(d: pathlib.Path, *args: str, wrap: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
+    """A daemon that stops by itself: `serve ... -- true` (start errors end it earlier)."""
+    return run(*wrap, EXE, "serve", "--node", str(d / "acrn_hsm"), "--run-dir", str(d / "run"),
+               "--log-format", "json", "--backend", "scripted", *args, "--", "true", env=env)
+
+
+def in_namespace(script: str) -> tuple[str, ...]:
+    """A private mount namespace running ``script`` (sh), then the command after it."""
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", script + ' && exec "$@"', "sh")
+
+
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def cli(*args: str) -> str:
+    return run(EXE, *args)
+
+
+# configuration -----------------------------------------------------------------------------
+
+
+def t_config(s: Scene) -> str:
+    d = s.dir()
+    cfg = d / "config.toml"
+    cfg.write_text(textwrap.dedent(f"""\
+        bogus = 1
+        node = 5
+        run_dir = ""
+        transport = "usb"
+        workload = "relative/ok.toml"
+        control = "{'/' + 'x' * 200}"
+        node_mode = "rw"
+        node_owner = 1.5
+        node_group = 4294967295
+    """))
+    cfg2 = d / "config2.toml"
+    cfg2.write_text('node = "relative"\nnode_mode = 660\nnode_owner = "no-such-user-here"\n')
+    return "\n".join([
+        cli("check-config", "--config", str(cfg)),
+        cli("check-config", "--config", str(cfg2)),
+        cli("check-config", "--config", str(d / "missing.toml")),
+    ])
+
+
+def t_syntax(s: Scene) -> str:
+    cfg = s.dir() / "config.toml"
+    cfg.write_text("node = /dev/acrn_hsm\n")
+    return cli("check-config", "--config", str(cfg))
+
+
+def t_scenario_error(s: Scene) -> str:
+    d = s.dir()
+    (d / "scenario.toml").write_text("[platform]\npcpus = 0\n")
+    return serve(d, "--scenario", str(d / "scenario.toml"))
+
+
+# start-up ------------------------------------------------------------------------------------
+
+SCENARIO = """\
+[platform]
+acrn = {acrn}
+[[vm]]
+load_order = "service"
+name = "SOS"
+cpu_affinity = 1
+privileged = {privileged}
+[[vm]]
+load_order = "post"
+cpu_affinity = 1
+"""
+
+
+def t_not_acrn(s: Scene) -> str:
+    d = s.dir()
+    (d / "s.toml").write_text(SCENARIO.format(acrn="false", privileged="true"))
+    return serve(d, "--scenario", str(d / "s.toml"))
+
+
+def t_not_privileged(s: Scene) -> str:
+    d = s.dir()
+    (d / "s.toml").write_text(SCENARIO.format(acrn="true", privileged="false"))
+    return serve(d, "--scenario", str(d / "s.toml"))
+
+
+def t_no_fuse_device(s: Scene) -> str:
+    # A container started without --device /dev/fuse.
+    return serve(s.dir(), wrap=in_namespace("mount -t tmpfs tmpfs /dev"))
+
+
+def t_fuse_device_denied(s: Scene) -> str:
+    d = s.dir()
+    d.chmod(0o777)
+    # A user without access to /dev/fuse (CAP_DAC_OVERRIDE only lets it run the venv's Python
+    # from /root; access(2) ignores it for a non-root user).
+    return serve(d, wrap=(*in_namespace(
+        "mount -t tmpfs tmpfs /dev && mknod -m 0600 /dev/fuse c 10 229 && mknod -m 0666 /dev/null c 1 3"),
+        *AS_NOBODY, "--inh-caps=+dac_override", "--ambient-caps=+dac_override"))
+
+
+def t_node_mounted_on(s: Scene) -> str:
+    d = s.dir()
+    node = d / "acrn_hsm"
+    return serve(d, wrap=in_namespace(f"touch {node} && mount --bind {node} {node}"))
+
+
+def t_mount_dir_taken(s: Scene) -> str:
+    other = s.dir()
+    return run(EXE, "serve", "--node", str(other / "acrn_hsm"), "--run-dir", str(s.daemon.run_dir),
+               "--control", str(other / "control.sock"), "--log-format", "json", "--", "true")
+
+
+def t_no_parent(s: Scene) -> str:
+    return serve(s.dir(), "--node", "/nonexistent-acrn-hsm-dir/acrn_hsm")
+
+
+def t_char_device(s: Scene) -> str:
+    return serve(s.dir(), "--node", "/dev/null")
+
+
+def t_not_regular(s: Scene) -> str:
+    d = s.dir()
+    (d / "a_directory").mkdir()
+    return serve(d, "--node", str(d / "a_directory"))
+
+
+def t_no_sys_admin(s: Scene) -> str:
+    return serve(s.dir(), wrap=("setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-sys_admin"))
+
+
+def t_readiness_denied(s: Scene) -> str:
+    return serve(s.dir(), "--node-owner", "nobody", "--node-mode", "0600",
+                 wrap=("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override"))
+
+
+def t_cannot_serve(s: Scene) -> str:
+    return serve(s.dir(), "--node", "/proc/acrn_hsm")
+
+
+def t_control_in_use(s: Scene) -> str:
+    d = s.dir()
+    return serve(d, "--control", str(s.daemon.control))
+
+
+def t_cannot_listen(s: Scene) -> str:
+    d = s.dir()
+    (d / "control.sock").write_text("not a socket\n")
+    return serve(d, "--control", str(d / "control.sock"))
+
+
+def t_stale_mount(s: Scene) -> str:
+    d = s.dir()
+    first = Daemon(d, "--backend", "scripted").start()
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    first.notify.close()
+    try:
+        return serve(d)
+    finally:
+        for mp in reversed(mounted_under(d)):
+            subprocess.run(["umount", "-l", mp], check=False)
+
+
+def t_command_missing(s: Scene) -> str:
+    d = s.dir()
+    return run(EXE, "serve", "--node", str(d / "n"), "--run-dir", str(d / "run"), "--log-format", "json",
+               "--backend", "scripted", "--", "/nonexistent-command")
+
+
+def t_notify_socket(s: Scene) -> str:
+    d = s.dir()
+    return "\n".join([
+        serve(d, env={"NOTIFY_SOCKET": str(d / "nobody-listens.sock")}),
+        serve(d, env={"NOTIFY_SOCKET": "relative.sock", "WATCHDOG_USEC": "soon"}),
+    ])
+
+
+# in-process, with a fault injected into the real code ------------------------------------------
+
+
+class FaultyLib:
+    """cdev's libfuse binding with some functions replaced."""
+
+    def __init__(self, real: Any, **overrides: Callable[..., Any]) -> None:
+        self._real = real
+        self._overrides = overrides
+
+    def __getattr__(self, name: str) -> Any:
+        return self._overrides.get(name) or getattr(self._real, name)
+
+
+def _serve_with_fault(node: pathlib.Path, *, transport: str = "fuse", patches: dict[str, Any],
+                      server_patches: dict[str, Any] | None = None, call: str = "serve") -> str:
+    """Run cdev's Server on a test device with module attributes patched; the message it raises."""
+    import cdev.server as server_mod
+    from tests.support.testdev import TestDevice
+
+    saved = {k: getattr(server_mod, k) for k in patches}
+    for k, v in patches.items():
+        setattr(server_mod, k, v)
+    message = ""
+
+    async def main() -> None:
+        nonlocal message
+        try:
+            server = server_mod.Server(TestDevice(), node, transport=transport, run_dir=node.parent / "run")
+            for k, v in (server_patches or {}).items():
+                setattr(server, k, v)
+            async with trio.open_nursery() as nursery:
+                if call == "serve":
+                    await nursery.start(server.serve)
+                else:
+                    await getattr(server, call)()
+                nursery.cancel_scope.cancel()
+        except* server_mod.ServeError as group:
+            from acrn_hsm_emu.daemon import first_exception
+
+            message = PREFIX + str(first_exception(group))
+
+    try:
+        trio.run(main)
+    finally:
+        for k, v in saved.items():
+            setattr(server_mod, k, v)
+    assert not mounted_under(node.parent)
+    return message
+
+
+def _failing(err: int, ret: Any = -1) -> Callable[..., Any]:
+    from cdev._fuse import ffi
+
+    def f(*_a: Any) -> Any:
+        ffi.errno = err
+        return ret
+
+    return f
+
+
+def t_libfuse_session(s: Scene) -> str:
+    from cdev._fuse import ffi, lib
+
+    return _serve_with_fault(s.dir() / "node", patches={
+        "lib": FaultyLib(lib, fuse_session_new=lambda *a: ffi.NULL)})
+
+
+def t_bind_fails(s: Scene) -> str:
+    from cdev._fuse import lib
+
+    return _serve_with_fault(s.dir() / "node", patches={
+        "lib": FaultyLib(lib, mount=_failing(errno.EPERM))})
+
+
+def t_cuse_session(s: Scene) -> str:
+    from cdev._fuse import ffi, lib
+
+    return _serve_with_fault(
+        s.dir() / "acrn_hsm", transport="cuse",
+        patches={"lib": FaultyLib(lib, cuse_lowlevel_new=lambda *a: ffi.NULL)},
+        server_patches={"_check_fuse_device": lambda _path: None})
+
+
+def t_cuse_attach(s: Scene) -> str:
+    from cdev._fuse import ffi, lib
+
+    fake_session = ffi.new("char[1]")
+    return _serve_with_fault(
+        s.dir() / "acrn_hsm", transport="cuse",
+        patches={
+            "CUSE_DEVICE": "/dev/null",  # opens; the kernel's refusal is the mount below
+            "lib": FaultyLib(lib, cuse_lowlevel_new=lambda *a: fake_session,
+                             fuse_session_mount=lambda *a: -1, fuse_session_destroy=lambda *a: None),
+        },
+        server_patches={"_check_fuse_device": lambda _path: None})
+
+
+def t_did_not_appear(s: Scene) -> str:
+    import trio as trio_mod
+
+    async def no_wait(_seconds: float) -> None:
+        await trio_mod.lowlevel.checkpoint()
+
+    # The node never exists (a CUSE node udev never made); the 10 s of polling run without sleeping.
+    return _serve_with_fault(s.dir() / "never", patches={"trio": _TrioWithSleep(no_wait)},
+                             call="_wait_openable")
+
+
+class _TrioWithSleep:
+    def __init__(self, sleep: Callable[[float], Any]) -> None:
+        self.sleep = sleep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+
+def t_unknown_transport(s: Scene) -> str:
+    from cdev.server import ServeError, Server
+    from tests.support.testdev import TestDevice
+
+    try:
+        Server(TestDevice(), s.dir() / "node", transport="usb")
+    except ServeError as e:
+        return PREFIX + str(e)
+    return ""
+
+
+def _daemon_object(s: Scene) -> Any:
+    from acrn_hsm_emu.config import load
+    from acrn_hsm_emu.daemon import Daemon as DaemonObj
+
+    d = s.dir()
+    return DaemonObj(load(None, {"node": str(d / "acrn_hsm"), "run_dir": str(d / "run"), "backend": "scripted"}))
+
+
+def t_internal_error(s: Scene) -> str:
+    daemon = _daemon_object(s)
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    daemon.status = broken
+    with structlog.testing.capture_logs() as logs:
+        reply, _fd = trio.run(daemon._control_request, b'{"cmd": "status"}')
+    daemon.hypervisor.shutdown()
+    return "\n".join([f"{PREFIX}daemon: {reply['error']}", *(json.dumps({"event": e["event"]}) for e in logs)])
+
+
+def t_node_tree(s: Scene) -> str:
+    daemon = _daemon_object(s)
+    lines = []
+    for transport in ("cuse", "fuse"):  # CUSE: nothing to publish; FUSE, node missing: no mount to clone
+        daemon.server = type("FakeServer", (), {"transport": transport})()
+        reply, fd = daemon._node_tree()
+        assert fd is None
+        lines.append(f"{PREFIX}daemon: {reply['error']}")
+    daemon.hypervisor.shutdown()
+    return "\n".join(lines)
+
+
+def t_unpublish_fails(s: Scene) -> str:
+    import cdev.server as server_mod
+    from acrn_hsm_emu import cli as cli_mod
+
+    node = s.dir() / "acrn_hsm"
+    saved = server_mod.mounts, server_mod.detach
+
+    def detach(_path: str) -> None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    server_mod.mounts = lambda: [server_mod.Mount(str(node), server_mod.FS_TYPE, "cdev:acrn_hsm")]
+    server_mod.detach = detach
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = cli_mod.main(["unpublish", "--node", str(node), "--control", str(node.parent / "none.sock")])
+    finally:
+        server_mod.mounts, server_mod.detach = saved
+    assert rc == 1
+    return err.getvalue()
+
+
+# the control socket --------------------------------------------------------------------------
+
+
+def ctl(s: Scene, *args: str, wrap: tuple[str, ...] = ()) -> str:
+    return run(*wrap, EXE, args[0], "--control", str(s.daemon.control), *args[1:])
+
+
+def t_no_socket(s: Scene) -> str:
+    return cli("status", "--control", str(s.dir() / "none.sock"))
+
+
+def t_socket_denied(s: Scene) -> str:
+    # CAP_DAC_READ_SEARCH: enough to run the venv's Python from /root, not to write to a socket.
+    return ctl(s, "status", wrap=(*AS_NOBODY, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"))
+
+
+def t_socket_refused(s: Scene) -> str:
+    path = s.dir() / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listening: what a killed daemon leaves
+        return cli("status", "--control", str(path))
+
+
+def t_other_user(s: Scene) -> str:
+    as_other = (*AS_NOBODY, "--inh-caps=+dac_override", "--ambient-caps=+dac_override")
+    out = ctl(s, "status", wrap=as_other)
+    return out + "\n" + s.daemon.log()
+
+
+def t_no_answer(s: Scene) -> str:
+    from acrn_hsm_emu import cli as cli_mod
+
+    path = s.dir() / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(str(path))
+        mute.listen(1)  # accepts (in the kernel), never answers
+        try:
+            cli_mod.control_call(str(path), {"cmd": "status"}, timeout=0.2)
+        except cli_mod.CliError as e:
+            return PREFIX + str(e)
+    return ""
+
+
+def t_hypervisor_refuses(s: Scene) -> str:
+    return ctl(s, "inject", "--vm", "9", "pio-read", "0x3f8", "1")
+
+
+def t_access_timeout_and_abandoned(s: Scene) -> str:
+    hold = subprocess.Popen([str(build_c("hsm_hold")), str(s.daemon.node), "hang"],
+                            stdout=subprocess.PIPE, text=True)
+    assert hold.stdout is not None
+    try:
+        vmid = hold.stdout.readline().split()[0].split("=")[1]
+        # The first access reaches the client, which holds it: the inject gives up.
+        late = ctl(s, "inject", "--vm", vmid, "--timeout", "0.5", "pio-read", "0x3f8", "1")
+        assert hold.stdout.readline().startswith("holding"), late
+        # The next one waits behind it until the client dies and its VM goes.
+        waiting = subprocess.Popen([EXE, "inject", "--control", str(s.daemon.control), "--vm", vmid,
+                                    "pio-read", "0x3f8", "1"], stderr=subprocess.PIPE, text=True)
+        _wait_vcpu_queued(s, int(vmid))
+    finally:
+        hold.kill()
+        hold.wait()
+    _out, err = waiting.communicate(timeout=120)
+    return late + err
+
+
+def _wait_vcpu_queued(s: Scene, vmid: int) -> None:
+    """Hang guard: until the daemon reports the second access queued on the vCPU."""
+    for _ in range(2000):
+        st = json.loads(ctl(s, "status", "--json"))
+        vm = next((v for v in st["hypervisor"]["vms"] if v.get("vmid") == vmid), None)
+        if vm and any(c.get("queued", 0) >= 1 for c in vm.get("vcpus", [])):
+            return
+    raise AssertionError("the second access never queued")
+
+
+def raw_request(s: Scene, payload: bytes) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(60)
+        c.connect(str(s.daemon.control))
+        c.sendall(payload + b"\n")
+        reply = json.loads(c.makefile("rb").readline())
+    return f"{PREFIX}daemon: {reply['error']}"
+
+
+def t_raw_protocol(s: Scene) -> str:
+    return "\n".join([
+        raw_request(s, b'{"cmd": "reboot"}'),
+        raw_request(s, b"[1, 2]"),
+        raw_request(s, b'{"cmd": "inject", "vm": 1, "vcpu": 0, "access": {"kind": "msr"}}'),
+    ])
+
+
+def t_inject_arguments(s: Scene) -> str:
+    none = ["--control", str(s.tmp / "no-daemon.sock")]
+    cases = [
+        ["--vm", "1", "pio-read", "zz", "1"],
+        ["--vm", "1", "pci-read", "0:zz", "0", "4"],
+        ["--vm", "1", "pci-read", "00:20.0", "0", "4"],
+        ["--vm", "1", "bogus"],
+        ["--vm", "1", "pio-read", "0x3f8"],
+        ["--vm", "1", "pci-read", "00:1f.0", "0x1000", "4"],
+        ["--vm", "1", "pio-read", "0x3f8", "3"],
+        ["--vm", "1", "pio-write", "0x3f8", "1", "0x100"],
+        ["--vm", "1", "pio-read", "0x10000", "1"],
+        ["--vm", "1", "mmio-read", "0x10000000000000000", "4"],
+        ["--vm", "one", "pio-read", "0x3f8", "1"],
+    ]
+    return "\n".join(cli("inject", *none, *c) for c in cases)
+
+
+# publish / unpublish --------------------------------------------------------------------------
+
+FAKE_DAEMON = r"""
+import json, os, socket, sys
+path, node, mode = sys.argv[1:4]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(1)
+print("listening", flush=True)
+conn, _ = srv.accept()
+conn.makefile("rb").readline()
+reply = (json.dumps({"ok": True, "result": {"node": node, "pid": os.getpid()}}) + "\n").encode()
+if mode == "nofd":
+    conn.sendall(reply)
+else:
+    fd = os.open(sys.argv[4], os.O_RDONLY)  # not a mount tree: move_mount refuses it
+    socket.send_fds(conn, [reply], [fd])
+conn.recv(1)
+"""
+
+
+def _publish_to_fake(s: Scene, node: pathlib.Path, mode: str, wrap: str = "true") -> str:
+    """`publish` against a fake daemon in another mount namespace."""
+    d = s.dir()
+    sock = d / "control.sock"
+    fake = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", FAKE_DAEMON,
+         str(sock), str(node), mode, str(d)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "listening"
+        return run(*in_namespace(wrap), EXE, "publish", "--control", str(sock))
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def t_publish_no_fd(s: Scene) -> str:
+    return _publish_to_fake(s, s.dir() / "acrn_hsm", "nofd")
+
+
+def t_publish_not_visible(s: Scene) -> str:
+    return _publish_to_fake(s, s.dir() / "not-here", "fd")
+
+
+def t_publish_mounted(s: Scene) -> str:
+    node = s.dir() / "acrn_hsm"
+    node.touch()
+    return _publish_to_fake(s, node, "fd", wrap=f"mount --bind {node} {node}")
+
+
+def t_publish_refused(s: Scene) -> str:
+    node = s.dir() / "acrn_hsm"
+    node.touch()
+    return _publish_to_fake(s, node, "fd")
+
+
+def t_unpublish_live(s: Scene) -> str:
+    return run(EXE, "unpublish", "--control", str(s.daemon.control), "--node", str(s.daemon.node))
+
+
+# -- which situation produces which message -------------------------------------------------
+
+TRIGGERS: dict[str, Callable[[Scene], str]] = {
+    name.removeprefix("t_"): fn for name, fn in list(globals().items()) if name.startswith("t_")
+}
+
+MESSAGES = {
+    "<file>: (file): <reason>": "config",
+    "<file>: (syntax): <reason>": "syntax",
+    "<source>: <key>: unknown key (<hint>known keys: <keys>)": "config",
+    "<source>: <key>: must be a string, not <value>": "config",
+    "<source>: <key>: must be a non-empty string without NUL": "config",
+    "<source>: <key>: must be one of <choices>, not <value>": "config",
+    "<source>: <key>: must be an absolute path, not <value>": "config",
+    "<source>: <key>: is <n> bytes long; a unix socket path has at most <max>": "config",
+    '<source>: <key>: must be an octal mode like "0660", not <value>': "config",
+    "<source>: <key>: <value> is not a permission mode within 0777<hint>": "config",
+    "<source>: <key>: must be a <kind> name or number, not <value>": "config",
+    "<source>: <key>: <kind> id <n> is out of range": "config",
+    "<source>: <key>: no such <kind> <name>": "config",
+    "<file>: <key>: <reason>": "scenario_error",
+    "the scenario's platform is not ACRN (no ACRNACRNACRN CPUID signature): the HSM would not load (ENODEV)":
+        "not_acrn",
+    "the scenario's Service VM is not privileged (CPUID 0x40000001 bit 0 clear): the HSM would not load (EPERM)":
+        "not_privileged",
+    "<device> does not exist: load the fuse module (modprobe fuse) or, in a container, pass --device /dev/fuse":
+        "no_fuse_device",
+    "no permission to open <device>: run as root (or with CAP_SYS_ADMIN)": "fuse_device_denied",
+    "node path <node> is busy: <what> is mounted on it": "node_mounted_on",
+    "<mount dir> is served by another running daemon; stop it first": "mount_dir_taken",
+    "cannot create <node>: <parent> is not a directory": "no_parent",
+    "node path <node> is busy: a real character device is there (is the acrn kernel module loaded?)":
+        "char_device",
+    "node path <node> is busy: not a regular file": "not_regular",
+    "libfuse could not create a session (see the libfuse log line)": "libfuse_session",
+    "mounting FUSE at <mount dir> failed (see the libfuse log line)": "no_sys_admin",
+    "bind-mounting onto <node> failed: <reason>": "bind_fails",
+    "libfuse could not create a CUSE session": "cuse_session",
+    "attaching to <device> failed": "cuse_attach",
+    "<node> cannot be opened: <reason>": "readiness_denied",
+    "<node> did not appear": "did_not_appear",
+    "unknown transport <name> (auto, fuse or cuse)": "unknown_transport",
+    "cannot serve <node>: <reason>": "cannot_serve",
+    "control socket <path> is in use by another running daemon; stop it or give this one another --control":
+        "control_in_use",
+    "cannot listen on the control socket <path>: <reason>": "cannot_listen",
+    "no daemon control socket at <path> (is acrn-hsm-emu serve running?)": "no_socket",
+    "permission denied on <path>: the control socket is for root": "socket_denied",
+    "cannot reach the daemon at <path>: <reason>": "socket_refused",
+    "the daemon closed the control connection": "other_user",
+    "the daemon did not answer within <seconds> s": "no_answer",
+    "daemon: <reason>": "hypervisor_refuses",
+    "daemon: the access did not complete (is a client serving the VM?)": "access_timeout_and_abandoned",
+    "daemon: the access was abandoned: <reason>": "access_timeout_and_abandoned",
+    "daemon: unknown command <name>": "raw_protocol",
+    "daemon: a request is a JSON object": "raw_protocol",
+    "daemon: unknown access kind <kind> (pio, mmio or pci)": "raw_protocol",
+    "daemon: <exception>: <reason>": "internal_error",
+    "daemon: <node> is a <transport> device node, visible everywhere: nothing to publish": "node_tree",
+    "daemon: cannot clone the mount of <node>: <reason>": "node_tree",
+    "not a number: <text>": "inject_arguments",
+    "not a PCI address BUS:DEV.FN (hex): <text>": "inject_arguments",
+    "PCI device number <n> is above 31": "inject_arguments",
+    "ACCESS must start with one of: <kinds>": "inject_arguments",
+    "usage: <access> <operands>": "inject_arguments",
+    "PCI register <reg> is outside 0..0xfff": "inject_arguments",
+    "<kind> access size must be one of <sizes>, not <size>": "inject_arguments",
+    "value <value> does not fit in <size> byte(s)": "inject_arguments",
+    "port <port> is outside 0..0xffff": "inject_arguments",
+    "address <address> is outside 64 bits": "inject_arguments",
+    "acrn-hsm-emu <command>: error: <reason>": "inject_arguments",
+    "the daemon sent no mount to publish": "publish_no_fd",
+    "cannot publish <node>: the daemon's node file is not visible here (its directory must be shared with "
+    "the daemon: no PrivateDevices=/PrivateTmp= there)": "publish_not_visible",
+    "cannot publish <node>: <fs type> is mounted on it": "publish_mounted",
+    "cannot publish <node>: <reason>": "publish_refused",
+    "the daemon still answers on <path>: stop it before unpublishing": "unpublish_live",
+    "cannot unpublish <node>: <reason>": "unpublish_fails",
+    "cannot start": "cannot_serve",
+    "removing stale mount from an earlier run": "stale_mount",
+    "control connection refused": "other_user",
+    "control request failed": "internal_error",
+    "cannot run the command": "command_missing",
+    "sd_notify failed": "notify_socket",
+    "NOTIFY_SOCKET is neither a path nor abstract; ignored": "notify_socket",
+    "WATCHDOG_USEC is not a positive number; no watchdog pings": "notify_socket",
+}
+
+# Messages whose generic form would also match other entries: the trigger must show the specific
+# text, so each is checked against this exact line too.
+SPECIFIC = {
+    "<file>: <key>: <reason>": re.compile(r".*/scenario\.toml: platform\.pcpus: .*"),
+    "daemon: <reason>": re.compile(r"daemon: no vCPU 0 in .*VM 9"),
+    "daemon: <exception>: <reason>": re.compile(r"daemon: RuntimeError: boom"),
+    "cannot publish <node>: <reason>": re.compile(r"cannot publish .*: Invalid argument"),
+    "cannot serve <node>: <reason>": re.compile(r"cannot serve /proc/acrn_hsm: /proc/acrn_hsm: .*"),
+    "cannot unpublish <node>: <reason>": re.compile(r"cannot unpublish .*: Device or resource busy"),
+}
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse (the daemon runs for real)")
+    scene = Scene(tmp_path_factory.mktemp("troubleshooting"))
+
+    @functools.cache
+    def output(trigger: str) -> str:
+        return TRIGGERS[trigger](scene)
+
+    yield output
+    scene.close()
+    assert not mounted_under(scene.tmp), mounted_under(scene.tmp)
+
+
+def test_the_page_and_the_triggers_list_the_same_messages():
+    listed = page_messages()
+    assert len(listed) == len(set(listed)), "a message is listed twice"
+    assert sorted(listed) == sorted(MESSAGES), (
+        f"on the page only: {sorted(set(listed) - set(MESSAGES))}\n"
+        f"triggered only: {sorted(set(MESSAGES) - set(listed))}"
+    )
+    assert set(MESSAGES.values()) == set(TRIGGERS), set(TRIGGERS) ^ set(MESSAGES.values())
+
+
+@pytest.mark.parametrize("message", page_messages())
+def test_message_is_produced(produced, message):
+    output = produced(MESSAGES[message])
+    lines = candidates(output)
+    assert any(as_regex(message).fullmatch(line) for line in lines), f"{message!r} not in:\n{output}"
+    if message in SPECIFIC:
+        assert any(SPECIFIC[message].fullmatch(line) for line in lines), output
+    assert "Traceback" not in output or message in ("control request failed",), output
+
+
+# -- the reverse: every message in the code is on the page ------------------------------------
+
+SOURCES = ["acrn_hsm_emu/cli.py", "acrn_hsm_emu/daemon.py", "acrn_hsm_emu/config.py",
+           "acrn_hsm_emu/sdnotify.py", "cdev/server.py"]
+RAISED = {"CliError", "ServeError", "StartError", "ValueError", "ConfigError", "ArgumentTypeError"}
+
+
+def template(node: ast.AST) -> str | None:
+    """A string expression with each formatted part as {}; None when not a literal."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = template(node.left), template(node.right)
+        return None if left is None or right is None else left + right
+    return None
+
+
+def is_logger(node: ast.AST) -> bool:
+    """``log`` or ``structlog.get_logger(...)``."""
+    if isinstance(node, ast.Name):
+        return node.id == "log"
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get_logger"
+
+
+def code_messages() -> dict[str, str]:
+    """template -> where, for messages raised, replied or logged at warning and above."""
+    found: dict[str, str] = {}
+    for rel in SOURCES:
+        tree = ast.parse((REPO / rel).read_text())
+        for n in ast.walk(tree):
+            texts: list[ast.AST] = []
+            if isinstance(n, ast.Call):
+                f = n.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+                if name in RAISED and n.args:
+                    a = n.args[0]
+                    texts = list(a.elts) if isinstance(a, ast.List) else [a]
+                if isinstance(f, ast.Attribute) and f.attr in ("warning", "error", "exception", "critical") \
+                        and is_logger(f.value):
+                    texts = [n.args[0]]
+            elif isinstance(n, ast.Dict):
+                keys = [k.value if isinstance(k, ast.Constant) else None for k in n.keys]
+                if "error" in keys:
+                    texts = [n.values[keys.index("error")]]
+                    found_prefix = "daemon: "
+                    for t in texts:
+                        if (tm := template(t)) is not None:
+                            found[found_prefix + tm] = f"{rel}:{n.lineno}"
+                    continue
+            elif isinstance(n, ast.FunctionDef) and n.name == "_unknown":
+                texts = [r.value for r in ast.walk(n) if isinstance(r, ast.Return) and r.value is not None]
+            for t in texts:
+                tm = template(t)
+                if tm is not None and tm.strip("{}: ") != "":
+                    found[tm] = f"{rel}:{n.lineno}"
+    return found
+
+
+def normalise(message: str) -> str:
+    return re.sub(r"<[^<>]+>", "{}", message)
+
+
+def test_every_message_in_the_code_is_on_the_page():
+    page = {normalise(m) for m in page_messages()}
+    missing = []
+    for tm, where in sorted(code_messages().items()):
+        forms = {tm, "{}: {}: " + tm, "daemon: " + tm}
+        if not forms & page:
+            missing.append(f"{where}: {tm!r}")
+    assert not missing, "not on docs/troubleshooting.md:\n" + "\n".join(missing)
+
+
+def test_the_reverse_check_can_fail():
+    assert "node path {} is busy: not a regular file" in code_messages()
+    assert "the daemon closed the control connection" in code_messages()
+    assert "daemon: the access did not complete (is a client serving the VM?)" in code_messages()
+    assert "must be an absolute path, not {}" in code_messages()
+    assert "cannot start" in code_messages()
