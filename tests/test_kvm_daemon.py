@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -239,15 +240,31 @@ def test_memfd_ram_is_shared_both_ways(kvm_daemon, guests) -> None:
     assert "memfd:vm_sample_ram" in str(slots[0]["file"])
 
 
-def _free_huge_pages() -> int:
+HUGEPAGES = pathlib.Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+@pytest.fixture
+def huge_page() -> Any:
+    """One free 2 MiB huge page, reserved for the test (root) and given back after."""
     try:
-        return int(pathlib.Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+        total = int((HUGEPAGES / "nr_hugepages").read_text())
+        free = int((HUGEPAGES / "free_hugepages").read_text())
     except OSError:
-        return 0
+        pytest.skip("this kernel has no 2 MiB huge pages")
+    if free < 1:
+        try:
+            (HUGEPAGES / "nr_hugepages").write_text(str(total + 1))
+        except OSError as e:
+            pytest.skip(f"cannot reserve a 2 MiB huge page: {e.strerror}")
+        if int((HUGEPAGES / "free_hugepages").read_text()) < 1:
+            (HUGEPAGES / "nr_hugepages").write_text(str(total))
+            pytest.skip("no memory for a 2 MiB huge page")
+    yield
+    if free < 1:
+        (HUGEPAGES / "nr_hugepages").write_text(str(total))
 
 
-@pytest.mark.skipif(_free_huge_pages() < 1, reason="no free 2 MiB huge pages (vm.nr_hugepages)")
-def test_hugetlb_memfd_ram_is_shared(kvm_daemon, guests) -> None:
+def test_hugetlb_memfd_ram_is_shared(kvm_daemon, guests, huge_page) -> None:
     """acrn-dm's kind of RAM: a MFD_HUGETLB memfd."""
     run = vm_sample(
         kvm_daemon, "-H", "-m", "0x200000", "-g", f"{guests('shared16').path}@0",

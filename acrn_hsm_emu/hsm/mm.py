@@ -155,12 +155,11 @@ def _ram_map(
     vm.ram_mappings.append(mapping)
     vm.regions_mapping_count += 1
     op_attr = abi.ACRN_MEM_TYPE_WB | (attr & abi.ACRN_MEM_ACCESS_RIGHT_MASK)
-    ops = [
-        MemoryRegionOp(
-            MR_ADD, op_attr, user_vm_pa + off, service_vm_pa + off, PAGE_SIZE, mem, start + off
-        )
-        for off in range(0, nr_pages << PAGE_SHIFT, PAGE_SIZE)
-    ]
+    # The driver emits one op per page, or per huge page where the pages are
+    # compound. Our fake host addresses are contiguous over the whole range, as
+    # if it were one compound page, so one op says the same thing to the
+    # hypervisor and keeps a 2 GiB SET_MEMSEG from costing 524,288 objects.
+    ops = [MemoryRegionOp(MR_ADD, op_attr, user_vm_pa, service_vm_pa, nr_pages << PAGE_SHIFT, mem, start)]
     ret = d.hv.set_memory_regions(vm.vmid, ops)
     if ret < 0:
         vm.regions_mapping_count -= 1
