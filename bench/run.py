@@ -250,6 +250,37 @@ def cycle_scripted(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any
     return out
 
 
+def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Real guest code: a 16-bit loop doing OUT (or an MMIO store) forever, served by
+    tests/clients/vm_sample.c; the cycle is the client's request-to-request time."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return {"skipped": "no usable /dev/kvm"}
+    from tests.guests.build import assemble
+
+    sample = str(test_client("vm_sample"))
+    out: dict[str, Any] = {}
+    for kind, guest in (("pio", "pioloop16"), ("mmio", "mmioloop16")):
+        image = assemble(guest, BIN).path
+        rows = []
+        for _ in range(max(1, args.rounds // 2)):
+            with daemon(tmp, "--backend", "kvm") as d:
+                cpu0 = cpu_seconds(d["pid"])
+                res = subprocess.run(
+                    [sample, "-q", "-n", str(args.calls), "-g", f"{image}@0", str(d["node"])],
+                    capture_output=True, text=True, check=True, timeout=600,
+                )
+                cpu1 = cpu_seconds(d["pid"])
+            line = next(x for x in res.stdout.splitlines() if x.startswith("cycle ns"))
+            f = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
+            rows.append({
+                "cycle_p50_us": f["p50"] / 1000, "cycle_p99_us": f["p99"] / 1000,
+                "requests_per_s": f["per_s"], "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / args.calls,
+            })
+        out[kind] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        print(f"  kvm {kind}: {fmt(out[kind])}", flush=True)
+    return out
+
+
 def memory_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Daemon RSS idle, and with 16 idle VMs each held by a client."""
     dm = str(test_client("dm_loop"))
@@ -281,6 +312,7 @@ BENCHES: dict[str, Callable[[pathlib.Path, argparse.Namespace], dict[str, Any]]]
     "floors": floors,
     "null_ioctl": null_ioctl,
     "cycle_scripted": cycle_scripted,
+    "cycle_kvm": cycle_kvm,
     "memory": memory_cost,
 }
 
@@ -297,6 +329,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         for key in ("pio_1vm_1vcpu", "pio_1vm_2vcpu"):
             out[f"scripted_{key}_cycle_vs_2x_c_rt"] = cs[key]["cycle_p50_us"] / (2 * rt)
         out["scaling_1_to_2_vcpus"] = cs["scaling_1_to_2_vcpus"]
+    kvm = fl.get("kvm_pio_exit_us", {}).get("p50")
+    ck = results.get("cycle_kvm", {})
+    if rt and kvm and "pio" in ck:
+        out["kvm_pio_cycle_vs_kvm_exit_plus_2x_c_rt"] = ck["pio"]["cycle_p50_us"] / (kvm + 2 * rt)
     return out
 
 
@@ -325,6 +361,11 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
     if rt:
         ax1.axhline(2 * rt, linestyle="--", color="grey", label="floor: 2 x C libfuse round trip")
     kvm = fl.get("kvm_pio_exit_us", {}).get("p50")
+    for kind, marker in (("pio", "s"), ("mmio", "^")):
+        row = results.get("cycle_kvm", {}).get(kind)
+        if isinstance(row, dict):
+            ax1.plot([1], [row["cycle_p50_us"]], marker=marker, linestyle="", label=f"kvm {kind}, 1 VM")
+            ax2.plot([1], [row["requests_per_s"]], marker=marker, linestyle="", label=f"kvm {kind}, 1 VM")
     if kvm and rt:
         ax1.axhline(kvm + 2 * rt, linestyle=":", color="black", label="floor: KVM exit + 2 x C round trip")
     ax1.set(xlabel="vCPUs per VM", ylabel="request cycle p50 (us)", title="Cycle time", xscale="log", xticks=[1, 2, 4, 8])
