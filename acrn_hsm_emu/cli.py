@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import re
@@ -204,11 +206,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
     with connect(path) as s:
         creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         pid = int.from_bytes(creds[:4], "little")
-        if publish.mount_namespace(pid) == publish.mount_namespace():
-            print(f"{settings.node} is served in this mount namespace already: nothing to publish")
-            return 0
+        with contextlib.suppress(OSError):  # cannot tell (another PID namespace): ask anyway
+            if publish.mount_namespace(pid) == publish.mount_namespace():
+                print(f"{settings.node} is served in this mount namespace already: nothing to publish")
+                return 0
         result, fds = _exchange(s, {"cmd": "node-tree"})
     node = result["node"]
+    if result.get("transport", "fuse") != "fuse":
+        print(f"{node} is a {result['transport']} device node, visible everywhere: nothing to publish")
+        return 0
     if not fds:
         raise CliError("the daemon sent no mount to publish")
     try:
@@ -242,8 +248,8 @@ def cmd_unpublish(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config, config.flags(args))
     node = settings.node
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        if probe.connect_ex(settings.control_path) == 0:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+        if probe.connect_ex(settings.control_path) in (0, errno.EAGAIN):
             raise CliError(
                 f"the daemon still answers on {settings.control_path}: stop it before unpublishing"
             )

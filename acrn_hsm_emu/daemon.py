@@ -243,16 +243,14 @@ class Daemon:
         pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(path).st_mode):
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                    try:
-                        probe.connect(path)
-                    except ConnectionRefusedError:
-                        os.unlink(path)  # a crashed run's socket
-                    else:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+                    # Accepted, or a full backlog (EAGAIN): someone listens. Refused: a crashed run's.
+                    if probe.connect_ex(path) in (0, errno.EAGAIN):
                         raise StartError(
                             f"control socket {path} is in use by another running daemon; "
                             "stop it or give this one another --control"
                         )
+                    os.unlink(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is created 0600
         try:
@@ -332,20 +330,17 @@ class Daemon:
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
 
     def _node_tree(self) -> tuple[dict[str, Any], int | None]:
-        """For ``publish``: a detached clone of the node's mount, and where it belongs."""
+        """For ``publish``: a detached clone of the node's mount (FUSE), and where it belongs."""
         assert self.server is not None
         node = self.settings.node
+        result = {"node": node, "pid": os.getpid(), "transport": self.server.transport}
         if self.server.transport != "fuse":
-            return {
-                "ok": False,
-                "error": f"{node} is a {self.server.transport} device node, visible everywhere: "
-                "nothing to publish",
-            }, None
+            return {"ok": True, "result": result}, None  # a device node: every namespace sees it
         try:
             fd = publish.clone_tree(node)
         except OSError as e:
             return {"ok": False, "error": f"cannot clone the mount of {node}: {e.strerror}"}, None
-        return {"ok": True, "result": {"node": node, "pid": os.getpid()}}, fd
+        return {"ok": True, "result": result}, fd
 
     def status(self) -> dict[str, Any]:
         assert self.device is not None

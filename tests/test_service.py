@@ -8,6 +8,7 @@ import pathlib
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -215,3 +216,35 @@ def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path):
     missing = sorted(called - allowed)
     assert not missing, f"the unit's SystemCallFilter={' '.join(words)} lacks {missing}"
 
+
+
+# -- publish where there is nothing to publish ---------------------------------------------
+
+
+@pytest.mark.needs_fuse
+def test_publish_in_the_daemons_own_namespace_does_nothing(hsm_daemon):
+    before = mounted_under(hsm_daemon.node)
+    p = hsm_daemon.cli("publish", "--control", str(hsm_daemon.control), "--node", str(hsm_daemon.node))
+    assert p.stdout == f"{hsm_daemon.node} is served in this mount namespace already: nothing to publish\n"
+    assert mounted_under(hsm_daemon.node) == before == [str(hsm_daemon.node)]
+
+
+@pytest.mark.needs_fuse
+def test_publish_has_nothing_to_do_for_a_cuse_node(tmp_path):
+    """A CUSE node is a device every namespace sees: publish succeeds (the unit's ExecStartPost)."""
+    from tests.test_troubleshooting import FAKE_DAEMON
+
+    sock = tmp_path / "control.sock"
+    fake = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", FAKE_DAEMON,
+         str(sock), "/dev/acrn_hsm", "cuse", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "listening"
+        p = subprocess.run([str(VENV_BIN / "acrn-hsm-emu"), "publish", "--control", str(sock)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        fake.kill()
+        fake.wait()
+    assert (p.returncode, p.stderr) == (0, "")
+    assert p.stdout == "/dev/acrn_hsm is a cuse device node, visible everywhere: nothing to publish\n"
