@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-# systemd: systemd-analyze verifies the unit; strace checks its system call filter.
-APT_PKGS := fuse3 libfuse3-dev pkg-config gcc libc6-dev binutils make util-linux systemd strace
+APT_PKGS := fuse3 libfuse3-dev pkg-config gcc libc6-dev binutils make util-linux
+# Only the tests need these: systemd-analyze verifies the unit, strace checks its system call filter.
+TEST_APT_PKGS := systemd strace
 ARGS ?=
 
 # make install: the package and its dependencies in a private directory (nothing goes
@@ -24,7 +25,7 @@ UNIT_SED := -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/acrn-
 	-e 's|/etc/acrn-hsm-emu/|$(SYSCONFDIR)/acrn-hsm-emu/|g'
 SYSTEMD_RUNNING = [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]
 
-.PHONY: setup run test lint bench soak fuzz clean apt venv install uninstall
+.PHONY: setup run test lint bench soak fuzz clean apt apt-test venv install uninstall
 
 setup: apt venv
 
@@ -37,6 +38,9 @@ apt:
 	  if [ "$$(id -u)" != 0 ]; then echo "setup: need root to apt-get install$$missing" >&2; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+apt-test:
+	@$(MAKE) --no-print-directory apt APT_PKGS="$(TEST_APT_PKGS)"
 
 # The virtualenv, rebuilt when the package definition or a cffi build script changes.
 venv: $(VENV)/.installed
@@ -53,7 +57,7 @@ run: setup
 lint: setup
 	$(VENV)/bin/ruff check cdev acrn_hsm_emu tests bench _cffi_src
 
-test: setup lint
+test: setup apt-test lint
 	$(VENV)/bin/pytest $(ARGS)
 
 bench: setup
