@@ -17,6 +17,7 @@ The host side then does what the unit's ExecStartPost=+/ExecStopPost=+ do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -32,6 +33,7 @@ from tests.conftest import Installed, NotifyListener, mounted_under
 from tests.support.answers import pio_answer
 from tests.support.cbuild import build_c
 from tests.test_hsm_errno import compare_rows, expected_table, run_client
+from tests.test_kvm_daemon import events, guests, vm_sample  # noqa: F401 (guests: a fixture)
 from tests.test_service import UNIT, unit_settings
 
 pytestmark = pytest.mark.needs_fuse
@@ -70,7 +72,7 @@ def unit_caps(drop: str | None = None) -> list[str]:
 class SandboxedDaemon:
     """The installed daemon in the unit's sandbox; node and runtime directory host-visible."""
 
-    def __init__(self, inst: Installed, caps: list[str], config: str = "") -> None:
+    def __init__(self, inst: Installed, caps: list[str], config: str = "", backend: str = "scripted") -> None:
         self.inst = inst
         self.root = inst.base / f"svc-{uuid.uuid4().hex[:8]}"
         self.dev = self.root / "dev"  # stands for /dev: writable in the sandbox, shared with the host
@@ -84,7 +86,7 @@ class SandboxedDaemon:
         self.config = self.root / "config.toml"
         self.config.write_text(
             f'node = "{self.node}"\nrun_dir = "{self.run_dir}"\nlog_format = "json"\n'
-            f'backend = "scripted"\n{config}'
+            f'backend = "{backend}"\n{config}'
         )
         self.caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
         self.log_path = self.root / "daemon.log"
@@ -103,12 +105,15 @@ class SandboxedDaemon:
         self.notify.messages.clear()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd="/")
+        for _ in range(120 if wait else 0):  # hang guard: 60 s, or the daemon's exit
+            with contextlib.suppress(TimeoutError):
+                self.notify.wait_for("READY=1", timeout=0.5)
+                return self
+            if self.proc.poll() is not None:
+                break
         if wait:
-            try:
-                self.notify.wait_for("READY=1", timeout=60)
-            except TimeoutError:
-                self.proc.kill()
-                raise AssertionError(f"sandboxed daemon not ready:\n{self.log()}") from None
+            self.proc.kill()
+            raise AssertionError(f"sandboxed daemon not ready:\n{self.log()}")
         return self
 
     def log(self) -> str:
@@ -269,4 +274,22 @@ def test_the_sandbox_is_real(installed, sandboxes):
     mounts = pathlib.Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
     root = next(line for line in mounts if line.split()[4] == "/")
     assert " ro," in f" {root.split()[5]}," or root.split()[5].startswith("ro")
+    assert sb.stop() == 0
+
+
+@pytest.mark.needs_kvm
+def test_kvm_backend_under_the_sandbox(installed, sandboxes, guests):  # noqa: F811
+    """The KVM backend's needs are in the unit too: /dev/kvm, /proc/PID/map_files
+    (CAP_SYS_ADMIN) for shared RAM, no W+X memory (MemoryDenyWriteExecute)."""
+    sb = SandboxedDaemon(installed, unit_caps(), 'log_level = "debug"\n', backend="kvm")
+    sandboxes.append(sb)
+    sb.start()
+    assert sb.cli("publish").returncode == 0
+    shared = vm_sample(sb, "-f", "-g", f"{guests('shared16').path}@0",
+                       "-x", "0x15:1:peek:0x600", "-x", "0x15:1:poke:0x604:0x5eed1234")
+    assert shared.first("peek") == {"gpa": 0x600, "value": 0xFEEDBEEF}
+    assert shared.writes(0x16) == [0x5EED1234]
+    private = vm_sample(sb, "-g", f"{guests('cpuid16').path}@0")
+    assert b"".join(v.to_bytes(4, "little") for v in private.writes(0x10)) == b"ACRNACRNACRN"
+    assert [s["kind"] for s in events(sb, "kvm.memory_slot")][:1] == ["shared"]
     assert sb.stop() == 0
