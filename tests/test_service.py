@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import REPO, VENV_BIN, Installed, mounted_under
 from tests.support.cbuild import build_c
+from tests.test_kvm_daemon import guests  # noqa: F401 (a fixture, for the strace run)
 
 UNIT = REPO / "systemd" / "acrn-hsm-emu.service"
 
@@ -162,10 +163,14 @@ def allowed_syscalls(filter_words: list[str]) -> set[str]:
 
 
 @pytest.mark.needs_fuse
-def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path):
-    """strace the daemon through a whole errno table, a device model and a clean stop."""
-    from tests.conftest import NotifyListener
+def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path, request):
+    """strace the daemon through a whole errno table, a device model, real guests (where KVM
+    works: backend auto picks it) and a clean stop."""
+    from tests.conftest import NotifyListener, kvm_missing
     from tests.test_hsm_errno import run_client
+    from tests.test_kvm_daemon import vm_sample
+
+    assemble = None if kvm_missing() else request.getfixturevalue("guests")
 
     words = unit_settings(UNIT.read_text())["SystemCallFilter"][0].split()
     allowed = allowed_syscalls(words)
@@ -197,6 +202,10 @@ def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path):
         subprocess.run([*cli, "status", *ctl], check=True, capture_output=True, timeout=120)
         dm.send_signal(signal.SIGTERM)
         dm.communicate(timeout=60)
+        if assemble is not None:
+            served = type("Served", (), {"node": node, "log": lambda self: ""})()
+            vm_sample(served, "-f", "-g", f"{assemble('shared16').path}@0")  # shared RAM
+            vm_sample(served, "-g", f"{assemble('cpuid16').path}@0")  # private RAM, copied
     finally:
         if daemon_pid is not None:
             os.kill(daemon_pid, signal.SIGTERM)
@@ -213,6 +222,8 @@ def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path):
         if m and not line.split(None, 1)[1].startswith(("+++", "---")):
             called.add(m[1])
     assert {"mount", "process_vm_readv", "ioctl"} <= called, sorted(called)
+    if assemble is not None:
+        assert "KVM_RUN" in trace.read_text()
     missing = sorted(called - allowed)
     assert not missing, f"the unit's SystemCallFilter={' '.join(words)} lacks {missing}"
 
