@@ -55,13 +55,25 @@ run: setup
 	$(VENV)/bin/acrn-hsm-emu serve $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check cdev acrn_hsm_emu tests bench _cffi_src
+	$(VENV)/bin/ruff check cdev acrn_hsm_emu tests bench examples _cffi_src
 
 test: setup apt-test lint
 	$(VENV)/bin/pytest $(ARGS)
 
-bench: setup
+# Benchmarks (not tests): figures next to floors measured in the same run; plotting needs matplotlib.
+bench: setup $(VENV)/.bench
 	$(VPY) -m bench.run $(ARGS)
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+# The long runs of issue-sized checks: 1,000,000 requests over 16 VMs x 2 vCPUs, and a long fuzz.
+soak: setup
+	SOAK_REQUESTS=$${SOAK_REQUESTS:-1000000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_soak.py
+
+fuzz: setup
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz_abi.py
 
 install: venv
 	@pyver='import sys; print(sys.version_info[:2])'; \

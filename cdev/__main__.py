@@ -48,10 +48,16 @@ def main() -> int:
     p.add_argument("--max-waiting-per-pid", type=int, default=256)
     args = p.parse_args()
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    failed: list[BaseException] = []
     try:
         trio.run(_main, args)
-    except ServeError as e:
-        print(f"cdev: {e}", file=sys.stderr)
+    except* ServeError as group:  # raised inside the server's nurseries
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        failed.append(exc)
+    if failed:
+        print(f"cdev: {failed[0]}", file=sys.stderr)
         return 1
     return 0
 
