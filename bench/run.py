@@ -90,7 +90,7 @@ def daemon(tmp: pathlib.Path, *extra: str) -> Iterator[dict[str, Any]]:
     d = pathlib.Path(tempfile.mkdtemp(dir=tmp))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(d / "notify"))
-    notify.settimeout(60)
+    notify.settimeout(1)
     log = open(d / "daemon.log", "wb")
     proc = subprocess.Popen(
         [
@@ -100,8 +100,14 @@ def daemon(tmp: pathlib.Path, *extra: str) -> Iterator[dict[str, Any]]:
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(d / "notify")},
     )
     try:
-        while b"READY=1" not in notify.recv(4096):
-            pass
+        while True:
+            try:
+                if b"READY=1" in notify.recv(4096):
+                    break
+            except TimeoutError:
+                pass
+            if proc.poll() is not None:  # it refused to start: say why
+                raise RuntimeError(f"daemon exited {proc.returncode}: {(d / 'daemon.log').read_text()[-2000:]}")
         yield {"node": d / "acrn_hsm", "control": d / "run" / "control.sock", "pid": proc.pid}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -196,7 +202,7 @@ def write_workload(path: pathlib.Path, kind: str, vcpus: int) -> None:
     if kind == "pio":
         steps = [{"op": "pio", "port": 0x500 + 4 * i, "size": 4, "write": True, "value": i} for i in range(4)]
     else:
-        steps = [{"op": "mmio", "gpa": 0xE000_0000 + 8 * i, "size": 8, "write": True, "value": i} for i in range(4)]
+        steps = [{"op": "mmio", "addr": 0xE000_0000 + 8 * i, "size": 8, "write": True, "value": i} for i in range(4)]
     path.write_text(json.dumps({"vcpu": [{"id": v, "repeat": 0, "steps": steps} for v in range(vcpus)]}))
 
 
