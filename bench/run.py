@@ -374,10 +374,12 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
             ax2.plot([1], [row["requests_per_s"]], marker=marker, linestyle="", label=f"kvm {kind}, 1 VM")
     if kvm and rt:
         ax1.axhline(kvm + 2 * rt, linestyle=":", color="black", label="floor: KVM exit + 2 x C round trip")
-    ax1.set(xlabel="vCPUs per VM", ylabel="request cycle p50 (us)", title="Cycle time", xscale="log", xticks=[1, 2, 4, 8])
-    ax1.set_xticklabels(["1", "2", "4", "8"])
-    ax2.set(xlabel="vCPUs per VM", ylabel="requests / s (all VMs)", title="Throughput", xscale="log", xticks=[1, 2, 4, 8])
-    ax2.set_xticklabels(["1", "2", "4", "8"])
+    ax1.set(xlabel="vCPUs per VM", ylabel="request cycle p50 (us)", title="Cycle time",
+            xscale="log", yscale="log")
+    ax2.set(xlabel="vCPUs per VM", ylabel="requests / s (all VMs)", title="Throughput", xscale="log")
+    for ax in (ax1, ax2):
+        ax.minorticks_off()
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.suptitle(f"acrn-hsm-emu, {results['when']}, {results['host']['cpus']} CPUs")
@@ -392,7 +394,16 @@ def main() -> int:
     p.add_argument("--calls", type=int, default=20000)
     p.add_argument("--seconds", type=float, default=2.0, help="measurement window per cycle figure")
     p.add_argument("--only", choices=sorted(BENCHES), action="append")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from latest.json")
+    p.add_argument("--publish", action="store_true", help="also copy the plot and JSON to docs/ (README)")
     args = p.parse_args()
+    if args.replot:
+        results = json.loads((RESULTS / "latest.json").read_text())
+        if plot(results, RESULTS / "latest.png"):
+            print(f"plot: {RESULTS / 'latest.png'}")
+        if args.publish:
+            publish()
+        return 0
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("bench: needs root and /dev/fuse", file=sys.stderr)
         return 1
@@ -417,7 +428,18 @@ def main() -> int:
     print(f"\nwritten to {RESULTS / 'latest.json'}")
     if plot(results, RESULTS / "latest.png"):
         print(f"plot: {RESULTS / 'latest.png'}")
+    if args.publish:
+        publish()
     return 0
+
+
+def publish() -> None:
+    """The README shows docs/bench.png; docs/bench.json keeps the figures it was drawn from."""
+    docs = REPO / "docs"
+    shutil.copyfile(RESULTS / "latest.json", docs / "bench.json")
+    if (RESULTS / "latest.png").exists():
+        shutil.copyfile(RESULTS / "latest.png", docs / "bench.png")
+    print(f"published to {docs / 'bench.png'} and {docs / 'bench.json'}")
 
 
 def report(r: dict[str, Any]) -> None:
