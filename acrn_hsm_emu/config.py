@@ -58,6 +58,7 @@ class Settings:
     node_gid: int = 0
     log_format: str = "auto"
     log_level: str = "info"
+    ioeventfd_mismatch: str = "drop"
     config_file: str | None = None  # the file that was read, if any
 
     @property
@@ -182,6 +183,13 @@ KEYS: dict[str, Key] = {
         Key("control", _socket_path, "control socket path (default RUN_DIR/control.sock)", "PATH"),
         Key("log_format", _choice("auto", "console", "json"), "auto (console on a terminal, else json)", "NAME"),
         Key("log_level", _choice(*logs.LEVELS), "debug, info (default), warning, error or critical", "NAME"),
+        Key(
+            "ioeventfd_mismatch",
+            _choice("drop", "forward"),
+            "an access inside an ioeventfd's range that does not match it: drop (the "
+            "kernel's behaviour, default) or forward to the next client (KVM's)",
+            "NAME",
+        ),
     )
 }
 
@@ -253,7 +261,10 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
         node_gid=os.getegid(),
         config_file=file if data is not None else None,
     )
-    for name in ("node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level"):
+    for name in (
+        "node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level",
+        "ioeventfd_mismatch",
+    ):  # fmt: skip
         if name in values:
             setattr(settings, name, values[name])
     settings.node_uid = values.get("node_owner", settings.node_uid)
@@ -292,5 +303,6 @@ def render(settings: Settings) -> str:
         f"control = {q(settings.control_path)}",
         f"log_format = {q(settings.log_format)}",
         f"log_level = {q(settings.log_level)}",
+        f"ioeventfd_mismatch = {q(settings.ioeventfd_mismatch)}",
     ]
     return "\n".join(lines)

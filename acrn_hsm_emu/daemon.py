@@ -128,7 +128,11 @@ class Daemon:
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
         s = self.settings
-        self.device = HsmDevice(self.hypervisor, nursery=nursery)
+        self.device = HsmDevice(
+            self.hypervisor,
+            nursery=nursery,
+            ioeventfd_mismatch="forward" if self.settings.ioeventfd_mismatch == "forward" else "drop",
+        )
         try:
             self.server = Server(
                 self.device,

@@ -43,6 +43,24 @@ def count(owner: Ctl, fd: str) -> int:
     return int(owner.ok(f"count {fd}")["value"])
 
 
+def test_ioeventfd_forward_mode_sends_another_value_to_the_default_client(daemon_factory):
+    """``ioeventfd_mismatch = "forward"`` (KVM's rule): a non-matching write goes on
+    to the default client instead of being dropped as the kernel HSM drops it."""
+    daemon = daemon_factory("--ioeventfd-mismatch", "forward")
+    control = Control(daemon.control)
+    owner, vmid = running_vm(daemon.node)
+    try:
+        efd = owner.ok("eventfd")["fd"]
+        owner.ok(f"ioeventfd {efd} {F_PIO | F_DATA} 0x1000 2 5")
+        assert control.inject(vmid, "pio", True, 0x1000, 2, 5) == 0
+        assert count(owner, efd) == 1 and seen(owner) == 0  # the match: signalled, unseen
+        assert control.inject(vmid, "pio", True, 0x1000, 2, 6) == 0  # another value
+        assert control.inject(vmid, "pio", False, 0x1000, 2) == pio_answer(0x1000, 2)
+        assert count(owner, efd) == 0 and seen(owner) == 2  # both reached the default client
+    finally:
+        owner.close()
+
+
 def test_ioeventfd_datamatch_signals_and_no_client_sees_it(hsm_daemon):
     control = Control(hsm_daemon.control)
     owner, vmid = running_vm(hsm_daemon.node)
