@@ -29,6 +29,20 @@ pytestmark = pytest.mark.needs_fuse
 HOST_NODE = pathlib.Path("/dev/acrn_hsm")
 HOST_RUN_DIR = pathlib.Path("/run/acrn-hsm-emu")
 
+# A private /tmp, as a container has; a checkout that itself lives under /tmp (a
+# CI clone, say) is carried across so its venv and clients stay at their paths.
+PRIVATE_TMP = r"""
+if [ -n "${KEEP:-}" ]; then mount --bind "$KEEP" /mnt; fi
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && mount --move /mnt "$KEEP"; fi
+"""
+
+
+def keep() -> str:
+    """The checkout, when the container's private /tmp would hide it."""
+    return str(REPO) if str(REPO).startswith("/tmp/") else ""
+
+
 # The container's init: set up what the container runtime would, then become the daemon.
 CONTAINER = r"""
 set -eu
@@ -38,7 +52,7 @@ mknod -m 0666 /dev/null c 1 3
 mknod -m 0666 /dev/zero c 1 5
 mknod -m 0666 /dev/urandom c 1 9
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+""" + PRIVATE_TMP + r"""
 exec "$ACRN_HSM_EMU" serve --node /dev/acrn_hsm --run-dir /run/acrn-hsm-emu --log-format json \
     -- sh -c "$CLIENT && echo PID1=\$(cat /proc/1/comm) && grep ' /dev/acrn_hsm ' /proc/self/mountinfo \
               && \"$ACRN_HSM_EMU\" status --control /run/acrn-hsm-emu/control.sock"
@@ -70,7 +84,8 @@ def test_client_in_a_namespace_container_uses_the_fixed_path(tmp_path):
     proc = subprocess.run(
         ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--mount-proc",
          "sh", "-c", CONTAINER],
-        env={**os.environ, "ACRN_HSM_EMU": str(VENV_BIN / "acrn-hsm-emu"), "CLIENT": str(client)},
+        env={**os.environ, "ACRN_HSM_EMU": str(VENV_BIN / "acrn-hsm-emu"), "CLIENT": str(client),
+             "KEEP": keep()},
         capture_output=True, text=True, timeout=300, check=False,
     )
     out = proc.stdout + proc.stderr
@@ -154,7 +169,7 @@ mknod -m 0666 /dev/null c 1 3
 mknod -m 0666 /dev/zero c 1 5
 mknod -m 0666 /dev/urandom c 1 9
 mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+""" + PRIVATE_TMP + r"""
 exec "$@"
 """
 
@@ -169,7 +184,8 @@ def test_the_image_serves_a_client_in_its_container(image_root):
     proc = subprocess.run(
         ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--mount-proc",
          "sh", "-c", IMAGE, "sh", *argv, "--", "sh", "-c", test],
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "STAGING": str(image_root)},
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "STAGING": str(image_root),
+             "KEEP": keep()},
         capture_output=True, text=True, timeout=300, check=False,
     )
     out = proc.stdout + proc.stderr
