@@ -32,7 +32,7 @@ _NULL = ffi.NULL
 class _Waiting:
     """An ioctl whose answer a task is still working out."""
 
-    __slots__ = ("req", "handle", "call", "scope", "replied", "cdata", "out_size", "deferred")
+    __slots__ = ("req", "handle", "call", "scope", "replied", "cdata", "out_size", "deferred", "key")
 
     def __init__(self, req: Any, handle: object, call: IoctlCall, out_size: int) -> None:
         self.req = req
@@ -43,6 +43,7 @@ class _Waiting:
         self.replied = False
         self.cdata: Any = None
         self.deferred: Deferred | None = None
+        self.key = 0  # the process it is counted against (TidResolver.hint)
 
 
 class TidResolver:
@@ -69,6 +70,12 @@ class TidResolver:
             self._cache.clear()
         self._cache[tid] = pid
         return pid
+
+    def hint(self, tid: int) -> int:
+        """The process of ``tid`` for bookkeeping only: a cached answer is taken
+        without the /proc check (never use it to reach memory)."""
+        pid = self._cache.get(tid)
+        return pid if pid is not None else self(tid)
 
     @staticmethod
     def _lookup(tid: int) -> int:
@@ -348,7 +355,7 @@ class Session:
         """Hold the request until the device calls ``d.reply`` (or the caller is interrupted)."""
         if d.done:  # answered before it was handed back
             return
-        pid = call.ctx.pid
+        pid = self._resolve.hint(call.ctx.tid)
         mine = self._waiting_by_pid.get(pid, 0)
         if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
             d.done = True
@@ -358,6 +365,7 @@ class Session:
             return
         self._waiting_by_pid[pid] = mine + 1
         w = _Waiting(req, handle, call, out_size)
+        w.key = pid
         w.deferred = d
         w.cdata = ffi.new_handle(w)
         self._waiting.add(w)
@@ -387,12 +395,11 @@ class Session:
         if w not in self._waiting:
             return
         self._waiting.discard(w)
-        pid = w.call.ctx.pid
-        left = self._waiting_by_pid.get(pid, 1) - 1
+        left = self._waiting_by_pid.get(w.key, 1) - 1
         if left > 0:
-            self._waiting_by_pid[pid] = left
+            self._waiting_by_pid[w.key] = left
         else:
-            self._waiting_by_pid.pop(pid, None)
+            self._waiting_by_pid.pop(w.key, None)
 
     def _start_waiting(
         self,
@@ -403,7 +410,7 @@ class Session:
         coro: Awaitable[IoctlResult],
     ) -> None:
         assert self.nursery is not None
-        pid = call.ctx.pid
+        pid = self._resolve.hint(call.ctx.tid)
         mine = self._waiting_by_pid.get(pid, 0)
         if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
             if inspect.iscoroutine(coro):
@@ -412,6 +419,7 @@ class Session:
             return
         self._waiting_by_pid[pid] = mine + 1
         w = _Waiting(req, handle, call, out_size)
+        w.key = pid
         w.scope = trio.CancelScope()
         w.cdata = ffi.new_handle(w)
         self._waiting.add(w)
