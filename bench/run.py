@@ -53,8 +53,11 @@ def bench_c(name: str, *flags: str) -> pathlib.Path:
 
 
 def test_client(name: str) -> pathlib.Path:
-    """A C client of the test suite (tests/clients), e.g. the acrn-dm-style dm_loop."""
-    return build(REPO / "tests" / "clients" / f"{name}.c", name)
+    """A C client of the test suite (tests/clients), e.g. the acrn-dm-style dm_loop;
+    the extension ABI's header is on the include path for the ext_* ones."""
+    from acrn_hsm_emu.client import include_dir
+
+    return build(REPO / "tests" / "clients" / f"{name}.c", name, f"-I{include_dir()}")
 
 
 def fuse_flags() -> list[str]:
@@ -287,6 +290,91 @@ def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+class Ctl:
+    """tests/clients/ext_ctl.c: one open file of the node driven line by line."""
+
+    def __init__(self, node: pathlib.Path) -> None:
+        self.proc = subprocess.Popen([str(test_client("ext_ctl")), str(node)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def ok(self, line: str) -> dict[str, str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().split()
+        if not answer or answer[0] != "ok":
+            raise RuntimeError(f"ext_ctl {line!r}: {answer}")
+        return dict(kv.split("=", 1) for kv in answer[1:] if "=" in kv)
+
+    def close(self) -> None:
+        try:
+            self.ok("quit")
+        finally:
+            self.proc.communicate(timeout=60)
+
+
+def cycles_with(tmp: pathlib.Path, workload: pathlib.Path, setup: Callable[[pathlib.Path, Ctl, int], list[Any]],
+                seconds: float) -> dict[str, float]:
+    """A VM owned by ext_ctl (default client), ``setup`` adds who else serves it, then START_VM."""
+    with daemon(tmp, "--backend", "scripted", "--workload", str(workload)) as d:
+        owner = Ctl(d["node"])
+        extra: list[Any] = []
+        try:
+            vmid = int(owner.ok("create 0x1")["vmid"])
+            owner.ok("client")
+            extra = setup(d["node"], owner, vmid)
+            owner.ok("start")
+            time.sleep(0.5)
+            before, cpu0, t0 = vcpus_of(d["control"]), cpu_seconds(d["pid"]), time.monotonic()
+            time.sleep(seconds)
+            after, cpu1, t1 = vcpus_of(d["control"]), cpu_seconds(d["pid"]), time.monotonic()
+            owner.ok("pause")
+        finally:
+            for p in extra:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=60)
+            owner.close()
+    reqs = sum(a["requests"] for a in after) - sum(b["requests"] for b in before)
+    return {
+        "requests_per_s": reqs / (t1 - t0),
+        "cycle_p50_us": after[0]["cycle"]["p50_us"],
+        "cycle_p99_us": after[0]["cycle"]["p99_us"],
+        "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(reqs, 1),
+    }
+
+
+def range_client(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The cycle when a range client in another process serves the accesses."""
+    wl = tmp / "range.json"
+    write_workload(wl, "pio", 1)
+
+    def setup(node: pathlib.Path, owner: Ctl, vmid: int) -> list[Any]:
+        p = subprocess.Popen([str(test_client("ext_range")), str(node), str(vmid), "bench", "pio:0x500-0x50f"],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().startswith("ready")
+        return [p]
+
+    res = cycles_with(tmp, wl, setup, args.seconds)
+    print(f"  range client: {fmt(res)}", flush=True)
+    return res
+
+
+def ioeventfd_path(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The cycle when a datamatch ioeventfd takes the write: signalled, no client round trip."""
+    wl = tmp / "ioeventfd.json"
+    steps = [{"op": "pio", "port": 0x500, "size": 4, "write": True, "value": 7}]
+    wl.write_text(json.dumps({"vcpu": [{"id": 0, "repeat": 0, "steps": steps}]}))
+
+    def setup(node: pathlib.Path, owner: Ctl, vmid: int) -> list[Any]:
+        fd = owner.ok("eventfd")["fd"]
+        owner.ok(f"ioeventfd {fd} 3 0x500 4 7")  # PIO | DATAMATCH
+        return []
+
+    res = cycles_with(tmp, wl, setup, args.seconds)
+    print(f"  ioeventfd: {fmt(res)}", flush=True)
+    return res
+
+
 def memory_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Daemon RSS idle, and with 16 idle VMs each held by a client."""
     dm = str(test_client("dm_loop"))
@@ -319,6 +407,8 @@ BENCHES: dict[str, Callable[[pathlib.Path, argparse.Namespace], dict[str, Any]]]
     "null_ioctl": null_ioctl,
     "cycle_scripted": cycle_scripted,
     "cycle_kvm": cycle_kvm,
+    "range_client": range_client,
+    "ioeventfd": ioeventfd_path,
     "memory": memory_cost,
 }
 
