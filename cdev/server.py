@@ -177,7 +177,7 @@ class Server:
             if self.node.is_char_device():
                 raise ServeError(
                     f"node path {self.node} is busy: a real character device is there "
-                    "(is the acrn kernel module loaded?)"
+                    "(a kernel driver owns that path)"
                 )
             raise ServeError(f"node path {self.node} is busy: not a regular file")
         if not self.node.exists():

@@ -660,7 +660,7 @@ MESSAGES = {
     "node path <node> is busy: <what> is mounted on it": "node_mounted_on",
     "<mount dir> is served by another running daemon; stop it first": "mount_dir_taken",
     "cannot create <node>: <parent> is not a directory": "no_parent",
-    "node path <node> is busy: a real character device is there (is the acrn kernel module loaded?)":
+    "node path <node> is busy: a real character device is there (a kernel driver owns that path)":
         "char_device",
     "node path <node> is busy: not a regular file": "not_regular",
     "libfuse could not create a session (see the libfuse log line)": "libfuse_session",
