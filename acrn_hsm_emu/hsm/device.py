@@ -595,17 +595,17 @@ class HsmDevice(BaseDevice):
         return 0
 
     def _ext_add_range(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        b = self._bound(f)
-        if isinstance(b, int):
-            return b
-        if len(call.in_data) < ext.sizeof(ext.AcrnEmuRange):
-            return -errno.EFAULT
-        return ranges.add_range(b, call.in_data)
+        return self._ext_range(f, call, ranges.add_range)
 
     def _ext_del_range(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        return self._ext_range(f, call, ranges.del_range)
+
+    def _ext_range(
+        self, f: HsmFile, call: IoctlCall, op: Callable[[Binding, bytes], int]
+    ) -> IoctlResult:
         b = self._bound(f)
         if isinstance(b, int):
             return b
         if len(call.in_data) < ext.sizeof(ext.AcrnEmuRange):
             return -errno.EFAULT
-        return ranges.del_range(b, call.in_data)
+        return op(b, call.in_data)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import select
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import structlog
 
@@ -61,6 +63,25 @@ def fdget(pid: int, fd: int) -> int:
         os.close(dup)
         raise EventfdError(errno.EINVAL, f"fd {fd} of pid {pid} is {link or 'unknown'}, not an eventfd")
     return dup
+
+
+T = TypeVar("T")
+
+
+def find_same(pid: int, fd: int, entries: Sequence[T], fd_of: Callable[[T], int]) -> T | int | None:
+    """The first entry whose eventfd is the caller's ``fd`` (compared by kcmp).
+
+    -EBADF / -EINVAL when ``fd`` is not an open eventfd of ``pid``, None when no
+    entry uses it: what both deassign paths (ioeventfd, irqfd) look up.
+    """
+    try:
+        dup = fdget(pid, fd)
+    except EventfdError as e:
+        return -e.errno
+    try:
+        return next((e for e in entries if same(fd_of(e), dup)), None)
+    finally:
+        os.close(dup)
 
 
 def same(fd1: int, fd2: int) -> bool:

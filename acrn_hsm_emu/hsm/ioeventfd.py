@@ -174,19 +174,13 @@ def _assign(
 
 
 def _deassign(vm: Vm, pid: int, fd: int) -> int:
-    try:
-        dup = eventfd.fdget(pid, fd)
-    except eventfd.EventfdError as e:
-        return -e.errno
-    try:
-        for p in vm.ioeventfds:
-            if eventfd.same(p.fd, dup):
-                if vm.ioeventfd_client is not None:
-                    vm.ioeventfd_client.range_del(p.type, p.addr, p.addr + p.length - 1)
-                vm.ioeventfds.remove(p)
-                p.close()
-                log.debug("hsm.ioeventfd_deassigned", vmid=vm.vmid, **p.snapshot())
-                break
-    finally:
-        os.close(dup)
+    p = eventfd.find_same(pid, fd, vm.ioeventfds, lambda q: q.fd)
+    if isinstance(p, int):
+        return p
+    if p is not None:
+        if vm.ioeventfd_client is not None:
+            vm.ioeventfd_client.range_del(p.type, p.addr, p.addr + p.length - 1)
+        vm.ioeventfds.remove(p)
+        p.close()
+        log.debug("hsm.ioeventfd_deassigned", vmid=vm.vmid, **p.snapshot())
     return 0

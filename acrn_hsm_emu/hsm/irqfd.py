@@ -147,17 +147,11 @@ def _assign(
 
 
 def _deassign(vm: Vm, pid: int, fd: int) -> int:
-    try:
-        dup = eventfd.fdget(pid, fd)
-    except eventfd.EventfdError as e:
-        return -e.errno
-    try:
-        for irqfd in vm.irqfds:
-            if eventfd.same(irqfd.fd, dup):
-                vm.irqfds.remove(irqfd)
-                irqfd.shutdown()
-                log.debug("hsm.irqfd_deassigned", vmid=vm.vmid, fd=fd)
-                break
-    finally:
-        os.close(dup)
+    irqfd = eventfd.find_same(pid, fd, vm.irqfds, lambda q: q.fd)
+    if isinstance(irqfd, int):
+        return irqfd
+    if irqfd is not None:
+        vm.irqfds.remove(irqfd)
+        irqfd.shutdown()
+        log.debug("hsm.irqfd_deassigned", vmid=vm.vmid, fd=fd)
     return 0
