@@ -313,3 +313,13 @@ def installed() -> Iterator[Installed]:
         inst.make("uninstall")
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+
+
+@pytest.fixture
+def hv() -> Iterator[Any]:
+    """The real mock hypervisor behind a recording proxy, for in-process HSM tests."""
+    from test_hsm_harness import hypervisor
+
+    h = hypervisor()
+    yield h
+    h.real.shutdown()

@@ -28,13 +28,6 @@ ALL_IOCTLS = sorted(abi.IOCTL_NAMES)
 
 
 @pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
-
-
-@pytest.fixture
 def hv_pstate():
     h = hypervisor(pstate_passthrough=True)
     yield h

@@ -13,28 +13,27 @@ import pytest
 import structlog
 import trio
 import trio.testing
-from test_hsm_harness import Buf, HvProxy, VmSetup, call, creation, hypervisor, make_device, settle
+from test_hsm_harness import (
+    COMPLETE,
+    MMIO,
+    PCI,
+    PENDING,
+    PIO,
+    PROCESSING,
+    RD,
+    WR,
+    Buf,
+    HvProxy,
+    VmSetup,
+    call,
+    creation,
+    make_device,
+    settle,
+)
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm.ioreq import IoreqClient
 from cdev.device import Deferred
-
-PIO = abi.ACRN_IOREQ_TYPE_PORTIO
-MMIO = abi.ACRN_IOREQ_TYPE_MMIO
-PCI = abi.ACRN_IOREQ_TYPE_PCICFG
-RD = abi.ACRN_IOREQ_DIR_READ
-WR = abi.ACRN_IOREQ_DIR_WRITE
-PENDING = abi.ACRN_IOREQ_STATE_PENDING
-COMPLETE = abi.ACRN_IOREQ_STATE_COMPLETE
-PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
-FREE = abi.ACRN_IOREQ_STATE_FREE
-
-
-@pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
 
 
 def setup(hv: HvProxy, vcpus: int = 4, client: bool = True, **kw: object) -> tuple[HvProxy, VmSetup]:

@@ -8,27 +8,24 @@ import struct
 
 import pytest
 import trio
-from test_hsm_harness import HvProxy, VmSetup, hypervisor, make_device, settle
+from test_hsm_harness import (
+    COMPLETE,
+    MMIO,
+    PIO,
+    PROCESSING,
+    RD,
+    WR,
+    HvProxy,
+    VmSetup,
+    make_device,
+    settle,
+)
 
 from acrn_hsm_emu import abi
 
-PIO = abi.ACRN_IOREQ_TYPE_PORTIO
-MMIO = abi.ACRN_IOREQ_TYPE_MMIO
-RD = abi.ACRN_IOREQ_DIR_READ
-WR = abi.ACRN_IOREQ_DIR_WRITE
-PENDING = abi.ACRN_IOREQ_STATE_PENDING
-COMPLETE = abi.ACRN_IOREQ_STATE_COMPLETE
-PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
 F_PIO = abi.ACRN_IOEVENTFD_FLAG_PIO
 F_DATA = abi.ACRN_IOEVENTFD_FLAG_DATAMATCH
 F_DEASSIGN = abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
-
-
-@pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
 
 
 @pytest.fixture

@@ -7,21 +7,11 @@ import errno
 import os
 import struct
 
-import pytest
 import trio
-from test_hsm_harness import HvProxy, VmSetup, hypervisor, make_device, settle
+from test_hsm_harness import PROCESSING, HvProxy, VmSetup, make_device, settle
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hypervisor.api import Access
-
-PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
-
-
-@pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
 
 
 def started(hv: HvProxy, vcpus: int = 2, **fields: int) -> VmSetup:

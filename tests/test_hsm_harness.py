@@ -31,6 +31,17 @@ PAGE = 4096
 EPERM = -errno.EPERM  # what ACRN's -1 looks like to the caller
 
 
+# Slot vocabulary the HSM tests share.
+PIO = abi.ACRN_IOREQ_TYPE_PORTIO
+MMIO = abi.ACRN_IOREQ_TYPE_MMIO
+PCI = abi.ACRN_IOREQ_TYPE_PCICFG
+RD = abi.ACRN_IOREQ_DIR_READ
+WR = abi.ACRN_IOREQ_DIR_WRITE
+PENDING = abi.ACRN_IOREQ_STATE_PENDING
+COMPLETE = abi.ACRN_IOREQ_STATE_COMPLETE
+PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
+FREE = abi.ACRN_IOREQ_STATE_FREE
+
 class HvProxy:
     """The real mock hypervisor, every hypercall recorded, any one forceable.
 

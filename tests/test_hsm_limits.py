@@ -6,28 +6,19 @@ import errno
 import os
 import struct
 
-import pytest
 import structlog
-
-from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm.device import Limits
-from tests.test_hsm_harness import (
+from test_hsm_harness import (
     Buf,
     VmSetup,
     creation,
     ctx,
-    hypervisor,
     ioctl,
     make_device,
     result,
 )
 
-
-@pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
+from acrn_hsm_emu import abi
+from acrn_hsm_emu.hsm.device import Limits
 
 
 def limited(hv, **kw):

@@ -7,7 +7,7 @@ import mmap
 import struct
 
 import pytest
-from test_hsm_harness import EPERM, Buf, HvProxy, VmSetup, creation, hypervisor, make_device
+from test_hsm_harness import EPERM, Buf, HvProxy, VmSetup, creation, make_device
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm.mm import FAKE_PA_BASE
@@ -17,13 +17,6 @@ RAM = abi.ACRN_MEMMAP_RAM
 MMIO = abi.ACRN_MEMMAP_MMIO
 WB = abi.ACRN_MEM_TYPE_WB
 UC = abi.ACRN_MEM_TYPE_UC
-
-
-@pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
 
 
 def memmap(typ: int, attr: int, gpa: int, host: int, length: int) -> bytes:

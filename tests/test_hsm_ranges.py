@@ -17,29 +17,28 @@ import pytest
 import structlog
 import trio
 import trio.testing
-from test_hsm_harness import Buf, HvProxy, VmSetup, call, hypervisor, make_device, result, settle
+from test_hsm_harness import (
+    COMPLETE,
+    FREE,
+    MMIO,
+    PCI,
+    PIO,
+    PROCESSING,
+    RD,
+    WR,
+    Buf,
+    HvProxy,
+    VmSetup,
+    call,
+    make_device,
+    result,
+    settle,
+)
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.client import extension as ext
 from acrn_hsm_emu.hsm import HsmDevice, HsmFile
 from cdev.device import Deferred, IoctlCall, RequestContext
-
-PIO = abi.ACRN_IOREQ_TYPE_PORTIO
-MMIO = abi.ACRN_IOREQ_TYPE_MMIO
-PCI = abi.ACRN_IOREQ_TYPE_PCICFG
-RD = abi.ACRN_IOREQ_DIR_READ
-WR = abi.ACRN_IOREQ_DIR_WRITE
-PENDING = abi.ACRN_IOREQ_STATE_PENDING
-COMPLETE = abi.ACRN_IOREQ_STATE_COMPLETE
-PROCESSING = abi.ACRN_IOREQ_STATE_PROCESSING
-FREE = abi.ACRN_IOREQ_STATE_FREE
-
-
-@pytest.fixture
-def hv():
-    h = hypervisor()
-    yield h
-    h.real.shutdown()
 
 
 def ctx(uid: int = 0) -> RequestContext:
