@@ -426,14 +426,8 @@ class Dispatcher:
                 mem.write(off, bytes(folded))
                 counters.pci += 1
                 typ = PCICFG
-            elif typ == PORTIO:
-                counters.pio += 1
-            elif typ == MMIO:
-                counters.mmio += 1
-            elif typ == PCICFG:
-                counters.pci += 1
             else:
-                counters.other += 1
+                self._count_type(counters, typ)
 
             if vm.range_clients:
                 if typ == PORTIO or typ == MMIO:

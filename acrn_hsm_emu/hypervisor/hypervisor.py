@@ -36,7 +36,7 @@ from acrn_hsm_emu.hypervisor.scenario import (
     load_scenario,
 )
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted, Vcpu
-from acrn_hsm_emu.hypervisor.vm import PAGE_SIZE, EptMapping, Vm, VmState, mem_type
+from acrn_hsm_emu.hypervisor.vm import PAGE_SIZE, EptMapping, Vm, VmState
 from acrn_hsm_emu.hypervisor.workload import Workload, check_access
 from acrn_hsm_emu.memory import MemoryFault, SharedPage
 
@@ -460,17 +460,7 @@ class Hypervisor:
 
             def apply(op: MemoryRegionOp) -> None:
                 if op.type == abi.MR_ADD:
-                    vm.memory.add(
-                        EptMapping(
-                            op.user_vm_pa,
-                            op.size,
-                            op.service_vm_pa,
-                            op.attr & abi.ACRN_MEM_ACCESS_RWX,
-                            mem_type(op.attr),
-                            op.backing,
-                            op.host_va,
-                        )
-                    )
+                    vm.memory.add(EptMapping.from_op(op))
                 else:
                     vm.memory.delete(op.user_vm_pa, op.size)
                 if post:

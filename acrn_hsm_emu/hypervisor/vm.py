@@ -21,6 +21,7 @@ from acrn_hsm_emu.hypervisor.scenario import SEVERITY_SERVICE_VM, VmSlot, format
 from acrn_hsm_emu.memory import ClientMemory, SharedPage
 
 if TYPE_CHECKING:
+    from acrn_hsm_emu.hypervisor.api import MemoryRegionOp
     from acrn_hsm_emu.hypervisor.vcpu import Vcpu
 
 _log = structlog.get_logger(__name__)
@@ -65,6 +66,19 @@ class EptMapping:
     mem_type: str
     backing: ClientMemory | None = None
     host_va: int | None = None
+
+    @classmethod
+    def from_op(cls, op: MemoryRegionOp) -> EptMapping:
+        """The mapping an MR_ADD op of SET_MEMORY_REGIONS describes."""
+        return cls(
+            op.user_vm_pa,
+            op.size,
+            op.service_vm_pa,
+            op.attr & abi.ACRN_MEM_ACCESS_RWX,
+            mem_type(op.attr),
+            op.backing,
+            op.host_va,
+        )
 
     @property
     def end(self) -> int:

@@ -45,7 +45,7 @@ from acrn_hsm_emu.hypervisor.backends import kvm_abi as k
 from acrn_hsm_emu.hypervisor.backends.base import BackendError, VcpuHost
 from acrn_hsm_emu.hypervisor.backends.kvm_memory import HostPiece, resolve
 from acrn_hsm_emu.hypervisor.backends.scripted import ScriptedBackend, ScriptedVcpu
-from acrn_hsm_emu.hypervisor.vm import EptMapping, GuestMemoryMap, mem_type
+from acrn_hsm_emu.hypervisor.vm import EptMapping, GuestMemoryMap
 from acrn_hsm_emu.hypervisor.workload import Workload
 
 _log = structlog.get_logger(__name__)
@@ -467,17 +467,7 @@ class KvmVm:
         """A SET_MEMORY_REGIONS op (hypercall thread): recorded; vCPUs apply it."""
         with self._desired_lock:
             if op.type == MR_ADD and op.backing is not None and op.host_va is not None:
-                self._desired.add(
-                    EptMapping(
-                        op.user_vm_pa,
-                        op.size,
-                        op.service_vm_pa,
-                        op.attr & abi.ACRN_MEM_ACCESS_RWX,
-                        mem_type(op.attr),
-                        op.backing,
-                        op.host_va,
-                    )
-                )
+                self._desired.add(EptMapping.from_op(op))
             else:  # MMIO (no bytes behind it here) or a delete: not guest RAM
                 self._desired.delete(op.user_vm_pa, op.size)
             self._gen += 1
