@@ -421,3 +421,15 @@ def test_structs_round_trip_bytes():
     page = abi.AcrnIoRequestBuffer()
     page.req_slot[3].reqs.pci_request.reg = 0x104
     assert int.from_bytes(bytes(page)[3 * 256 + abi.SLOT_PCI_REG :][:4], "little") == 0x104
+
+
+def test_the_native_request_cycle_uses_the_same_slot_layout():
+    """hsm_slot_cycle (C, _cffi_src/build_native.py) has its own copy of the offsets."""
+    from acrn_hsm_emu._native import lib
+
+    assert (lib.HSM_SLOT_VALUE, lib.HSM_SLOT_STATE) == (abi.SLOT_VALUE, abi.SLOT_PROCESSED)
+    assert (lib.HSM_STATE_PENDING, lib.HSM_STATE_COMPLETE, lib.HSM_STATE_FREE) == (
+        abi.ACRN_IOREQ_STATE_PENDING,
+        abi.ACRN_IOREQ_STATE_COMPLETE,
+        abi.ACRN_IOREQ_STATE_FREE,
+    )

@@ -111,8 +111,8 @@ async def test_upcalls_are_coalesced_into_one_queued_pass(hv):
     for _ in range(5):
         hv.upcall()
     d = s.dev.dispatcher
-    assert d.upcalls == 5
     await settle()
+    assert d.upcalls == 5
     assert d.passes == 1 and s.state(0) == PROCESSING
     hv.upcall()
     await settle()

@@ -334,4 +334,5 @@ async def test_irqfd_watchers_can_run_in_a_given_nursery(hv, fds):
         assert len(hv.msis) == 1
         assert s.ioctl(abi.ACRN_IOCTL_PAUSE_VM) == 0
         s.dev.release(s.file)
+        s.dev.close()  # the dispatcher's task runs in the nursery too, until close
     assert s.vm.irqfds == []

@@ -3,10 +3,19 @@
 The HSM is played by :class:`FakeHsm`: an upcall that scans the slots, folds
 CF8/CFC like the driver, marks PROCESSING, answers reads, marks COMPLETE and
 calls notify_request_finish (unless the slot polls). spec: hv A.2.3 - A.2.6.
+
+Every test runs twice (the ``rigs`` fixture): with the page in this process's
+LocalMemory and a plain callable upcall (the vCPU's Python path), and as the
+daemon runs, with the page reached through process_vm_* and an eventfd upcall
+served by another thread (the native request cycle, ``hsm_slot_cycle``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import select
 import struct
 import threading
 import time
@@ -16,11 +25,11 @@ import pytest
 import structlog
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hypervisor.api import Access
+from acrn_hsm_emu.hypervisor.api import Access, FdUpcall
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
-from acrn_hsm_emu.hypervisor.vcpu import AccessAborted
+from acrn_hsm_emu.hypervisor.vcpu import AccessAborted, Vcpu
 from acrn_hsm_emu.hypervisor.workload import Step, Workload, pci_address
-from acrn_hsm_emu.memory import LocalMemory, SharedPage
+from acrn_hsm_emu.memory import LocalMemory, RemoteMemory, SharedPage
 
 PENDING, COMPLETE, PROCESSING, FREE = 0, 1, 2, 3
 PIO, MMIO, PCICFG = 0, 1, 2
@@ -181,6 +190,7 @@ class Rig:
         flags: int = 0,
         defer: bool = False,
         memory: LocalMemory | None = None,
+        native: bool = False,
     ) -> None:
         self.hv = Hypervisor(workload=workload)
         cv = abi.AcrnVmCreation(cpu_affinity=affinity, vm_flag=flags)
@@ -188,12 +198,52 @@ class Rig:
         assert self.hv.create_vm(buf) == 0
         out = abi.AcrnVmCreation.from_buffer(buf)
         self.vmid, self.vcpus = out.vmid, out.vcpu_num
-        self.mem = memory or LocalMemory()
-        self.mmap, addr = self.mem.alloc_page()
-        self.page = SharedPage(self.mem, addr)
-        self.hsm = FakeHsm(self.hv, self.vmid, self.page, self.vcpus, defer)
-        self.hv.set_upcall(self.hsm.upcall)
+        self.native = native and memory is None
+        self._server: threading.Thread | None = None
+        if self.native:
+            # the daemon's setting: the page through process_vm_* (here on our own
+            # pid), the upcall an eventfd that another thread waits for
+            self.mmap = mmap.mmap(-1, mmap.PAGESIZE)
+            view = (ctypes.c_char * mmap.PAGESIZE).from_buffer(self.mmap)
+            addr = ctypes.addressof(view)
+            del view  # no export left: unmap() can close the mapping
+            self.mem = RemoteMemory(os.getpid())
+            self.page = SharedPage(self.mem, addr)
+            self.hsm = FakeHsm(self.hv, self.vmid, self.page, self.vcpus, defer)
+            self.upcall = FdUpcall()
+            self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+            self._server = threading.Thread(target=self._serve, daemon=True)
+            self._server.start()
+            self.hv.set_upcall(self.upcall)
+        else:
+            self.mem = memory or LocalMemory()
+            self.mmap, addr = self.mem.alloc_page()
+            self.page = SharedPage(self.mem, addr)
+            self.hsm = FakeHsm(self.hv, self.vmid, self.page, self.vcpus, defer)
+            self.hv.set_upcall(self.hsm.upcall)
         assert self.hv.set_ioreq_buffer(self.vmid, self.page) == 0
+
+    def _serve(self) -> None:
+        """The HSM's side of an eventfd upcall: a scan per readiness."""
+        p = select.poll()
+        p.register(self.upcall.fd, select.POLLIN)
+        p.register(self._stop, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in p.poll()}
+            if self._stop in ready:
+                return
+            if self.upcall.take():
+                try:
+                    self.hsm.upcall()
+                except Exception:  # the page is gone (fault tests): later scans fail too
+                    pass
+
+    def unmap(self) -> None:
+        """The client died: its page is gone."""
+        if self.native:
+            self.mmap.close()
+        else:
+            self.mem.remove(self.page.base)
 
     def start(self) -> None:
         assert self.hv.start_vm(self.vmid) == 0
@@ -212,14 +262,18 @@ class Rig:
 
     def close(self) -> None:
         self.hv.shutdown()
+        if self._server is not None:
+            os.eventfd_write(self._stop, 1)
+            self._server.join(HANG_GUARD_S)
+            os.close(self._stop)
 
 
-@pytest.fixture
-def rigs():
+@pytest.fixture(params=["python", "native"])
+def rigs(request):
     made: list[Rig] = []
 
     def make(*a: object, **kw: object) -> Rig:
-        r = Rig(*a, **kw)
+        r = Rig(*a, native=request.param == "native", **kw)
         made.append(r)
         return r
 
@@ -462,13 +516,24 @@ def test_ten_thousand_accesses_on_two_vcpus(rigs) -> None:
     wl = Workload.build({0: program(0), 1: program(3)})
     assert sum(p.accesses_per_run for p in wl.programs.values()) == 10_000
     r = rigs(workload=wl, affinity=0x3)
-    r.start()
-    wait_for(r.done, "10,000 accesses")
+    native_cycles = []
+    real = Vcpu._post_wait_native
+
+    def counted(self: Vcpu, *a: object) -> int:
+        native_cycles.append(1)
+        return real(self, *a)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Vcpu, "_post_wait_native", counted)
+        r.start()
+        wait_for(r.done, "10,000 accesses")
     v0, v1 = r.vm()["vcpus"]
     assert (v0["accesses"], v1["accesses"]) == (5000, 5000)
     assert v0["mismatches"] == 0 and v1["mismatches"] == 0
     assert r.hsm.notifies == v0["requests"] + v1["requests"]
     assert {q["vcpu"] for q in r.hsm.requests} == {0, 1}
+    # which path served them: all native in the daemon's setting, none otherwise
+    assert len(native_cycles) == (v0["requests"] + v1["requests"] if r.native else 0)
 
 
 def test_wrong_answers_are_caught(rigs) -> None:
@@ -554,7 +619,7 @@ def test_a_fault_on_the_page_stops_the_vm_only(rigs) -> None:
     with structlog.testing.capture_logs() as logs:
         r.start()
         wait_for(lambda: r.vcpu(0)["accesses"] > 10, "progress")
-        r.mem.remove(r.page.base)  # the client died: its page is gone
+        r.unmap()  # the client died: its page is gone
         wait_for(lambda: all(v["state"] == "faulted" for v in r.vm()["vcpus"]), "faulted")
     assert r.vm()["fault"]
     assert [e["event"] for e in logs].count("vm.request_page_fault") == 1

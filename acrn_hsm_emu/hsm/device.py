@@ -109,8 +109,7 @@ class HsmDevice(BaseDevice):
     ``hypervisor``: the mock ACRN (its upcall is installed here).
     ``memory``: how to reach a caller's memory from its pid (RemoteMemory).
     ``quirks``: reproduce the driver's re-create bugs (spec: hsm 3.2).
-    ``nursery``: where irqfd watchers run (default: trio system tasks).
-    ``trio_token``: the trio run to dispatch in (default: the current one).
+    ``nursery``: where the dispatcher and irqfd watchers run (default: trio system tasks).
     ``clear_round_s``: one CLEAR_VM_IOREQ wait round (the driver's HZ/100).
     ``release_pauses``: on the last close of a file whose VM still runs, pause
     it so that it can be destroyed (the kernel would orphan it; docs/hsm.md).
@@ -135,7 +134,6 @@ class HsmDevice(BaseDevice):
         memory: MemoryFactory = RemoteMemory,
         quirks: bool = True,
         nursery: trio.Nursery | None = None,
-        trio_token: trio.lowlevel.TrioToken | None = None,
         clear_round_s: float = 0.01,
         release_pauses: bool = True,
         bind_policy: BindPolicy = "owner",
@@ -148,8 +146,7 @@ class HsmDevice(BaseDevice):
         self.bind_policy = bind_policy
         self.quirks = quirks
         self._nursery = nursery
-        token = trio_token if trio_token is not None else trio.lowlevel.current_trio_token()
-        self.dispatcher = Dispatcher(hypervisor, memory, token, clear_round_s)
+        self.dispatcher = Dispatcher(hypervisor, memory, clear_round_s)
         if ioeventfd_mismatch not in ("drop", "forward"):
             raise ValueError(f"ioeventfd_mismatch must be 'drop' or 'forward', not {ioeventfd_mismatch!r}")
         self.dispatcher.ioeventfd_mismatch = ioeventfd_mismatch
@@ -194,6 +191,7 @@ class HsmDevice(BaseDevice):
             ext.ACRN_EMU_IOCTL_DEL_RANGE: self._ext_del_range,
         }
         hypervisor.set_upcall(self.dispatcher.upcall)
+        self._spawn(self.dispatcher.serve_upcalls)
 
     # -- cdev Device ------------------------------------------------------------
 
@@ -297,8 +295,10 @@ class HsmDevice(BaseDevice):
         return {int(i["vmid"]): i for i in items if isinstance(i, dict) and "vmid" in i}
 
     def close(self) -> None:
-        """Daemon exit: drop the upcall and every eventfd this device holds."""
+        """Daemon exit: drop the upcall, end the dispatcher's task (in ``nursery``,
+        which therefore waits for this call), and drop every eventfd this device holds."""
         self.hv.set_upcall(None)
+        self.dispatcher.close()
         for vm in self.dispatcher.vms:
             irqfd.irqfd_deinit(vm)
             for p in vm.ioeventfds:

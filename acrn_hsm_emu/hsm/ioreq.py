@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import struct
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -20,7 +19,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
-from acrn_hsm_emu.hypervisor.api import Hypercalls
+from acrn_hsm_emu.hypervisor.api import FdUpcall, Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
 from cdev.device import Deferred
 
@@ -284,17 +283,17 @@ RANGE_KINDS = {PORTIO: "pio", MMIO: "mmio", PCICFG: "pci"}
 class Dispatcher:
     """The global VM list, the upcall, and everything ioreq.c does with slots."""
 
-    def __init__(
-        self, hv: Hypercalls, memory: MemoryFactory, token: trio.lowlevel.TrioToken,
-        clear_round_s: float = 0.01,
-    ) -> None:
+    def __init__(self, hv: Hypercalls, memory: MemoryFactory, clear_round_s: float = 0.01) -> None:
         self.hv = hv
         self.memory = memory
-        self._token = token
         self.clear_round_s = clear_round_s
         self.vms: tuple[Vm, ...] = ()  # acrn_vm_list: newest first
-        self._lock = threading.Lock()
-        self._queued = False
+        # The upcall is an eventfd (vCPUs raise it without the GIL); serve_upcalls
+        # waits for it and runs the pass: queue_work on an ordered queue, since
+        # upcalls raised before the pass starts all fold into that one pass.
+        self.upcall = FdUpcall()
+        self._own_queued = 0  # passes queued by resume(), not upcalls
+        self._serving = trio.CancelScope()
         self.upcalls = 0
         self.passes = 0
         # ioeventfd: accesses in a range that signal nothing are consumed ("drop",
@@ -311,36 +310,34 @@ class Dispatcher:
 
     # -- upcall and passes (queue_work semantics) --------------------------
 
-    def upcall(self) -> None:
-        """The hypervisor's upcall; any thread. Queues one pass unless one is queued."""
-        self.upcalls += 1  # a statistic: a lost increment under a race is harmless
-        self.queue_pass()
+    async def serve_upcalls(self) -> None:
+        """The work queue's worker: one pass per readiness of the upcall fd, until
+        :meth:`close` (or cancellation)."""
+        fd = self.upcall.fd
+        with self._serving:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                self._take_and_pass()
+
+    def close(self) -> None:
+        """Stop serving upcalls (the fd itself goes with the last holder of ``upcall``)."""
+        self._serving.cancel()
+
+    def _take_and_pass(self) -> None:
+        n = self.upcall.take()
+        if n:
+            self.upcalls += max(0, n - self._own_queued)
+            self._own_queued = 0
+            self.run_pass()
 
     def queue_pass(self) -> None:
         """queue_work on the ordered queue: a pass already queued is not queued twice."""
-        with self._lock:
-            if self._queued:
-                return
-            self._queued = True
-        try:
-            self._token.run_sync_soon(self._queued_pass)
-        except trio.RunFinishedError:
-            pass
-
-    def _queued_pass(self) -> None:
-        with self._lock:
-            if not self._queued:
-                return  # already run by a drain (client destroy)
-            self._queued = False
-        self.run_pass()
+        self._own_queued += 1
+        self.upcall()
 
     def pause(self) -> None:
         """ioreq_pause: drain, i.e. run a queued pass now, before a client goes."""
-        with self._lock:
-            queued = self._queued
-            self._queued = False
-        if queued:
-            self.run_pass()
+        self._take_and_pass()
 
     def resume(self) -> None:
         """ioreq_resume: queue one pass in case requests were missed."""

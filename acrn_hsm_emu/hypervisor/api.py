@@ -14,6 +14,8 @@ passes the physical address of a pinned user page, it passes a
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +59,32 @@ class Access:
     addr: int
     size: int
     value: int = 0
+
+
+class FdUpcall:
+    """An upcall that is a write to an eventfd.
+
+    Any callable can be the upcall; this one a vCPU can also raise from native
+    code without the GIL, which the request cycle's fast path does (vcpu.py).
+    The owner waits for the fd to become readable. The fd is closed when the
+    object goes, so a vCPU still holding it never writes to a reused fd.
+    """
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.fd)
+
+    def __call__(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def take(self) -> int:
+        """The upcalls raised since the last take (0 if none)."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
 
 
 class Hypercalls(Protocol):

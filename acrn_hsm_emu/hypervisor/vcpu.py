@@ -14,22 +14,33 @@ Accesses the hypervisor answers itself (CF8 reads, vPIC, vIOAPIC, ... see
 ``Vm.hv_pio``) never reach the slot. A MemoryFault on the page (the client
 died) stops the VM's vCPUs (``Vm.report_fault``); a vCPU waiting for a notify
 re-reads its state word now and then, only so that it notices such a fault.
+
+In notification mode, with the page in another process and an eventfd upcall
+(the daemon's case), the cycle from PENDING to FREE is one native call made
+without the GIL (``hsm_slot_cycle``): the VM's gate stands in for its lock,
+eventfds for the upcall and the notify. The Python path below does the same
+steps for polling mode and in-process pages.
 """
 
 from __future__ import annotations
 
-import array
 import collections
 import concurrent.futures
+import os
+import select
 import struct
 import threading
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hypervisor.api import Access
+from acrn_hsm_emu._native import ffi as _ffi
+from acrn_hsm_emu._native import lib as _lib
+from acrn_hsm_emu.hypervisor.api import Access, FdUpcall
 from acrn_hsm_emu.hypervisor.backends.base import Regs, VcpuBackend
 from acrn_hsm_emu.hypervisor.vm import (
     PCI_CONFIG_ADDR,
@@ -40,7 +51,7 @@ from acrn_hsm_emu.hypervisor.vm import (
     VmState,
 )
 from acrn_hsm_emu.hypervisor.workload import pci_reg
-from acrn_hsm_emu.memory import MemoryFault, SharedPage
+from acrn_hsm_emu.memory import MemoryFault, RemoteMemory, SharedPage
 
 _log = structlog.get_logger(__name__)
 
@@ -70,38 +81,124 @@ _SPINS = 64  # polling mode: sched_yield-like turns before backing off
 _POLL_MAX_S = 0.001
 
 
+_SC_STEP = {
+    _lib.HSM_SC_POST: "post",
+    _lib.HSM_SC_PROBE: "probe",
+    _lib.HSM_SC_READ: "read",
+    _lib.HSM_SC_FREE: "free",
+}
+
+
+class Wakeup:
+    """A latched wake-up, as ``threading.Event``, on an eventfd.
+
+    The native request cycle waits on the same fd without the GIL, so a notify
+    or a kick reaches a vCPU whichever way it waits. The vCPU's thread closes
+    it when it ends (or the collector, for a thread never started); a late
+    :meth:`set` from another thread is then a no-op, never a write to a fd
+    number reused meanwhile.
+    """
+
+    __slots__ = ("_box", "_lock", "_poll", "__weakref__")
+
+    def __init__(self) -> None:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._box = [fd]  # shared with the finalizer
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_once, self._box, self._lock)
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    @property
+    def fd(self) -> int:
+        return self._box[0]
+
+    def set(self) -> None:
+        with self._lock:
+            fd = self._box[0]
+            if fd >= 0:
+                os.eventfd_write(fd, 1)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self._box[0])
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (the latch stays set until :meth:`clear`)."""
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        return bool(self._poll.poll(ms))
+
+    def close(self) -> None:
+        _close_once(self._box, self._lock)
+
+
+def _close_once(box: list[int], lock: threading.Lock) -> None:
+    with lock:
+        fd, box[0] = box[0], -1
+    if fd >= 0:
+        os.close(fd)
+
+
 class CycleRing:
     """The last ``size`` request cycle times in ns, for benchmarks and status.
 
-    A fixed ring: recording is one store, whatever the run length.
+    A fixed ring (``struct hsm_ring``): recording is one store, whatever the run
+    length, from Python or from the native loop, the vCPU thread being the only
+    writer.
     """
 
-    __slots__ = ("buf", "n", "size")
+    __slots__ = ("ring", "_buf")
 
     def __init__(self, size: int = 1 << 16) -> None:
-        self.buf = array.array("Q", bytes(8 * size))
-        self.size = size
-        self.n = 0
+        self._buf = _ffi.new("uint64_t[]", size)
+        self.ring = _ffi.new("struct hsm_ring *")
+        self.ring.buf = self._buf
+        self.ring.size = size
+
+    @property
+    def n(self) -> int:
+        return int(self.ring.n)
 
     def add(self, ns: int) -> None:
-        self.buf[self.n % self.size] = ns
-        self.n += 1
+        r = self.ring
+        n = r.n
+        self._buf[n % r.size] = ns
+        r.n = n + 1
 
     def clear(self) -> None:
-        self.n = 0
+        self.ring.n = 0
 
     def summary(self) -> dict[str, float]:
         """count (all time), and p50/p99/mean in microseconds over the ring."""
-        k = min(self.n, self.size)
+        n = self.n
+        k = min(n, self.ring.size)
         if k == 0:
             return {"count": 0}
-        data = sorted(self.buf[:k])
+        data = sorted(_ffi.unpack(self._buf, k))
         return {
-            "count": self.n,
+            "count": n,
             "p50_us": data[k // 2] / 1000,
             "p99_us": data[min(k - 1, (k * 99) // 100)] / 1000,
             "mean_us": sum(data) / k / 1000,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class NativeCycle:
+    """What a backend's native loop needs to do the request cycle itself
+    (``hsm_kvm_loop``): this vCPU's wait state, its VM's gate, the upcall (kept
+    referenced for the fd's sake), and what the hypervisor answers itself: ports
+    in the ``skip_ports`` bitmap and MMIO in ``[mmio_lo, mmio_hi)`` stay with Python.
+    """
+
+    wait: Any
+    gate: Any
+    upcall: FdUpcall
+    skip_ports: Any
+    mmio_lo: int
+    mmio_hi: int
 
 
 class AccessAborted(Exception):
@@ -122,14 +219,21 @@ class Vcpu:
         self.backend = backend
         self.state = "init"
         # counters (written by this vCPU's thread only)
-        self.accesses = 0  # guest I/O accesses performed (a PCI access counts once)
-        self.requests = 0  # of which ioreqs posted to the Service VM (PCI: CF8 + CFC)
+        # accesses: guest I/O accesses performed (a PCI access counts once); requests:
+        # ioreqs posted to the Service VM (PCI: CF8 + CFC). Python's counts here,
+        # native code's in _native; the properties add them up.
+        self._accesses = 0
+        self._requests = 0
         self.hv_handled = 0  # answered by the hypervisor itself
         self.cpuid_count = 0
         self.mismatches = 0
         self.cycles = CycleRing()  # request cycle times: PENDING written -> slot FREE
         self.injected = 0
-        self._wake = threading.Event()  # notify, kicks and control changes all set it
+        self._wake = Wakeup()  # notify, kicks and control changes all set it
+        self._native = _ffi.new("struct hsm_vcpu_wait *")  # hsm_slot_cycle's view
+        self._native.wake_fd = self._wake.fd
+        self._native.probe_ms = int(_PROBE_S * 1000)
+        self._value = _ffi.new("uint64_t *")
         self._stop = False
         self._reset_gen = 0  # bumped by RESET_VM; the thread rewinds its backend
         self._applied_gen = 0
@@ -139,6 +243,9 @@ class Vcpu:
         self._page: SharedPage | None = None
         self._off = vcpu_id * _SLOT
         self._head = bytearray(_HEAD_LEN)  # private acrn_io_request: type .. reqs
+        self._head_c = _ffi.from_buffer(self._head)
+        self._native.head = self._head_c
+        self._native.ring = self.cycles.ring
         self._thread = threading.Thread(
             target=self._main, name=f"vm{vm.vmid}-vcpu{vcpu_id}", daemon=True
         )
@@ -148,6 +255,14 @@ class Vcpu:
     @property
     def vmid(self) -> int:
         return self.vm.vmid
+
+    @property
+    def accesses(self) -> int:
+        return self._accesses + int(self._native.accesses)
+
+    @property
+    def requests(self) -> int:
+        return self._requests + int(self._native.requests)
 
     def start_thread(self) -> None:
         self._thread.start()
@@ -166,15 +281,18 @@ class Vcpu:
         backend before the next start. Then call :meth:`fail_queued` (without the lock:
         a future's callbacks run right there)."""
         self._reset_gen += 1
+        _lib.hsm_vcpu_abandon(self._native, 0)
         self.kick()
 
     def stop(self) -> None:
         self._stop = True
+        _lib.hsm_vcpu_abandon(self._native, 1)
         self.kick()
 
     def join(self, timeout: float) -> bool:
         """Wait at most ``timeout`` for a stopped thread; True if it ended."""
         if self._thread.ident is None:
+            self._wake.close()  # never started: nothing will wait on it
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -198,6 +316,20 @@ class Vcpu:
     def cpuid(self, leaf: int, subleaf: int) -> Regs:
         self.cpuid_count += 1
         return self.vm.cpuid(leaf, subleaf)
+
+    def native_cycle(self) -> NativeCycle | None:
+        """The native request cycle, if it applies now: notification mode, the
+        page in a client process, an eventfd upcall (the daemon's case)."""
+        vm = self.vm
+        page = vm.page
+        if page is None or vm.polling or type(page.memory) is not RemoteMemory:
+            return None
+        upcall = vm.get_upcall()
+        if type(upcall) is not FdUpcall:
+            return None
+        if page is not self._page and not self._adopt_native(page):
+            return None
+        return NativeCycle(self._native, vm.gate, upcall, vm.skip_ports, VIOAPIC_BASE, VIOAPIC_END)
 
     def sleep_until(self, deadline: float) -> bool:
         ev = self._wake
@@ -249,6 +381,7 @@ class Vcpu:
                 self.backend.close()
             except Exception:
                 _log.exception("vcpu.backend_close_failed", vmid=self.vm.vmid, vcpu=self.vcpu_id)
+            self._wake.close()
 
     def _loop(self) -> None:
         ev = self._wake
@@ -334,7 +467,7 @@ class Vcpu:
                 value = self._pio(
                     PCI_CONFIG_DATA + (reg & 3), access.size, access.write, access.value
                 )
-        self.accesses += 1
+        self._accesses += 1
         return value
 
     def _pio(self, port: int, size: int, write: bool, value: int) -> int:
@@ -377,6 +510,11 @@ class Vcpu:
 
     def _post_wait(self, write: bool, mmio: bool) -> int:
         vm = self.vm
+        page = vm.page
+        if page is not None and not vm.polling and type(page.memory) is RemoteMemory:
+            upcall = vm.get_upcall()
+            if type(upcall) is FdUpcall:
+                return self._post_wait_native(page, upcall, write, mmio)
         ev = self._wake
         ev.clear()  # before the checks: a stop/reset after them still wakes the wait below
         with vm.lock:  # PAUSE/RESET/DESTROY cannot slip between the check and PENDING
@@ -389,7 +527,7 @@ class Vcpu:
             gen = self._reset_gen
             page.write_then(self._off, self._head, self._off + _OFF_STATE, _PENDING_BYTES)
             self.state = "waiting"
-        self.requests += 1
+        self._requests += 1
         try:
             vm.upcall()
         except Exception:
@@ -423,6 +561,45 @@ class Vcpu:
             raise _Abort("VM paused")
         return value
 
+    def _post_wait_native(self, page: SharedPage, upcall: FdUpcall, write: bool, mmio: bool) -> int:
+        """:meth:`_post_wait` in one GIL-free call (notification mode, page in a client)."""
+        vm = self.vm
+        if page is not self._page and not self._adopt_native(page):
+            raise _Abort("request page replaced")
+        nat = self._native
+        self.state = "waiting"
+        rc = _lib.hsm_slot_cycle(nat, vm.gate, upcall.fd, 0 if write else 8 if mmio else 4, self._value)
+        if rc != _lib.HSM_SC_DONE:
+            self.state = "running"
+            if rc == _lib.HSM_SC_CLOSED:
+                raise _Abort("VM not running")
+            if rc == _lib.HSM_SC_ABANDONED:
+                raise _Abort("VM reset" if not self._stop else "vCPU stopped")
+            err = -rc
+            raise MemoryFault(
+                err,
+                f"request slot {self.vcpu_id} ({_SC_STEP.get(nat.stage, '?')}) at "
+                f"{page.base + self._off:#x} in pid {page.memory.pid}: {os.strerror(err)}",
+            )
+        self.state = "running"
+        if vm.state != _RUNNING:  # zombie vCPU: the slot was only freed
+            raise _Abort("VM paused")
+        if write:
+            return 0
+        value = self._value[0]
+        return value if mmio else value & 0xFFFFFFFF
+
+    def _adopt_native(self, page: SharedPage) -> bool:
+        """:meth:`_adopt` for the native cycle; False if the page changed meanwhile."""
+        with self.vm.lock:
+            if self.vm.page is not page:
+                return False
+            self._adopt(page)
+        assert isinstance(page.memory, RemoteMemory)
+        self._native.pid = page.memory.pid
+        self._native.slot = page.base + self._off
+        return True
+
     def _poll(self, page: SharedPage, gen: int) -> None:
         load = page.load_u32
         off = self._off + _OFF_STATE
@@ -451,7 +628,7 @@ class Vcpu:
         return {
             "id": self.vcpu_id,
             "pcpu": self.pcpu,
-            "state": self.state,
+            "state": "waiting" if self._native.waiting else self.state,
             "accesses": self.accesses,
             "requests": self.requests,
             "hv_handled": self.hv_handled,

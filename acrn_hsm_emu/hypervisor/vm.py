@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi as _ffi
+from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor.scenario import SEVERITY_SERVICE_VM, VmSlot, format_bdf
 from acrn_hsm_emu.memory import ClientMemory, SharedPage
 
@@ -217,7 +219,12 @@ class Vm:
         self.name = name
         self.guest_flags = guest_flags
         self.cpu_affinity = cpu_affinity
-        self.state = VmState.CREATED
+        # The gate a vCPU's native request cycle checks (hsm_slot_cycle): open
+        # while RUNNING without a fault; kept by the state and fault setters.
+        self.gate = _ffi.new("struct hsm_gate *")
+        _lib.hsm_gate_init(self.gate)
+        self._state = VmState.CREATED
+        self._fault: str | None = None
         self.lock = threading.Lock()  # state changes vs. a vCPU posting a request
         # Guest side: a kernel serialises CF8/CFC pairs (Linux pci_config_lock); the
         # scripted "pci" access does too, so vCPUs do not clobber each other's address.
@@ -228,7 +235,6 @@ class Vm:
         )  # vm.c: post-launched only
         self.vcpus: list[Vcpu] = []
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
-        self.fault: str | None = None  # the request page faulted: vCPUs stopped
         self.get_upcall = upcall
         self.cpuid = cpuid
         # records
@@ -253,6 +259,30 @@ class Vm:
         if rt:
             ports |= RTC_PORTS | {KBD_STATUS_PORT}
         self.hv_ports = frozenset(ports)
+        # the same for native code, with the data ports (they reset the CF8 latch)
+        self.skip_ports = _ffi.new("unsigned char[8192]")
+        for port in ports | set(range(PCI_CONFIG_DATA, PCI_CONFIG_DATA + 4)):
+            self.skip_ports[port >> 3] |= 1 << (port & 7)
+
+    @property
+    def state(self) -> VmState:
+        return self._state
+
+    @state.setter
+    def state(self, state: VmState) -> None:
+        """Set under ``lock``; also closes or opens the native gate."""
+        self._state = state
+        _lib.hsm_gate_set(self.gate, state == VmState.RUNNING and self._fault is None)
+
+    @property
+    def fault(self) -> str | None:
+        """Why the request page faulted (the client died?): the vCPUs are stopped."""
+        return self._fault
+
+    @fault.setter
+    def fault(self, fault: str | None) -> None:
+        self._fault = fault
+        _lib.hsm_gate_set(self.gate, self._state == VmState.RUNNING and fault is None)
 
     @property
     def severity_pass(self) -> bool:

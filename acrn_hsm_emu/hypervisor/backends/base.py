@@ -26,9 +26,12 @@ a few milliseconds for kicked vCPUs to leave the guest, as ACRN's pause does).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
+
+if TYPE_CHECKING:
+    from acrn_hsm_emu.hypervisor.vcpu import NativeCycle
 
 Regs = tuple[int, int, int, int]
 
@@ -55,6 +58,11 @@ class VcpuHost(Protocol):
 
     def sleep_until(self, deadline: float) -> bool:
         """Sleep until ``time.monotonic() >= deadline``; False if interrupted first."""
+        ...
+
+    def native_cycle(self) -> NativeCycle | None:
+        """What a native run loop needs to do plain requests itself, when that
+        applies now (else None: return them from :meth:`VcpuBackend.run`)."""
         ...
 
     def mismatch(self, what: str, expected: object, got: object) -> None:

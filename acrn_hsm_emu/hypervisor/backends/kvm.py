@@ -40,6 +40,8 @@ from typing import Any
 import structlog
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi as _ffi
+from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor.api import MR_ADD, Access, MemoryRegionOp
 from acrn_hsm_emu.hypervisor.backends import kvm_abi as k
 from acrn_hsm_emu.hypervisor.backends.base import BackendError, VcpuHost
@@ -641,7 +643,14 @@ class KvmVcpu:
         self._tid_lock = threading.Lock()
         self._cpuid_set = False
         self._ran = False  # KVM_RUN was entered at least once
-        self.in_guest = False
+        self._in_guest = False
+        # hsm_kvm_loop's state: PIO/MMIO exits that are plain requests are done in C
+        self._fast = _ffi.new("struct hsm_kvm_fast *")
+        self._fast.vcpu_fd = self.fd
+        self._fast.kick_signal = int(KICK_SIGNAL)
+        self._run_c = _ffi.from_buffer(self.run_mm)  # released before run_mm closes
+        self._fast.run = self._run_c
+        self._fast_skip: Any = None  # keeps the skip map the struct points at alive
         # an exit being turned into requests: port I/O (possibly string) or MMIO
         self._io: list[int] | None = None  # [port, size, write, count, data_offset, index]
         self._mmio_read: int = 0  # MMIO read outstanding: its length
@@ -700,6 +709,8 @@ class KvmVcpu:
         acrn_to_kvm(r, regs, sregs)
         with self._regs_lock:
             self._pending = (regs, sregs)
+        with self._tid_lock:
+            self._fast.attention += 1  # a native loop returns to apply them
 
     def drop_regs(self) -> None:
         """RESET_VM (hypercall thread): registers set before the reset are lost."""
@@ -707,6 +718,11 @@ class KvmVcpu:
             self._pending = None
 
     # ----- VcpuBackend -------------------------------------------------------------
+
+    @property
+    def in_guest(self) -> bool:
+        """In KVM_RUN, or about to enter it (a kick makes it leave at once)."""
+        return self._in_guest or bool(self._fast.in_guest)
 
     @property
     def idle(self) -> bool:
@@ -722,7 +738,11 @@ class KvmVcpu:
             return "no guest RAM: " + self._scripted.position
         if self._mode is None:
             return "kvm: not started"
-        exits = ", ".join(f"{n} {r}" for r, n in sorted(dict(self.exits).items()))
+        counts = dict(self.exits)
+        for name, n in (("io", self._fast.io_exits), ("mmio", self._fast.mmio_exits)):
+            if n:
+                counts[name] = counts.get(name, 0) + int(n)
+        exits = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
         return f"kvm: {exits or 'no exits yet'}"
 
     def run(self, host: VcpuHost) -> Access | None:
@@ -747,27 +767,46 @@ class KvmVcpu:
         def interrupted() -> bool:
             return host.interrupted
 
+        fast = self._fast
         while True:
+            attention = fast.attention  # before the checks: a later kick is seen
             if not self.vm.sync(interrupted):
                 return None
             if self._pending is not None and not self._apply_regs(host):
                 return None
-            self.in_guest = True
+            self._in_guest = True
             if host.interrupted:
-                self.in_guest = False
+                self._in_guest = False
                 return None
             self._ran = True
-            try:
-                k.ioctl(fd, k.KVM_RUN)
-            except OSError as e:
-                self.in_guest = False
-                if e.errno in (errno.EINTR, errno.EAGAIN):
-                    self._eat_kicks()
+            native = host.native_cycle()
+            if native is not None:
+                # KVM_RUN and the plain request exits in C, without the GIL; what it
+                # returns for is handled below as if Python's KVM_RUN had returned it
+                self._in_guest = False
+                if self._fast_skip is not native.skip_ports:
+                    self._fast_skip = native.skip_ports
+                    fast.skip_ports = native.skip_ports
+                    fast.skip_mmio_lo, fast.skip_mmio_hi = native.mmio_lo, native.mmio_hi
+                rc = _lib.hsm_kvm_loop(fast, attention, native.wait, native.gate, native.upcall.fd)
+                if rc == _lib.HSM_KL_ATTENTION:
                     continue
-                self._count("error")
-                host.guest_stop("vm.kvm_run_failed", error=str(e))
-                return None
-            self.in_guest = False
+                if rc < 0:
+                    self._count("error")
+                    host.guest_stop("vm.kvm_run_failed", error=os.strerror(-rc))
+                    return None
+            else:
+                try:
+                    k.ioctl(fd, k.KVM_RUN)
+                except OSError as e:
+                    self._in_guest = False
+                    if e.errno in (errno.EINTR, errno.EAGAIN):
+                        self._eat_kicks()
+                        continue
+                    self._count("error")
+                    host.guest_stop("vm.kvm_run_failed", error=str(e))
+                    return None
+                self._in_guest = False
             reason = _U32.unpack_from(run, _EXIT_REASON)[0]
             if reason == _EXIT_IO:
                 d, size, port, count, off = _IO.unpack_from(run, k.RUN_IO)
@@ -835,6 +874,7 @@ class KvmVcpu:
 
     def kick(self) -> None:
         with self._tid_lock:
+            self._fast.attention += 1  # before the signal: the native loop checks it
             if self._tid is not None:
                 signal.pthread_kill(self._tid, KICK_SIGNAL)
 
@@ -847,6 +887,8 @@ class KvmVcpu:
 
     def free(self) -> None:
         """Teardown (reaper thread, after the thread ended)."""
+        self._fast.run = _ffi.NULL
+        _ffi.release(self._run_c)
         self.run_mm.close()
         os.close(self.fd)
 
