@@ -338,6 +338,23 @@ def test_destroy_and_close_free_the_kvm_vm(kvm_daemon, guests) -> None:
     assert len(events(kvm_daemon, "kvm.vm_freed")) == 2
 
 
+@pytest.mark.parametrize("kind", ["pio", "mmio"])
+def test_every_vcpu_of_an_smp_guest_is_served(kvm_daemon, guests, kind) -> None:
+    """Two vCPUs run the benchmark guest: the BSP starts the AP with INIT and a
+    start-up IPI, then both loop on one access. Each request arrives in its own
+    vCPU's slot with the guest's value, while the other vCPU keeps exiting (the
+    native loop of each runs beside the other), and PAUSE_VM at the end stops both."""
+    g = guests(f"smp{kind}32", 0x1000)
+    run = vm_sample(
+        kvm_daemon, "-C", "0x3", "-r", "pm32", "-e", "0x1000", "-g", f"{g.path}@0x1000", "-n", "3000"
+    )
+    assert 3000 <= len(run.reqs) <= 3001  # the client finishes the slots one ATTACH gave it
+    by_vcpu = {v: [r for r in run.reqs if r["vcpu"] == v] for v in (0, 1)}
+    assert all(len(reqs) > 100 for reqs in by_vcpu.values()), {v: len(r) for v, r in by_vcpu.items()}
+    want = ("pio", 0x10, 1) if kind == "pio" else ("mmio", 0x20000, 1)
+    assert {(r["type"], r["addr"], r["size"], r["dir"], r["value"]) for r in run.reqs} == {(*want, "w", 0x41)}
+
+
 def test_auto_picks_kvm_and_logs_it(daemon_factory) -> None:
     d = daemon_factory()  # --backend auto
     st = json.loads(d.cli("status", "--json").stdout)

@@ -7,6 +7,9 @@
  *
  *   vm_sample [options] NODE
  *
+ * The VM
+ *   -C MASK          CREATE_VM's cpu_affinity: one vCPU per bit (default 0: the
+ *                    scenario's default for the slot)
  * Memory and registers
  *   -m SIZE          RAM at GPA 0, bytes (default 0x10000)
  *   -f               back RAM with a memfd mapped MAP_SHARED (default: posix_memalign)
@@ -66,6 +69,7 @@ static int hsm_fd = -1;
 static uint16_t vmid;
 static uint8_t *ram;
 static uint64_t ram_size = 0x10000;
+static uint64_t cpu_affinity;	/* -C: 0 = the slot's default */
 static struct acrn_vcpu_regs regs;
 static int running;
 
@@ -333,10 +337,11 @@ int main(int argc, char **argv)
 	int n_aliases = 0;
 
 	set_regs_mode("real");
-	while ((opt = getopt(argc, argv, "m:fHA:g:r:e:s:c:G:I:a:M:P:d:n:x:q")) != -1) {
+	while ((opt = getopt(argc, argv, "C:m:fHA:g:r:e:s:c:G:I:a:M:P:d:n:x:q")) != -1) {
 		struct acrn_regs *r = &regs.vcpu_regs;
 		uint64_t a, b;
 		switch (opt) {
+		case 'C': cpu_affinity = num(optarg); break;
 		case 'm': ram_size = num(optarg); break;
 		case 'f': use_memfd = 1; break;
 		case 'H': use_memfd = huge = 1; break;
@@ -417,6 +422,7 @@ int main(int argc, char **argv)
 	struct acrn_vm_creation create_vm;
 	memset(&create_vm, 0, sizeof(create_vm));
 	create_vm.ioreq_buf = (uint64_t)(uintptr_t)&io_request_page;
+	create_vm.cpu_affinity = cpu_affinity;
 	hsm(ACRN_IOCTL_CREATE_VM, (unsigned long)&create_vm, "CREATE_VM");
 	vmid = create_vm.vmid;
 	if (create_vm.vmid == 0xFFFF) {	/* ACRN_INVALID_VMID */
