@@ -258,8 +258,6 @@ def cycle_scripted(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any
                 )
                 out[f"{kind}_{vms}vm_{vcpus}vcpu"] = res
                 print(f"  scripted {kind} {vms} VM x {vcpus} vCPU: {fmt(res)}", flush=True)
-    one, two = out["pio_1vm_1vcpu"], out["pio_1vm_2vcpu"]
-    out["scaling_1_to_2_vcpus"] = two["requests_per_s"] / one["requests_per_s"]
     return out
 
 
@@ -289,28 +287,77 @@ def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
                                  [argv for _ in range(vms)], args.seconds)
                 out[f"{kind}_{vms}vm_{vcpus}vcpu"] = res
                 print(f"  kvm {kind} {vms} VM x {vcpus} vCPU: {fmt(res)}", flush=True)
-    one, two = out["pio_1vm_1vcpu"], out["pio_1vm_2vcpu"]
-    if "requests_per_s" in one and "requests_per_s" in two:
-        out["scaling_1_to_2_vcpus"] = two["requests_per_s"] / one["requests_per_s"]
-    for kind, guest in (("pio", "pioloop16"), ("mmio", "mmioloop16")):
-        image = assemble(guest, BIN).path
-        rows = []
-        for _ in range(max(1, args.rounds // 2)):
-            with daemon(tmp, "--backend", "kvm") as d:
-                cpu0 = cpu_seconds(d["pid"])
-                res = subprocess.run(
-                    [sample, "-q", "-n", str(args.calls), "-g", f"{image}@0", str(d["node"])],
-                    capture_output=True, text=True, check=True, timeout=600,
-                )
-                cpu1 = cpu_seconds(d["pid"])
-            line = next(x for x in res.stdout.splitlines() if x.startswith("cycle ns"))
-            f = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
-            rows.append({
-                "cycle_p50_us": f["p50"] / 1000, "cycle_p99_us": f["p99"] / 1000,
-                "requests_per_s": f["per_s"], "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / args.calls,
-            })
-        out[kind] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        print(f"  kvm {kind} (client-timed): {fmt(out[kind])}", flush=True)
+    # The figure the target compares with the floors. Each round also measures
+    # the floors right before the cycle. On a PVM guest they come out ~7x lower
+    # there than in the floors section run on a quiet machine: waking an idle
+    # CPU costs ~30 us, and right after a busy period the host keeps the CPUs
+    # awake. Both ratios are reported (docs/performance.md).
+    kvm_loop = build(HERE / "c" / "kvm_pio_loop.c", "kvm_pio_loop")
+    with c_null_server(tmp) as c_node:
+        for kind, guest in (("pio", "pioloop16"), ("mmio", "mmioloop16")):
+            image = assemble(guest, BIN).path
+            rows = []
+            for _ in range(args.rounds):
+                rt = ioctl_loop(c_node, args.calls // 4)["p50"]
+                exit_us = ns_line(subprocess.run([str(kvm_loop), str(args.calls)], capture_output=True,
+                                                 text=True, check=True).stdout)["p50"]
+                with daemon(tmp, "--backend", "kvm") as d:
+                    cpu0 = cpu_seconds(d["pid"])
+                    res = subprocess.run(
+                        [sample, "-q", "-n", str(args.calls // 2), "-g", f"{image}@0", str(d["node"])],
+                        capture_output=True, text=True, check=True, timeout=600,
+                    )
+                    cpu1 = cpu_seconds(d["pid"])
+                line = next(x for x in res.stdout.splitlines() if x.startswith("cycle ns"))
+                f = {k: float(v) for k, v in (kv.split("=") for kv in line.split()[2:])}
+                rows.append({
+                    "cycle_p50_us": f["p50"] / 1000, "cycle_p99_us": f["p99"] / 1000,
+                    "requests_per_s": f["per_s"],
+                    "daemon_cpu_s_per_1000": 2000 * (cpu1 - cpu0) / args.calls,
+                    "floor_us": exit_us + 2 * rt,
+                    "ratio_to_floor": f["p50"] / 1000 / (exit_us + 2 * rt),
+                })
+            out[kind] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            print(f"  kvm {kind} (client-timed): {fmt(out[kind])}", flush=True)
+    return out
+
+
+def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput with 2 vCPUs over 1 (one VM, PIO), both backends: 1 and 2 vCPUs
+    alternate round by round, the ratio is the median of the rounds' ratios."""
+    dm = str(test_client("dm_loop"))
+    out: dict[str, Any] = {}
+    kinds: list[tuple[str, Callable[[int], tuple[list[str], list[list[str]]]]]] = []
+
+    def scripted(vcpus: int) -> tuple[list[str], list[list[str]]]:
+        wl = tmp / f"scaling-{vcpus}.json"
+        write_workload(wl, "pio", vcpus)
+        return (["--backend", "scripted", "--scenario", str(SCENARIO), "--workload", str(wl)],
+                [[dm, hex((1 << vcpus) - 1)]])
+
+    kinds.append(("scripted", scripted))
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        from tests.guests.build import assemble
+
+        image = assemble("smppio32", BIN, load=0x1000).path
+        sample = str(test_client("vm_sample"))
+
+        def kvm(vcpus: int) -> tuple[list[str], list[list[str]]]:
+            return (["--backend", "kvm", "--scenario", str(SCENARIO)],
+                    [[sample, "-q", "-C", hex((1 << vcpus) - 1), "-r", "pm32", "-e", "0x1000",
+                      "-g", f"{image}@0x1000"]])
+
+        kinds.append(("kvm", kvm))
+    for name, setup in kinds:
+        ratios_: list[float] = []
+        for _ in range(args.rounds):
+            one = run_cycles(tmp, *setup(1), args.seconds)
+            two = run_cycles(tmp, *setup(2), args.seconds)
+            if "requests_per_s" in one and "requests_per_s" in two:
+                ratios_.append(two["requests_per_s"] / one["requests_per_s"])
+        if ratios_:
+            out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_)}
+            print(f"  {name} 1 -> 2 vCPUs: {fmt(out[name])}", flush=True)
     return out
 
 
@@ -431,6 +478,7 @@ BENCHES: dict[str, Callable[[pathlib.Path, argparse.Namespace], dict[str, Any]]]
     "null_ioctl": null_ioctl,
     "cycle_scripted": cycle_scripted,
     "cycle_kvm": cycle_kvm,
+    "scaling": scaling,
     "range_client": range_client,
     "ioeventfd": ioeventfd_path,
     "memory": memory_cost,
@@ -448,13 +496,14 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     if rt and cs:
         for key in ("pio_1vm_1vcpu", "pio_1vm_2vcpu"):
             out[f"scripted_{key}_cycle_vs_2x_c_rt"] = cs[key]["cycle_p50_us"] / (2 * rt)
-        out["scaling_1_to_2_vcpus"] = cs["scaling_1_to_2_vcpus"]
-    kvm = fl.get("kvm_pio_exit_us", {}).get("p50")
     ck = results.get("cycle_kvm", {})
-    if rt and kvm and "pio" in ck:
+    kvm = fl.get("kvm_pio_exit_us", {}).get("p50")
+    if rt and kvm and "cycle_p50_us" in ck.get("pio", {}):  # floors of a quiet machine (first)
         out["kvm_pio_cycle_vs_kvm_exit_plus_2x_c_rt"] = ck["pio"]["cycle_p50_us"] / (kvm + 2 * rt)
-    if "scaling_1_to_2_vcpus" in ck:
-        out["kvm_scaling_1_to_2_vcpus"] = ck["scaling_1_to_2_vcpus"]
+    if "ratio_to_floor" in ck.get("pio", {}):  # floors measured right before each round
+        out["kvm_pio_cycle_vs_floor_measured_beside"] = ck["pio"]["ratio_to_floor"]
+    for name, row in results.get("scaling", {}).items():
+        out[f"{name}_scaling_1_to_2_vcpus"] = row["median"]
     return out
 
 
@@ -469,7 +518,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
         return False
     cs = results.get("cycle_scripted", {})
     fl = results.get("floors", {})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5.2))
     for kind in ("pio", "mmio"):
         for vms in (1, 4):
             xs = [v for v in (1, 2, 4, 8) if f"{kind}_{vms}vm_{v}vcpu" in cs]
@@ -506,10 +555,10 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
     for ax in (ax1, ax2):
         ax.minorticks_off()
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=4, loc="lower center")
     fig.suptitle(f"acrn-hsm-emu, {results['when']}, {results['host']['cpus']} CPUs")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(path, dpi=110)
     return True
 
