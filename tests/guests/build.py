@@ -40,7 +40,7 @@ def assemble(name: str, out_dir: pathlib.Path, load: int = 0, bits: int = 32) ->
     elf = out_dir / f"{name}.elf"
     out = out_dir / f"{name}.bin"
     emul = "elf_i386" if bits == 32 else "elf_x86_64"
-    _run("as", f"--{bits}", "-o", str(obj), str(src))
+    _run("as", f"--{bits}", "-I", str(HERE), "-o", str(obj), str(src))  # -I: .include files
     _run("ld", "-m", emul, "-Ttext", hex(load), "-e", "_start", "-o", str(elf), str(obj))
     _run("objcopy", "-O", "binary", "-j", ".text", str(elf), str(out))
     symbols = {}
