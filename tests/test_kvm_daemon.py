@@ -355,6 +355,25 @@ def test_every_vcpu_of_an_smp_guest_is_served(kvm_daemon, guests, kind) -> None:
     assert {(r["type"], r["addr"], r["size"], r["dir"], r["value"]) for r in run.reqs} == {(*want, "w", 0x41)}
 
 
+def test_reset_with_requests_in_flight_on_every_vcpu(kvm_daemon, guests) -> None:
+    """Four vCPUs loop on port writes; twice the client pauses, resets and restarts
+    the VM while requests are in flight (some done by the native loop, some posted
+    and abandoned). Each time the guest starts over, the APs are woken again, and
+    nothing is lost or logged as an error."""
+    g = guests("smppio32", 0x1000)
+    run = vm_sample(
+        kvm_daemon, "-C", "0xf", "-r", "pm32", "-e", "0x1000", "-g", f"{g.path}@0x1000",
+        "-x", "0x10:500:resetregs", "-x", "0x10:1500:resetregs", "-n", "3000",
+    )  # fmt: skip
+    assert [line for line in run.lines if line == "resetregs"] == ["resetregs", "resetregs"]
+    assert 3000 <= len(run.reqs) <= 3003
+    last_reset = len(run.lines) - 1 - run.lines[::-1].index("resetregs")
+    after = Run(run.lines[last_reset:]).reqs
+    assert {r["vcpu"] for r in after} == {0, 1, 2, 3}  # the APs run again after a reset
+    assert not [e for e in events(kvm_daemon, "vcpu.crashed")]
+    assert not [line for line in kvm_daemon.log().splitlines() if '"level": "error"' in line]
+
+
 def test_auto_picks_kvm_and_logs_it(daemon_factory) -> None:
     d = daemon_factory()  # --backend auto
     st = json.loads(d.cli("status", "--json").stdout)
