@@ -151,7 +151,9 @@ class CycleRing:
 
     __slots__ = ("ring", "_buf")
 
-    def __init__(self, size: int = 1 << 16) -> None:
+    def __init__(self, size: int = 1 << 13) -> None:
+        # 8,192 cycles: seconds of traffic per vCPU, and a summary (a sort) of ~1 ms
+        # for `status`, which runs on the trio thread
         self._buf = _ffi.new("uint64_t[]", size)
         self.ring = _ffi.new("struct hsm_ring *")
         self.ring.buf = self._buf
