@@ -352,8 +352,9 @@ class Vcpu:
         with vm.lock:
             if vm.state != _RUNNING:
                 return
+            # logged before the state changes: whoever sees PAUSED finds the reason
+            _log.warning(event, vmid=vm.vmid, **details)
             vm.state = _PAUSED
-        _log.warning(event, vmid=vm.vmid, **details)
         for v in vm.vcpus:
             v.kick()
 
@@ -450,8 +451,8 @@ class Vcpu:
                 future.set_exception(AccessAborted(reason))
 
     def _fault(self, exc: MemoryFault) -> None:
-        self.state = "faulted"
         self.vm.report_fault(self.vcpu_id, exc)
+        self.state = "faulted"
 
     # ----- one access ---------------------------------------------------------------
 

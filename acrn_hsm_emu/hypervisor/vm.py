@@ -292,11 +292,10 @@ class Vm:
     def report_fault(self, vcpu_id: int, exc: Exception) -> None:
         """The request page faulted (the client died?): stop every vCPU of the VM."""
         with self.lock:
-            first = self.fault is None
-            if first:
+            if self.fault is None:
+                # logged before it is recorded: whoever sees the fault finds the line
+                _log.error("vm.request_page_fault", vmid=self.vmid, vcpu=vcpu_id, error=str(exc))
                 self.fault = f"vcpu {vcpu_id}: {exc}"
-        if first:
-            _log.error("vm.request_page_fault", vmid=self.vmid, vcpu=vcpu_id, error=str(exc))
         for v in self.vcpus:
             v.kick()
 
