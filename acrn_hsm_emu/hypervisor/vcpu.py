@@ -512,12 +512,10 @@ class Vcpu:
         return value
 
     def _post_wait(self, write: bool, mmio: bool) -> int:
+        native = self.native_cycle()
+        if native is not None:
+            return self._post_wait_native(native, write, mmio)
         vm = self.vm
-        page = vm.page
-        if page is not None and not vm.polling and type(page.memory) is RemoteMemory:
-            upcall = vm.get_upcall()
-            if type(upcall) is FdUpcall:
-                return self._post_wait_native(page, upcall, write, mmio)
         ev = self._wake
         ev.clear()  # before the checks: a stop/reset after them still wakes the wait below
         with vm.lock:  # PAUSE/RESET/DESTROY cannot slip between the check and PENDING
@@ -564,14 +562,13 @@ class Vcpu:
             raise _Abort("VM paused")
         return value
 
-    def _post_wait_native(self, page: SharedPage, upcall: FdUpcall, write: bool, mmio: bool) -> int:
+    def _post_wait_native(self, native: NativeCycle, write: bool, mmio: bool) -> int:
         """:meth:`_post_wait` in one GIL-free call (notification mode, page in a client)."""
         vm = self.vm
-        if page is not self._page and not self._adopt_native(page):
-            raise _Abort("request page replaced")
-        nat = self._native
+        nat = native.wait
         self.state = "waiting"
-        rc = _lib.hsm_slot_cycle(nat, vm.gate, upcall.fd, 0 if write else 8 if mmio else 4, self._value)
+        rc = _lib.hsm_slot_cycle(nat, native.gate, native.upcall.fd, 0 if write else 8 if mmio else 4,
+                                 self._value)
         if rc != _lib.HSM_SC_DONE:
             self.state = "running"
             if rc == _lib.HSM_SC_CLOSED:
@@ -582,7 +579,7 @@ class Vcpu:
             raise MemoryFault(
                 err,
                 f"request slot {self.vcpu_id} ({_SC_STEP.get(nat.stage, '?')}) at "
-                f"{page.base + self._off:#x} in pid {page.memory.pid}: {os.strerror(err)}",
+                f"{nat.slot:#x} in pid {nat.pid}: {os.strerror(err)}",
             )
         self.state = "running"
         if vm.state != _RUNNING:  # zombie vCPU: the slot was only freed
