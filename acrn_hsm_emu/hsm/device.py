@@ -98,6 +98,16 @@ class Limits:
     range_clients_per_vm: int = 16
 
 
+def _notify_vcpu(call: IoctlCall) -> int:
+    """The vCPU of an ``acrn_ioreq_notify`` argument, or -EFAULT/-EINVAL as the driver."""
+    if len(call.in_data) < _NOTIFY.size:
+        return -errno.EFAULT
+    _vmid, reserved, vcpu = _NOTIFY.unpack_from(call.in_data)
+    if reserved:
+        return -errno.EINVAL
+    return vcpu & 0xFFFF
+
+
 def _refuse(limit: str, value: int, err: int, **kw: object) -> int:
     log.warning("hsm.limit", limit=limit, value=value, **kw)
     return -err
@@ -387,14 +397,11 @@ class HsmDevice(BaseDevice):
         return ret
 
     def _notify_request_finish(self, vm: Vm, call: IoctlCall) -> IoctlResult:
-        data = call.in_data
-        if len(data) < 8:
-            return -errno.EFAULT
-        _vmid, reserved, vcpu = _NOTIFY.unpack_from(data)
-        if reserved:
-            return -errno.EINVAL
+        vcpu = _notify_vcpu(call)
+        if vcpu < 0:
+            return vcpu
         try:
-            return self.dispatcher.default_complete(vm, vcpu & 0xFFFF)
+            return self.dispatcher.default_complete(vm, vcpu)
         except MemoryFault as e:
             self.dispatcher.fail_vm(vm, e)
             return -errno.EFAULT
@@ -409,9 +416,7 @@ class HsmDevice(BaseDevice):
         client = vm.default_client
         if client is None:
             return -errno.ENODEV
-        if client.bitmap:
-            return 0  # level-triggered: no need to wait
-        return client.wait()
+        return client.attach()
 
     def _destroy_ioreq_client(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if vm.default_client is not None:
@@ -514,21 +519,16 @@ class HsmDevice(BaseDevice):
             client = binding.live_client
             if client is None:
                 return -errno.ENODEV
-            if client.bitmap:
-                return 0
-            return client.wait()
+            return client.attach()
         if cmd == abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH:
-            data = call.in_data
-            if len(data) < 8:
-                return -errno.EFAULT
-            _vmid, reserved, vcpu = _NOTIFY.unpack_from(data)
-            if reserved:
-                return -errno.EINVAL
+            vcpu = _notify_vcpu(call)
+            if vcpu < 0:
+                return vcpu
             client = binding.live_client
             if client is None:
                 return -errno.ENODEV
             try:
-                return self.dispatcher.remote_complete(client, vcpu & 0xFFFF)
+                return self.dispatcher.remote_complete(client, vcpu)
             except MemoryFault as e:
                 self.dispatcher.fail_vm(vm, e)
                 return -errno.EFAULT

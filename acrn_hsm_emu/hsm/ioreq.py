@@ -228,6 +228,10 @@ class IoreqClient:
     def waiters(self) -> int:
         return len(self._waiting)
 
+    def attach(self) -> int | Deferred:
+        """ATTACH_IOREQ_CLIENT: level-triggered, 0 at once when a request is pending."""
+        return 0 if self.bitmap else self.wait()
+
     def wait(self) -> Deferred:
         """acrn_ioreq_client_wait: level-triggered, ENODEV on destroy.
 

@@ -429,12 +429,9 @@ class Hypervisor:
 
     def notify_request_finish(self, vmid: int, vcpu: int) -> int:
         """HC_NOTIFY_REQUEST_FINISH: wake the vCPU (notification mode). Lock-free: hot path."""
-        abs_id = (self._sid + (vmid & 0xFFFF)) & 0xFFFF
-        if abs_id >= self._max:
-            return ENOTTY
-        slot = self._slots[abs_id]
-        if slot.config.load_order == "pre":
-            return ENOTTY
+        slot = self._target(vmid)
+        if isinstance(slot, int):
+            return slot
         vm = slot.vm
         if vm is None or not vm.severity_pass or vm.page is None:
             return _FAIL
