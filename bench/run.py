@@ -43,7 +43,8 @@ GATE_IOCTL = 0xA299  # _IO(0xA2, 0x99): EINVAL at the HSM's gate, before any VM 
 def build(src: pathlib.Path, name: str, *flags: str) -> pathlib.Path:
     BIN.mkdir(exist_ok=True)
     out = BIN / name
-    if not out.exists() or src.stat().st_mtime > out.stat().st_mtime:
+    newest = max(f.stat().st_mtime for f in (src, *src.parent.glob("*.h")))  # headers beside it too
+    if not out.exists() or newest > out.stat().st_mtime:
         subprocess.run(["cc", "-O2", "-Wall", "-pthread", "-o", str(out), str(src), *flags], check=True)
     return out
 

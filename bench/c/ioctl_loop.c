@@ -9,11 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static int cmp(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
+#include "ns_stats.h"
 
 int main(int argc, char **argv)
 {
@@ -31,17 +27,10 @@ int main(int argc, char **argv)
     for (long i = 0; i < 200; i++) /* warm-up */
         ioctl(fd, cmd, arg);
     for (long i = 0; i < n; i++) {
-        struct timespec a, b;
-        clock_gettime(CLOCK_MONOTONIC, &a);
+        uint64_t a = ns_now();
         ioctl(fd, cmd, arg);
-        clock_gettime(CLOCK_MONOTONIC, &b);
-        t[i] = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000u + (uint64_t)(b.tv_nsec - a.tv_nsec);
+        t[i] = ns_now() - a;
     }
-    double sum = 0;
-    for (long i = 0; i < n; i++)
-        sum += (double)t[i];
-    qsort(t, (size_t)n, sizeof(*t), cmp);
-    printf("ns p50=%llu p99=%llu mean=%.0f\n", (unsigned long long)t[n / 2],
-           (unsigned long long)t[(n * 99) / 100], sum / (double)n);
+    ns_report(t, n);
     return 0;
 }

@@ -21,13 +21,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MEM_SIZE 0x20000
+#include "ns_stats.h"
 
-static int cmp(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
+#define MEM_SIZE 0x20000
 
 static void die(const char *what)
 {
@@ -41,13 +37,6 @@ static int xioctl(int fd, unsigned long req, void *arg, const char *what)
 	if (r < 0)
 		die(what);
 	return r;
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
 int main(int argc, char **argv)
@@ -124,9 +113,9 @@ int main(int argc, char **argv)
 	if (!t)
 		die("calloc");
 	for (long i = -200; i < n; i++) {	/* 200 warm-up exits */
-		uint64_t a = now_ns();
+		uint64_t a = ns_now();
 		xioctl(vcpu, KVM_RUN, 0, "KVM_RUN");
-		uint64_t b = now_ns();
+		uint64_t b = ns_now();
 		if (run->exit_reason != KVM_EXIT_IO || run->io.port != 0x10) {
 			fprintf(stderr, "kvm_pio_loop: unexpected exit %u\n", run->exit_reason);
 			return 1;
@@ -134,11 +123,6 @@ int main(int argc, char **argv)
 		if (i >= 0)
 			t[i] = b - a;
 	}
-	double sum = 0;
-	for (long i = 0; i < n; i++)
-		sum += (double)t[i];
-	qsort(t, (size_t)n, sizeof(*t), cmp);
-	printf("ns p50=%llu p99=%llu mean=%.0f\n", (unsigned long long)t[n / 2],
-	       (unsigned long long)t[(n * 99) / 100], sum / (double)n);
+	ns_report(t, n);
 	return 0;
 }

@@ -189,6 +189,13 @@ def resolve(
     return pieces
 
 
+def _share_failed(e: MapsEntry, pid: int, vmid: int, err: OSError) -> None:
+    """The entry's file could not be opened or mapped: the caller copies the bytes instead."""
+    _log.warning(
+        "kvm.memory_share_failed", vmid=vmid, pid=pid, file=e.path, error=str(err), fallback="copy"
+    )
+
+
 def _shared_piece(
     e: MapsEntry, lo: int, hi: int, gpa: int, pid: int, readonly: bool, vmid: int
 ) -> HostPiece | None:
@@ -197,11 +204,7 @@ def _shared_piece(
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as err:
-        _log.warning(
-            "kvm.memory_share_failed", vmid=vmid, pid=pid, file=e.path, error=str(err),
-            fallback="copy",
-        )  # fmt: skip
-        return None
+        return _share_failed(e, pid, vmid, err)
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
         offset = e.offset + (lo - e.start)
@@ -213,11 +216,7 @@ def _shared_piece(
             unmap = (addr, e.end - e.start)
             addr += lo - e.start
     except OSError as err:
-        _log.warning(
-            "kvm.memory_share_failed", vmid=vmid, pid=pid, file=e.path, error=str(err),
-            fallback="copy",
-        )  # fmt: skip
-        return None
+        return _share_failed(e, pid, vmid, err)
     finally:
         os.close(fd)
     return HostPiece(
