@@ -296,7 +296,6 @@ class Dispatcher:
         # waits for it and runs the pass: queue_work on an ordered queue, since
         # upcalls raised before the pass starts all fold into that one pass.
         self.upcall = FdUpcall()
-        self._own_queued = 0  # passes queued by resume(), not upcalls
         self._serving = trio.CancelScope()
         self.upcalls = 0
         self.passes = 0
@@ -330,22 +329,16 @@ class Dispatcher:
     def _take_and_pass(self) -> None:
         n = self.upcall.take()
         if n:
-            self.upcalls += max(0, n - self._own_queued)
-            self._own_queued = 0
+            self.upcalls += n
             self.run_pass()
-
-    def queue_pass(self) -> None:
-        """queue_work on the ordered queue: a pass already queued is not queued twice."""
-        self._own_queued += 1
-        self.upcall()
 
     def pause(self) -> None:
         """ioreq_pause: drain, i.e. run a queued pass now, before a client goes."""
         self._take_and_pass()
 
     def resume(self) -> None:
-        """ioreq_resume: queue one pass in case requests were missed."""
-        self.queue_pass()
+        """ioreq_resume: queue one pass in case requests were missed (counted as an upcall)."""
+        self.upcall()
 
     def run_pass(self) -> None:
         """ioreq_dispatcher: every VM, newest first."""
