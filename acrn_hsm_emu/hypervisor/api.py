@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import select
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,30 +63,69 @@ class Access:
     value: int = 0
 
 
-class FdUpcall:
+class EventFd:
+    """An eventfd this object owns: :meth:`set` adds one, :meth:`take` reads the
+    count back (0 if none), :meth:`wait` polls for it.
+
+    Native code may use :attr:`fd` while it holds a reference to the object.
+    :meth:`close`, or the collector, closes the fd once; a :meth:`set` from
+    another thread after that is a no-op, never a write to a reused fd number.
+    """
+
+    __slots__ = ("_box", "_lock", "_poll", "__weakref__")
+
+    def __init__(self) -> None:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._box = [fd]  # shared with the finalizer
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close_once, self._box, self._lock)
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    @property
+    def fd(self) -> int:
+        return self._box[0]
+
+    def set(self) -> None:
+        with self._lock:
+            fd = self._box[0]
+            if fd >= 0:
+                os.eventfd_write(fd, 1)
+
+    def take(self) -> int:
+        try:
+            return os.eventfd_read(self._box[0])
+        except BlockingIOError:
+            return 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (it stays set until :meth:`take`)."""
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        return bool(self._poll.poll(ms))
+
+    def close(self) -> None:
+        _close_once(self._box, self._lock)
+
+
+def _close_once(box: list[int], lock: threading.Lock) -> None:
+    with lock:
+        fd, box[0] = box[0], -1
+    if fd >= 0:
+        os.close(fd)
+
+
+class FdUpcall(EventFd):
     """An upcall that is a write to an eventfd.
 
     Any callable can be the upcall; this one a vCPU can also raise from native
     code without the GIL, which the request cycle's fast path does (vcpu.py).
-    The owner waits for the fd to become readable. The fd is closed when the
-    object goes, so a vCPU still holding it never writes to a reused fd.
+    The owner waits for the fd to become readable and takes the count.
     """
 
-    __slots__ = ("fd", "__weakref__")
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        weakref.finalize(self, os.close, self.fd)
+    __slots__ = ()
 
     def __call__(self) -> None:
-        os.eventfd_write(self.fd, 1)
-
-    def take(self) -> int:
-        """The upcalls raised since the last take (0 if none)."""
-        try:
-            return os.eventfd_read(self.fd)
-        except BlockingIOError:
-            return 0
+        self.set()
 
 
 class Hypercalls(Protocol):

@@ -27,11 +27,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-import select
 import struct
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +38,7 @@ import structlog
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu._native import lib as _lib
-from acrn_hsm_emu.hypervisor.api import Access, FdUpcall
+from acrn_hsm_emu.hypervisor.api import Access, EventFd, FdUpcall
 from acrn_hsm_emu.hypervisor.backends.base import Regs, VcpuBackend
 from acrn_hsm_emu.hypervisor.vm import (
     PCI_CONFIG_ADDR,
@@ -87,58 +85,6 @@ _SC_STEP = {
     _lib.HSM_SC_READ: "read",
     _lib.HSM_SC_FREE: "free",
 }
-
-
-class Wakeup:
-    """A latched wake-up, as ``threading.Event``, on an eventfd.
-
-    The native request cycle waits on the same fd without the GIL, so a notify
-    or a kick reaches a vCPU whichever way it waits. The vCPU's thread closes
-    it when it ends (or the collector, for a thread never started); a late
-    :meth:`set` from another thread is then a no-op, never a write to a fd
-    number reused meanwhile.
-    """
-
-    __slots__ = ("_box", "_lock", "_poll", "__weakref__")
-
-    def __init__(self) -> None:
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._box = [fd]  # shared with the finalizer
-        self._lock = threading.Lock()
-        weakref.finalize(self, _close_once, self._box, self._lock)
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
-
-    @property
-    def fd(self) -> int:
-        return self._box[0]
-
-    def set(self) -> None:
-        with self._lock:
-            fd = self._box[0]
-            if fd >= 0:
-                os.eventfd_write(fd, 1)
-
-    def clear(self) -> None:
-        try:
-            os.eventfd_read(self._box[0])
-        except BlockingIOError:
-            pass
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once set (the latch stays set until :meth:`clear`)."""
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        return bool(self._poll.poll(ms))
-
-    def close(self) -> None:
-        _close_once(self._box, self._lock)
-
-
-def _close_once(box: list[int], lock: threading.Lock) -> None:
-    with lock:
-        fd, box[0] = box[0], -1
-    if fd >= 0:
-        os.close(fd)
 
 
 class CycleRing:
@@ -231,7 +177,7 @@ class Vcpu:
         self.mismatches = 0
         self.cycles = CycleRing()  # request cycle times: PENDING written -> slot FREE
         self.injected = 0
-        self._wake = Wakeup()  # notify, kicks and control changes all set it
+        self._wake = EventFd()  # notify, kicks and control changes all set it; closed at thread end
         self._native = _ffi.new("struct hsm_vcpu_wait *")  # hsm_slot_cycle's view
         self._native.wake_fd = self._wake.fd
         self._native.probe_ms = int(_PROBE_S * 1000)
@@ -340,7 +286,7 @@ class Vcpu:
             if remaining <= 0:
                 return True
             ev.wait(remaining)
-            ev.clear()  # every waker also changed a flag `interrupted` looks at
+            ev.take()  # every waker also changed a flag `interrupted` looks at
         return False
 
     def cpuid_model(self, leaf: int, subleaf: int) -> Regs:
@@ -421,7 +367,7 @@ class Vcpu:
                     self.backend.complete(value)
                 continue
             ev.wait()
-            ev.clear()  # whoever set it also changed what the loop re-reads
+            ev.take()  # whoever set it also changed what the loop re-reads
 
     def _run_injected(self, access: Access, future: concurrent.futures.Future[int]) -> None:
         if not future.set_running_or_notify_cancel():
@@ -517,7 +463,7 @@ class Vcpu:
             return self._post_wait_native(native, write, mmio)
         vm = self.vm
         ev = self._wake
-        ev.clear()  # before the checks: a stop/reset after them still wakes the wait below
+        ev.take()  # before the checks: a stop/reset after them still wakes the wait below
         with vm.lock:  # PAUSE/RESET/DESTROY cannot slip between the check and PENDING
             if vm.state != _RUNNING or self._stop or vm.fault is not None:
                 raise _Abort("VM not running")
@@ -542,7 +488,7 @@ class Vcpu:
                 if not ev.wait(_PROBE_S):
                     page.load_u32(off + _OFF_STATE)  # still mapped? faults if the client died
                     continue
-                ev.clear()
+                ev.take()
                 if self._stop or self._reset_gen != gen:
                     raise _Abort("VM reset" if not self._stop else "vCPU stopped")
                 raw = page.read(off + _OFF_VALUE, _VALUE_TO_STATE)
@@ -613,7 +559,7 @@ class Vcpu:
                 time.sleep(0)  # give the GIL away: the HSM runs in this process
             else:
                 ev.wait(min(_POLL_MAX_S, 1e-5 * (spins - _SPINS + 1)))
-                ev.clear()
+                ev.take()
 
     def _adopt(self, page: SharedPage) -> None:
         """First request on a (new) page: take the slot's reserved words as they are."""
