@@ -13,31 +13,25 @@ import ctypes
 import fcntl
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64
 
+from cdev.ioctl import io, ior, iow, iowr
+
 KVMIO = 0xAE
 KVM_API_VERSION = 12
 
-_IOC_WRITE = 1
-_IOC_READ = 2
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return direction << 30 | size << 16 | KVMIO << 8 | nr
-
-
 def _io(nr: int) -> int:
-    return _ioc(0, nr, 0)
+    return io(KVMIO, nr)
 
 
 def _ior(nr: int, size: int) -> int:
-    return _ioc(_IOC_READ, nr, size)
+    return ior(KVMIO, nr, size)
 
 
 def _iow(nr: int, size: int) -> int:
-    return _ioc(_IOC_WRITE, nr, size)
+    return iow(KVMIO, nr, size)
 
 
 def _iowr(nr: int, size: int) -> int:
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+    return iowr(KVMIO, nr, size)
 
 
 class KvmRegs(ctypes.Structure):
