@@ -350,11 +350,12 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         assert self.device is not None
+        hv = self.hypervisor.snapshot()
         return {
             "pid": os.getpid(),
             "node": self.settings.node,
             "transport": self.server.transport if self.server else None,
             "backend": self.settings.backend,
-            "hsm": self.device.snapshot(),
-            "hypervisor": self.hypervisor.snapshot(),
+            "hsm": self.device.snapshot(hv),
+            "hypervisor": hv,
         }

@@ -273,9 +273,11 @@ class HsmDevice(BaseDevice):
 
     # -- daemon side --------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """State for ``acrn-hsm-emu status``: every listed VM, newest first."""
-        hv_vms = self._hv_vms()
+    def snapshot(self, hv_snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
+        """State for ``acrn-hsm-emu status``: every listed VM, newest first, with the
+        hypervisor's state and vCPUs of each (from ``hv_snapshot`` when the caller
+        already took one: summarising every vCPU's cycle ring is not free)."""
+        hv_vms = self._hv_vms(hv_snapshot)
         vms = []
         for vm in self.dispatcher.vms:
             s = vm.snapshot()
@@ -293,13 +295,14 @@ class HsmDevice(BaseDevice):
             "vms": vms,
         }
 
-    def _hv_vms(self) -> dict[int, dict[str, Any]]:
+    def _hv_vms(self, snap: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
         """The hypervisor's view of each post-launched VM, by vmid."""
-        try:
-            snap = self.hv.snapshot()
-        except Exception as e:  # status must not fail because of the hypervisor
-            log.debug("hsm.hv_snapshot_failed", error=str(e))
-            return {}
+        if snap is None:
+            try:
+                snap = self.hv.snapshot()
+            except Exception as e:  # status must not fail because of the hypervisor
+                log.debug("hsm.hv_snapshot_failed", error=str(e))
+                return {}
         vms = snap.get("vms", []) if isinstance(snap, dict) else []
         items = vms.values() if isinstance(vms, dict) else vms
         return {int(i["vmid"]): i for i in items if isinstance(i, dict) and "vmid" in i}
