@@ -364,20 +364,13 @@ class Session:
         """Hold the request until the device calls ``d.reply`` (or the caller is interrupted)."""
         if d.done:  # answered before it was handed back
             return
-        pid = self._resolve.hint(call.ctx.tid)
-        mine = self._waiting_by_pid.get(pid, 0)
-        if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
+        w = self._admit(req, handle, call, out_size)
+        if w is None:
             d.done = True
             if d.on_cancel is not None:
                 d.on_cancel(d)
-            self._refuse_waiting(req, pid, mine)
             return
-        self._waiting_by_pid[pid] = mine + 1
-        w = _Waiting(req, handle, call, out_size)
-        w.key = pid
         w.deferred = d
-        w.cdata = ffi.new_handle(w)
-        self._waiting.add(w)
         d.call = call
 
         def send(result: IoctlResult, w: _Waiting = w) -> None:
@@ -388,6 +381,20 @@ class Session:
 
         d._send = send
         lib.cdev_req_interrupt_func(req, w.cdata)  # may interrupt at once
+
+    def _admit(self, req: Any, handle: object, call: IoctlCall, out_size: int) -> _Waiting | None:
+        """Count a request that will wait; past the bounds refuse it (EAGAIN) and give None."""
+        pid = self._resolve.hint(call.ctx.tid)
+        mine = self._waiting_by_pid.get(pid, 0)
+        if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
+            self._refuse_waiting(req, pid, mine)
+            return None
+        self._waiting_by_pid[pid] = mine + 1
+        w = _Waiting(req, handle, call, out_size)
+        w.key = pid
+        w.cdata = ffi.new_handle(w)
+        self._waiting.add(w)
+        return w
 
     def _refuse_waiting(self, req: Any, pid: int, mine: int) -> None:
         log.warning(
@@ -419,19 +426,12 @@ class Session:
         coro: Awaitable[IoctlResult],
     ) -> None:
         assert self.nursery is not None
-        pid = self._resolve.hint(call.ctx.tid)
-        mine = self._waiting_by_pid.get(pid, 0)
-        if len(self._waiting) >= self.max_waiting or mine >= self.max_waiting_per_pid:
+        w = self._admit(req, handle, call, out_size)
+        if w is None:
             if inspect.iscoroutine(coro):
                 coro.close()
-            self._refuse_waiting(req, pid, mine)
             return
-        self._waiting_by_pid[pid] = mine + 1
-        w = _Waiting(req, handle, call, out_size)
-        w.key = pid
         w.scope = trio.CancelScope()
-        w.cdata = ffi.new_handle(w)
-        self._waiting.add(w)
         self.nursery.start_soon(self._run_waiting, w, coro)
         # Registered last: libfuse calls it at once if the caller was already interrupted.
         lib.cdev_req_interrupt_func(req, w.cdata)
