@@ -176,7 +176,7 @@ def floors(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
          for _ in range(args.rounds)]
     )
     kvm_src = HERE / "c" / "kvm_pio_loop.c"
-    if kvm_src.exists() and os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if kvm_src.exists() and kvm_usable():
         kvm = build(kvm_src, "kvm_pio_loop")
         out["kvm_pio_exit_us"] = summarize(
             [ns_line(subprocess.run([str(kvm), str(args.calls)], capture_output=True, text=True, check=True).stdout)
@@ -244,22 +244,49 @@ def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]
     }
 
 
-def cycle_scripted(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
-    dm = str(test_client("dm_loop"))
+# A row's set-up: the daemon's arguments and one client's argv (one client per VM).
+Setup = tuple[list[str], list[str]]
+
+
+def scripted_setup(tmp: pathlib.Path, kind: str, vcpus: int) -> Setup:
+    """dm_loop serving a scripted workload that loops on one access per vCPU."""
+    wl = tmp / f"{kind}-{vcpus}.json"
+    write_workload(wl, kind, vcpus)
+    return (["--backend", "scripted", "--scenario", str(SCENARIO), "--workload", str(wl)],
+            [str(test_client("dm_loop")), hex((1 << vcpus) - 1)])
+
+
+def kvm_setup(tmp: pathlib.Path, kind: str, vcpus: int) -> Setup:
+    """vm_sample running a guest whose every vCPU loops on one access (the BSP
+    starts the APs with INIT and start-up IPIs)."""
+    from tests.guests.build import assemble
+
+    image = assemble(f"smp{kind}32", BIN, load=0x1000).path
+    return (["--backend", "kvm", "--scenario", str(SCENARIO)],
+            [str(test_client("vm_sample")), "-q", "-C", hex((1 << vcpus) - 1), "-r", "pm32",
+             "-e", "0x1000", "-g", f"{image}@0x1000"])
+
+
+def matrix(tmp: pathlib.Path, args: argparse.Namespace, name: str,
+           setup: Callable[[pathlib.Path, str, int], Setup]) -> dict[str, Any]:
+    """PIO and MMIO, 1 and 4 VMs, 1/2/4/8 vCPUs: one ``run_cycles`` row each."""
     out: dict[str, Any] = {}
     for kind in ("pio", "mmio"):
         for vms in (1, 4):
             for vcpus in (1, 2, 4, 8):
-                wl = tmp / f"{kind}-{vcpus}.json"
-                write_workload(wl, kind, vcpus)
-                mask = hex((1 << vcpus) - 1)
-                res = run_cycles(
-                    tmp, ["--backend", "scripted", "--scenario", str(SCENARIO), "--workload", str(wl)],
-                    [[dm, mask] for _ in range(vms)], args.seconds,
-                )
+                serve, client = setup(tmp, kind, vcpus)
+                res = run_cycles(tmp, serve, [client for _ in range(vms)], args.seconds)
                 out[f"{kind}_{vms}vm_{vcpus}vcpu"] = res
-                print(f"  scripted {kind} {vms} VM x {vcpus} vCPU: {fmt(res)}", flush=True)
+                print(f"  {name} {kind} {vms} VM x {vcpus} vCPU: {fmt(res)}", flush=True)
     return out
+
+
+def cycle_scripted(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    return matrix(tmp, args, "scripted", scripted_setup)
+
+
+def kvm_usable() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
 def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -272,22 +299,12 @@ def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     every vCPU (the BSP starts the APs with INIT and start-up IPIs), cycle times
     as the vCPUs see them (PENDING written to slot FREE), as the scripted rows.
     """
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if not kvm_usable():
         return {"skipped": "no usable /dev/kvm"}
     from tests.guests.build import assemble
 
     sample = str(test_client("vm_sample"))
-    out: dict[str, Any] = {}
-    for kind in ("pio", "mmio"):
-        image = assemble(f"smp{kind}32", BIN, load=0x1000).path
-        for vms in (1, 4):
-            for vcpus in (1, 2, 4, 8):
-                argv = [sample, "-q", "-C", hex((1 << vcpus) - 1), "-r", "pm32", "-e", "0x1000",
-                        "-g", f"{image}@0x1000"]
-                res = run_cycles(tmp, ["--backend", "kvm", "--scenario", str(SCENARIO)],
-                                 [argv for _ in range(vms)], args.seconds)
-                out[f"{kind}_{vms}vm_{vcpus}vcpu"] = res
-                print(f"  kvm {kind} {vms} VM x {vcpus} vCPU: {fmt(res)}", flush=True)
+    out = matrix(tmp, args, "kvm", kvm_setup)
     # The figure the target compares with the floors. Each round also measures
     # the floors right before the cycle. On a PVM guest they come out ~7x lower
     # there than in the floors section run on a quiet machine: waking an idle
@@ -326,34 +343,18 @@ def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
 def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Throughput with 2 vCPUs over 1 (one VM, PIO), both backends: 1 and 2 vCPUs
     alternate round by round, the ratio is the median of the rounds' ratios."""
-    dm = str(test_client("dm_loop"))
     out: dict[str, Any] = {}
-    kinds: list[tuple[str, Callable[[int], tuple[list[str], list[list[str]]]]]] = []
-
-    def scripted(vcpus: int) -> tuple[list[str], list[list[str]]]:
-        wl = tmp / f"scaling-{vcpus}.json"
-        write_workload(wl, "pio", vcpus)
-        return (["--backend", "scripted", "--scenario", str(SCENARIO), "--workload", str(wl)],
-                [[dm, hex((1 << vcpus) - 1)]])
-
-    kinds.append(("scripted", scripted))
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        from tests.guests.build import assemble
-
-        image = assemble("smppio32", BIN, load=0x1000).path
-        sample = str(test_client("vm_sample"))
-
-        def kvm(vcpus: int) -> tuple[list[str], list[list[str]]]:
-            return (["--backend", "kvm", "--scenario", str(SCENARIO)],
-                    [[sample, "-q", "-C", hex((1 << vcpus) - 1), "-r", "pm32", "-e", "0x1000",
-                      "-g", f"{image}@0x1000"]])
-
-        kinds.append(("kvm", kvm))
+    kinds: list[tuple[str, Callable[[pathlib.Path, str, int], Setup]]] = [("scripted", scripted_setup)]
+    if kvm_usable():
+        kinds.append(("kvm", kvm_setup))
     for name, setup in kinds:
         ratios_: list[float] = []
         for _ in range(args.rounds):
-            one = run_cycles(tmp, *setup(1), args.seconds)
-            two = run_cycles(tmp, *setup(2), args.seconds)
+            rows = []
+            for vcpus in (1, 2):
+                serve, client = setup(tmp, "pio", vcpus)
+                rows.append(run_cycles(tmp, serve, [client], args.seconds))
+            one, two = rows
             if "requests_per_s" in one and "requests_per_s" in two:
                 ratios_.append(two["requests_per_s"] / one["requests_per_s"])
         if ratios_:
