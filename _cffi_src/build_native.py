@@ -229,9 +229,8 @@ ffibuilder.set_source(
         ssize_t r;
         unsigned gen;
 
-        /* Drop wakes from before: whoever wakes after this also changed the gate or gen. */
-        if (read(w->wake_fd, &n, sizeof n) < 0 && errno != EAGAIN)
-            return hsm_sc_fault(w, HSM_SC_POST, -1);
+        /* A wake left over from before (a kick) is not drained here: the wait below
+           re-reads the state word on every wake and only a COMPLETE ends it. */
         gen = __atomic_load_n(&w->gen, __ATOMIC_ACQUIRE);
         pthread_mutex_lock(&g->lock);
         if (!g->open || __atomic_load_n(&w->stopped, __ATOMIC_ACQUIRE)) {
