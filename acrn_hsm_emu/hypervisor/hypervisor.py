@@ -358,6 +358,7 @@ class Hypervisor:
             if vm is None or vm.state != VmState.PAUSED:
                 return _FAIL
             with vm.lock:
+                vm.unreset = {v.vcpu_id for v in vm.vcpus}
                 for v in vm.vcpus:
                     v.reset()
                 fault = vm.fault

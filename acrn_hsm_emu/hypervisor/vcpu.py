@@ -330,6 +330,7 @@ class Vcpu:
                 self.backend.close()
             except Exception:
                 _log.exception("vcpu.backend_close_failed", vmid=self.vm.vmid, vcpu=self.vcpu_id)
+            self._reset_done(self._reset_gen)  # a thread gone holds nobody back
             self._wake.close()
 
     def _loop(self) -> None:
@@ -337,13 +338,19 @@ class Vcpu:
         vm = self.vm
         while not self._stop:
             if self._applied_gen != self._reset_gen:
-                self._applied_gen = self._reset_gen
+                gen = self._applied_gen = self._reset_gen
                 self.backend.reset()
+                self._reset_done(gen)
             if vm.fault is not None:
                 self.state = "faulted"
                 self.fail_queued(f"VM faulted: {vm.fault}")
             elif vm.state != _RUNNING:
                 self.state = "zombie" if vm.state == _PAUSED else "init"
+            elif vm.unreset:
+                # RESET_VM is applied by each vCPU's own thread: until all have, none
+                # runs guest code (a BSP's start-up IPI must not reach an AP that has
+                # yet to rewind). The last one to finish wakes the others.
+                self.state = "init"
             elif self._queue:
                 try:
                     item = self._queue.popleft()
@@ -368,6 +375,17 @@ class Vcpu:
                 continue
             ev.wait()
             ev.take()  # whoever set it also changed what the loop re-reads
+
+    def _reset_done(self, gen: int) -> None:
+        vm = self.vm
+        with vm.lock:
+            if self._reset_gen != gen:
+                return  # reset again meanwhile: the loop applies that one first
+            vm.unreset.discard(self.vcpu_id)
+            last = not vm.unreset
+        if last:
+            for v in vm.vcpus:
+                v._wake.set()
 
     def _run_injected(self, access: Access, future: concurrent.futures.Future[int]) -> None:
         if not future.set_running_or_notify_cancel():

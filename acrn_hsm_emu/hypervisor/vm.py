@@ -234,6 +234,7 @@ class Vm:
             guest_flags & abi.GUEST_FLAG_IO_COMPLETION_POLLING
         )  # vm.c: post-launched only
         self.vcpus: list[Vcpu] = []
+        self.unreset: set[int] = set()  # vCPUs yet to apply a RESET_VM (see Vcpu._loop)
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
         self.get_upcall = upcall
         self.cpuid = cpuid
