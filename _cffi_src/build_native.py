@@ -67,7 +67,43 @@ ffibuilder.cdef(
     void hsm_gate_set(struct hsm_gate *g, int open);
     void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
     int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
-                       size_t value_len, uint64_t *value);
+                       struct hsm_xvm *x, size_t value_len, uint64_t *value);
+
+    /* The HSM's express path (see hsm/express.py). */
+    #define HSM_X_PARKED_MAX ...
+    #define HSM_X_VMS_MAX ...
+    struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; };
+    struct hsm_xvm {
+        int fd;
+        uint64_t fh;
+        int pid;
+        uint64_t page;
+        uint32_t vcpu_num;
+        int has_default;
+        int dispatch;
+        int nfds;
+        uint32_t nparked;
+        uint64_t pio;
+        uint64_t mmio;
+        uint64_t defaults;
+        uint64_t notified;
+        uint64_t attaches;
+        uint64_t refused;
+        ...;
+    };
+    struct hsm_express { uint32_t n; struct hsm_xvm *vms[...]; };
+    void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
+                    uint32_t vcpu_num);
+    int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n);
+    void hsm_x_lock(struct hsm_xvm *x);
+    void hsm_x_unlock(struct hsm_xvm *x);
+    uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear);
+    void hsm_x_wake(struct hsm_xvm *x);
+    void hsm_x_set_default(struct hsm_xvm *x, int on);
+    void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
+                         uint32_t n);
+    void hsm_x_close(struct hsm_xvm *x);
+    int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len);
 
     /* The KVM vCPU loop's fast path (see hsm_kvm_loop). */
     #define HSM_KL_EXIT ...
@@ -86,7 +122,7 @@ ffibuilder.cdef(
         ...;
     };
     int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
-                     struct hsm_gate *g, int upcall_fd);
+                     struct hsm_gate *g, int upcall_fd, struct hsm_xvm *x);
     """
 )
 
@@ -108,6 +144,8 @@ ffibuilder.set_source(
     #include <time.h>
     #include <sys/ioctl.h>
     #include <linux/kvm.h>
+    #include <linux/fuse.h>
+    #include <linux/acrn.h>
 
     #ifndef SYS_pidfd_open
     #define SYS_pidfd_open 434
@@ -213,11 +251,351 @@ ffibuilder.set_source(
         return (n < 0 && errno) ? -errno : -EFAULT;  /* short transfer: unmapped part */
     }
 
+    /* ---- The HSM's express path (hsm/express.py) --------------------------
+
+       What the driver does for the default client, done without Python where
+       nothing but the default client is involved:
+       - a vCPU's plain PIO/MMIO request (no range client's range contains it,
+         not CF8/CFC) is dispatched by the upcall itself, in the vCPU's thread:
+         PENDING, then kernel_handled = 0 and PROCESSING, the vCPU's bit set,
+         the blocked ATTACH calls answered (acrn_ioreq_dispatch for one slot);
+       - ATTACH_IOREQ_CLIENT and NOTIFY_REQUEST_FINISH on the VM's own file are
+         answered by the session's prefilter (cdev) in the trio thread, without
+         libfuse or Python: the same checks and effects as the Python handlers.
+       Anything else, or any doubt (a fault, a closed session), is left to
+       Python, which then does what it always does. One recursive mutex per VM
+       orders all of it with the Python dispatcher, which holds it for a pass. */
+    #define HSM_X_PARKED_MAX 256
+    #define HSM_X_VMS_MAX 256
+    #define HSM_SLOT_POLLING 4
+    #define HSM_SLOT_KH 132
+
+    struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; };
+
+    struct hsm_xvm {
+        pthread_mutex_t lock;
+        int fd;               /* the session's fd for replies; -1 once closed */
+        uint64_t fh;          /* the VM's file, as the kernel names it */
+        int pid;              /* the request page's process */
+        uint64_t page;
+        uint32_t vcpu_num;
+        int has_default;      /* a default client exists: ATTACH/NOTIFY served here */
+        int dispatch;         /* the vCPUs may dispatch plain requests */
+        uint64_t bitmap;      /* the default client's ioreqs_map */
+        const struct hsm_xrange *ranges;  /* every range client's PIO/MMIO ranges */
+        uint32_t nranges;
+        int nfds;             /* the vCPUs' completion eventfds (owned), or 0 */
+        int wake_fds[16];
+        uint32_t nparked;     /* blocked ATTACH calls (FUSE uniques) */
+        uint64_t parked[HSM_X_PARKED_MAX];
+        uint64_t pio, mmio, defaults;   /* dispatched here */
+        uint64_t notified, attaches, refused;  /* served here */
+    };
+
+    /* The VMs the prefilter serves: kept by the trio thread only, as the prefilter
+       runs there. */
+    struct hsm_express { uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX]; };
+
+    static void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
+                           uint32_t vcpu_num)
+    {
+        pthread_mutexattr_t a;
+        pthread_mutexattr_init(&a);
+        pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+        pthread_mutex_init(&x->lock, &a);
+        pthread_mutexattr_destroy(&a);
+        x->fd = fd;
+        x->fh = fh;
+        x->pid = pid;
+        x->page = page;
+        x->vcpu_num = vcpu_num > 16 ? 16 : vcpu_num;
+        x->nfds = 0;
+    }
+    static void hsm_x_lock(struct hsm_xvm *x) { pthread_mutex_lock(&x->lock); }
+    static void hsm_x_unlock(struct hsm_xvm *x) { pthread_mutex_unlock(&x->lock); }
+
+    /* Takes the fds (the caller's duplicates); n must be the VM's vCPU count. */
+    static int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n)
+    {
+        if (n != (int)x->vcpu_num)
+            return -EINVAL;
+        pthread_mutex_lock(&x->lock);
+        for (int i = 0; i < n; i++)
+            x->wake_fds[i] = fds[i];
+        x->nfds = n;
+        pthread_mutex_unlock(&x->lock);
+        return 0;
+    }
+
+    /* A reply to an ioctl the kernel sent us: 0 with no data, or -errno. */
+    static void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err)
+    {
+        struct { struct fuse_out_header h; struct fuse_ioctl_out o; } r;
+        memset(&r, 0, sizeof r);
+        r.h.unique = unique;
+        r.h.error = err;
+        r.h.len = err ? sizeof r.h : sizeof r;
+        if (x->fd >= 0 && write(x->fd, &r, r.h.len) < 0) {
+            /* ENOENT: the caller is gone (interrupted, killed); nothing to do */
+        }
+    }
+
+    /* Answer every blocked ATTACH; locked. */
+    static void hsm_x_answer_parked(struct hsm_xvm *x, int err)
+    {
+        for (uint32_t i = 0; i < x->nparked; i++)
+            hsm_x_reply(x, x->parked[i], err);
+        x->nparked = 0;
+    }
+
+    static uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear)
+    {
+        uint64_t b;
+        pthread_mutex_lock(&x->lock);
+        x->bitmap = (x->bitmap | set) & ~clear;
+        b = x->bitmap;
+        pthread_mutex_unlock(&x->lock);
+        return b;
+    }
+
+    /* IoreqClient.wake for the default client: level-triggered. */
+    static void hsm_x_wake(struct hsm_xvm *x)
+    {
+        pthread_mutex_lock(&x->lock);
+        if (x->bitmap)
+            hsm_x_answer_parked(x, 0);
+        pthread_mutex_unlock(&x->lock);
+    }
+
+    /* The default client created (on) or destroyed (off: waiters get ENODEV). */
+    static void hsm_x_set_default(struct hsm_xvm *x, int on)
+    {
+        pthread_mutex_lock(&x->lock);
+        if (!on) {
+            hsm_x_answer_parked(x, -ENODEV);
+            x->dispatch = 0;
+        }
+        x->has_default = on;
+        x->bitmap = 0;
+        pthread_mutex_unlock(&x->lock);
+    }
+
+    /* What may be dispatched by the vCPUs; `ranges` stays the caller's until replaced. */
+    static void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
+                                uint32_t n)
+    {
+        pthread_mutex_lock(&x->lock);
+        x->ranges = ranges;
+        x->nranges = n;
+        x->dispatch = dispatch && x->has_default && x->fd >= 0;
+        pthread_mutex_unlock(&x->lock);
+    }
+
+    /* The VM or the session goes: answer the waiters, stop writing to the fd. */
+    static void hsm_x_close(struct hsm_xvm *x)
+    {
+        pthread_mutex_lock(&x->lock);
+        hsm_x_answer_parked(x, -ENODEV);
+        x->fd = -1;
+        x->dispatch = 0;
+        x->has_default = 0;
+        x->ranges = NULL;
+        x->nranges = 0;
+        for (int i = 0; i < x->nfds; i++)
+            close(x->wake_fds[i]);
+        x->nfds = 0;
+        pthread_mutex_unlock(&x->lock);
+    }
+
+    /* A request the default client gets as the driver would route it: PIO or
+       MMIO that no range contains (in_range: whole access inside), not CF8/CFC. */
+    static int hsm_x_plain(const struct hsm_xvm *x, const unsigned char *head)
+    {
+        uint32_t type;
+        uint64_t addr, size, last;
+        memcpy(&type, head, 4);
+        memcpy(&addr, head + 72, 8);
+        memcpy(&size, head + 80, 8);
+        if (type == ACRN_IOREQ_TYPE_PORTIO) {
+            if (addr == 0xCF8 || (addr >= 0xCFC && addr <= 0xCFF))
+                return 0;
+        } else if (type != ACRN_IOREQ_TYPE_MMIO) {
+            return 0;
+        }
+        last = addr + size - 1;
+        for (uint32_t k = 0; k < x->nranges; k++) {
+            const struct hsm_xrange *r = &x->ranges[k];
+            if (r->type == type && r->start <= addr && last <= r->end)
+                return 0;
+        }
+        return 1;
+    }
+
+    /* The upcall for one request, in the vCPU's thread, under its VM's gate:
+       1 dispatched here, 0 posted PENDING (raise the upcall), < 0 a fault. */
+    static int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head)
+    {
+        static const uint32_t pending = HSM_STATE_PENDING;
+        static const uint32_t kh_processing[2] = { 0, ACRN_IOREQ_STATE_PROCESSING };
+        const size_t head_len = HSM_HEAD_LEN;
+        uint64_t i = (slot - x->page) >> 8;
+        ssize_t r;
+        pthread_mutex_lock(&x->lock);
+        if (!x->dispatch || pid != x->pid || slot < x->page || i >= x->vcpu_num ||
+            !hsm_x_plain(x, head)) {
+            r = hsm_remote_write2(pid, slot, head, head_len, slot + HSM_SLOT_STATE,
+                                  &pending, sizeof pending);
+            pthread_mutex_unlock(&x->lock);
+            return r == (ssize_t)(head_len + sizeof pending) ? 0 : (r < 0 && errno ? -errno : -EFAULT);
+        }
+        {
+            /* written in order: the head, PENDING, then kernel_handled and PROCESSING */
+            struct iovec l[3] = { { head, head_len }, { (void *)&pending, 4 },
+                                  { (void *)kh_processing, 8 } };
+            struct iovec rm[3] = { { (void *)(uintptr_t)slot, head_len },
+                                   { (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 },
+                                   { (void *)(uintptr_t)(slot + HSM_SLOT_KH), 8 } };
+            r = process_vm_writev(pid, l, 3, rm, 3, 0);
+        }
+        if (r != (ssize_t)(head_len + 12)) {
+            pthread_mutex_unlock(&x->lock);
+            return r < 0 && errno ? -errno : -EFAULT;
+        }
+        {
+            uint32_t type;
+            memcpy(&type, head, 4);
+            if (type == ACRN_IOREQ_TYPE_PORTIO)
+                x->pio++;
+            else
+                x->mmio++;
+        }
+        x->defaults++;
+        x->bitmap |= (uint64_t)1 << i;
+        hsm_x_answer_parked(x, 0);
+        pthread_mutex_unlock(&x->lock);
+        return 1;
+    }
+
+    /* ATTACH_IOREQ_CLIENT: level-triggered; past HSM_X_PARKED_MAX waiters, EAGAIN
+       (as cdev's bound on waiting requests answers). */
+    static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
+    {
+        pthread_mutex_lock(&x->lock);
+        if (!x->has_default || x->fd < 0) {
+            pthread_mutex_unlock(&x->lock);
+            return 0;  /* Python: ENODEV, or the session is closing */
+        }
+        x->attaches++;
+        if (x->bitmap) {
+            hsm_x_reply(x, unique, 0);
+        } else if (x->nparked >= HSM_X_PARKED_MAX) {
+            x->refused++;
+            hsm_x_reply(x, unique, -EAGAIN);
+        } else {
+            x->parked[x->nparked++] = unique;
+        }
+        pthread_mutex_unlock(&x->lock);
+        return 1;
+    }
+
+    /* NOTIFY_REQUEST_FINISH: acrn_ioreq_request_default_complete. Anything but the
+       plain case (reserved set, a vCPU out of range, a fault) goes to Python,
+       before any effect, so that its answer and its logging stay the only ones. */
+    static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char *arg)
+    {
+        struct acrn_ioreq_notify n;
+        uint32_t polling;
+        const uint32_t complete = HSM_STATE_COMPLETE;
+        uint64_t slot;
+        memcpy(&n, arg, sizeof n);
+        if (n.reserved)
+            return 0;
+        n.vcpu &= 0xFFFF;
+        pthread_mutex_lock(&x->lock);
+        if (!x->has_default || x->fd < 0 || n.vcpu >= x->vcpu_num || x->nfds != (int)x->vcpu_num)
+            goto python;
+        slot = x->page + ((uint64_t)n.vcpu << 8);
+        if (hsm_remote_read(x->pid, slot + HSM_SLOT_POLLING, &polling, 4) != 4)
+            goto python;
+        if (hsm_remote_write(x->pid, slot + HSM_SLOT_STATE, &complete, 4) != 4)
+            goto python;
+        x->bitmap &= ~((uint64_t)1 << n.vcpu);
+        x->notified++;
+        if (!polling) {
+            uint64_t one = 1;
+            if (write(x->wake_fds[n.vcpu], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
+        }
+        hsm_x_reply(x, unique, 0);
+        pthread_mutex_unlock(&x->lock);
+        return 1;
+    python:
+        pthread_mutex_unlock(&x->lock);
+        return 0;
+    }
+
+    /* An interrupted ATTACH this path holds: the driver's wait ignores signals, 0. */
+    static int hsm_x_interrupt(struct hsm_xvm *x, uint64_t unique)
+    {
+        int found = 0;
+        pthread_mutex_lock(&x->lock);
+        for (uint32_t i = 0; i < x->nparked; i++) {
+            if (x->parked[i] == unique) {
+                x->parked[i] = x->parked[--x->nparked];
+                hsm_x_reply(x, unique, 0);
+                found = 1;
+                break;
+            }
+        }
+        pthread_mutex_unlock(&x->lock);
+        return found;
+    }
+
+    /* cdev's prefilter (cdev_receive_batch): ctx is a struct hsm_express. */
+    static int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len)
+    {
+        const struct hsm_express *e = ctx;
+        const struct fuse_in_header *h = req;
+        const unsigned char *body = (const unsigned char *)req + sizeof *h;
+        struct fuse_ioctl_in in;
+        (void)fd;
+        if (len < sizeof *h)
+            return 0;
+        if (h->opcode == FUSE_INTERRUPT) {
+            uint64_t unique;
+            if (len < sizeof *h + sizeof unique)
+                return 0;
+            memcpy(&unique, body, sizeof unique);
+            for (uint32_t k = 0; k < e->n; k++)
+                if (hsm_x_interrupt(e->vms[k], unique))
+                    return 1;
+            return 0;
+        }
+        if (h->opcode != FUSE_IOCTL || len < sizeof *h + sizeof in)
+            return 0;
+        memcpy(&in, body, sizeof in);
+        if (in.flags & FUSE_IOCTL_COMPAT)
+            return 0;
+        if (in.cmd != ACRN_IOCTL_ATTACH_IOREQ_CLIENT && in.cmd != ACRN_IOCTL_NOTIFY_REQUEST_FINISH)
+            return 0;
+        for (uint32_t k = 0; k < e->n; k++) {
+            struct hsm_xvm *x = e->vms[k];
+            if (x->fh != in.fh)
+                continue;
+            if (in.cmd == ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
+                return hsm_x_attach(x, h->unique);
+            if (in.in_size < sizeof(struct acrn_ioreq_notify) ||
+                len < sizeof *h + sizeof in + sizeof(struct acrn_ioreq_notify))
+                return 0;  /* CUSE's first call: Python asks for a retry */
+            return hsm_x_notify(x, h->unique, body + sizeof in);
+        }
+        return 0;
+    }
+
     /* w->head, the private request, is written before PENDING. value_len: 0 for
        a write, else the bytes of the read value (4 PIO, 8 MMIO), copied back into
        the head as ACRN copies the result into its request. */
     static int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
-                              size_t value_len, uint64_t *value)
+                              struct hsm_xvm *x, size_t value_len, uint64_t *value)
     {
         unsigned char *head = w->head;
         const size_t head_len = HSM_HEAD_LEN;
@@ -237,11 +615,22 @@ ffibuilder.set_source(
             pthread_mutex_unlock(&g->lock);
             return HSM_SC_CLOSED;
         }
-        r = hsm_remote_write2(w->pid, w->slot, head, head_len,
-                              w->slot + HSM_SLOT_STATE, &pending, sizeof pending);
-        pthread_mutex_unlock(&g->lock);
-        if (r != (ssize_t)(head_len + sizeof pending))
-            return hsm_sc_fault(w, HSM_SC_POST, r);
+        if (x) {
+            int posted = hsm_x_post(x, w->pid, w->slot, head);
+            pthread_mutex_unlock(&g->lock);
+            if (posted < 0) {
+                errno = -posted;
+                return hsm_sc_fault(w, HSM_SC_POST, -1);
+            }
+            if (posted)
+                upcall_fd = -1;  /* dispatched by the upcall already */
+        } else {
+            r = hsm_remote_write2(w->pid, w->slot, head, head_len,
+                                  w->slot + HSM_SLOT_STATE, &pending, sizeof pending);
+            pthread_mutex_unlock(&g->lock);
+            if (r != (ssize_t)(head_len + sizeof pending))
+                return hsm_sc_fault(w, HSM_SC_POST, r);
+        }
         w->requests++;
         if (upcall_fd >= 0) {
             n = 1;
@@ -329,7 +718,7 @@ ffibuilder.set_source(
     }
 
     static int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
-                            struct hsm_gate *g, int upcall_fd)
+                            struct hsm_gate *g, int upcall_fd, struct hsm_xvm *x)
     {
         struct kvm_run *run = f->run;
         unsigned char *head = w->head;
@@ -396,7 +785,7 @@ ffibuilder.set_source(
                 memcpy(head + HSM_SLOT_VALUE, &v, mmio ? 8 : 4);
             }
             t0 = hsm_now_ns();
-            rc = hsm_slot_cycle(w, g, upcall_fd, direction ? 0 : (mmio ? 8 : 4), &value);
+            rc = hsm_slot_cycle(w, g, upcall_fd, x, direction ? 0 : (mmio ? 8 : 4), &value);
             if (rc != HSM_SC_DONE || !__atomic_load_n(&g->open, __ATOMIC_ACQUIRE))
                 return HSM_KL_EXIT;  /* Python performs it again and meets the cause */
             {

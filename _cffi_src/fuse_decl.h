@@ -117,6 +117,8 @@ struct cuse_lowlevel_ops *cdev_new_cuse_ops(void);
 void cdev_install_log(void);
 void cdev_req_interrupt_func(fuse_req_t req, void *data);
 void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable);
+int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
+                       void *prefilter, void *ctx);
 
 /* Callbacks, defined in Python (cdev/_callbacks.py). */
 extern "Python" {

@@ -101,3 +101,27 @@ static void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseeka
     fi->direct_io = direct_io ? 1 : 0;
     fi->nonseekable = nonseekable ? 1 : 0;
 }
+
+/* Receive up to `batch` requests and process each. A device may offer a
+ * prefilter: a C function that sees every raw request first (fuse_in_header
+ * and body, as read from the kernel) and returns nonzero if it answered or kept
+ * it, writing its replies to `fd` itself; libfuse and Python never see those.
+ * Returns 1 when the batch was used up, else what fuse_session_receive_buf
+ * returned (0: session ended or request aborted; -errno). */
+typedef int (*cdev_prefilter_fn)(void *ctx, int fd, const void *req, size_t len);
+
+static int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
+                              void *prefilter, void *ctx)
+{
+    cdev_prefilter_fn pf = (cdev_prefilter_fn)prefilter;
+    int fd = fuse_session_fd(se);
+    for (int i = 0; i < batch; i++) {
+        int res = fuse_session_receive_buf(se, buf);
+        if (res <= 0)
+            return res;
+        if (pf && !(buf->flags & FUSE_BUF_IS_FD) && pf(ctx, fd, buf->mem, (size_t)res))
+            continue;
+        fuse_session_process_buf(se, buf);
+    }
+    return 1;
+}

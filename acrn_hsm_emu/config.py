@@ -59,6 +59,7 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     ioeventfd_mismatch: str = "drop"
+    express: str = "on"
     config_file: str | None = None  # the file that was read, if any
 
     @property
@@ -190,6 +191,13 @@ KEYS: dict[str, Key] = {
             "kernel's behaviour, default) or forward to the next client (KVM's)",
             "NAME",
         ),
+        Key(
+            "express",
+            _choice("on", "off"),
+            "on (default): the default client's request cycle runs in C where no other "
+            "client is involved; off: every request takes the Python path (same answers)",
+            "NAME",
+        ),
     )
 }
 
@@ -263,7 +271,7 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
     )
     for name in (
         "node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level",
-        "ioeventfd_mismatch",
+        "ioeventfd_mismatch", "express",
     ):  # fmt: skip
         if name in values:
             setattr(settings, name, values[name])
@@ -304,5 +312,6 @@ def render(settings: Settings) -> str:
         f"log_format = {q(settings.log_format)}",
         f"log_level = {q(settings.log_level)}",
         f"ioeventfd_mismatch = {q(settings.ioeventfd_mismatch)}",
+        f"express = {q(settings.express)}",
     ]
     return "\n".join(lines)

@@ -132,6 +132,7 @@ class Daemon:
             self.hypervisor,
             nursery=nursery,
             ioeventfd_mismatch="forward" if self.settings.ioeventfd_mismatch == "forward" else "drop",
+            express=self.settings.express == "on",
         )
         try:
             self.server = Server(

@@ -21,10 +21,12 @@ class RequestContext:
 
     ``pid`` is the thread group (process) of the calling thread ``tid``. It is
     resolved on first use (a /proc look-up), so requests that never touch the
-    caller's memory do not pay for it.
+    caller's memory do not pay for it. ``fh`` is, in an open's context, the
+    file handle cdev gives the new file (what a native prefilter sees in the
+    kernel's requests for it); 0 elsewhere.
     """
 
-    __slots__ = ("uid", "gid", "tid", "_pid", "_resolve")
+    __slots__ = ("uid", "gid", "tid", "fh", "_pid", "_resolve")
 
     def __init__(
         self,
@@ -37,6 +39,7 @@ class RequestContext:
         self.uid = uid
         self.gid = gid
         self.tid = tid
+        self.fh = 0
         self._pid = pid
         self._resolve = resolve
 
@@ -186,6 +189,24 @@ class Device(Protocol):
         ...
 
 
+class NativePrefilter(Protocol):
+    """A device's C fast path, offered through ``Device.native_prefilter(fd)``.
+
+    ``fn`` is a C function ``int fn(void *ctx, int fd, const void *req, size_t len)``
+    that cdev calls, in the trio thread, with every raw request of the session
+    (``struct fuse_in_header`` and its body) before libfuse decodes it. It
+    returns nonzero for a request it answered (by writing the reply to ``fd``)
+    or keeps to answer later, from any thread; cdev then forgets that request.
+    ``close`` is called before the session's fd is closed: from then on the
+    device must not write to it.
+    """
+
+    fn: Any
+    ctx: Any
+
+    def close(self) -> None: ...
+
+
 class BaseDevice:
     """Defaults for optional parts of :class:`Device`."""
 
@@ -194,6 +215,10 @@ class BaseDevice:
 
     def open(self, ctx: RequestContext) -> object:
         return object()
+
+    def native_prefilter(self, fd: int) -> NativePrefilter | None:
+        """A C fast path for some requests of a session on ``fd`` (none by default)."""
+        return None
 
     def release(self, handle: object) -> None:
         return None

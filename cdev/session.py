@@ -164,26 +164,28 @@ class Session:
         # EAGAIN costs one cheap syscall, a trip through trio's scheduler and
         # epoll costs far more, and under load (several vCPUs, several clients)
         # requests queue up. wait_readable is the checkpoint that lets the tasks
-        # these requests started run.
+        # these requests started run. The batch itself is read in C, where the
+        # device's prefilter (if it has one) takes the requests it answers natively.
         se = self.se
-        receive = lib.fuse_session_receive_buf
-        process = lib.fuse_session_process_buf
+        receive = lib.cdev_receive_batch
         wait_readable = trio.lowlevel.wait_readable
         batch = self.receive_batch
-        while not lib.fuse_session_exited(se):
-            await wait_readable(fd)
-            for _ in range(batch):
-                res = receive(se, buf)
-                if res > 0:
-                    process(se, buf)
-                elif res == 0:  # unmounted (ENODEV) or an aborted request
+        offer = getattr(self.device, "native_prefilter", None)
+        prefilter = offer(fd) if offer is not None else None
+        fn = prefilter.fn if prefilter is not None else _NULL
+        ctx = prefilter.ctx if prefilter is not None else _NULL
+        try:
+            while not lib.fuse_session_exited(se):
+                await wait_readable(fd)
+                res = receive(se, buf, batch, fn, ctx)
+                if res == 0:  # unmounted (ENODEV) or an aborted request
                     if lib.fuse_session_exited(se):
                         return
-                    break
-                elif res in (-errno.EAGAIN, -errno.EINTR):
-                    break
-                else:
+                elif res < 0 and res not in (-errno.EAGAIN, -errno.EINTR):
                     raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
+        finally:
+            if prefilter is not None:
+                prefilter.close()  # before the fd goes: nothing native writes to it after
 
     def _fail_waiting(self) -> None:
         """Shutdown: every request still waiting gets ENODEV (the device is going)."""
@@ -262,13 +264,15 @@ class Session:
         if self._closing:
             lib.fuse_reply_err(req, errno.ENODEV)
             return
+        fh = self._next_fh
+        self._next_fh += 1
+        ctx = self.context(req)
+        ctx.fh = fh
         try:
-            handle = self.device.open(self.context(req))
+            handle = self.device.open(ctx)
         except DeviceError as e:
             lib.fuse_reply_err(req, e.errno)
             return
-        fh = self._next_fh
-        self._next_fh += 1
         self._files[fh] = handle
         fi.fh = fh
         lib.cdev_fi_setup(fi, 1, 1)  # no page cache, no seeking: a character device

@@ -21,6 +21,7 @@ import trio
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.client import extension as ext
 from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
 from acrn_hsm_emu.hsm.ranges import Binding, BindPolicy
@@ -64,7 +65,7 @@ class HsmFile:
 
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
-        self.vm = Vm(ctx.pid)
+        self.vm = Vm(ctx.pid, ctx.fh)
         self.binding: Binding | None = None
 
 
@@ -129,6 +130,9 @@ class HsmDevice(BaseDevice):
     ``ioeventfd_mismatch``: "drop" (the driver: an access in an ioeventfd's
     range that signals nothing is consumed) or "forward" (it goes on to the
     device model, as with KVM); docs/extension-abi.md.
+    ``express``: when served by cdev, do the default client's request cycle
+    in C where nothing else is involved (hsm/express.py); off, every request
+    takes the Python path (same answers, slower).
     """
 
     arg_specs: dict[int, ArgSpec] = {
@@ -149,8 +153,10 @@ class HsmDevice(BaseDevice):
         bind_policy: BindPolicy = "owner",
         ioeventfd_mismatch: Literal["drop", "forward"] = "drop",
         limits: Limits | None = None,
+        express: bool = True,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
+        self.express_enabled = express
         self.hv = hypervisor
         self.release_pauses = release_pauses
         self.bind_policy = bind_policy
@@ -209,6 +215,16 @@ class HsmDevice(BaseDevice):
         f = HsmFile(ctx)
         self.files.add(f)
         return f
+
+    def native_prefilter(self, fd: int) -> Express | None:
+        """cdev's session on ``fd`` starts: the express path answers ATTACH and
+        NOTIFY_REQUEST_FINISH of the VMs created from now on (hsm/express.py)."""
+        if not self.express_enabled:
+            return None
+        if self.dispatcher.express is not None:
+            self.dispatcher.express.close()
+        self.dispatcher.express = Express(fd, self.hv)
+        return self.dispatcher.express
 
     def release(self, handle: object) -> None:
         assert isinstance(handle, HsmFile)

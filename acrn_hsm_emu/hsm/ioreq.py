@@ -12,13 +12,14 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
+from acrn_hsm_emu.hsm import express
 from acrn_hsm_emu.hypervisor.api import FdUpcall, Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
 from cdev.device import Deferred
@@ -152,14 +153,32 @@ class RequestCounters:
         "pio", "mmio", "pci", "other",
         "default", "range", "in_kernel", "remote", "orphaned",
         "cf8", "cleared", "stalled", "notified", "notify_failed",
+        "express",
     )  # fmt: skip
+    _COUNTS = __slots__[:-1]
+    # express path counter -> the count it adds to
+    _EXPRESS = (("pio", "pio"), ("mmio", "mmio"), ("defaults", "default"), ("notified", "notified"))
 
     def __init__(self) -> None:
-        for name in self.__slots__:
+        for name in self._COUNTS:
             setattr(self, name, 0)
+        self.express: Any = None  # the VM's struct hsm_xvm, whose counts add to these
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        out = {name: getattr(self, name) for name in self._COUNTS}
+        x = self.express
+        if x is not None:
+            for field, name in self._EXPRESS:
+                out[name] += getattr(x, field)
+        return out
+
+    def fold_express(self) -> None:
+        """The express path goes: keep what it counted."""
+        x = self.express
+        if x is not None:
+            for field, name in self._EXPRESS:
+                setattr(self, name, getattr(self, name) + getattr(x, field))
+            self.express = None
 
 
 class RemotePage:
@@ -190,7 +209,7 @@ class IoreqClient:
     """
 
     __slots__ = (
-        "name", "vm", "is_default", "destroying", "ranges", "bitmap", "handler", "_waiting",
+        "name", "vm", "is_default", "destroying", "ranges", "_bits", "_x", "handler", "_waiting",
         "remote", "inflight", "served", "orphaned",
     )  # fmt: skip
 
@@ -207,7 +226,8 @@ class IoreqClient:
         self.is_default = is_default
         self.destroying = False
         self.ranges: list[tuple[int, int, int]] = []
-        self.bitmap = 0
+        self._bits = 0
+        self._x: Any = None  # the VM's express path, which keeps the bitmap and waiters
         self.handler = handler
         self._waiting: list[Deferred] = []  # blocked ATTACH calls, answered by wake()
         self.remote = remote
@@ -216,8 +236,54 @@ class IoreqClient:
         self.served = 0  # remote: requests completed by the client
         self.orphaned = 0  # remote: requests completed for it after it went away
 
+    @property
+    def bitmap(self) -> int:
+        """ioreqs_map: the vCPUs whose requests this client holds."""
+        return self._bits if self._x is None else lib.hsm_x_bits(self._x, 0, 0)
+
+    @bitmap.setter
+    def bitmap(self, value: int) -> None:
+        if self._x is None:
+            self._bits = value
+        else:
+            lib.hsm_x_bits(self._x, value, ~value & _U64_MASK)
+
+    def set_bit(self, vcpu: int) -> None:
+        if self._x is None:
+            self._bits |= 1 << vcpu
+        else:
+            lib.hsm_x_bits(self._x, 1 << vcpu, 0)
+
+    def clear_bit(self, vcpu: int) -> None:
+        if self._x is None:
+            self._bits &= ~(1 << vcpu)
+        else:
+            lib.hsm_x_bits(self._x, 0, 1 << vcpu)
+
+    def adopt_express(self, x: Any) -> None:
+        """The default client of a VM on the express path: its state moves to C."""
+        bits = self._bits
+        self._x = x
+        lib.hsm_x_set_default(x, 1)
+        if bits:
+            lib.hsm_x_bits(x, bits, 0)
+
+    def leave_express(self) -> None:
+        """Back to Python (the VM leaves the express path): C's waiters got ENODEV."""
+        x = self._x
+        if x is not None:
+            self._bits = lib.hsm_x_bits(x, 0, 0)
+            self._x = None
+            lib.hsm_x_set_default(x, 0)
+
     def wake(self) -> None:
         """Answer the blocked ATTACH calls if their condition now holds."""
+        x = self._x
+        if x is not None:
+            if self.destroying:
+                lib.hsm_x_set_default(x, 0)  # ENODEV to its waiters, no more dispatch
+            else:
+                lib.hsm_x_wake(x)
         if self._waiting and (self.bitmap or self.destroying):
             answer = -errno.ENODEV if self.destroying else 0
             waiting, self._waiting = self._waiting, []
@@ -226,7 +292,8 @@ class IoreqClient:
 
     @property
     def waiters(self) -> int:
-        return len(self._waiting)
+        x = self._x
+        return len(self._waiting) + (x.nparked if x is not None else 0)
 
     def attach(self) -> int | Deferred:
         """ATTACH_IOREQ_CLIENT: level-triggered, 0 at once when a request is pending."""
@@ -250,13 +317,15 @@ class IoreqClient:
         if end < start:
             return -errno.EINVAL
         self.ranges.insert(0, (type, start, end))  # list_add: newest first
+        express.sync(self.vm)
         return 0
 
     def range_del(self, type: int, start: int, end: int) -> None:
         try:
             self.ranges.remove((type, start, end))  # the first identical one
         except ValueError:
-            pass
+            return
+        express.sync(self.vm)
 
     def snapshot(self) -> dict[str, object]:
         snap: dict[str, object] = {
@@ -302,6 +371,8 @@ class Dispatcher:
         # ioeventfd: accesses in a range that signal nothing are consumed ("drop",
         # the driver) or go on to the device model ("forward"); see ioeventfd.py
         self.ioeventfd_mismatch = "drop"
+        # The session's express path (express.py), when the device is served by cdev.
+        self.express: express.Express | None = None
 
     # -- the global VM list ------------------------------------------------
 
@@ -364,11 +435,27 @@ class Dispatcher:
                 error=str(exc),
                 note="request page unreachable; VM no longer dispatched",
             )
+            express.sync(vm)
 
     # -- the per-VM scan (hot path) ----------------------------------------
 
     def dispatch(self, vm: Vm) -> None:
-        """acrn_ioreq_dispatch: slots 0..vcpu_num-1, PENDING ones, in the driver's order."""
+        """acrn_ioreq_dispatch: slots 0..vcpu_num-1, PENDING ones, in the driver's order.
+
+        On the express path the VM's lock is held for the pass: a vCPU then
+        cannot dispatch a request between the scan and what the pass writes.
+        """
+        x = vm.express
+        if x is None:
+            self._dispatch(vm)
+            return
+        lib.hsm_x_lock(x)
+        try:
+            self._dispatch(vm)
+        finally:
+            lib.hsm_x_unlock(x)
+
+    def _dispatch(self, vm: Vm) -> None:
         mem = vm.mem
         scanner = vm.scanner
         assert mem is not None and vm.page_base is not None and scanner is not None
@@ -457,7 +544,7 @@ class Dispatcher:
                     return  # no client: abort this VM's scan, the request stays PENDING
                 counters.default += 1
                 mem.write_then(off + _KH, _KH0, off + _STATE, _S_PROCESSING)
-                client.bitmap |= 1 << i
+                client.set_bit(i)
                 client.wake()
                 continue
 
@@ -472,7 +559,7 @@ class Dispatcher:
                     )  # fmt: skip
                     continue
                 mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
-                client.bitmap |= 1 << i
+                client.set_bit(i)
                 client.wake()
                 continue
             # In-daemon client: its handler runs here rather than in a thread, so
@@ -486,7 +573,7 @@ class Dispatcher:
                 continue
             if isinstance(result, int) and result < 0:
                 mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
-                client.bitmap |= 1 << i
+                client.set_bit(i)
                 log.debug("hsm.ioreq_handler_failed", client=client.name, vcpu=i, err=result)
                 continue
             counters.in_kernel += 1
@@ -520,7 +607,7 @@ class Dispatcher:
             return  # stays PENDING until a client exists (this pass goes on with other slots)
         vm.counters.default += 1
         vm.mem.write_then(off + _KH, _KH0, off + _STATE, _S_PROCESSING)
-        client.bitmap |= 1 << vcpu
+        client.set_bit(vcpu)
         client.wake()
 
     def _hand_over(
@@ -549,7 +636,7 @@ class Dispatcher:
             self.remote_drop(client, "request page unreachable")
             return
         vm.mem.write_then(off + _KH, _KH1, off + _STATE, _S_PROCESSING)
-        client.bitmap |= 1 << vcpu
+        client.set_bit(vcpu)
         client.inflight[vcpu] = (typ, direction)
         vm.counters.remote += 1
         client.wake()
@@ -603,7 +690,7 @@ class Dispatcher:
         vm = client.vm
         if vcpu >= vm.vcpu_num:
             return -errno.EINVAL
-        client.bitmap &= ~(1 << vcpu)
+        client.clear_bit(vcpu)
         return self.complete(vm, vcpu)
 
     def default_complete(self, vm: Vm, vcpu: int) -> int:
@@ -652,7 +739,7 @@ class Dispatcher:
         except MemoryFault as e:
             log.debug("hsm.range_client_page_fault", client=client.name, vcpu=vcpu, error=str(e))
             return -errno.EFAULT  # the request stays with the client
-        client.bitmap &= ~(1 << vcpu)
+        client.clear_bit(vcpu)
         client.inflight[vcpu] = None
         client.served += 1
         vm.counters.notified += 1
@@ -665,7 +752,7 @@ class Dispatcher:
         for vcpu in range(SLOTS):
             if not client.bitmap >> vcpu & 1:
                 continue
-            client.bitmap &= ~(1 << vcpu)
+            client.clear_bit(vcpu)
             held = client.inflight[vcpu]
             client.inflight[vcpu] = None
             if held is None:
@@ -691,8 +778,11 @@ class Dispatcher:
         client = IoreqClient(vm, name, is_default, handler)
         if is_default:
             vm.default_client = client
+            if vm.express is not None:
+                client.adopt_express(vm.express)
         else:
             vm.range_clients.insert(0, client)
+        express.sync(vm)
         log.debug("hsm.client_created", vmid=vm.vmid, client=client.name)
         return client
 
@@ -705,6 +795,7 @@ class Dispatcher:
         """
         client = IoreqClient(vm, name, False, None, remote)
         vm.range_clients = [*vm.range_clients, client]
+        express.sync(vm)
         log.info(
             "hsm.range_client_created",
             vmid=vm.vmid, client=client.name, pid=remote.pid, uid=remote.uid,
@@ -726,9 +817,11 @@ class Dispatcher:
         if client.is_default:
             if vm.default_client is client:
                 vm.default_client = None
+            client.leave_express()
         else:
             vm.range_clients = [c for c in vm.range_clients if c is not client]
         client.ranges.clear()
+        express.sync(vm)
         if client.remote is not None:
             self._remote_gone(client, reason, vm_gone)
         else:
@@ -744,6 +837,7 @@ class Dispatcher:
         client.wake()
         vm.range_clients = [c for c in vm.range_clients if c is not client]
         client.ranges.clear()
+        express.sync(vm)
         self._remote_gone(client, reason, False)
 
     def _remote_gone(self, client: IoreqClient, reason: str, vm_gone: bool) -> None:
@@ -794,6 +888,8 @@ class Dispatcher:
         vm.scanner = SlotScanner(mem, base, vm.nslots)
         vm.owner_pid = pid
         vm.failed = None
+        if self.express is not None:
+            self.express.add(vm)
         return 0
 
     def ioreq_deinit(self, vm: Vm) -> None:
@@ -802,16 +898,23 @@ class Dispatcher:
             self.client_destroy(client, "VM destroyed", vm_gone=True)
         if vm.default_client is not None:
             self.client_destroy(vm.default_client)
+        self.express_remove(vm)
         vm.page_base = None
         vm.mem = None
         vm.ioreq_page = None
         vm.scanner = None
+
+    def express_remove(self, vm: Vm, vmid: int | None = None) -> None:
+        """Take ``vm`` off the express path (its page goes, or it loses its vmid)."""
+        if self.express is not None:
+            self.express.remove(vm, vmid)
 
     # -- CLEAR_VM_IOREQ -------------------------------------------------------
 
     def request_clear(self, vm: Vm) -> ClearOp:
         """acrn_ioreq_request_clear, split so its bounded wait can run as a task."""
         vm.clearing = True
+        express.sync(vm)
         return ClearOp(self, vm)
 
 
@@ -869,6 +972,7 @@ class ClearOp:
             d.fail_vm(vm, e)
         finally:
             vm.clearing = False
+            express.sync(vm)
         return 0
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from acrn_hsm_emu.client import extension as ext
+from acrn_hsm_emu.hsm import express
 from acrn_hsm_emu.hsm.ioreq import (
     CLIENT_NAME_MAX,
     MMIO,
@@ -204,6 +205,7 @@ def add_range(binding: Binding, args: bytes) -> int:
     if len(client.ranges) >= ext.ACRN_EMU_MAX_RANGES:
         return -errno.ENOSPC
     client.ranges.append((typ, start, end))
+    express.sync(vm)
     log.info("hsm.range_added", vmid=vm.vmid, client=client.name, range=_describe(typ, start, end))
     return 0
 
@@ -220,6 +222,7 @@ def del_range(binding: Binding, args: bytes) -> int:
         client.ranges.remove(parsed)
     except ValueError:
         return -errno.ENOENT
+    express.sync(binding.vm)
     log.info("hsm.range_deleted", vmid=binding.vm.vmid, client=client.name, range=_describe(*parsed))
     return 0
 

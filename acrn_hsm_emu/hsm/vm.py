@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -39,6 +39,20 @@ _CREATION_IDS = struct.Struct("<HxxH")  # vmid, vcpu_num
 _CREATION_BUF = struct.Struct("<32xQ")  # ioreq_buf
 
 
+def express_snapshot(x: Any) -> dict[str, int] | None:
+    """What the VM's express path did (hsm/express.py), None when it has none."""
+    if x is None:
+        return None
+    return {
+        "dispatch": x.dispatch,
+        "dispatched": x.defaults,
+        "notified": x.notified,
+        "attaches": x.attaches,
+        "attach_refused": x.refused,
+        "waiting": x.nparked,
+    }
+
+
 class Vm:
     """struct acrn_vm: the fields an observer of the driver can tell apart."""
 
@@ -49,10 +63,14 @@ class Vm:
         "irqfds", "monitor_page", "ram_mappings", "regions_mapping_count",
         "counters", "opener_pid", "owner_pid", "failed", "orphaned", "lost_vmid",
         "owner_uid", "generation", "bindings", "hypercalls", "mmio_segments",
+        "fh", "express", "express_ranges",
     )  # fmt: skip
 
-    def __init__(self, opener_pid: int) -> None:
+    def __init__(self, opener_pid: int, fh: int = 0) -> None:
         self.vmid = INVALID_VMID
+        self.fh = fh  # cdev's handle of the file (what the express prefilter matches)
+        self.express: Any = None  # struct hsm_xvm while on the express path (express.py)
+        self.express_ranges: Any = None  # the range table C reads
         self.vcpu_num = 0
         self.nslots = 0  # slots the dispatcher scans: vcpu_num, at most the page's 16
         self.destroyed = False  # ACRN_VM_FLAG_DESTROYED, sticky (quirk)
@@ -108,6 +126,7 @@ class Vm:
             "regions_mapping_count": self.regions_mapping_count,
             "ioeventfds": len(self.ioeventfds),
             "irqfds": len(self.irqfds),
+            "express": express_snapshot(self.express),
             "monitor_page": self.monitor_page.base if self.monitor_page else None,
             "counters": self.counters.as_dict(),
             "owner_uid": self.owner_uid,
@@ -151,6 +170,7 @@ def vm_create(
         d.hv.destroy_vm(vmid)
         vm.vmid = INVALID_VMID
         if had_page:
+            d.express_remove(vm, old_vmid)  # the lost VM goes back to the Python path
             vm.lost_vmid = old_vmid
             assert vm.mem is not None and vm.page_base is not None
             # the old page is now scanned for the new VM's vCPU count

@@ -20,7 +20,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from acrn_hsm_emu.memory import ClientMemory, SharedPage
 
@@ -152,6 +152,14 @@ class Hypercalls(Protocol):
         """Adopt the request page; the hypervisor sets all 16 slots FREE."""
 
     def notify_request_finish(self, vmid: int, vcpu: int) -> int: ...
+
+    def set_native_upcall(self, vmid: int, handler: Any) -> int:
+        """Install the HSM's native per-VM dispatcher (a cffi ``struct hsm_xvm *``), or None."""
+        ...
+
+    def notify_fds(self, vmid: int) -> list[int] | None:
+        """Duplicates of the eventfds HC_NOTIFY_REQUEST_FINISH writes, one per vCPU."""
+        ...
 
     def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int: ...
 

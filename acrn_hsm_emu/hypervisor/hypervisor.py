@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno
+import os
 import struct
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import structlog
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
 from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, VcpuBackend, make_backend
@@ -442,6 +444,46 @@ class Hypervisor:
         if not vm.polling:
             vm.vcpus[vcpu].notify()
         return 0
+
+    def set_native_upcall(self, vmid: int, handler: Any) -> int:
+        """The HSM's native dispatcher for VM ``vmid`` (a ``struct hsm_xvm *``), or None.
+
+        A vCPU's native request cycle then hands each request to it in C, in the
+        vCPU's thread, instead of raising the upcall: it dispatches what it can
+        and leaves the rest PENDING for the upcall (hsm/express.py). Takes effect
+        from each vCPU's next native cycle; the caller keeps the object alive.
+        """
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return slot
+            vm = slot.vm
+            if vm is None:
+                return _FAIL
+            vm.native_upcall = _ffi.NULL if handler is None else handler
+            return 0
+
+    def notify_fds(self, vmid: int) -> list[int] | None:
+        """What HC_NOTIFY_REQUEST_FINISH writes, for native callers: a duplicate of
+        each vCPU's completion eventfd (the caller closes them), or None where the
+        hypercall would do something else (no such VM, no request buffer, polling
+        mode, not the Service VM's to serve)."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int):
+                return None
+            vm = slot.vm
+            if vm is None or not vm.severity_pass or vm.page is None or vm.polling:
+                return None
+            fds: list[int] = []
+            try:
+                for v in vm.vcpus:
+                    fds.append(os.dup(v.wake_fd))
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                return None
+            return fds
 
     # ----- memory --------------------------------------------------------------------
 

@@ -144,6 +144,7 @@ class NativeCycle:
     wait: Any
     gate: Any
     upcall: FdUpcall
+    express: Any  # the HSM's native dispatcher for the VM (struct hsm_xvm *) or NULL
     skip_ports: Any
     mmio_lo: int
     mmio_hi: int
@@ -215,6 +216,11 @@ class Vcpu:
     def start_thread(self) -> None:
         self._thread.start()
 
+    @property
+    def wake_fd(self) -> int:
+        """The completion eventfd :meth:`notify` writes (-1 once the thread ended)."""
+        return self._wake.fd
+
     def notify(self) -> None:
         """HC_NOTIFY_REQUEST_FINISH: latch the completion event."""
         self._wake.set()
@@ -277,7 +283,9 @@ class Vcpu:
             return None
         if page is not self._page and not self._adopt_native(page):
             return None
-        return NativeCycle(self._native, vm.gate, upcall, vm.skip_ports, VIOAPIC_BASE, VIOAPIC_END)
+        return NativeCycle(
+            self._native, vm.gate, upcall, vm.native_upcall, vm.skip_ports, VIOAPIC_BASE, VIOAPIC_END
+        )
 
     def sleep_until(self, deadline: float) -> bool:
         ev = self._wake
@@ -531,8 +539,8 @@ class Vcpu:
         vm = self.vm
         nat = native.wait
         self.state = "waiting"
-        rc = _lib.hsm_slot_cycle(nat, native.gate, native.upcall.fd, 0 if write else 8 if mmio else 4,
-                                 self._value)
+        rc = _lib.hsm_slot_cycle(nat, native.gate, native.upcall.fd, native.express,
+                                 0 if write else 8 if mmio else 4, self._value)
         if rc != _lib.HSM_SC_DONE:
             self.state = "running"
             if rc == _lib.HSM_SC_CLOSED:

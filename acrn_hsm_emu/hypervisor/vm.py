@@ -237,6 +237,9 @@ class Vm:
         self.unreset: set[int] = set()  # vCPUs yet to apply a RESET_VM (see Vcpu._loop)
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
         self.get_upcall = upcall
+        # The HSM's native dispatcher for this VM (a ``struct hsm_xvm *``), which a
+        # vCPU's native request cycle calls instead of raising the upcall; NULL if none.
+        self.native_upcall: Any = _ffi.NULL
         self.cpuid = cpuid
         # records
         self.memory = GuestMemoryMap()

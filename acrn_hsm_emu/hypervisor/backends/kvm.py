@@ -788,7 +788,9 @@ class KvmVcpu:
                     self._fast_skip = native.skip_ports
                     fast.skip_ports = native.skip_ports
                     fast.skip_mmio_lo, fast.skip_mmio_hi = native.mmio_lo, native.mmio_hi
-                rc = _lib.hsm_kvm_loop(fast, attention, native.wait, native.gate, native.upcall.fd)
+                rc = _lib.hsm_kvm_loop(
+                    fast, attention, native.wait, native.gate, native.upcall.fd, native.express
+                )
                 if rc == _lib.HSM_KL_ATTENTION:
                     continue
                 if rc < 0:

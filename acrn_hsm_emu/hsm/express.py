@@ -1,0 +1,141 @@
+"""The express path: the default client's request cycle without Python.
+
+With ACRN userspace as the only client of a VM (the common case: acrn-dm,
+vm-sample), a request's life is: a vCPU posts it, the dispatcher hands it to
+the default client and answers the blocked ATTACH, the device model reads it
+and calls NOTIFY_REQUEST_FINISH, the HSM completes it and notifies the vCPU.
+The Python dispatcher does each of those steps in the trio thread, which then
+limits every VM's throughput (docs/performance.md). Here they are done in C:
+
+- a vCPU's native request cycle calls the VM's ``struct hsm_xvm`` instead of
+  raising the upcall (``Hypercalls.set_native_upcall``); for a plain PIO/MMIO
+  request it does what ``Dispatcher.dispatch`` would do with that one slot;
+- cdev's prefilter (``HsmDevice.native_prefilter``) answers ATTACH and
+  NOTIFY_REQUEST_FINISH on the VM's file before libfuse sees them, NOTIFY
+  writing the vCPU's completion eventfd as HC_NOTIFY_REQUEST_FINISH does
+  (``Hypercalls.notify_fds``).
+
+The rules stay in Python. :func:`sync` tells C, after every change that
+matters, whether the vCPUs may dispatch (a default client, not clearing, page
+reachable) and which PIO/MMIO ranges belong to other clients; anything else
+(CF8/CFC, a range client's request, a fault, a bad argument) is left to the
+Python paths, before any effect. The default client's bitmap and its blocked
+ATTACH calls live in C (``IoreqClient`` reads them there), and the Python
+dispatcher holds the VM's lock for a pass, so both sides see one state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi, lib
+from acrn_hsm_emu.hypervisor.api import Hypercalls
+
+if TYPE_CHECKING:
+    from acrn_hsm_emu.hsm.vm import Vm
+
+log = structlog.get_logger("acrn_hsm_emu.hsm")
+
+_PLAIN_TYPES = (abi.ACRN_IOREQ_TYPE_PORTIO, abi.ACRN_IOREQ_TYPE_MMIO)
+
+
+class Express:
+    """One session's express path: the registry the prefilter searches (cdev's
+    :class:`~cdev.device.NativePrefilter`), and the VMs in it."""
+
+    def __init__(self, fd: int, hv: Hypercalls) -> None:
+        self.fd = fd
+        self.hv = hv
+        self.table = ffi.new("struct hsm_express *")
+        self.ctx = self.table
+        self.fn = ffi.cast("void *", ffi.addressof(lib, "hsm_x_prefilter"))
+        self._vms: list[Vm] = []
+        self.closed = False
+
+    def add(self, vm: Vm) -> None:
+        """Serve ``vm`` (its request page just set) on the express path, if room."""
+        if self.closed or vm.page_base is None or vm.express is not None:
+            return
+        n = self.table.n
+        if n >= lib.HSM_X_VMS_MAX:
+            log.warning("hsm.express_full", vmid=vm.vmid, note="this VM takes the Python path")
+            return
+        x = ffi.new("struct hsm_xvm *")
+        lib.hsm_x_init(x, self.fd, vm.fh, vm.owner_pid, vm.page_base, vm.nslots)
+        fds = self.hv.notify_fds(vm.vmid) or []
+        if fds and lib.hsm_x_set_wake_fds(x, fds, len(fds)) < 0:
+            for fd in fds:
+                os.close(fd)
+        if self.hv.set_native_upcall(vm.vmid, x) < 0:
+            lib.hsm_x_close(x)
+            return
+        vm.express = x
+        vm.counters.express = x
+        self.table.vms[n] = x
+        self.table.n = n + 1
+        self._vms.append(vm)
+        if vm.default_client is not None:
+            vm.default_client.adopt_express(x)
+        sync(vm)
+
+    def remove(self, vm: Vm, vmid: int | None = None) -> None:
+        """Stop serving ``vm``: waiters get ENODEV, the vCPUs go back to the upcall."""
+        x = vm.express
+        if x is None:
+            return
+        self.hv.set_native_upcall(vm.vmid if vmid is None else vmid, None)
+        if vm.default_client is not None:
+            vm.default_client.leave_express()
+        lib.hsm_x_close(x)
+        vm.express = None
+        vm.express_ranges = None
+        vm.counters.fold_express()
+        self._unlist(x, vm)
+
+    def _unlist(self, x: Any, vm: Vm) -> None:
+        t = self.table
+        for k in range(t.n):
+            if t.vms[k] == x:
+                t.n -= 1
+                t.vms[k] = t.vms[t.n]
+                t.vms[t.n] = ffi.NULL
+                break
+        if vm in self._vms:
+            self._vms.remove(vm)
+
+    def close(self) -> None:
+        """The session ends: nothing is written to its fd after this returns."""
+        self.closed = True
+        for vm in list(self._vms):
+            self.remove(vm)
+
+
+def sync(vm: Vm) -> None:
+    """Tell the VM's express path what Python's rules say now (after any change
+    to its clients, their ranges, the clearing flag or the page's health)."""
+    x = vm.express
+    if x is None:
+        return
+    ranges = [
+        (t, s, e) for c in vm.range_clients for t, s, e in c.ranges if t in _PLAIN_TYPES
+    ]
+    arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
+    for k, (t, s, e) in enumerate(ranges):
+        arr[k].type = t
+        arr[k].start = s
+        arr[k].end = e
+    ok = (
+        vm.default_client is not None
+        and not vm.clearing
+        and vm.failed is None
+        and vm.page_base is not None
+    )
+    lib.hsm_x_configure(x, 1 if ok else 0, arr, len(ranges))
+    vm.express_ranges = arr  # C reads it until the next configure
+
+
+__all__ = ["Express", "sync"]
