@@ -104,6 +104,7 @@ ffibuilder.cdef(
                          uint32_t n);
     void hsm_x_close(struct hsm_xvm *x);
     int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len);
+    int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head);
 
     /* The KVM vCPU loop's fast path (see hsm_kvm_loop). */
     #define HSM_KL_EXIT ...

@@ -578,15 +578,20 @@ def _mode(hsm_daemon) -> str:
 
 
 @pytest.mark.needs_fuse
-def test_errno_table(hsm_daemon):
+@pytest.mark.parametrize("express", ["on", "off"])
+def test_errno_table(daemon_factory, express):
+    """Errno for errno, with ATTACH/NOTIFY answered in C (express on) or in Python."""
+    hsm_daemon = daemon_factory("--express", express)
     rows, problems, _out = run_client(str(hsm_daemon.node), "default")
     problems += compare_rows(rows, expected_table(_mode(hsm_daemon)))
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
 
 
 @pytest.mark.needs_fuse
-def test_errno_driver_quirks(hsm_daemon):
+@pytest.mark.parametrize("express", ["on", "off"])
+def test_errno_driver_quirks(daemon_factory, express):
     """Kernel bugs a faithful emulator reproduces. Leaves three VMs in the hypervisor, as the kernel would."""
+    hsm_daemon = daemon_factory("--express", express)
     rows, problems, _out = run_client(str(hsm_daemon.node), "q_create_twice,q_sticky_destroyed")
     expected = {
         k: v

@@ -1,0 +1,293 @@
+"""The express path's C half (hsm/express.py, _cffi_src/build_native.py), driven
+directly: raw FUSE requests in, the replies it writes read back from a socket
+standing in for the session fd, its effects read from a request page in this
+process (reached with process_vm_* as a client's page is).
+
+The daemon-level checks (errno parity with express on and off, the KVM runs)
+are in test_hsm_errno.py and test_kvm_daemon.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi, lib
+
+FUSE_IOCTL = 39
+FUSE_INTERRUPT = 36
+FUSE_GETATTR = 3
+FUSE_IOCTL_COMPAT = 1 << 0
+FH = 7
+ATTACH = abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT
+NOTIFY = abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH
+_IN_HEADER = struct.Struct("<IIQQIIIHH")  # len, opcode, unique, nodeid, uid, gid, pid, extlen, pad
+_IOCTL_IN = struct.Struct("<QIIQII")  # fh, flags, cmd, arg, in_size, out_size
+_OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
+_STATE = abi.SLOT_PROCESSED
+_KH = abi.SLOT_KERNEL_HANDLED
+_POLLING = abi.SLOT_COMPLETION_POLLING
+
+
+def ioctl_req(unique: int, cmd: int, data: bytes = b"", fh: int = FH, flags: int = 0) -> bytes:
+    body = _IOCTL_IN.pack(fh, flags, cmd, 0, len(data), 0) + data
+    return _IN_HEADER.pack(_IN_HEADER.size + len(body), FUSE_IOCTL, unique, 2, 0, 0, 1, 0, 0) + body
+
+
+def interrupt_req(unique: int, target: int) -> bytes:
+    body = struct.pack("<Q", target)
+    return _IN_HEADER.pack(_IN_HEADER.size + 8, FUSE_INTERRUPT, unique, 0, 0, 0, 0, 0, 0) + body
+
+
+def notify_arg(vcpu: int, reserved: int = 0, vmid: int = 0) -> bytes:
+    return struct.pack("<HHI", vmid, reserved, vcpu)
+
+
+@dataclass
+class Rig:
+    x: Any
+    table: Any
+    sock: socket.socket
+    fd: int
+    page: int
+    buf: Any
+    wake: list[int]
+
+    def feed(self, req: bytes) -> int:
+        return lib.hsm_x_prefilter(self.table, self.fd, req, len(req))
+
+    def replies(self) -> list[tuple[int, int]]:
+        """(unique, error) of every reply written so far."""
+        out = []
+        while True:
+            try:
+                msg = self.sock.recv(4096)
+            except BlockingIOError:
+                return out
+            n, err, unique = _OUT_HEADER.unpack_from(msg)
+            assert n == len(msg)
+            assert n == (16 if err else 32)  # an ioctl reply: header + fuse_ioctl_out
+            out.append((unique, err))
+
+    def u32(self, off: int) -> int:
+        return struct.unpack_from("<I", ffi.buffer(self.buf + (self.page - self.base), 4096), off)[0]
+
+    def set_u32(self, off: int, v: int) -> None:
+        struct.pack_into("<I", ffi.buffer(self.buf + (self.page - self.base), 4096), off, v)
+
+    @property
+    def base(self) -> int:
+        return int(ffi.cast("uintptr_t", self.buf))
+
+    def woken(self, vcpu: int) -> int:
+        try:
+            return os.eventfd_read(self.wake[vcpu])
+        except BlockingIOError:
+            return 0
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.setblocking(False)
+    buf = ffi.new("char[]", 3 * 4096)
+    base = int(ffi.cast("uintptr_t", buf))
+    page = (base + 4095) & ~4095
+    x = ffi.new("struct hsm_xvm *")
+    lib.hsm_x_init(x, a.fileno(), FH, os.getpid(), page, 2)
+    wake = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+    assert lib.hsm_x_set_wake_fds(x, [os.dup(w) for w in wake], 2) == 0
+    table = ffi.new("struct hsm_express *")
+    table.vms[0] = x
+    table.n = 1
+    r = Rig(x, table, b, a.fileno(), page, buf, wake)
+    yield r
+    lib.hsm_x_close(x)
+    for w in wake:
+        os.close(w)
+    a.close()
+    b.close()
+
+
+def test_without_a_default_client_everything_goes_to_python(rig: Rig) -> None:
+    assert rig.feed(ioctl_req(1, ATTACH)) == 0
+    assert rig.feed(ioctl_req(2, NOTIFY, notify_arg(0))) == 0
+    assert rig.replies() == []
+
+
+def test_attach_is_level_triggered_and_parks_until_a_bit_is_set(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    assert rig.feed(ioctl_req(10, ATTACH)) == 1
+    assert rig.feed(ioctl_req(11, ATTACH)) == 1
+    assert rig.replies() == [] and rig.x.nparked == 2
+    lib.hsm_x_wake(rig.x)  # nothing pending: still waiting
+    assert rig.replies() == []
+    lib.hsm_x_bits(rig.x, 1 << 1, 0)
+    lib.hsm_x_wake(rig.x)
+    assert rig.replies() == [(10, 0), (11, 0)] and rig.x.nparked == 0
+    assert rig.feed(ioctl_req(12, ATTACH)) == 1  # a bit is set: at once
+    assert rig.replies() == [(12, 0)]
+    assert rig.x.attaches == 3
+
+
+def test_interrupt_of_a_parked_attach_answers_zero_others_go_to_libfuse(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    rig.feed(ioctl_req(20, ATTACH))
+    assert rig.feed(interrupt_req(21, 99)) == 0  # not ours
+    assert rig.feed(interrupt_req(22, 20)) == 1
+    assert rig.replies() == [(20, 0)] and rig.x.nparked == 0
+    assert rig.feed(interrupt_req(23, 20)) == 0  # answered already
+
+
+def test_waiting_attach_calls_are_bounded(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    for u in range(lib.HSM_X_PARKED_MAX):
+        assert rig.feed(ioctl_req(100 + u, ATTACH)) == 1
+    assert rig.replies() == []
+    assert rig.feed(ioctl_req(5000, ATTACH)) == 1
+    assert rig.replies() == [(5000, -errno.EAGAIN)] and rig.x.refused == 1
+
+
+def test_destroying_the_default_client_answers_enodev(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    rig.feed(ioctl_req(30, ATTACH))
+    lib.hsm_x_set_default(rig.x, 0)
+    assert rig.replies() == [(30, -errno.ENODEV)]
+    assert rig.feed(ioctl_req(31, ATTACH)) == 0  # Python says ENODEV from now on
+
+
+def test_close_answers_enodev_and_stops_writing(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    rig.feed(ioctl_req(40, ATTACH))
+    lib.hsm_x_close(rig.x)
+    assert rig.replies() == [(40, -errno.ENODEV)]
+    assert rig.x.fd == -1 and rig.x.nfds == 0
+    assert rig.feed(ioctl_req(41, ATTACH)) == 0
+    assert rig.feed(ioctl_req(42, NOTIFY, notify_arg(0))) == 0
+
+
+def test_notify_completes_clears_the_bit_and_wakes_the_vcpu(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_bits(rig.x, 0b11, 0)
+    rig.set_u32(256 + _STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert rig.feed(ioctl_req(50, NOTIFY, notify_arg(1, vmid=77))) == 1  # vmid is not checked
+    assert rig.replies() == [(50, 0)]
+    assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_COMPLETE
+    assert lib.hsm_x_bits(rig.x, 0, 0) == 0b01
+    assert (rig.woken(0), rig.woken(1)) == (0, 1)
+    # completion polling: COMPLETE, no notification
+    rig.set_u32(_POLLING, 1)
+    assert rig.feed(ioctl_req(51, NOTIFY, notify_arg(0 | 0x10000))) == 1  # vcpu is a u16
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_COMPLETE and rig.woken(0) == 0
+    assert rig.replies() == [(51, 0)] and rig.x.notified == 2
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        ioctl_req(60, NOTIFY, notify_arg(0, reserved=1)),  # EINVAL, from Python
+        ioctl_req(60, NOTIFY, notify_arg(2)),  # vcpu >= vcpu_num: EINVAL, from Python
+        ioctl_req(60, NOTIFY, b""),  # CUSE's first call: Python asks for the argument
+        ioctl_req(60, NOTIFY, notify_arg(0), fh=FH + 1),  # another file
+        ioctl_req(60, ATTACH, flags=FUSE_IOCTL_COMPAT),  # ENOTTY, from Python
+        ioctl_req(60, abi.ACRN_IOCTL_CREATE_IOREQ_CLIENT),
+        _IN_HEADER.pack(40, FUSE_GETATTR, 60, 2, 0, 0, 0, 0, 0) + bytes(16),
+        b"\x00" * 8,  # shorter than a header
+    ],
+)
+def test_anything_else_goes_to_python_untouched(rig: Rig, req: bytes) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_bits(rig.x, 1, 0)
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert rig.feed(req) == 0
+    assert rig.replies() == []
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PROCESSING and lib.hsm_x_bits(rig.x, 0, 0) == 1
+
+
+def test_notify_on_an_unreachable_page_goes_to_python(rig: Rig) -> None:
+    x = ffi.new("struct hsm_xvm *")
+    lib.hsm_x_init(x, rig.fd, FH, os.getpid(), 0x1000, 1)  # page 0x1000: unmapped
+    assert lib.hsm_x_set_wake_fds(x, [os.dup(rig.wake[0])], 1) == 0
+    lib.hsm_x_set_default(x, 1)
+    lib.hsm_x_bits(x, 1, 0)
+    rig.table.vms[0] = x
+    assert rig.feed(ioctl_req(70, NOTIFY, notify_arg(0))) == 0  # Python meets the fault
+    assert lib.hsm_x_bits(x, 0, 0) == 1 and rig.replies() == []
+    lib.hsm_x_close(x)
+    rig.table.vms[0] = rig.x
+
+
+def _head(typ: int, addr: int, size: int, write: bool = False, value: int = 0) -> Any:
+    head = ffi.new("unsigned char[]", 128)
+    struct.pack_into("<I", ffi.buffer(head), 0, typ)
+    struct.pack_into("<IIQQQ", ffi.buffer(head), 64, int(write), 0, addr, size, value)
+    return head
+
+
+def test_post_dispatches_a_plain_request_and_answers_the_waiter(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_configure(rig.x, 1, ffi.NULL, 0)
+    rig.feed(ioctl_req(80, ATTACH))
+    rig.set_u32(256 + _KH, 1)
+    slot = rig.page + 256
+    assert lib.hsm_x_post(rig.x, os.getpid(), slot, _head(abi.ACRN_IOREQ_TYPE_MMIO, 0xC000_0000, 4)) == 1
+    assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_PROCESSING and rig.u32(256 + _KH) == 0
+    assert struct.unpack_from("<Q", ffi.buffer(rig.buf + (rig.page - rig.base) + 256 + 72, 8))[0] == 0xC000_0000
+    assert lib.hsm_x_bits(rig.x, 0, 0) == 0b10
+    assert rig.replies() == [(80, 0)]
+    assert (rig.x.mmio, rig.x.pio, rig.x.defaults) == (1, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("why", "head", "dispatch"),
+    [
+        ("CF8", _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0xCF8, 4, True), 1),
+        ("CFE", _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0xCFE, 2), 1),
+        ("a range client's port", _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x4010, 1), 1),
+        ("not a PIO/MMIO request", _head(abi.ACRN_IOREQ_TYPE_PCICFG, 0x10, 4), 1),
+        ("dispatch off (clearing, no page, ...)", _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x80, 1), 0),
+    ],
+)
+def test_post_leaves_the_rest_pending_for_the_upcall(rig: Rig, why: str, head: Any, dispatch: int) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    ranges = ffi.new("struct hsm_xrange[1]")
+    ranges[0].type = abi.ACRN_IOREQ_TYPE_PORTIO
+    ranges[0].start, ranges[0].end = 0x4000, 0x40FF
+    lib.hsm_x_configure(rig.x, dispatch, ranges, 1)
+    rig.feed(ioctl_req(90, ATTACH))
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_FREE)
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, head) == 0, why
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PENDING
+    assert lib.hsm_x_bits(rig.x, 0, 0) == 0 and rig.replies() == [] and rig.x.defaults == 0
+
+
+def test_post_of_a_request_straddling_a_range_goes_to_the_default_client(rig: Rig) -> None:
+    """in_range wants the whole access inside a range; a partial overlap is the default's."""
+    lib.hsm_x_set_default(rig.x, 1)
+    ranges = ffi.new("struct hsm_xrange[1]")
+    ranges[0].type = abi.ACRN_IOREQ_TYPE_PORTIO
+    ranges[0].start, ranges[0].end = 0x4000, 0x40FF
+    lib.hsm_x_configure(rig.x, 1, ranges, 1)
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x40FF, 2)) == 1
+    assert rig.x.pio == 1
+
+
+@pytest.mark.parametrize("dispatch", [1, 0])
+def test_post_to_an_unreachable_page_is_a_fault(rig: Rig, dispatch: int) -> None:
+    """Dispatched here or posted PENDING, a page that is gone is the vCPU's fault to report."""
+    x = ffi.new("struct hsm_xvm *")
+    lib.hsm_x_init(x, rig.fd, FH, os.getpid(), 0x1000, 1)  # page 0x1000: unmapped
+    lib.hsm_x_set_default(x, 1)
+    lib.hsm_x_configure(x, dispatch, ffi.NULL, 0)
+    assert x.dispatch == dispatch
+    assert lib.hsm_x_post(x, os.getpid(), 0x1000, _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x80, 1)) == -errno.EFAULT
+    assert lib.hsm_x_bits(x, 0, 0) == 0 and x.defaults == 0
+    lib.hsm_x_close(x)
