@@ -91,7 +91,10 @@ ffibuilder.cdef(
         uint64_t refused;
         ...;
     };
-    struct hsm_express { uint32_t n; struct hsm_xvm *vms[...]; };
+    struct hsm_express { uint32_t n; ...; };
+    void hsm_x_table_init(struct hsm_express *e);
+    int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x);
+    void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x);
     void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                     uint32_t vcpu_num);
     int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n);
@@ -293,9 +296,37 @@ ffibuilder.set_source(
         uint64_t notified, attaches, refused;  /* served here */
     };
 
-    /* The VMs the prefilter serves: kept by the trio thread only, as the prefilter
-       runs there. */
-    struct hsm_express { uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX]; };
+    /* The VMs the prefilter serves. Its lock is taken before a VM's. */
+    struct hsm_express { pthread_mutex_t lock; uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX]; };
+
+    static void hsm_x_table_init(struct hsm_express *e)
+    {
+        pthread_mutex_init(&e->lock, NULL);
+        e->n = 0;
+    }
+    static int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x)
+    {
+        int ret = -ENOSPC;
+        pthread_mutex_lock(&e->lock);
+        if (e->n < HSM_X_VMS_MAX) {
+            e->vms[e->n++] = x;
+            ret = 0;
+        }
+        pthread_mutex_unlock(&e->lock);
+        return ret;
+    }
+    static void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x)
+    {
+        pthread_mutex_lock(&e->lock);
+        for (uint32_t k = 0; k < e->n; k++) {
+            if (e->vms[k] == x) {
+                e->vms[k] = e->vms[--e->n];
+                e->vms[e->n] = NULL;
+                break;
+            }
+        }
+        pthread_mutex_unlock(&e->lock);
+    }
 
     static void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                            uint32_t vcpu_num)
@@ -551,14 +582,26 @@ ffibuilder.set_source(
         return found;
     }
 
-    /* cdev's prefilter (cdev_receive_batch): ctx is a struct hsm_express. */
+    static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t len);
+
+    /* cdev's prefilter (its receiver thread, or cdev_receive_batch in the trio
+       thread): ctx is a struct hsm_express. */
     static int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len)
     {
-        const struct hsm_express *e = ctx;
+        struct hsm_express *e = ctx;
+        int ret;
+        (void)fd;
+        pthread_mutex_lock(&e->lock);
+        ret = hsm_x_prefilter_locked(e, req, len);
+        pthread_mutex_unlock(&e->lock);
+        return ret;
+    }
+
+    static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t len)
+    {
         const struct fuse_in_header *h = req;
         const unsigned char *body = (const unsigned char *)req + sizeof *h;
         struct fuse_ioctl_in in;
-        (void)fd;
         if (len < sizeof *h)
             return 0;
         if (h->opcode == FUSE_INTERRUPT) {

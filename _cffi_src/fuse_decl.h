@@ -120,6 +120,13 @@ void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable);
 int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
                        void *prefilter, void *ctx);
 
+/* The native receiver thread (fuse_glue.c). */
+struct cdev_rx { int notify_fd; int ended; uint64_t taken; uint64_t forwarded; ...; };
+struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx);
+void cdev_rx_stop(struct cdev_rx *rx);
+int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch);
+void cdev_rx_free(struct cdev_rx *rx, int err);
+
 /* Callbacks, defined in Python (cdev/_callbacks.py). */
 extern "Python" {
     void cdev_ll_init(void *userdata, struct fuse_conn_info *conn);

@@ -1,10 +1,17 @@
 /* C side of cdev._fuse: fills the operation tables with the Python callbacks
  * and turns libfuse's printf-style log calls into one string each. */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <linux/fuse.h>
 #include <fuse_lowlevel.h>
 #include <cuse_lowlevel.h>
 
@@ -124,4 +131,173 @@ static int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int
         fuse_session_process_buf(se, buf);
     }
     return 1;
+}
+
+/* The native receiver: a thread that reads the session's requests and gives
+ * each to the prefilter first, so that what the prefilter answers never waits
+ * for the trio thread. What it leaves is queued for the trio thread (which
+ * processes it with libfuse, in order, from cdev_rx_process) and announced on
+ * notify_fd. While it runs, the trio thread waits on notify_fd instead of the
+ * session fd: every request then has one reader. */
+struct cdev_rx_item { struct cdev_rx_item *next; size_t size; char mem[]; };
+
+struct cdev_rx {
+    int notify_fd;              /* eventfd: something was queued (or the end) */
+    int ended;                  /* the session ended (unmount): no more requests */
+    uint64_t taken;             /* requests the prefilter answered */
+    uint64_t forwarded;         /* requests queued for the trio thread */
+    int stop_fd;                /* eventfd: cdev_rx_stop */
+    int fd;
+    struct fuse_session *se;
+    cdev_prefilter_fn pf;
+    void *ctx;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    struct cdev_rx_item *head, **tail;
+};
+
+static void cdev_rx_post(struct cdev_rx *rx, struct cdev_rx_item *item, int end)
+{
+    uint64_t one = 1;
+    pthread_mutex_lock(&rx->lock);
+    if (item) {
+        item->next = NULL;
+        *rx->tail = item;
+        rx->tail = &item->next;
+        rx->forwarded++;
+    }
+    if (end)
+        __atomic_store_n(&rx->ended, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&rx->lock);
+    if (write(rx->notify_fd, &one, sizeof one) < 0) { /* a full counter is still readable */ }
+}
+
+static void *cdev_rx_main(void *arg)
+{
+    struct cdev_rx *rx = arg;
+    struct fuse_buf buf = { 0 };
+    struct pollfd p[2] = { { rx->fd, POLLIN, 0 }, { rx->stop_fd, POLLIN, 0 } };
+    for (;;) {
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (p[1].revents)
+            break;
+        for (;;) {
+            int res = fuse_session_receive_buf(rx->se, &buf);
+            if (res == -EAGAIN || res == -EINTR)
+                break;
+            if (res == 0 && !fuse_session_exited(rx->se))
+                break;  /* an aborted request */
+            if (res <= 0) {
+                cdev_rx_post(rx, NULL, 1);  /* unmounted, or the fd failed */
+                goto out;
+            }
+            if (rx->pf && !(buf.flags & FUSE_BUF_IS_FD) && rx->pf(rx->ctx, rx->fd, buf.mem, (size_t)res)) {
+                rx->taken++;
+                continue;
+            }
+            {
+                struct cdev_rx_item *item = malloc(sizeof *item + (size_t)res);
+                if (!item)
+                    continue;  /* no memory: the caller waits until it gives up */
+                item->size = (size_t)res;
+                memcpy(item->mem, buf.mem, (size_t)res);
+                cdev_rx_post(rx, item, 0);
+            }
+        }
+    }
+out:
+    free(buf.mem);
+    return NULL;
+}
+
+static struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx)
+{
+    struct cdev_rx *rx = calloc(1, sizeof *rx);
+    if (!rx)
+        return NULL;
+    rx->se = se;
+    rx->fd = fuse_session_fd(se);
+    rx->pf = (cdev_prefilter_fn)prefilter;
+    rx->ctx = ctx;
+    rx->tail = &rx->head;
+    pthread_mutex_init(&rx->lock, NULL);
+    rx->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    rx->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (rx->notify_fd < 0 || rx->stop_fd < 0 || pthread_create(&rx->thread, NULL, cdev_rx_main, rx)) {
+        if (rx->notify_fd >= 0)
+            close(rx->notify_fd);
+        if (rx->stop_fd >= 0)
+            close(rx->stop_fd);
+        free(rx);
+        return NULL;
+    }
+    return rx;
+}
+
+/* Ends the thread (it finishes the request in hand, queueing it if it is not
+ * the prefilter's). The queue stays for cdev_rx_process. */
+static void cdev_rx_stop(struct cdev_rx *rx)
+{
+    uint64_t one = 1;
+    if (write(rx->stop_fd, &one, sizeof one) < 0) { /* cannot fail on a fresh eventfd */ }
+    pthread_join(rx->thread, NULL);
+}
+
+/* Processes up to `batch` queued requests with libfuse (in the caller's thread).
+ * Returns how many, or -1 once the queue is empty and the session has ended. */
+static int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch)
+{
+    uint64_t n;
+    int done = 0;
+    if (read(rx->notify_fd, &n, sizeof n) < 0) { /* EAGAIN: nothing new announced */ }
+    while (done < batch) {
+        struct cdev_rx_item *item;
+        pthread_mutex_lock(&rx->lock);
+        item = rx->head;
+        if (item) {
+            rx->head = item->next;
+            if (!rx->head)
+                rx->tail = &rx->head;
+        }
+        pthread_mutex_unlock(&rx->lock);
+        if (!item)
+            break;
+        {
+            struct fuse_buf buf = { .size = item->size, .flags = 0, .mem = item->mem, .fd = -1, .pos = 0 };
+            fuse_session_process_buf(se, &buf);
+        }
+        free(item);
+        done++;
+    }
+    if (done == batch) {  /* more may be queued: look again after the next checkpoint */
+        uint64_t one = 1;
+        if (write(rx->notify_fd, &one, sizeof one) < 0) { }
+        return done;
+    }
+    return __atomic_load_n(&rx->ended, __ATOMIC_ACQUIRE) ? -1 : done;
+}
+
+/* After cdev_rx_stop: answers what is still queued with -err (none if 0). */
+static void cdev_rx_free(struct cdev_rx *rx, int err)
+{
+    struct cdev_rx_item *item = rx->head;
+    while (item) {
+        struct cdev_rx_item *next = item->next;
+        const struct fuse_in_header *h = (const void *)item->mem;
+        if (err && item->size >= sizeof *h && h->opcode != FUSE_FORGET &&
+            h->opcode != FUSE_BATCH_FORGET && h->opcode != FUSE_INTERRUPT) {
+            struct fuse_out_header o = { sizeof o, -err, h->unique };
+            if (write(rx->fd, &o, sizeof o) < 0) { /* the caller is gone */ }
+        }
+        free(item);
+        item = next;
+    }
+    close(rx->notify_fd);
+    close(rx->stop_fd);
+    pthread_mutex_destroy(&rx->lock);
+    free(rx);
 }

@@ -198,11 +198,15 @@ class NativePrefilter(Protocol):
     returns nonzero for a request it answered (by writing the reply to ``fd``)
     or keeps to answer later, from any thread; cdev then forgets that request.
     ``close`` is called before the session's fd is closed: from then on the
-    device must not write to it.
+    device must not write to it. While ``threaded`` is true (cdev looks after
+    each wake-up), a native thread reads the session and calls ``fn`` itself,
+    queueing what it leaves for the trio thread: the prefilter's answers then
+    never wait for trio, at the price of one more thread hop for the rest.
     """
 
     fn: Any
     ctx: Any
+    threaded: bool
 
     def close(self) -> None: ...
 

@@ -125,6 +125,7 @@ class Session:
         self._resolve = TidResolver()
         self._self_handle = ffi.new_handle(self)
         self._closing = False
+        self._rx_failed = False  # the native reader could not start: do not retry
 
     # -- plumbing --------------------------------------------------------
 
@@ -166,26 +167,59 @@ class Session:
         # requests queue up. wait_readable is the checkpoint that lets the tasks
         # these requests started run. The batch itself is read in C, where the
         # device's prefilter (if it has one) takes the requests it answers natively.
+        #
+        # While the prefilter says it expects most of the traffic (``threaded``), a
+        # native thread reads the session instead (cdev_rx): what the prefilter
+        # answers then never waits for this thread, and the rest is queued for it,
+        # in order. Only one of the two reads at a time.
         se = self.se
-        receive = lib.cdev_receive_batch
-        wait_readable = trio.lowlevel.wait_readable
         batch = self.receive_batch
+        wait_readable = trio.lowlevel.wait_readable
         offer = getattr(self.device, "native_prefilter", None)
         prefilter = offer(fd) if offer is not None else None
         fn = prefilter.fn if prefilter is not None else _NULL
         ctx = prefilter.ctx if prefilter is not None else _NULL
+        rx: Any = _NULL
         try:
-            while not lib.fuse_session_exited(se):
-                await wait_readable(fd)
-                res = receive(se, buf, batch, fn, ctx)
-                if res == 0:  # unmounted (ENODEV) or an aborted request
+            while True:
+                if prefilter is not None and bool(prefilter.threaded) != (rx != _NULL):
+                    rx = self._switch_reader(rx, fn, ctx)
+                if rx == _NULL:
                     if lib.fuse_session_exited(se):
                         return
-                elif res < 0 and res not in (-errno.EAGAIN, -errno.EINTR):
-                    raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
+                    await wait_readable(fd)
+                    res = lib.cdev_receive_batch(se, buf, batch, fn, ctx)
+                    if res == 0:  # unmounted (ENODEV) or an aborted request
+                        if lib.fuse_session_exited(se):
+                            return
+                    elif res < 0 and res not in (-errno.EAGAIN, -errno.EINTR):
+                        raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
+                else:
+                    await wait_readable(rx.notify_fd)
+                    if lib.cdev_rx_process(se, rx, batch) < 0:
+                        return  # the session ended
         finally:
+            if rx != _NULL:
+                lib.cdev_rx_stop(rx)
+                lib.cdev_rx_free(rx, errno.ENODEV)  # what is still queued: the device is going
             if prefilter is not None:
                 prefilter.close()  # before the fd goes: nothing native writes to it after
+
+    def _switch_reader(self, rx: Any, fn: Any, ctx: Any) -> Any:
+        """Start the native reader, or stop it and process what it queued."""
+        if rx == _NULL:
+            if self._rx_failed:
+                return _NULL
+            rx = lib.cdev_rx_start(self.se, fn, ctx)
+            if rx == _NULL:
+                self._rx_failed = True
+                log.warning("native reader not started: requests stay on the trio thread")
+            return rx
+        lib.cdev_rx_stop(rx)
+        while lib.cdev_rx_process(self.se, rx, 1 << 20) > 0:
+            pass
+        lib.cdev_rx_free(rx, 0)  # empty by now
+        return _NULL
 
     def _fail_waiting(self) -> None:
         """Shutdown: every request still waiting gets ENODEV (the device is going)."""

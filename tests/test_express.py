@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from acrn_hsm_emu._native import ffi, lib
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu._native import ffi, lib
 
 FUSE_IOCTL = 39
 FUSE_INTERRUPT = 36
@@ -106,8 +106,8 @@ def rig() -> Iterator[Rig]:
     wake = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
     assert lib.hsm_x_set_wake_fds(x, [os.dup(w) for w in wake], 2) == 0
     table = ffi.new("struct hsm_express *")
-    table.vms[0] = x
-    table.n = 1
+    lib.hsm_x_table_init(table)
+    assert lib.hsm_x_register(table, x) == 0
     r = Rig(x, table, b, a.fileno(), page, buf, wake)
     yield r
     lib.hsm_x_close(x)
@@ -218,11 +218,13 @@ def test_notify_on_an_unreachable_page_goes_to_python(rig: Rig) -> None:
     assert lib.hsm_x_set_wake_fds(x, [os.dup(rig.wake[0])], 1) == 0
     lib.hsm_x_set_default(x, 1)
     lib.hsm_x_bits(x, 1, 0)
-    rig.table.vms[0] = x
+    lib.hsm_x_unregister(rig.table, rig.x)
+    lib.hsm_x_register(rig.table, x)
     assert rig.feed(ioctl_req(70, NOTIFY, notify_arg(0))) == 0  # Python meets the fault
     assert lib.hsm_x_bits(x, 0, 0) == 1 and rig.replies() == []
+    lib.hsm_x_unregister(rig.table, x)
     lib.hsm_x_close(x)
-    rig.table.vms[0] = rig.x
+    lib.hsm_x_register(rig.table, rig.x)
 
 
 def _head(typ: int, addr: int, size: int, write: bool = False, value: int = 0) -> Any:

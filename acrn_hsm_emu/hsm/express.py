@@ -27,7 +27,7 @@ dispatcher holds the VM's lock for a pass, so both sides see one state.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -51,18 +51,21 @@ class Express:
         self.fd = fd
         self.hv = hv
         self.table = ffi.new("struct hsm_express *")
+        lib.hsm_x_table_init(self.table)
         self.ctx = self.table
         self.fn = ffi.cast("void *", ffi.addressof(lib, "hsm_x_prefilter"))
         self._vms: list[Vm] = []
         self.closed = False
 
+    @property
+    def threaded(self) -> bool:
+        """Have cdev read the session in its native thread while some VM's default
+        client is served here: its ATTACH/NOTIFY then never wait for trio."""
+        return any(vm.default_client is not None for vm in self._vms)
+
     def add(self, vm: Vm) -> None:
         """Serve ``vm`` (its request page just set) on the express path, if room."""
         if self.closed or vm.page_base is None or vm.express is not None:
-            return
-        n = self.table.n
-        if n >= lib.HSM_X_VMS_MAX:
-            log.warning("hsm.express_full", vmid=vm.vmid, note="this VM takes the Python path")
             return
         x = ffi.new("struct hsm_xvm *")
         lib.hsm_x_init(x, self.fd, vm.fh, vm.owner_pid, vm.page_base, vm.nslots)
@@ -70,13 +73,16 @@ class Express:
         if fds and lib.hsm_x_set_wake_fds(x, fds, len(fds)) < 0:
             for fd in fds:
                 os.close(fd)
+        if lib.hsm_x_register(self.table, x) < 0:
+            log.warning("hsm.express_full", vmid=vm.vmid, note="this VM takes the Python path")
+            lib.hsm_x_close(x)
+            return
         if self.hv.set_native_upcall(vm.vmid, x) < 0:
+            lib.hsm_x_unregister(self.table, x)
             lib.hsm_x_close(x)
             return
         vm.express = x
         vm.counters.express = x
-        self.table.vms[n] = x
-        self.table.n = n + 1
         self._vms.append(vm)
         if vm.default_client is not None:
             vm.default_client.adopt_express(x)
@@ -88,22 +94,13 @@ class Express:
         if x is None:
             return
         self.hv.set_native_upcall(vm.vmid if vmid is None else vmid, None)
+        lib.hsm_x_unregister(self.table, x)  # the prefilter no longer finds it
         if vm.default_client is not None:
             vm.default_client.leave_express()
         lib.hsm_x_close(x)
         vm.express = None
         vm.express_ranges = None
         vm.counters.fold_express()
-        self._unlist(x, vm)
-
-    def _unlist(self, x: Any, vm: Vm) -> None:
-        t = self.table
-        for k in range(t.n):
-            if t.vms[k] == x:
-                t.n -= 1
-                t.vms[k] = t.vms[t.n]
-                t.vms[t.n] = ffi.NULL
-                break
         if vm in self._vms:
             self._vms.remove(vm)
 
