@@ -122,7 +122,8 @@ int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
 
 /* The native receiver thread (fuse_glue.c). */
 struct cdev_rx { int notify_fd; int ended; uint64_t taken; uint64_t forwarded; ...; };
-struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx);
+struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
+                              uint64_t poll_ns);
 void cdev_rx_stop(struct cdev_rx *rx);
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch);
 void cdev_rx_free(struct cdev_rx *rx, int err);

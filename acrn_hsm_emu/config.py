@@ -60,6 +60,7 @@ class Settings:
     log_level: str = "info"
     ioeventfd_mismatch: str = "drop"
     express: str = "on"
+    express_poll_us: int = 0
     config_file: str | None = None  # the file that was read, if any
 
     @property
@@ -133,6 +134,21 @@ def _mode(value: Any, _base: Path) -> int:
     return mode
 
 
+def _int_range(lo: int, hi: int) -> Callable[[Any, Path], int]:
+    def check(value: Any, _base: Path) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"must be a whole number from {lo} to {hi}, not {_describe(value)}")
+        try:
+            v = int(value)
+        except ValueError:
+            raise ValueError(f"must be a whole number from {lo} to {hi}, not {value!r}") from None
+        if not lo <= v <= hi:
+            raise ValueError(f"must be from {lo} to {hi}, not {v}")
+        return v
+
+    return check
+
+
 def _id(kind: str, lookup: Callable[[str], Any]) -> Callable[[Any, Path], int]:
     """A user or group: a name, or a number (TOML integer or digits)."""
 
@@ -197,6 +213,13 @@ KEYS: dict[str, Key] = {
             "on (default): the default client's request cycle runs in C where no other "
             "client is involved; off: every request takes the Python path (same answers)",
             "NAME",
+        ),
+        Key(
+            "express_poll_us",
+            _int_range(0, 1000),
+            "microseconds the express reader keeps polling after an answer before it "
+            "sleeps: 0 (default) never polls; more trades CPU time for faster round trips",
+            "N",
         ),
     )
 }
@@ -271,7 +294,7 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
     )
     for name in (
         "node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level",
-        "ioeventfd_mismatch", "express",
+        "ioeventfd_mismatch", "express", "express_poll_us",
     ):  # fmt: skip
         if name in values:
             setattr(settings, name, values[name])
@@ -313,5 +336,6 @@ def render(settings: Settings) -> str:
         f"log_level = {q(settings.log_level)}",
         f"ioeventfd_mismatch = {q(settings.ioeventfd_mismatch)}",
         f"express = {q(settings.express)}",
+        f"express_poll_us = {settings.express_poll_us}",
     ]
     return "\n".join(lines)

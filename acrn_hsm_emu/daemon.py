@@ -133,6 +133,7 @@ class Daemon:
             nursery=nursery,
             ioeventfd_mismatch="forward" if self.settings.ioeventfd_mismatch == "forward" else "drop",
             express=self.settings.express == "on",
+            express_poll_us=self.settings.express_poll_us,
         )
         try:
             self.server = Server(

@@ -202,6 +202,8 @@ class NativePrefilter(Protocol):
     each wake-up), a native thread reads the session and calls ``fn`` itself,
     queueing what it leaves for the trio thread: the prefilter's answers then
     never wait for trio, at the price of one more thread hop for the rest.
+    ``poll_ns`` (optional, default 0): after each request the prefilter
+    answered, that thread keeps reading for so long before it sleeps.
     """
 
     fn: Any

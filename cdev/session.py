@@ -126,6 +126,7 @@ class Session:
         self._self_handle = ffi.new_handle(self)
         self._closing = False
         self._rx_failed = False  # the native reader could not start: do not retry
+        self._prefilter: Any = None
 
     # -- plumbing --------------------------------------------------------
 
@@ -176,7 +177,7 @@ class Session:
         batch = self.receive_batch
         wait_readable = trio.lowlevel.wait_readable
         offer = getattr(self.device, "native_prefilter", None)
-        prefilter = offer(fd) if offer is not None else None
+        prefilter = self._prefilter = offer(fd) if offer is not None else None
         fn = prefilter.fn if prefilter is not None else _NULL
         ctx = prefilter.ctx if prefilter is not None else _NULL
         rx: Any = _NULL
@@ -210,7 +211,7 @@ class Session:
         if rx == _NULL:
             if self._rx_failed:
                 return _NULL
-            rx = lib.cdev_rx_start(self.se, fn, ctx)
+            rx = lib.cdev_rx_start(self.se, fn, ctx, int(getattr(self._prefilter, "poll_ns", 0)))
             if rx == _NULL:
                 self._rx_failed = True
                 log.warning("native reader not started: requests stay on the trio thread")

@@ -41,6 +41,10 @@ BAD = [
     ('node_group = "no-such-group-here"\n', "node_group", "no such group 'no-such-group-here'"),
     ('log_level = "loud"\n', "log_level", "must be one of debug, info, warning, error, critical, not 'loud'"),
     ("[log]\nformat = \"json\"\n", "log", "unknown key (known keys: " + ", ".join(KEYS) + ")"),
+    ('express = "yes"\n', "express", "must be one of on, off, not 'yes'"),
+    ("express_poll_us = 5000\n", "express_poll_us", "must be from 0 to 1000, not 5000"),
+    ('express_poll_us = "fast"\n', "express_poll_us", "must be a whole number from 0 to 1000, not 'fast'"),
+    ("express_poll_us = 2.5\n", "express_poll_us", "must be a whole number from 0 to 1000, not 2.5"),
 ]
 
 

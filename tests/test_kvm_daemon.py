@@ -384,15 +384,17 @@ def test_auto_picks_kvm_and_logs_it(daemon_factory) -> None:
 
 
 
-@pytest.mark.parametrize("express", ["on", "off"])
+@pytest.mark.parametrize("express", ["on", "off", "polling"])
 def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
     daemon_factory, guests, express
 ) -> None:
     """Two vCPUs loop on port writes. With the express path (the default) the
     vCPUs dispatch their requests in C and the prefilter answers ATTACH and
-    NOTIFY: status shows it did, and the VM's request counts are the same
-    figures either way (hsm/express.py). With ``--express off`` it is absent."""
-    d = daemon_factory("--backend", "kvm", "--express", express)
+    NOTIFY, also when its reader polls between requests: status shows it did,
+    and the VM's request counts are the same figures either way
+    (hsm/express.py). With ``--express off`` it is absent."""
+    flags = ["--express-poll-us", "50"] if express == "polling" else ["--express", express]
+    d = daemon_factory("--backend", "kvm", *flags)
     g = guests("smppio32", 0x1000)
     proc = subprocess.Popen(
         [str(build_c("vm_sample")), "-q", "-C", "0x3", "-r", "pm32", "-e", "0x1000",

@@ -132,7 +132,9 @@ class HsmDevice(BaseDevice):
     device model, as with KVM); docs/extension-abi.md.
     ``express``: when served by cdev, do the default client's request cycle
     in C where nothing else is involved (hsm/express.py); off, every request
-    takes the Python path (same answers, slower).
+    takes the Python path (same answers, slower). ``express_poll_us``: how
+    long cdev's reader keeps polling after an express answer before it sleeps
+    (0: never; polling trades CPU time for round trips, docs/performance.md).
     """
 
     arg_specs: dict[int, ArgSpec] = {
@@ -154,9 +156,11 @@ class HsmDevice(BaseDevice):
         ioeventfd_mismatch: Literal["drop", "forward"] = "drop",
         limits: Limits | None = None,
         express: bool = True,
+        express_poll_us: int = 0,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         self.express_enabled = express
+        self.express_poll_us = express_poll_us
         self.hv = hypervisor
         self.release_pauses = release_pauses
         self.bind_policy = bind_policy
@@ -223,7 +227,7 @@ class HsmDevice(BaseDevice):
             return None
         if self.dispatcher.express is not None:
             self.dispatcher.express.close()
-        self.dispatcher.express = Express(fd, self.hv)
+        self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
         return self.dispatcher.express
 
     def release(self, handle: object) -> None:
