@@ -135,10 +135,14 @@ def t_config(s: Scene) -> str:
         node_group = 4294967295
     """))
     cfg2 = d / "config2.toml"
-    cfg2.write_text('node = "relative"\nnode_mode = 660\nnode_owner = "no-such-user-here"\n')
+    cfg2.write_text('node = "relative"\nnode_mode = 660\nnode_owner = "no-such-user-here"\n'
+                    'express_poll_us = "soon"\n')
+    cfg3 = d / "config3.toml"
+    cfg3.write_text("express_poll_us = 5000\n")
     return "\n".join([
         cli("check-config", "--config", str(cfg)),
         cli("check-config", "--config", str(cfg2)),
+        cli("check-config", "--config", str(cfg3)),
         cli("check-config", "--config", str(d / "missing.toml")),
     ])
 
@@ -645,6 +649,8 @@ MESSAGES = {
     "<source>: <key>: must be an absolute path, not <value>": "config",
     "<source>: <key>: is <n> bytes long; a unix socket path has at most <max>": "config",
     '<source>: <key>: must be an octal mode like "0660", not <value>': "config",
+    "<source>: <key>: must be a whole number from <lo> to <hi>, not <value>": "config",
+    "<source>: <key>: must be from <lo> to <hi>, not <n>": "config",
     "<source>: <key>: <value> is not a permission mode within 0777<hint>": "config",
     "<source>: <key>: must be a <kind> name or number, not <value>": "config",
     "<source>: <key>: <kind> id <n> is out of range": "config",
