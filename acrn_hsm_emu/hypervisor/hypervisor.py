@@ -152,6 +152,13 @@ class Hypervisor:
             return ENOTTY
         return slot
 
+    def _vm(self, vmid: int) -> Vm | int:
+        """The target's VM, or what a hypercall answers without one (-ENOTTY, -1)."""
+        slot = self._target(vmid)
+        if isinstance(slot, int):
+            return slot
+        return _FAIL if slot.vm is None else slot.vm
+
     def _new_vm(self, abs_id: int, slot: _Slot, affinity: int) -> Vm:
         name = slot.name.decode(errors="replace")
         return Vm(
@@ -454,12 +461,9 @@ class Hypervisor:
         from each vCPU's next native cycle; the caller keeps the object alive.
         """
         with self._lock:
-            slot = self._target(vmid)
-            if isinstance(slot, int):
-                return slot
-            vm = slot.vm
-            if vm is None:
-                return _FAIL
+            vm = self._vm(vmid)
+            if isinstance(vm, int):
+                return vm
             vm.native_upcall = _ffi.NULL if handler is None else handler
             return 0
 
@@ -469,11 +473,8 @@ class Hypervisor:
         hypercall would do something else (no such VM, no request buffer, polling
         mode, not the Service VM's to serve)."""
         with self._lock:
-            slot = self._target(vmid)
-            if isinstance(slot, int):
-                return None
-            vm = slot.vm
-            if vm is None or not vm.severity_pass or vm.page is None or vm.polling:
+            vm = self._vm(vmid)
+            if isinstance(vm, int) or not vm.severity_pass or vm.page is None or vm.polling:
                 return None
             fds: list[int] = []
             try:
