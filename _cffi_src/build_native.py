@@ -464,7 +464,8 @@ ffibuilder.set_source(
     }
 
     /* The upcall for one request, in the vCPU's thread, under its VM's gate:
-       1 dispatched here, 0 posted PENDING (raise the upcall), < 0 a fault. */
+       1 dispatched here (PENDING, then PROCESSING, in one call), 0 not the express
+       path's (the caller posts it PENDING and raises the upcall), < 0 a fault. */
     static int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head)
     {
         static const uint32_t pending = HSM_STATE_PENDING;
@@ -475,10 +476,8 @@ ffibuilder.set_source(
         pthread_mutex_lock(&x->lock);
         if (!x->dispatch || pid != x->pid || slot < x->page || i >= x->vcpu_num ||
             !hsm_x_plain(x, head)) {
-            r = hsm_remote_write2(pid, slot, head, head_len, slot + HSM_SLOT_STATE,
-                                  &pending, sizeof pending);
             pthread_mutex_unlock(&x->lock);
-            return r == (ssize_t)(head_len + sizeof pending) ? 0 : (r < 0 && errno ? -errno : -EFAULT);
+            return 0;
         }
         {
             /* written in order: the head, PENDING, then kernel_handled and PROCESSING */
@@ -648,8 +647,9 @@ ffibuilder.set_source(
         struct pollfd p = { w->wake_fd, POLLIN, 0 };
         uint64_t n;
         uint32_t state;
-        ssize_t r;
+        ssize_t r = 0;
         unsigned gen;
+        int posted;
 
         /* A wake left over from before (a kick) is not drained here: the wait below
            re-reads the state word on every wake and only a COMPLETE ends it. */
@@ -659,22 +659,19 @@ ffibuilder.set_source(
             pthread_mutex_unlock(&g->lock);
             return HSM_SC_CLOSED;
         }
-        if (x) {
-            int posted = hsm_x_post(x, w->pid, w->slot, head);
-            pthread_mutex_unlock(&g->lock);
-            if (posted < 0) {
-                errno = -posted;
-                return hsm_sc_fault(w, HSM_SC_POST, -1);
-            }
-            if (posted)
-                upcall_fd = -1;  /* dispatched by the upcall already */
-        } else {
+        posted = x ? hsm_x_post(x, w->pid, w->slot, head) : 0;
+        if (posted == 0)
             r = hsm_remote_write2(w->pid, w->slot, head, head_len,
                                   w->slot + HSM_SLOT_STATE, &pending, sizeof pending);
-            pthread_mutex_unlock(&g->lock);
-            if (r != (ssize_t)(head_len + sizeof pending))
-                return hsm_sc_fault(w, HSM_SC_POST, r);
+        pthread_mutex_unlock(&g->lock);
+        if (posted < 0) {
+            errno = -posted;
+            return hsm_sc_fault(w, HSM_SC_POST, -1);
         }
+        if (posted)
+            upcall_fd = -1;  /* the upcall dispatched it already */
+        else if (r != (ssize_t)(head_len + sizeof pending))
+            return hsm_sc_fault(w, HSM_SC_POST, r);
         w->requests++;
         if (upcall_fd >= 0) {
             n = 1;

@@ -13,6 +13,8 @@ import errno
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -248,6 +250,63 @@ def test_post_dispatches_a_plain_request_and_answers_the_waiter(rig: Rig) -> Non
     assert (rig.x.mmio, rig.x.pio, rig.x.defaults) == (1, 0, 1)
 
 
+class Cycle:
+    """One vCPU's ``hsm_slot_cycle`` (the real post path: gate, express, upcall)
+    run in a thread; :meth:`abandon` ends its wait for a completion."""
+
+    def __init__(self, rig: Rig, x: Any, slot: int, head: Any) -> None:
+        self.gate = ffi.new("struct hsm_gate *")
+        lib.hsm_gate_init(self.gate)
+        lib.hsm_gate_set(self.gate, 1)
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
+        self.upcall = os.eventfd(0, os.EFD_NONBLOCK)
+        self.w = ffi.new("struct hsm_vcpu_wait *")
+        self.w.pid = os.getpid()
+        self.w.wake_fd = self.wake
+        self.w.slot = slot
+        self.w.probe_ms = 1000
+        self.w.head = head
+        self.value = ffi.new("uint64_t *")
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(x,))
+        self.thread.start()
+
+    def _run(self, x: Any) -> None:
+        self.rc = lib.hsm_slot_cycle(self.w, self.gate, self.upcall, x, 0, self.value)
+
+    def posted(self) -> bool:
+        """Returned, or waiting for the completion."""
+        return self.rc is not None or bool(self.w.waiting)
+
+    def abandon(self) -> int:
+        if self.rc is None:
+            lib.hsm_vcpu_abandon(self.w, 0)
+            os.eventfd_write(self.wake, 1)
+        self.thread.join(30)
+        assert self.rc is not None
+        return self.rc
+
+    def upcalls(self) -> int:
+        try:
+            return os.eventfd_read(self.upcall)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        os.close(self.wake)
+        os.close(self.upcall)
+
+
+def post(rig: Rig, x: Any, slot: int, head: Any) -> tuple[Cycle, int]:
+    """Post through hsm_slot_cycle; (the cycle, its result once abandoned)."""
+    c = Cycle(rig, x, slot, head)
+    deadline = time.monotonic() + 30  # a hang guard, not a timing check
+    while not c.posted():
+        assert time.monotonic() < deadline, "hsm_slot_cycle neither returned nor waited"
+        time.sleep(0.001)
+    return c, c.abandon()
+
+
 @pytest.mark.parametrize(
     ("why", "head", "dispatch"),
     [
@@ -267,8 +326,23 @@ def test_post_leaves_the_rest_pending_for_the_upcall(rig: Rig, why: str, head: A
     rig.feed(ioctl_req(90, ATTACH))
     rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_FREE)
     assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, head) == 0, why
-    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PENDING
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE  # not taken: nothing written yet
+    c, rc = post(rig, rig.x, rig.page, head)
+    assert rc == lib.HSM_SC_ABANDONED
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PENDING and c.upcalls() == 1
     assert lib.hsm_x_bits(rig.x, 0, 0) == 0 and rig.replies() == [] and rig.x.defaults == 0
+    c.close()
+
+
+def test_a_dispatched_post_raises_no_upcall(rig: Rig) -> None:
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_configure(rig.x, 1, ffi.NULL, 0)
+    rig.feed(ioctl_req(95, ATTACH))
+    c, rc = post(rig, rig.x, rig.page, _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x80, 1, True, 7))
+    assert rc == lib.HSM_SC_ABANDONED
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PROCESSING and c.upcalls() == 0
+    assert lib.hsm_x_bits(rig.x, 0, 0) == 1 and rig.replies() == [(95, 0)]
+    c.close()
 
 
 def test_post_of_a_request_straddling_a_range_goes_to_the_default_client(rig: Rig) -> None:
@@ -290,6 +364,8 @@ def test_post_to_an_unreachable_page_is_a_fault(rig: Rig, dispatch: int) -> None
     lib.hsm_x_set_default(x, 1)
     lib.hsm_x_configure(x, dispatch, ffi.NULL, 0)
     assert x.dispatch == dispatch
-    assert lib.hsm_x_post(x, os.getpid(), 0x1000, _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x80, 1)) == -errno.EFAULT
+    c, rc = post(rig, x, 0x1000, _head(abi.ACRN_IOREQ_TYPE_PORTIO, 0x80, 1))
+    assert rc == -errno.EFAULT and c.w.stage == lib.HSM_SC_POST
     assert lib.hsm_x_bits(x, 0, 0) == 0 and x.defaults == 0
+    c.close()
     lib.hsm_x_close(x)

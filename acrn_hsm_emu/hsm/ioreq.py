@@ -278,12 +278,11 @@ class IoreqClient:
 
     def wake(self) -> None:
         """Answer the blocked ATTACH calls if their condition now holds."""
-        x = self._x
-        if x is not None:
+        if self._x is not None:
             if self.destroying:
-                lib.hsm_x_set_default(x, 0)  # ENODEV to its waiters, no more dispatch
+                self.leave_express()  # C's waiters get ENODEV, its vCPUs stop dispatching
             else:
-                lib.hsm_x_wake(x)
+                lib.hsm_x_wake(self._x)
         if self._waiting and (self.bitmap or self.destroying):
             answer = -errno.ENODEV if self.destroying else 0
             waiting, self._waiting = self._waiting, []
@@ -313,19 +312,26 @@ class IoreqClient:
         if d in self._waiting:
             self._waiting.remove(d)
 
-    def range_add(self, type: int, start: int, end: int) -> int:
+    def range_add(self, type: int, start: int, end: int, *, newest_first: bool = True) -> int:
+        """Add an inclusive range (the driver's list_add puts it first; a remote
+        client's list keeps the order it was given in)."""
         if end < start:
             return -errno.EINVAL
-        self.ranges.insert(0, (type, start, end))  # list_add: newest first
+        if newest_first:
+            self.ranges.insert(0, (type, start, end))
+        else:
+            self.ranges.append((type, start, end))
         express.sync(self.vm)
         return 0
 
-    def range_del(self, type: int, start: int, end: int) -> None:
+    def range_del(self, type: int, start: int, end: int) -> bool:
+        """Remove the first identical range; False if there is none."""
         try:
-            self.ranges.remove((type, start, end))  # the first identical one
+            self.ranges.remove((type, start, end))
         except ValueError:
-            return
+            return False
         express.sync(self.vm)
+        return True
 
     def snapshot(self) -> dict[str, object]:
         snap: dict[str, object] = {
@@ -817,7 +823,6 @@ class Dispatcher:
         if client.is_default:
             if vm.default_client is client:
                 vm.default_client = None
-            client.leave_express()
         else:
             vm.range_clients = [c for c in vm.range_clients if c is not client]
         client.ranges.clear()

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import express
 from acrn_hsm_emu.hsm.ioreq import (
     CLIENT_NAME_MAX,
     MMIO,
@@ -176,15 +175,23 @@ def _describe(typ: int, start: int, end: int) -> str:
     return f"{RANGE_KINDS[typ]} {start:#x}-{end:#x}"
 
 
-def add_range(binding: Binding, args: bytes) -> int:
-    """ACRN_EMU_IOCTL_ADD_RANGE: no overlap with another client's range (EBUSY)."""
+def _client_range(binding: Binding, args: bytes) -> tuple[IoreqClient, tuple[int, int, int]] | int:
+    """The bound range client and the parsed range of an ADD/DEL_RANGE, or -errno."""
     client = binding.live_client
     if client is None:
         return -errno.ENODEV
     parsed = _parse_range(args)
     if isinstance(parsed, int):
         return parsed
-    typ, start, end = parsed
+    return client, parsed
+
+
+def add_range(binding: Binding, args: bytes) -> int:
+    """ACRN_EMU_IOCTL_ADD_RANGE: no overlap with another client's range (EBUSY)."""
+    got = _client_range(binding, args)
+    if isinstance(got, int):
+        return got
+    client, (typ, start, end) = got
     vm = binding.vm
     for other in vm.range_clients:
         if other is client or other.remote is None:
@@ -204,25 +211,19 @@ def add_range(binding: Binding, args: bytes) -> int:
                 return -errno.EBUSY
     if len(client.ranges) >= ext.ACRN_EMU_MAX_RANGES:
         return -errno.ENOSPC
-    client.ranges.append((typ, start, end))
-    express.sync(vm)
+    client.range_add(typ, start, end, newest_first=False)
     log.info("hsm.range_added", vmid=vm.vmid, client=client.name, range=_describe(typ, start, end))
     return 0
 
 
 def del_range(binding: Binding, args: bytes) -> int:
     """ACRN_EMU_IOCTL_DEL_RANGE: the first identical range; ENOENT if none."""
-    client = binding.live_client
-    if client is None:
-        return -errno.ENODEV
-    parsed = _parse_range(args)
-    if isinstance(parsed, int):
-        return parsed
-    try:
-        client.ranges.remove(parsed)
-    except ValueError:
+    got = _client_range(binding, args)
+    if isinstance(got, int):
+        return got
+    client, parsed = got
+    if not client.range_del(*parsed):
         return -errno.ENOENT
-    express.sync(binding.vm)
     log.info("hsm.range_deleted", vmid=binding.vm.vmid, client=client.name, range=_describe(*parsed))
     return 0
 
