@@ -11,7 +11,8 @@ import pytest
 
 from acrn_hsm_emu import abi
 from tests.support.answers import pci_answer, pio_answer
-from tests.support.ext import Control, Ctl, RangeProc, wait_until
+from tests.support.ext import Control, Ctl, RangeProc
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.needs_fuse
 

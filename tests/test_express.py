@@ -14,7 +14,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from acrn_hsm_emu._native import ffi, lib
 
 from acrn_hsm_emu import abi
+from tests.support.poll import wait_until
 
 FUSE_IOCTL = 39
 FUSE_INTERRUPT = 36
@@ -300,10 +300,7 @@ class Cycle:
 def post(rig: Rig, x: Any, slot: int, head: Any) -> tuple[Cycle, int]:
     """Post through hsm_slot_cycle; (the cycle, its result once abandoned)."""
     c = Cycle(rig, x, slot, head)
-    deadline = time.monotonic() + 30  # a hang guard, not a timing check
-    while not c.posted():
-        assert time.monotonic() < deadline, "hsm_slot_cycle neither returned nor waited"
-        time.sleep(0.001)
+    wait_until(c.posted, "hsm_slot_cycle to post and wait, or return")
     return c, c.abandon()
 
 

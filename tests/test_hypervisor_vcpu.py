@@ -30,6 +30,7 @@ from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted, Vcpu
 from acrn_hsm_emu.hypervisor.workload import Step, Workload, pci_address
 from acrn_hsm_emu.memory import LocalMemory, RemoteMemory, SharedPage
+from tests.support.poll import wait_until
 
 PENDING, COMPLETE, PROCESSING, FREE = 0, 1, 2, 3
 PIO, MMIO, PCICFG = 0, 1, 2
@@ -169,15 +170,6 @@ class RecordingMemory(LocalMemory):
     def store_u32(self, addr: int, value: int) -> None:
         self.writes.append((addr, struct.pack("<I", value)))
         super().store_u32(addr, value)
-
-
-def wait_for(pred: Callable[[], bool], what: str) -> None:
-    """Hang guard only: poll until ``pred`` holds."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class Rig:
@@ -371,7 +363,7 @@ def test_notify_arriving_before_the_wait_is_not_lost(rigs) -> None:
     # FakeHsm completes and notifies inside the upcall, i.e. before the vCPU waits.
     r = rigs(workload=Workload.build({0: [Step.pio(0x80, 1, write=True, value=1, repeat=500)]}))
     r.start()
-    wait_for(r.done, "workload")
+    wait_until(r.done, "workload")
     assert r.hsm.notifies == 500 and r.vcpu()["requests"] == 500
 
 
@@ -380,7 +372,7 @@ def test_polling_mode(rigs) -> None:
     r = rigs(workload=Workload.build({0: steps}), flags=abi.GUEST_FLAG_IO_COMPLETION_POLLING)
     assert r.vm()["polling"]
     r.start()
-    wait_for(r.done, "workload")
+    wait_until(r.done, "workload")
     assert r.hsm.notifies == 0
     assert all(q["polling"] == 1 for q in r.hsm.requests)
     assert r.vcpu()["mismatches"] == 0 and r.vcpu()["accesses"] == 50
@@ -416,7 +408,7 @@ def test_mismatch_is_counted_and_logged(rigs) -> None:
     r = rigs(workload=wl)
     with structlog.testing.capture_logs() as logs:
         r.start()
-        wait_for(r.done, "workload")
+        wait_until(r.done, "workload")
     v = r.vcpu()
     assert v["mismatches"] == 2 and v["cpuid"] == 2 and v["accesses"] == 2
     bad = [e for e in logs if e["event"] == "workload.mismatch"]
@@ -432,9 +424,9 @@ def test_pause_reset_restart(rigs) -> None:
     wl = Workload.build({0: [first, Step.pio(0x11, 1, write=True, value=2, repeat=1000)]}, repeat=0)
     r = rigs(workload=wl)
     r.start()
-    wait_for(lambda: r.vcpu()["accesses"] > 100, "progress")
+    wait_until(lambda: r.vcpu()["accesses"] > 100, "progress")
     assert r.hv.pause_vm(r.vmid) == 0
-    wait_for(lambda: r.vcpu()["state"] == "zombie", "the vCPU to stop")
+    wait_until(lambda: r.vcpu()["state"] == "zombie", "the vCPU to stop")
     stopped = r.vcpu()["accesses"]
     time.sleep(0.02)
     assert r.vcpu()["accesses"] == stopped  # nothing happens while paused
@@ -442,7 +434,7 @@ def test_pause_reset_restart(rigs) -> None:
     assert r.hv.reset_vm(r.vmid) == 0
     n = len(r.hsm.requests)
     assert r.hv.start_vm(r.vmid) == 0
-    wait_for(lambda: len(r.hsm.requests) > n, "restart")
+    wait_until(lambda: len(r.hsm.requests) > n, "restart")
     assert r.hsm.requests[n]["address"] == 0x10  # from the beginning
 
 
@@ -455,8 +447,8 @@ def test_pause_while_a_request_is_outstanding(rigs) -> None:
     assert r.vcpu()["state"] == "waiting"
     assert r.hv.pause_vm(r.vmid) == 0
     r.hsm.complete(0)  # the device model finishes after the pause
-    wait_for(lambda: r.slot_state() == FREE, "the zombie vCPU to free its slot")
-    wait_for(lambda: r.vcpu()["state"] == "zombie", "zombie")
+    wait_until(lambda: r.slot_state() == FREE, "the zombie vCPU to free its slot")
+    wait_until(lambda: r.vcpu()["state"] == "zombie", "zombie")
     assert r.vcpu()["accesses"] == 0  # the result was dropped, the step not done
     assert len(r.hsm.requests) == 1
     assert r.hv.reset_vm(r.vmid) == 0 and r.hv.start_vm(r.vmid) == 0
@@ -526,7 +518,7 @@ def test_ten_thousand_accesses_on_two_vcpus(rigs) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Vcpu, "_post_wait_native", counted)
         r.start()
-        wait_for(r.done, "10,000 accesses")
+        wait_until(r.done, "10,000 accesses")
     v0, v1 = r.vm()["vcpus"]
     assert (v0["accesses"], v1["accesses"]) == (5000, 5000)
     assert v0["mismatches"] == 0 and v1["mismatches"] == 0
@@ -545,19 +537,19 @@ def test_wrong_answers_are_caught(rigs) -> None:
     r = rigs(workload=Workload.build({0: steps}))
     r.hsm.answer = lambda req: answer(req) ^ (req["address"] == 0x5000)
     r.start()
-    wait_for(r.done, "workload")
+    wait_until(r.done, "workload")
     assert r.vcpu()["mismatches"] == 1
 
 
 def test_workload_per_vm_and_vcpus_without_program(rigs) -> None:
     r = rigs(workload=Workload.build({1: [Step.pio(0x90, 1, write=True, value=1)]}), affinity=0x3)
     r.start()
-    wait_for(lambda: r.vm()["vcpus"][1]["workload_done"], "vcpu 1")
+    wait_until(lambda: r.vm()["vcpus"][1]["workload_done"], "vcpu 1")
     assert r.vm()["vcpus"][0]["workload"] == "no workload"
-    wait_for(lambda: r.vm()["vcpus"][0]["state"] == "idle", "vcpu 0 idle")
+    wait_until(lambda: r.vm()["vcpus"][0]["state"] == "idle", "vcpu 0 idle")
     r.hv.set_workload(r.vmid, Workload.build({0: [Step.pio(0x91, 1, write=True, value=1)]}))
     assert r.hv.pause_vm(r.vmid) == 0 and r.hv.reset_vm(r.vmid) == 0 and r.hv.start_vm(r.vmid) == 0
-    wait_for(lambda: r.vm()["vcpus"][0]["workload_done"], "vcpu 0")
+    wait_until(lambda: r.vm()["vcpus"][0]["workload_done"], "vcpu 0")
     assert [q["address"] for q in r.hsm.requests] == [0x90, 0x91]
 
 
@@ -566,12 +558,12 @@ def test_sleep_is_interrupted_by_pause_and_inject(rigs) -> None:
         workload=Workload.build({0: [Step.sleep(600), Step.pio(0x99, 1, write=True, value=1)]})
     )
     r.start()
-    wait_for(lambda: r.vcpu()["state"] == "running", "the sleep")
+    wait_until(lambda: r.vcpu()["state"] == "running", "the sleep")
     assert inject(r, Access("pio", False, 0x42, 1)) == answer(
         {"type": PIO, "address": 0x42, "size": 1}
     )
     assert r.hv.pause_vm(r.vmid) == 0
-    wait_for(lambda: r.vcpu()["state"] == "zombie", "pause during a sleep")
+    wait_until(lambda: r.vcpu()["state"] == "zombie", "pause during a sleep")
     assert [q["address"] for q in r.hsm.requests] == [0x42]
 
 
@@ -618,15 +610,15 @@ def test_a_fault_on_the_page_stops_the_vm_only(rigs) -> None:
     other = rigs(workload=Workload.build({0: [Step.pio(0x80, 1, write=True, value=1, repeat=10)]}))
     with structlog.testing.capture_logs() as logs:
         r.start()
-        wait_for(lambda: r.vcpu(0)["accesses"] > 10, "progress")
+        wait_until(lambda: r.vcpu(0)["accesses"] > 10, "progress")
         r.unmap()  # the client died: its page is gone
-        wait_for(lambda: all(v["state"] == "faulted" for v in r.vm()["vcpus"]), "faulted")
+        wait_until(lambda: all(v["state"] == "faulted" for v in r.vm()["vcpus"]), "faulted")
     assert r.vm()["fault"]
     assert [e["event"] for e in logs].count("vm.request_page_fault") == 1
     with pytest.raises(AccessAborted):
         r.hv.inject(r.vmid, 0, Access("pio", False, 0x80, 1)).result(HANG_GUARD_S)
     other.start()
-    wait_for(other.done, "the other VM")
+    wait_until(other.done, "the other VM")
     # the faulted VM can still be torn down; the threads end
     assert r.hv.pause_vm(r.vmid) == 0 and r.hv.reset_vm(r.vmid) == 0  # reset logs the fault
     assert r.hv.destroy_vm(r.vmid) == -1 and r.hv.pause_vm(r.vmid) == 0

@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from tests.support.hsmctl import gone, inject_async, neighbour_works, start_client, wait_until
+from tests.support.hsmctl import gone, inject_async, neighbour_works, start_client
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.needs_fuse
 

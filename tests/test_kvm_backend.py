@@ -28,6 +28,7 @@ from acrn_hsm_emu.hypervisor.vm import VmState
 from acrn_hsm_emu.hypervisor.workload import Step, Workload
 from acrn_hsm_emu.memory import LocalMemory, SharedPage
 from tests.guests.build import Guest, assemble
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.needs_kvm
 
@@ -47,15 +48,6 @@ def guests(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Guest]:
         return made[(name, load)]
 
     return get
-
-
-def wait_for(pred: Callable[[], bool], what: str) -> None:
-    """Hang guard only."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.001)
 
 
 def regs(mode: str = "real", vcpu_id: int = 0, **fields: int) -> bytes:
@@ -127,7 +119,7 @@ class KvmRig:
         ]
 
     def wait_write(self, port: int, count: int = 1) -> None:
-        wait_for(lambda: len(self.writes(port)) >= count, f"{count} write(s) to port {port:#x}")
+        wait_until(lambda: len(self.writes(port)) >= count, f"{count} write(s) to port {port:#x}")
 
     def state(self) -> str:
         return self.hv.snapshot()["vms"][0]["state"]
@@ -229,7 +221,7 @@ def test_without_a_sipi_the_ap_never_runs(rigs, guests) -> None:
     r.wait_write(0x1F)
     assert {vcpu for vcpu, _, _ in r.writes()} == {0}
     ap = r.kvm_vm().vcpus[1]
-    wait_for(lambda: ap.in_guest, "the AP to block in KVM_RUN")  # parked in the kernel
+    wait_until(lambda: ap.in_guest, "the AP to block in KVM_RUN")  # parked in the kernel
     assert r.hv.pause_vm(r.vmid) == 0
     assert not ap.in_guest  # kicked out of KVM_RUN before PAUSE_VM returned
     vcpus = r.hv.snapshot()["vms"][0]["vcpus"]
@@ -243,7 +235,7 @@ def test_a_triple_fault_pauses_the_vm_with_one_log_line(rigs, guests) -> None:
     assert r.hv.set_vcpu_regs(r.vmid, triple) == 0
     with structlog.testing.capture_logs() as logs:
         assert r.hv.start_vm(r.vmid) == 0
-        wait_for(lambda: r.state() == "PAUSED", "the VM to pause")
+        wait_until(lambda: r.state() == "PAUSED", "the VM to pause")
     assert [v for _, _, v in r.writes(0x60)] == [0xC3]
     stops = [e for e in logs if e["event"] == "vm.guest_shutdown"]
     assert len(stops) == 1 and stops[0]["vmid"] == r.vmid and stops[0]["log_level"] == "warning"
@@ -251,7 +243,7 @@ def test_a_triple_fault_pauses_the_vm_with_one_log_line(rigs, guests) -> None:
     assert r.hv.reset_vm(r.vmid) == 0
     assert r.hv.set_vcpu_regs(r.vmid, triple) == 0
     assert r.hv.start_vm(r.vmid) == 0
-    wait_for(lambda: r.state() == "PAUSED", "the VM to pause again")
+    wait_until(lambda: r.state() == "PAUSED", "the VM to pause again")
     assert [v for _, _, v in r.writes(0x60)] == [0xC3, 0xC3]
 
 
@@ -309,7 +301,7 @@ def test_pause_kicks_a_spinning_vcpu_and_reset_restarts_it(rigs, guests) -> None
     assert r.hv.start_vm(r.vmid) == 0
     r.wait_write(0x60)
     first = r.u32(0x500)
-    wait_for(lambda: r.u32(0x500) != first, "the guest to count")
+    wait_until(lambda: r.u32(0x500) != first, "the guest to count")
     assert r.hv.pause_vm(r.vmid) == 0
     frozen = r.u32(0x500)
     assert not r.kvm_vm().vcpus[0].in_guest
@@ -320,7 +312,7 @@ def test_pause_kicks_a_spinning_vcpu_and_reset_restarts_it(rigs, guests) -> None
     assert r.hv.set_vcpu_regs(r.vmid, regs()) == 0
     assert r.hv.start_vm(r.vmid) == 0
     r.wait_write(0x60, 2)
-    wait_for(lambda: r.u32(0x500) != 0, "the guest to count again")
+    wait_until(lambda: r.u32(0x500) != 0, "the guest to count again")
 
 
 def test_reset_drops_an_abandoned_request_and_old_registers(rigs, guests) -> None:
@@ -331,7 +323,7 @@ def test_reset_drops_an_abandoned_request_and_old_registers(rigs, guests) -> Non
     r.hsm.defer = True  # leave requests PROCESSING
     assert r.hv.set_vcpu_regs(r.vmid, regs()) == 0
     assert r.hv.start_vm(r.vmid) == 0
-    wait_for(r.hsm.outstanding.is_set, "the IN from port 0x30")
+    wait_until(r.hsm.outstanding.is_set, "the IN from port 0x30")
     assert r.hv.pause_vm(r.vmid) == 0
     assert r.hv.set_vcpu_regs(r.vmid, regs(rip=0x3)) == 0  # set while PAUSED, then lost
     assert r.hv.reset_vm(r.vmid) == 0
@@ -358,7 +350,7 @@ def test_ram_added_while_running_is_used_before_the_guest_resumes(rigs, guests) 
     assert r.hv.start_vm(r.vmid) == 0
     mapped = False
     while True:
-        wait_for(r.hsm.outstanding.is_set, "a request")
+        wait_until(r.hsm.outstanding.is_set, "a request")
         with r.hsm.lock:
             req = r.hsm.requests[-1]
         if req["type"] == 1 and req["address"] == 0x20031:  # the last MMIO write
@@ -380,7 +372,7 @@ def test_a_vm_without_ram_replays_the_workload(rigs) -> None:
     r = rigs(ram_size=0, workload=wl)
     with structlog.testing.capture_logs() as logs:
         assert r.hv.start_vm(r.vmid) == 0
-        wait_for(lambda: r.writes(0x80) == [(0, 0x80, 7)], "the scripted write")
+        wait_until(lambda: r.writes(0x80) == [(0, 0x80, 7)], "the scripted write")
     assert any(e["event"] == "kvm.no_guest_ram" for e in logs)
     v = r.hv.snapshot()["vms"][0]["vcpus"][0]
     assert v["workload"].startswith("no guest RAM: ") and v["workload_done"]
@@ -461,5 +453,5 @@ def test_injected_accesses_interleave_with_a_running_guest(rigs, guests) -> None
     got = r.hv.inject(r.vmid, 0, Access("pio", False, 0x71, 1)).result(HANG_GUARD_S)
     assert got == 0x5A
     count = r.u32(0x500)
-    wait_for(lambda: r.u32(0x500) != count, "the guest to go on counting")
+    wait_until(lambda: r.u32(0x500) != count, "the guest to go on counting")
     assert r.hv.snapshot()["vms"][0]["vcpus"][0]["injected"] == 1

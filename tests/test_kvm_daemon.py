@@ -14,7 +14,6 @@ import pathlib
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 
 from tests.guests.build import Guest, assemble, page_tables_64
 from tests.support.cbuild import build_c
+from tests.support.poll import wait_until
 
 pytestmark = [pytest.mark.needs_kvm, pytest.mark.needs_fuse]
 
@@ -112,14 +112,6 @@ def kvm_fds(pid: int) -> list[str]:
         if target.startswith("anon_inode:kvm-"):
             out.append(target)
     return out
-
-
-def wait_for(pred: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ----- the acceptance checks ------------------------------------------------------------
@@ -312,7 +304,7 @@ def test_pause_stops_a_spinning_guest_and_reset_reruns_it(kvm_daemon, guests) ->
 def test_destroy_and_close_free_the_kvm_vm(kvm_daemon, guests) -> None:
     pid = kvm_daemon.proc.pid
     vm_sample(kvm_daemon, "-g", f"{guests('cpuid16').path}@0")
-    wait_for(lambda: kvm_fds(pid) == [], "DESTROY_VM to free the KVM VM")
+    wait_until(lambda: kvm_fds(pid) == [], "DESTROY_VM to free the KVM VM")
     # a client killed while its guest spins: release pauses and destroys the VM
     proc = subprocess.Popen(
         [str(build_c("vm_sample")), "-f", "-g", f"{guests('spin16').path}@0", str(kvm_daemon.node)],
@@ -330,8 +322,8 @@ def test_destroy_and_close_free_the_kvm_vm(kvm_daemon, guests) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=HANG_GUARD_S)
-    wait_for(lambda: kvm_fds(pid) == [], "the closed file to free the KVM VM")
-    wait_for(
+    wait_until(lambda: kvm_fds(pid) == [], "the closed file to free the KVM VM")
+    wait_until(
         lambda: "memfd:vm_sample_ram" not in pathlib.Path(f"/proc/{pid}/maps").read_text(),
         "the guest RAM mapping to go",
     )
@@ -383,7 +375,6 @@ def test_auto_picks_kvm_and_logs_it(daemon_factory) -> None:
     assert events(d, "kvm.backend_ready")
 
 
-
 @pytest.mark.parametrize("express", ["on", "off", "polling"])
 def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
     daemon_factory, guests, express
@@ -410,7 +401,7 @@ def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
             vm = vms[0] if vms else {}
             return bool(vm) and vm["counters"]["default"] >= 2000
 
-        wait_for(served, "2000 requests")
+        wait_until(served, "2000 requests")
     finally:
         proc.kill()
         proc.wait()
@@ -426,4 +417,4 @@ def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
         # counts are read a few microseconds apart while the vCPUs run on
         assert abs(c["default"] - x["dispatched"]) <= 16 and abs(c["notified"] - x["notified"]) <= 16
         assert x["attaches"] >= c["notified"] // 2
-    wait_for(lambda: not json.loads(d.cli("status", "--json").stdout)["hsm"]["vms"], "the VM to go")
+    wait_until(lambda: not json.loads(d.cli("status", "--json").stdout)["hsm"]["vms"], "the VM to go")

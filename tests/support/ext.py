@@ -14,7 +14,6 @@ import pathlib
 import select
 import signal
 import subprocess
-import time
 from typing import Any
 
 from acrn_hsm_emu.cli import control_call
@@ -153,17 +152,6 @@ def inject_async(daemon: Any, vmid: int, *access: str, vcpu: int = 0) -> subproc
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
-
-def wait_until(pred: Any, what: str, timeout: float = HANG_GUARD) -> Any:
-    """Poll ``pred`` until it returns something true (hang guard only)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 def daemon_log_events(daemon: Any) -> list[dict[str, Any]]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from typing import Any
 
 from tests.support.answers import pio_answer
@@ -32,13 +30,6 @@ def inject_async(daemon: Any, vmid: int, *access: str) -> subprocess.Popen[str]:
 def status(daemon: Any) -> dict[str, Any]:
     return json.loads(daemon.cli("status", "--json").stdout)
 
-
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout  # hang guard only
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def gone(daemon: Any, vmid: int) -> bool:
