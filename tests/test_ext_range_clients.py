@@ -28,8 +28,8 @@ from tests.support.ext import (
     inject_async,
     open_path_to,
     restore_modes,
-    wait_until,
 )
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.needs_fuse
 

@@ -22,8 +22,8 @@ from tests.support.hsmctl import (
     neighbour_works,
     start_client,
     status,
-    wait_until,
 )
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.needs_fuse
 
