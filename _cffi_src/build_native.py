@@ -66,8 +66,9 @@ ffibuilder.cdef(
     void hsm_gate_init(struct hsm_gate *g);
     void hsm_gate_set(struct hsm_gate *g, int open);
     void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
+    struct hsm_native_upcall { ...; };
     int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
-                       struct hsm_xvm *x, size_t value_len, uint64_t *value);
+                       struct hsm_native_upcall *up, size_t value_len, uint64_t *value);
 
     /* The HSM's express path (see hsm/express.py). */
     #define HSM_X_PARKED_MAX ...
@@ -126,7 +127,7 @@ ffibuilder.cdef(
         ...;
     };
     int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
-                     struct hsm_gate *g, int upcall_fd, struct hsm_xvm *x);
+                     struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up);
     """
 )
 
@@ -255,6 +256,15 @@ ffibuilder.set_source(
         return (n < 0 && errno) ? -errno : -EFAULT;  /* short transfer: unmapped part */
     }
 
+    /* The native upcall (hypervisor side of the seam): a VM's handler that
+       Hypercalls.set_native_upcall installs. post() gets a request whose head is
+       written nowhere yet, under the VM's gate: 1 it dispatched the request
+       itself, 0 it left it (post it PENDING and raise the upcall), < 0 -errno. */
+    struct hsm_native_upcall {
+        int (*post)(struct hsm_native_upcall *self, int pid, uint64_t slot,
+                    const unsigned char *head);
+    };
+
     /* ---- The HSM's express path (hsm/express.py) --------------------------
 
        What the driver does for the default client, done without Python where
@@ -277,6 +287,7 @@ ffibuilder.set_source(
     struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; };
 
     struct hsm_xvm {
+        struct hsm_native_upcall up;  /* first: the hypervisor sees only this */
         pthread_mutex_t lock;
         int fd;               /* the session's fd for replies; -1 once closed */
         uint64_t fh;          /* the VM's file, as the kernel names it */
@@ -328,6 +339,9 @@ ffibuilder.set_source(
         pthread_mutex_unlock(&e->lock);
     }
 
+    static int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
+                            const unsigned char *head);
+
     static void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                            uint32_t vcpu_num)
     {
@@ -336,6 +350,7 @@ ffibuilder.set_source(
         pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
         pthread_mutex_init(&x->lock, &a);
         pthread_mutexattr_destroy(&a);
+        x->up.post = hsm_x_upcall;
         x->fd = fd;
         x->fh = fh;
         x->pid = pid;
@@ -507,6 +522,12 @@ ffibuilder.set_source(
         return 1;
     }
 
+    static int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
+                            const unsigned char *head)
+    {
+        return hsm_x_post((struct hsm_xvm *)self, pid, slot, head);
+    }
+
     /* ATTACH_IOREQ_CLIENT: level-triggered; past HSM_X_PARKED_MAX waiters, EAGAIN
        (as cdev's bound on waiting requests answers). */
     static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
@@ -638,7 +659,7 @@ ffibuilder.set_source(
        a write, else the bytes of the read value (4 PIO, 8 MMIO), copied back into
        the head as ACRN copies the result into its request. */
     static int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
-                              struct hsm_xvm *x, size_t value_len, uint64_t *value)
+                              struct hsm_native_upcall *up, size_t value_len, uint64_t *value)
     {
         unsigned char *head = w->head;
         const size_t head_len = HSM_HEAD_LEN;
@@ -659,7 +680,7 @@ ffibuilder.set_source(
             pthread_mutex_unlock(&g->lock);
             return HSM_SC_CLOSED;
         }
-        posted = x ? hsm_x_post(x, w->pid, w->slot, head) : 0;
+        posted = up ? up->post(up, w->pid, w->slot, head) : 0;
         if (posted == 0)
             r = hsm_remote_write2(w->pid, w->slot, head, head_len,
                                   w->slot + HSM_SLOT_STATE, &pending, sizeof pending);
@@ -759,7 +780,7 @@ ffibuilder.set_source(
     }
 
     static int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
-                            struct hsm_gate *g, int upcall_fd, struct hsm_xvm *x)
+                            struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up)
     {
         struct kvm_run *run = f->run;
         unsigned char *head = w->head;
@@ -826,7 +847,7 @@ ffibuilder.set_source(
                 memcpy(head + HSM_SLOT_VALUE, &v, mmio ? 8 : 4);
             }
             t0 = hsm_now_ns();
-            rc = hsm_slot_cycle(w, g, upcall_fd, x, direction ? 0 : (mmio ? 8 : 4), &value);
+            rc = hsm_slot_cycle(w, g, upcall_fd, up, direction ? 0 : (mmio ? 8 : 4), &value);
             if (rc != HSM_SC_DONE || !__atomic_load_n(&g->open, __ATOMIC_ACQUIRE))
                 return HSM_KL_EXIT;  /* Python performs it again and meets the cause */
             {

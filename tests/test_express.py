@@ -272,7 +272,8 @@ class Cycle:
         self.thread.start()
 
     def _run(self, x: Any) -> None:
-        self.rc = lib.hsm_slot_cycle(self.w, self.gate, self.upcall, x, 0, self.value)
+        up = ffi.cast("struct hsm_native_upcall *", x)  # its first member (x stays the rig's)
+        self.rc = lib.hsm_slot_cycle(self.w, self.gate, self.upcall, up, 0, self.value)
 
     def posted(self) -> bool:
         """Returned, or waiting for the completion."""

@@ -27,7 +27,7 @@ dispatcher holds the VM's lock for a pass, so both sides see one state.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -41,6 +41,17 @@ if TYPE_CHECKING:
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
 _PLAIN_TYPES = (abi.ACRN_IOREQ_TYPE_PORTIO, abi.ACRN_IOREQ_TYPE_MMIO)
+
+
+class _Upcall:
+    """The VM's ``struct hsm_xvm`` as the hypervisor sees it (api.NativeUpcall):
+    its first member is the ``struct hsm_native_upcall``; this keeps it alive."""
+
+    __slots__ = ("x", "ptr")
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+        self.ptr = ffi.cast("struct hsm_native_upcall *", x)
 
 
 class Express:
@@ -78,7 +89,7 @@ class Express:
             log.warning("hsm.express_full", vmid=vm.vmid, note="this VM takes the Python path")
             lib.hsm_x_close(x)
             return
-        if self.hv.set_native_upcall(vm.vmid, x) < 0:
+        if self.hv.set_native_upcall(vm.vmid, _Upcall(x)) < 0:
             lib.hsm_x_unregister(self.table, x)
             lib.hsm_x_close(x)
             return

@@ -128,6 +128,16 @@ class FdUpcall(EventFd):
         self.set()
 
 
+class NativeUpcall(Protocol):
+    """A VM's upcall handler in C: ``ptr`` is a ``struct hsm_native_upcall *``
+    (``_cffi_src/build_native.py``), valid while this object lives. A vCPU's
+    native request cycle calls its ``post`` under the VM's gate with the request
+    it is about to post: the handler dispatches it itself, or leaves it to be
+    posted PENDING with the upcall raised, as without a handler."""
+
+    ptr: Any
+
+
 class Hypercalls(Protocol):
     """What the HSM may call. Every method is synchronous and thread-safe."""
 
@@ -153,8 +163,8 @@ class Hypercalls(Protocol):
 
     def notify_request_finish(self, vmid: int, vcpu: int) -> int: ...
 
-    def set_native_upcall(self, vmid: int, handler: Any) -> int:
-        """Install the HSM's native per-VM dispatcher (a cffi ``struct hsm_xvm *``), or None."""
+    def set_native_upcall(self, vmid: int, handler: NativeUpcall | None) -> int:
+        """Install a per-VM upcall handler that vCPUs call in C (or None: the upcall)."""
         ...
 
     def notify_fds(self, vmid: int) -> list[int] | None:

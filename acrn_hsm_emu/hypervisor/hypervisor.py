@@ -24,9 +24,8 @@ from typing import Any
 import structlog
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
-from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
+from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp, NativeUpcall
 from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, VcpuBackend, make_backend
 from acrn_hsm_emu.hypervisor.scenario import (
     MAX_VCPUS_PER_VM,
@@ -452,19 +451,15 @@ class Hypervisor:
             vm.vcpus[vcpu].notify()
         return 0
 
-    def set_native_upcall(self, vmid: int, handler: Any) -> int:
-        """The HSM's native dispatcher for VM ``vmid`` (a ``struct hsm_xvm *``), or None.
-
-        A vCPU's native request cycle then hands each request to it in C, in the
-        vCPU's thread, instead of raising the upcall: it dispatches what it can
-        and leaves the rest PENDING for the upcall (hsm/express.py). Takes effect
-        from each vCPU's next native cycle; the caller keeps the object alive.
-        """
+    def set_native_upcall(self, vmid: int, handler: NativeUpcall | None) -> int:
+        """A handler of VM ``vmid``'s requests that its vCPUs call in C, in their own
+        thread, instead of raising the upcall (api.NativeUpcall), or None. Takes
+        effect from each vCPU's next native cycle, which keeps the handler alive."""
         with self._lock:
             vm = self._vm(vmid)
             if isinstance(vm, int):
                 return vm
-            vm.native_upcall = _ffi.NULL if handler is None else handler
+            vm.native_upcall = handler
             return 0
 
     def notify_fds(self, vmid: int) -> list[int] | None:

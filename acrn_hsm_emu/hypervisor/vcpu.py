@@ -38,7 +38,7 @@ import structlog
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu._native import lib as _lib
-from acrn_hsm_emu.hypervisor.api import Access, EventFd, FdUpcall
+from acrn_hsm_emu.hypervisor.api import Access, EventFd, FdUpcall, NativeUpcall
 from acrn_hsm_emu.hypervisor.backends.base import Regs, VcpuBackend
 from acrn_hsm_emu.hypervisor.vm import (
     PCI_CONFIG_ADDR,
@@ -144,10 +144,15 @@ class NativeCycle:
     wait: Any
     gate: Any
     upcall: FdUpcall
-    express: Any  # the HSM's native dispatcher for the VM (struct hsm_xvm *) or NULL
+    native_upcall: NativeUpcall | None  # kept referenced while native code uses its ptr
     skip_ports: Any
     mmio_lo: int
     mmio_hi: int
+
+    @property
+    def upcall_ptr(self) -> Any:
+        """The native upcall handler for C (``struct hsm_native_upcall *``), or NULL."""
+        return _ffi.NULL if self.native_upcall is None else self.native_upcall.ptr
 
 
 class AccessAborted(Exception):
@@ -539,7 +544,7 @@ class Vcpu:
         vm = self.vm
         nat = native.wait
         self.state = "waiting"
-        rc = _lib.hsm_slot_cycle(nat, native.gate, native.upcall.fd, native.express,
+        rc = _lib.hsm_slot_cycle(nat, native.gate, native.upcall.fd, native.upcall_ptr,
                                  0 if write else 8 if mmio else 4, self._value)
         if rc != _lib.HSM_SC_DONE:
             self.state = "running"

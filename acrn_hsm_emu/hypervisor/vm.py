@@ -23,7 +23,7 @@ from acrn_hsm_emu.hypervisor.scenario import SEVERITY_SERVICE_VM, VmSlot, format
 from acrn_hsm_emu.memory import ClientMemory, SharedPage
 
 if TYPE_CHECKING:
-    from acrn_hsm_emu.hypervisor.api import MemoryRegionOp
+    from acrn_hsm_emu.hypervisor.api import MemoryRegionOp, NativeUpcall
     from acrn_hsm_emu.hypervisor.vcpu import Vcpu
 
 _log = structlog.get_logger(__name__)
@@ -237,9 +237,9 @@ class Vm:
         self.unreset: set[int] = set()  # vCPUs yet to apply a RESET_VM (see Vcpu._loop)
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
         self.get_upcall = upcall
-        # The HSM's native dispatcher for this VM (a ``struct hsm_xvm *``), which a
-        # vCPU's native request cycle calls instead of raising the upcall; NULL if none.
-        self.native_upcall: Any = _ffi.NULL
+        # api.NativeUpcall: what a vCPU's native request cycle calls instead of
+        # raising the upcall (set_native_upcall); None: the upcall.
+        self.native_upcall: NativeUpcall | None = None
         self.cpuid = cpuid
         # records
         self.memory = GuestMemoryMap()

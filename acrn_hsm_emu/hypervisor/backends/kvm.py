@@ -789,7 +789,7 @@ class KvmVcpu:
                     fast.skip_ports = native.skip_ports
                     fast.skip_mmio_lo, fast.skip_mmio_hi = native.mmio_lo, native.mmio_hi
                 rc = _lib.hsm_kvm_loop(
-                    fast, attention, native.wait, native.gate, native.upcall.fd, native.express
+                    fast, attention, native.wait, native.gate, native.upcall.fd, native.upcall_ptr
                 )
                 if rc == _lib.HSM_KL_ATTENTION:
                     continue
