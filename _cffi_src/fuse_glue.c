@@ -147,8 +147,11 @@ struct cdev_rx {
     int ended;                  /* the session ended (unmount): no more requests */
     uint64_t taken;             /* requests the prefilter answered */
     uint64_t forwarded;         /* requests queued for the trio thread */
+    uint64_t poll_window_ns;    /* now: after a prefilter answer, keep reading this long */
+    uint64_t poll_hits;         /* requests found by polling (no sleep, no wake-up) */
+    uint64_t poll_misses;       /* windows that ran out: the thread slept */
+    uint64_t poll_max_ns;       /* the bound of poll_window_ns; 0: never poll */
     int stop_fd;                /* eventfd: cdev_rx_stop */
-    uint64_t poll_ns;           /* after a prefilter answer, keep reading this long */
     int fd;
     struct fuse_session *se;
     cdev_prefilter_fn pf;
@@ -181,16 +184,42 @@ static uint64_t cdev_now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-/* The thread: wait for requests (or the stop), then read until EAGAIN. With
- * poll_ns, a read that says EAGAIN within poll_ns of the prefilter's last
- * answer is retried at once instead of sleeping (as KVM's halt polling does):
- * on a machine where waking an idle CPU costs tens of microseconds, the
- * client's next call (ATTACH after NOTIFY) then costs no wake-up here. */
+/* Adaptive polling, as KVM's halt polling adapts halt_poll_ns. After the
+ * prefilter answers a request, the thread keeps reading for poll_window_ns
+ * before it sleeps: on a machine where waking a thread on an idle CPU costs
+ * tens of microseconds (a VM guest: 40 us measured), the client's next call
+ * (the ATTACH after a NOTIFY) then finds this thread awake. The window follows
+ * the traffic: when the thread slept and the next request still came within
+ * poll_max_ns of the answer, polling would have caught it, so the window grows
+ * (from 10 us, doubling, up to poll_max_ns); when it came later, or the window
+ * ran out at its bound, the window halves (below 10 us it is 0). A device with
+ * sparse traffic so never polls, and steady traffic polls no longer than the
+ * gaps it has. */
+#define CDEV_POLL_GROW_START_NS 10000u
+
+static void cdev_rx_adapt(struct cdev_rx *rx, uint64_t gap_ns)
+{
+    uint64_t w = rx->poll_window_ns;
+    if (gap_ns <= rx->poll_max_ns && w < rx->poll_max_ns) {
+        w = w ? w * 2 : CDEV_POLL_GROW_START_NS;
+        if (w > rx->poll_max_ns)
+            w = rx->poll_max_ns;
+    } else if (gap_ns > rx->poll_max_ns) {
+        w /= 2;
+        if (w < CDEV_POLL_GROW_START_NS)
+            w = 0;
+    }
+    __atomic_store_n(&rx->poll_window_ns, w, __ATOMIC_RELAXED);
+}
+
+/* The thread: wait for requests (or the stop), then read until EAGAIN, polling
+ * after a prefilter answer as above. */
 static void *cdev_rx_main(void *arg)
 {
     struct cdev_rx *rx = arg;
     struct fuse_buf buf = { 0 };
     struct pollfd p[2] = { { rx->fd, POLLIN, 0 }, { rx->stop_fd, POLLIN, 0 } };
+    uint64_t answered_at = 0;   /* the prefilter's last answer before a sleep, 0: none */
     for (;;) {
         if (poll(p, 2, -1) < 0) {
             if (errno == EINTR)
@@ -199,12 +228,21 @@ static void *cdev_rx_main(void *arg)
         }
         if (p[1].revents)
             break;
+        if (answered_at && rx->poll_max_ns) {
+            cdev_rx_adapt(rx, cdev_now_ns() - answered_at);
+            answered_at = 0;
+        }
         uint64_t poll_until = 0;
+        int polled = 0;
         for (;;) {
             int res = fuse_session_receive_buf(rx->se, &buf);
-            if (res == -EAGAIN && poll_until && cdev_now_ns() < poll_until) {
-                __builtin_ia32_pause();  /* polling: the next request is likely near */
-                continue;
+            if (res == -EAGAIN && poll_until) {
+                if (cdev_now_ns() < poll_until) {
+                    polled = 1;
+                    __builtin_ia32_pause();  /* polling: the next request is likely near */
+                    continue;
+                }
+                __atomic_add_fetch(&rx->poll_misses, 1, __ATOMIC_RELAXED);
             }
             if (res == -EAGAIN || res == -EINTR)
                 break;
@@ -214,12 +252,19 @@ static void *cdev_rx_main(void *arg)
                 cdev_rx_post(rx, NULL, 1);  /* unmounted, or the fd failed */
                 goto out;
             }
+            if (polled) {
+                __atomic_add_fetch(&rx->poll_hits, 1, __ATOMIC_RELAXED);
+                polled = 0;
+            }
             if (rx->pf && !(buf.flags & FUSE_BUF_IS_FD) && rx->pf(rx->ctx, rx->fd, buf.mem, (size_t)res)) {
+                uint64_t window = __atomic_load_n(&rx->poll_window_ns, __ATOMIC_RELAXED);
                 rx->taken++;
-                if (rx->poll_ns)
-                    poll_until = cdev_now_ns() + rx->poll_ns;
+                answered_at = cdev_now_ns();
+                poll_until = window ? answered_at + window : 0;
                 continue;
             }
+            answered_at = 0;  /* the next request is not a reply to our answer */
+            poll_until = 0;
             {
                 struct cdev_rx_item *item = malloc(sizeof *item + (size_t)res);
                 if (!item)
@@ -229,6 +274,11 @@ static void *cdev_rx_main(void *arg)
                 cdev_rx_post(rx, item, 0);
             }
         }
+        if (answered_at && poll_until && rx->poll_window_ns >= rx->poll_max_ns) {
+            /* it ran out at its bound: the gap is longer than poll_max_ns */
+            cdev_rx_adapt(rx, UINT64_MAX);
+            answered_at = 0;
+        }
     }
 out:
     free(buf.mem);
@@ -236,7 +286,7 @@ out:
 }
 
 static struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
-                                     uint64_t poll_ns)
+                                     uint64_t poll_max_ns)
 {
     struct cdev_rx *rx = calloc(1, sizeof *rx);
     if (!rx)
@@ -245,7 +295,7 @@ static struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, v
     rx->fd = fuse_session_fd(se);
     rx->pf = (cdev_prefilter_fn)prefilter;
     rx->ctx = ctx;
-    rx->poll_ns = poll_ns;
+    rx->poll_max_ns = poll_max_ns;
     rx->tail = &rx->head;
     pthread_mutex_init(&rx->lock, NULL);
     rx->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

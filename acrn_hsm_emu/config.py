@@ -60,7 +60,7 @@ class Settings:
     log_level: str = "info"
     ioeventfd_mismatch: str = "drop"
     express: str = "on"
-    express_poll_us: int = 0
+    express_poll_us: int = 200
     config_file: str | None = None  # the file that was read, if any
 
     @property
@@ -217,8 +217,8 @@ KEYS: dict[str, Key] = {
         Key(
             "express_poll_us",
             _int_range(0, 1000),
-            "microseconds the express reader keeps polling after an answer before it "
-            "sleeps: 0 (default) never polls; more trades CPU time for faster round trips",
+            "the most microseconds the express reader polls after an answer before it "
+            "sleeps (adaptive, as KVM's halt polling): 0 never polls; default 200",
             "N",
         ),
     )

@@ -357,6 +357,7 @@ class Daemon:
             "pid": os.getpid(),
             "node": self.settings.node,
             "transport": self.server.transport if self.server else None,
+            "reader": self.server.session.reader_snapshot() if self.server else {"native": False},
             "backend": self.settings.backend,
             "hsm": self.device.snapshot(hv),
             "hypervisor": hv,

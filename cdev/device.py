@@ -202,8 +202,11 @@ class NativePrefilter(Protocol):
     each wake-up), a native thread reads the session and calls ``fn`` itself,
     queueing what it leaves for the trio thread: the prefilter's answers then
     never wait for trio, at the price of one more thread hop for the rest.
-    ``poll_ns`` (optional, default 0): after each request the prefilter
-    answered, that thread keeps reading for so long before it sleeps.
+    ``poll_max_ns`` (optional, default 0: never): the bound of that thread's
+    adaptive polling. After a request the prefilter answered, the thread keeps
+    reading for a window before it sleeps; the window grows while the next
+    request comes within ``poll_max_ns`` of the answer and shrinks when it does
+    not, as KVM's halt polling does (``Session.reader_snapshot`` shows it).
     """
 
     fn: Any

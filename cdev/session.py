@@ -127,6 +127,7 @@ class Session:
         self._closing = False
         self._rx_failed = False  # the native reader could not start: do not retry
         self._prefilter: Any = None
+        self._rx: Any = _NULL  # the native reader while it runs (cdev_rx)
 
     # -- plumbing --------------------------------------------------------
 
@@ -184,7 +185,7 @@ class Session:
         try:
             while True:
                 if prefilter is not None and bool(prefilter.threaded) != (rx != _NULL):
-                    rx = self._switch_reader(rx, fn, ctx)
+                    rx = self._rx = self._switch_reader(rx, fn, ctx)
                 if rx == _NULL:
                     if lib.fuse_session_exited(se):
                         return
@@ -200,6 +201,7 @@ class Session:
                     if lib.cdev_rx_process(se, rx, batch) < 0:
                         return  # the session ended
         finally:
+            self._rx = _NULL
             if rx != _NULL:
                 lib.cdev_rx_stop(rx)
                 lib.cdev_rx_free(rx, errno.ENODEV)  # what is still queued: the device is going
@@ -211,7 +213,7 @@ class Session:
         if rx == _NULL:
             if self._rx_failed:
                 return _NULL
-            rx = lib.cdev_rx_start(self.se, fn, ctx, int(getattr(self._prefilter, "poll_ns", 0)))
+            rx = lib.cdev_rx_start(self.se, fn, ctx, int(getattr(self._prefilter, "poll_max_ns", 0)))
             if rx == _NULL:
                 self._rx_failed = True
                 log.warning("native reader not started: requests stay on the trio thread")
@@ -221,6 +223,21 @@ class Session:
             pass
         lib.cdev_rx_free(rx, 0)  # empty by now
         return _NULL
+
+    def reader_snapshot(self) -> dict[str, Any]:
+        """Who reads the node now, and the native reader's counters while it does."""
+        rx = self._rx
+        if rx == _NULL:
+            return {"native": False}
+        return {
+            "native": True,
+            "answered": int(rx.taken),  # by the prefilter, in that thread
+            "queued": int(rx.forwarded),  # for the trio thread
+            "poll_max_us": int(rx.poll_max_ns) // 1000,
+            "poll_window_us": int(rx.poll_window_ns) // 1000,
+            "poll_hits": int(rx.poll_hits),
+            "poll_misses": int(rx.poll_misses),
+        }
 
     def _fail_waiting(self) -> None:
         """Shutdown: every request still waiting gets ENODEV (the device is going)."""

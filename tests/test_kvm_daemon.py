@@ -375,16 +375,18 @@ def test_auto_picks_kvm_and_logs_it(daemon_factory) -> None:
     assert events(d, "kvm.backend_ready")
 
 
-@pytest.mark.parametrize("express", ["on", "off", "polling"])
+@pytest.mark.parametrize("express", ["on", "off", "no-polling"])
 def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
     daemon_factory, guests, express
 ) -> None:
     """Two vCPUs loop on port writes. With the express path (the default) the
     vCPUs dispatch their requests in C and the prefilter answers ATTACH and
-    NOTIFY, also when its reader polls between requests: status shows it did,
-    and the VM's request counts are the same figures either way
-    (hsm/express.py). With ``--express off`` it is absent."""
-    flags = ["--express-poll-us", "50"] if express == "polling" else ["--express", express]
+    NOTIFY, in a native reader that polls between requests (adaptive, at most
+    200 us by default) or, with ``--express-poll-us 0``, never: status shows it
+    did, and the VM's request counts are the same figures either way
+    (hsm/express.py). With ``--express off`` it is absent and the trio thread
+    reads the node."""
+    flags = ["--express-poll-us", "0"] if express == "no-polling" else ["--express", express]
     d = daemon_factory("--backend", "kvm", *flags)
     g = guests("smppio32", 0x1000)
     proc = subprocess.Popen(
@@ -394,10 +396,12 @@ def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
     )  # fmt: skip
     try:
         vm: dict[str, Any] = {}
+        reader: dict[str, Any] = {}
 
         def served() -> bool:
-            nonlocal vm
-            vms = json.loads(d.cli("status", "--json").stdout)["hsm"]["vms"]
+            nonlocal vm, reader
+            st = json.loads(d.cli("status", "--json").stdout)
+            vms, reader = st["hsm"]["vms"], st["reader"]
             vm = vms[0] if vms else {}
             return bool(vm) and vm["counters"]["default"] >= 2000
 
@@ -411,7 +415,13 @@ def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
     x = vm["express"]
     if express == "off":
         assert x is None
+        assert reader == {"native": False}
     else:
+        assert reader["native"] and reader["answered"] >= c["notified"]
+        if express == "on":  # back-to-back requests: the window opened and caught some
+            assert reader["poll_max_us"] == 200 and reader["poll_hits"] > 0
+        else:
+            assert reader["poll_max_us"] == reader["poll_window_us"] == reader["poll_hits"] == 0
         assert x["dispatch"] == 1 and x["attach_refused"] == 0
         # everything went the express way (the two loops make nothing else); the
         # counts are read a few microseconds apart while the vCPUs run on

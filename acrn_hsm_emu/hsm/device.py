@@ -156,7 +156,7 @@ class HsmDevice(BaseDevice):
         ioeventfd_mismatch: Literal["drop", "forward"] = "drop",
         limits: Limits | None = None,
         express: bool = True,
-        express_poll_us: int = 0,
+        express_poll_us: int = 200,
     ) -> None:
         self.limits = limits if limits is not None else Limits()
         self.express_enabled = express

@@ -58,9 +58,9 @@ class Express:
     """One session's express path: the registry the prefilter searches (cdev's
     :class:`~cdev.device.NativePrefilter`), and the VMs in it."""
 
-    def __init__(self, fd: int, hv: Hypercalls, poll_us: int = 0) -> None:
+    def __init__(self, fd: int, hv: Hypercalls, poll_us: int = 200) -> None:
         self.fd = fd
-        self.poll_ns = poll_us * 1000  # cdev's reader polls this long after an answer
+        self.poll_max_ns = poll_us * 1000  # the bound of cdev's reader's adaptive polling
         self.hv = hv
         self.table = ffi.new("struct hsm_express *")
         lib.hsm_x_table_init(self.table)
