@@ -73,10 +73,16 @@ def ns_line(out: str) -> dict[str, float]:
     return {k: float(v) / 1000.0 for k, v in (kv.split("=") for kv in line.split()[1:])}
 
 
+def pinned(cpus: str | None) -> list[str]:
+    """The argv prefix that runs a program (all its threads) on ``cpus``, or none."""
+    return ["taskset", "-c", cpus] if cpus is not None else []
+
+
 @contextmanager
-def c_null_server(tmp: pathlib.Path) -> Iterator[pathlib.Path]:
+def c_null_server(tmp: pathlib.Path, cpus: str | None = None) -> Iterator[pathlib.Path]:
     mnt = pathlib.Path(tempfile.mkdtemp(prefix="cnull-", dir=tmp))
-    proc = subprocess.Popen([str(bench_c("null_server", *fuse_flags())), str(mnt)], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([*pinned(cpus), str(bench_c("null_server", *fuse_flags())), str(mnt)],
+                            stdout=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"READY":
         raise RuntimeError("the C null server did not start")
@@ -89,8 +95,9 @@ def c_null_server(tmp: pathlib.Path) -> Iterator[pathlib.Path]:
 
 
 @contextmanager
-def daemon(tmp: pathlib.Path, *extra: str) -> Iterator[dict[str, Any]]:
-    """``acrn-hsm-emu serve`` on a private node; ready when it says READY=1."""
+def daemon(tmp: pathlib.Path, *extra: str, cpus: str | None = None) -> Iterator[dict[str, Any]]:
+    """``acrn-hsm-emu serve`` on a private node (on ``cpus``, if given); ready
+    when it says READY=1."""
     d = pathlib.Path(tempfile.mkdtemp(dir=tmp))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(d / "notify"))
@@ -98,7 +105,7 @@ def daemon(tmp: pathlib.Path, *extra: str) -> Iterator[dict[str, Any]]:
     log = open(d / "daemon.log", "wb")
     proc = subprocess.Popen(
         [
-            str(VENV_BIN / "acrn-hsm-emu"), "serve", "--node", str(d / "acrn_hsm"),
+            *pinned(cpus), str(VENV_BIN / "acrn-hsm-emu"), "serve", "--node", str(d / "acrn_hsm"),
             "--run-dir", str(d / "run"), "--log-format", "json", "--log-level", "warning", *extra,
         ],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(d / "notify")},
@@ -120,9 +127,9 @@ def daemon(tmp: pathlib.Path, *extra: str) -> Iterator[dict[str, Any]]:
         log.close()
 
 
-def ioctl_loop(node: pathlib.Path, n: int, cmd: int = GATE_IOCTL) -> dict[str, float]:
+def ioctl_loop(node: pathlib.Path, n: int, cmd: int = GATE_IOCTL, cpus: str | None = None) -> dict[str, float]:
     out = subprocess.run(
-        [str(bench_c("ioctl_loop")), str(node), str(n), hex(cmd), "0"],
+        [*pinned(cpus), str(bench_c("ioctl_loop")), str(node), str(n), hex(cmd), "0"],
         capture_output=True, text=True, check=True,
     ).stdout
     return ns_line(out)
@@ -170,6 +177,14 @@ def floors(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with c_null_server(tmp) as node:
         out["c_libfuse_null_ioctl_us"] = summarize([ioctl_loop(node, args.calls) for _ in range(args.rounds)])
+    # The same round trip with server and client on one CPU, and on two: what a
+    # cross-CPU wake-up costs here (docs/performance.md, "Placement").
+    if len(os.sched_getaffinity(0)) >= 2:
+        c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+        for name, srv, cli in (("same_cpu", c0, c0), ("cross_cpu", c0, c1)):
+            with c_null_server(tmp, str(srv)) as node:
+                out[f"c_libfuse_null_ioctl_{name}_us"] = summarize(
+                    [ioctl_loop(node, args.calls // 4, cpus=str(cli)) for _ in range(args.rounds)])
     pvw = bench_c("pvw_loop")
     out["process_vm_writev_256B_us"] = summarize(
         [ns_line(subprocess.run([str(pvw), str(args.calls)], capture_output=True, text=True, check=True).stdout)
@@ -211,13 +226,15 @@ def write_workload(path: pathlib.Path, kind: str, vcpus: int) -> None:
 
 
 def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]], seconds: float,
-               ) -> dict[str, float]:
-    """Clients serve the daemon's VMs for ``seconds``: throughput, cycle times, daemon CPU."""
-    with daemon(tmp, *serve_args) as d:
+               cpus: str | None = None) -> dict[str, float]:
+    """Clients serve the daemon's VMs for ``seconds``: throughput, cycle times,
+    daemon CPU. ``cpus``: the daemon and the clients run on these CPUs only."""
+    with daemon(tmp, *serve_args, cpus=cpus) as d:
         procs = []
         try:
             for argv in clients:
-                p = subprocess.Popen([argv[0], str(d["node"]), *argv[1:]], stdout=subprocess.PIPE, text=True)
+                p = subprocess.Popen([*pinned(cpus), argv[0], str(d["node"]), *argv[1:]],
+                                     stdout=subprocess.PIPE, text=True)
                 assert p.stdout is not None
                 p.stdout.readline()  # vmid=.. vcpu_num=..: the VM runs
                 procs.append(p)
@@ -342,23 +359,36 @@ def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Throughput with 2 vCPUs over 1 (one VM, PIO), both backends: 1 and 2 vCPUs
-    alternate round by round, the ratio is the median of the rounds' ratios."""
+    alternate round by round, the ratio is the median of the rounds' ratios.
+
+    Then the same with KVM in three placements, side by side: as the scheduler
+    places the threads (``free``), the daemon and the device model on one CPU
+    (``one_cpu``), and with the express reader's polling off (``no_polling``):
+    how much of the figure is the cost of waking threads on other CPUs.
+    """
     out: dict[str, Any] = {}
-    kinds: list[tuple[str, Callable[[pathlib.Path, str, int], Setup]]] = [("scripted", scripted_setup)]
+    kinds: list[tuple[str, Callable[[pathlib.Path, str, int], Setup], list[str], str | None]] = [
+        ("scripted", scripted_setup, [], None)]
     if kvm_usable():
-        kinds.append(("kvm", kvm_setup))
-    for name, setup in kinds:
+        kinds.append(("kvm", kvm_setup, [], None))
+        kinds.append(("kvm_no_polling", kvm_setup, ["--express-poll-us", "0"], None))
+        kinds.append(("kvm_one_cpu", kvm_setup, [], str(min(os.sched_getaffinity(0)))))
+    for name, setup, extra, cpus in kinds:
         ratios_: list[float] = []
+        per_s: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.rounds):
             rows = []
             for vcpus in (1, 2):
                 serve, client = setup(tmp, "pio", vcpus)
-                rows.append(run_cycles(tmp, serve, [client], args.seconds))
+                rows.append(run_cycles(tmp, serve + extra, [client], args.seconds, cpus=cpus))
+                if "requests_per_s" in rows[-1]:
+                    per_s[vcpus].append(rows[-1]["requests_per_s"])
             one, two = rows
             if "requests_per_s" in one and "requests_per_s" in two:
                 ratios_.append(two["requests_per_s"] / one["requests_per_s"])
         if ratios_:
-            out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_)}
+            out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_),
+                         "per_s_1vcpu": statistics.median(per_s[1]), "per_s_2vcpu": statistics.median(per_s[2])}
             print(f"  {name} 1 -> 2 vCPUs: {fmt(out[name])}", flush=True)
     return out
 
@@ -551,6 +581,9 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
                      label=f"kvm {kind}, guest to guest (client-timed)")
     if kvm and rt:
         ax1.axhline(kvm + 2 * rt, linestyle=":", color="black", label="floor: KVM exit + 2 x C round trip")
+    same = fl.get("c_libfuse_null_ioctl_same_cpu_us", {}).get("p50")
+    if kvm and same:
+        ax1.axhline(kvm + 2 * same, linestyle=":", color="green", label="same, server and client on one CPU")
     ax1.set(xlabel="vCPUs per VM", ylabel="request cycle p50 (us)", title="Cycle time",
             xscale="log", yscale="log")
     ax2.set(xlabel="vCPUs per VM", ylabel="requests / s (all VMs)", title="Throughput", xscale="log")
