@@ -158,6 +158,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat); idle and
+    iowait are not busy, steal is (the host took the CPU from this guest)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is in user)
+    return total - fields[3] - fields[4], total
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -240,7 +249,9 @@ def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]
                 procs.append(p)
             time.sleep(0.5)  # warm-up
             before, cpu0, t0 = vcpus_of(d["control"]), cpu_seconds(d["pid"]), time.monotonic()
+            host0 = host_cpu_ticks()
             time.sleep(seconds)
+            host1 = host_cpu_ticks()
             after, cpu1, t1 = vcpus_of(d["control"]), cpu_seconds(d["pid"]), time.monotonic()
         finally:
             for p in procs:
@@ -258,6 +269,8 @@ def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]
         "cycle_p50_us": statistics.median(c["p50_us"] for c in cyc),
         "cycle_p99_us": max(c["p99_us"] for c in cyc),
         "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(reqs, 1),
+        # how many of the host's CPUs were busy (anything: daemon, clients, others)
+        "host_cpus_busy": (os.cpu_count() or 1) * (host1[0] - host0[0]) / max(host1[1] - host0[1], 1),
     }
 
 
@@ -376,6 +389,7 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     for name, setup, extra, cpus in kinds:
         ratios_: list[float] = []
         per_s: dict[int, list[float]] = {1: [], 2: []}
+        busy: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.rounds):
             rows = []
             for vcpus in (1, 2):
@@ -383,12 +397,14 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(run_cycles(tmp, serve + extra, [client], args.seconds, cpus=cpus))
                 if "requests_per_s" in rows[-1]:
                     per_s[vcpus].append(rows[-1]["requests_per_s"])
+                    busy[vcpus].append(rows[-1]["host_cpus_busy"])
             one, two = rows
             if "requests_per_s" in one and "requests_per_s" in two:
                 ratios_.append(two["requests_per_s"] / one["requests_per_s"])
         if ratios_:
             out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_),
-                         "per_s_1vcpu": statistics.median(per_s[1]), "per_s_2vcpu": statistics.median(per_s[2])}
+                         "per_s_1vcpu": statistics.median(per_s[1]), "per_s_2vcpu": statistics.median(per_s[2]),
+                         "cpus_busy_1vcpu": statistics.median(busy[1]), "cpus_busy_2vcpu": statistics.median(busy[2])}
             print(f"  {name} 1 -> 2 vCPUs: {fmt(out[name])}", flush=True)
     return out
 
