@@ -98,3 +98,27 @@ def test_inject_through_a_served_vm(hsm_daemon):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "pio=1" in out and "pci=1" in out and "mmio=1" in out
+
+
+def test_the_readers_polling_window_stays_shut_for_sparse_requests(hsm_daemon):
+    """Requests seconds apart (one `inject` each) never open the express
+    reader's polling window beyond its first step: after every sleep the gap
+    since its last answer decides, a long one halves the window (to 0 below
+    10 us) and only the device model's quick ATTACH after a NOTIFY doubles it
+    again. A fixed window would read 200 here (cdev_rx_adapt in fuse_glue.c)."""
+    dm = build_c("dm_loop")
+    proc = subprocess.Popen([str(dm), str(hsm_daemon.node), "0x1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        vmid = int(proc.stdout.readline().split()[0].split("=")[1])
+        for _ in range(5):
+            out = hsm_daemon.cli("inject", "--vm", str(vmid), "pio-read", "0x3f8", "1").stdout
+            assert out.strip() == f"{pio_answer(0x3F8, 1):#x}"
+        reader = json.loads(hsm_daemon.cli("status", "--json").stdout)["reader"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert reader["native"] and reader["answered"] >= 10  # 5 x (NOTIFY + ATTACH)
+    assert reader["poll_max_us"] == 200
+    assert reader["poll_window_us"] <= 10 and reader["poll_hits"] == 0

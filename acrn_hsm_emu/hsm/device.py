@@ -132,9 +132,10 @@ class HsmDevice(BaseDevice):
     device model, as with KVM); docs/extension-abi.md.
     ``express``: when served by cdev, do the default client's request cycle
     in C where nothing else is involved (hsm/express.py); off, every request
-    takes the Python path (same answers, slower). ``express_poll_us``: how
-    long cdev's reader keeps polling after an express answer before it sleeps
-    (0: never; polling trades CPU time for round trips, docs/performance.md).
+    takes the Python path (same answers, slower). ``express_poll_us``: the
+    bound of cdev's reader's adaptive polling after an express answer (0:
+    never; the window grows while requests come back to back and shrinks when
+    they do not, docs/performance.md).
     """
 
     arg_specs: dict[int, ArgSpec] = {
