@@ -90,6 +90,7 @@ ffibuilder.cdef(
         uint64_t notified;
         uint64_t attaches;
         uint64_t refused;
+        int alert_fd;
         ...;
     };
     struct hsm_express { uint32_t n; ...; };
@@ -305,6 +306,7 @@ ffibuilder.set_source(
         uint64_t parked[HSM_X_PARKED_MAX];
         uint64_t pio, mmio, defaults;   /* dispatched here */
         uint64_t notified, attaches, refused;  /* served here */
+        int alert_fd;         /* eventfd written on a refusal (Python logs it), or -1 */
     };
 
     /* The VMs the prefilter serves. Its lock is taken before a VM's. */
@@ -357,6 +359,7 @@ ffibuilder.set_source(
         x->page = page;
         x->vcpu_num = vcpu_num > 16 ? 16 : vcpu_num;
         x->nfds = 0;
+        x->alert_fd = -1;
     }
     static void hsm_x_lock(struct hsm_xvm *x) { pthread_mutex_lock(&x->lock); }
     static void hsm_x_unlock(struct hsm_xvm *x) { pthread_mutex_unlock(&x->lock); }
@@ -451,6 +454,7 @@ ffibuilder.set_source(
         for (int i = 0; i < x->nfds; i++)
             close(x->wake_fds[i]);
         x->nfds = 0;
+        x->alert_fd = -1;  /* the session's (Express.alert_fd): not closed here */
         pthread_mutex_unlock(&x->lock);
     }
 
@@ -541,8 +545,12 @@ ffibuilder.set_source(
         if (x->bitmap) {
             hsm_x_reply(x, unique, 0);
         } else if (x->nparked >= HSM_X_PARKED_MAX) {
+            uint64_t one = 1;
             x->refused++;
             hsm_x_reply(x, unique, -EAGAIN);
+            if (x->alert_fd >= 0 && write(x->alert_fd, &one, sizeof one) < 0) {
+                /* a full counter is still readable: the log comes anyway */
+            }
         } else {
             x->parked[x->nparked++] = unique;
         }

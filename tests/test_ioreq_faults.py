@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
 
+from tests.support.ext import daemon_log_events
 from tests.support.hsmctl import gone, inject_async, neighbour_works, start_client
 from tests.support.poll import wait_until
 
@@ -39,3 +41,34 @@ def test_owner_gone_mid_request_frees_the_vm_and_spares_others(hsm_daemon, how):
                 p.send_signal(signal.SIGTERM if p is good else signal.SIGKILL)
                 p.communicate(timeout=30)
     assert good.returncode == 0
+
+
+def test_too_many_callers_blocked_in_attach_are_refused_and_logged(hsm_daemon):
+    """The express path parks at most 256 ATTACH_IOREQ_CLIENT callers per VM
+    (the driver parks any number: a bound so that one client cannot hold the
+    daemon's memory); the next ones fail with EAGAIN, which the daemon logs
+    once per burst with the count, as the Python path logs its own refusals.
+    The parked callers stay parked, and the daemon serves other VMs."""
+    good, good_vmid = start_client("dm_loop", hsm_daemon.node, "0x1")
+    flood, flood_vmid = start_client("hsm_hold", hsm_daemon.node, "flood", "260")
+    try:
+        assert flood.stdout is not None
+        assert flood.stdout.readline().strip() == "refused=4 other_errors=0"
+
+        def logged() -> list[dict]:
+            return [e for e in daemon_log_events(hsm_daemon)
+                    if e.get("event") == "hsm.attach_refused" and e.get("vmid") == flood_vmid]
+
+        wait_until(lambda: sum(e["refused"] for e in logged()) == 4, "the refusals to be logged")
+        assert all(e["limit"] == 256 and e["level"] == "warning" for e in logged())
+        st = json.loads(hsm_daemon.cli("status", "--json").stdout)
+        vm = next(v for v in st["hsm"]["vms"] if v["vmid"] == flood_vmid)
+        assert vm["express"]["waiting"] == 256 and vm["express"]["attach_refused"] == 4
+        neighbour_works(hsm_daemon, good_vmid)
+    finally:
+        for p in (flood, good):
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL if p is flood else signal.SIGTERM)
+                p.communicate(timeout=30)
+    # The killed client's VM goes with its parked callers.
+    wait_until(lambda: gone(hsm_daemon, flood_vmid), "the flooding VM is still listed")

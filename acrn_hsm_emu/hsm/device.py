@@ -228,8 +228,9 @@ class HsmDevice(BaseDevice):
             return None
         if self.dispatcher.express is not None:
             self.dispatcher.express.close()
-        self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
-        return self.dispatcher.express
+        express = self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
+        self._spawn(express.watch_refusals)
+        return express
 
     def release(self, handle: object) -> None:
         assert isinstance(handle, HsmFile)

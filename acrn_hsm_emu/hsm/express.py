@@ -30,6 +30,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import structlog
+import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
@@ -68,6 +69,11 @@ class Express:
         self.fn = ffi.cast("void *", ffi.addressof(lib, "hsm_x_prefilter"))
         self._vms: list[Vm] = []
         self.closed = False
+        # C writes this when it refuses an ATTACH (too many parked): the
+        # refusal is logged from the trio thread (watch_refusals), as the
+        # Python path logs its own.
+        self.alert_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._refused_logged: dict[int, int] = {}  # vmid -> refusals logged
 
     @property
     def threaded(self) -> bool:
@@ -81,6 +87,7 @@ class Express:
             return
         x = ffi.new("struct hsm_xvm *")
         lib.hsm_x_init(x, self.fd, vm.fh, vm.owner_pid, vm.page_base, vm.nslots)
+        x.alert_fd = self.alert_fd
         fds = self.hv.notify_fds(vm.vmid) or []
         if fds and lib.hsm_x_set_wake_fds(x, fds, len(fds)) < 0:
             for fd in fds:
@@ -110,6 +117,8 @@ class Express:
         if vm.default_client is not None:
             vm.default_client.leave_express()
         lib.hsm_x_close(x)
+        self._log_refusals(vm)  # any the watcher has not seen yet
+        self._refused_logged.pop(vm.vmid, None)
         vm.express = None
         vm.express_ranges = None
         vm.counters.fold_express()
@@ -118,9 +127,47 @@ class Express:
 
     def close(self) -> None:
         """The session ends: nothing is written to its fd after this returns."""
+        if self.closed:
+            return
         self.closed = True
         for vm in list(self._vms):
             self.remove(vm)
+        try:
+            trio.lowlevel.notify_closing(self.alert_fd)  # the watcher ends
+        except RuntimeError:
+            pass  # not in a trio run: nobody waits on it
+        os.close(self.alert_fd)
+
+    async def watch_refusals(self) -> None:
+        """Log, from the trio thread, the ATTACH calls C refused with EAGAIN
+        (more than HSM_X_PARKED_MAX callers blocked in one VM's ATTACH)."""
+        while not self.closed:
+            try:
+                await trio.lowlevel.wait_readable(self.alert_fd)
+            except trio.ClosedResourceError:
+                return
+            try:
+                os.eventfd_read(self.alert_fd)
+            except BlockingIOError:
+                continue
+            for vm in list(self._vms):
+                self._log_refusals(vm)
+
+    def _log_refusals(self, vm: Vm) -> None:
+        x = vm.express
+        if x is None:
+            return
+        total, seen = int(x.refused), self._refused_logged.get(vm.vmid, 0)
+        if total > seen:
+            self._refused_logged[vm.vmid] = total
+            log.warning(
+                "hsm.attach_refused",
+                vmid=vm.vmid,
+                refused=total - seen,
+                total=total,
+                limit=lib.HSM_X_PARKED_MAX,
+                note="ATTACH_IOREQ_CLIENT failed with EAGAIN: that many callers were blocked in it",
+            )
 
 
 def sync(vm: Vm) -> None:

@@ -2,10 +2,15 @@
  *   hsm_hold NODE close   CREATE_VM .. ATTACH; on the first request: close the fd
  *                         without answering, print "closed", then sleep
  *   hsm_hold NODE hang    same, but keep the fd and never answer (for SIGKILL)
+ *   hsm_hold NODE flood N N threads block in ATTACH at once; prints
+ *                         "refused=K" once K of them have failed with EAGAIN
+ *                         and K + 256 = N (the driver parks any number; the
+ *                         emulator at most 256 per VM), then sleeps
  * Prints "vmid=N vcpu_num=N" after CREATE_VM and "holding vcpu=N" once it
  * has a request in hand. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,9 +20,42 @@
 
 static struct acrn_io_request_buffer page __attribute__((aligned(4096)));
 
+static int hsm_fd;
+static int refused, other_errors;
+
+static void *attach_once(void *arg)
+{
+    (void)arg;
+    if (ioctl(hsm_fd, ACRN_IOCTL_ATTACH_IOREQ_CLIENT, 0) < 0)
+        __atomic_add_fetch(errno == EAGAIN ? &refused : &other_errors, 1, __ATOMIC_RELAXED);
+    return NULL;
+}
+
+/* N callers in ATTACH at once; report the refusals once the rest are parked. */
+static int flood(int n)
+{
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    for (int i = 0; i < n; i++) {
+        pthread_t t;
+        if (pthread_create(&t, &a, attach_once, NULL)) {
+            perror("pthread_create");
+            return 1;
+        }
+    }
+    while (__atomic_load_n(&refused, __ATOMIC_RELAXED) + 256 < n &&
+           __atomic_load_n(&other_errors, __ATOMIC_RELAXED) == 0)
+        usleep(1000);
+    printf("refused=%d other_errors=%d\n", refused, other_errors);
+    fflush(stdout);
+    for (;;)
+        pause();
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 3)
+    if (argc != 3 && argc != 4)
         return 2;
     int fd = open(argv[1], O_RDWR | O_CLOEXEC);
     if (fd < 0) {
@@ -35,6 +73,10 @@ int main(int argc, char **argv)
     }
     printf("vmid=%u vcpu_num=%u\n", vm.vmid, vm.vcpu_num);
     fflush(stdout);
+    if (!strcmp(argv[2], "flood")) {
+        hsm_fd = fd;
+        return flood(argc > 3 ? atoi(argv[3]) : 260);
+    }
     for (;;) {
         if (ioctl(fd, ACRN_IOCTL_ATTACH_IOREQ_CLIENT, 0) < 0) {
             perror("attach");
