@@ -73,7 +73,11 @@ ffibuilder.cdef(
     /* The HSM's express path (see hsm/express.py). */
     #define HSM_X_PARKED_MAX ...
     #define HSM_X_VMS_MAX ...
-    struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; };
+    struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler; };
+    #define HSM_XRANGE_OTHER ...
+    #define HSM_XRANGE_IOEVENTFD ...
+    struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
+                            int wildcard; int fd; };
     struct hsm_xvm {
         int fd;
         uint64_t fh;
@@ -90,9 +94,11 @@ ffibuilder.cdef(
         uint64_t notified;
         uint64_t attaches;
         uint64_t refused;
+        uint64_t in_kernel;
         int alert_fd;
         ...;
     };
+    void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n);
     struct hsm_express { uint32_t n; ...; };
     void hsm_x_table_init(struct hsm_express *e);
     int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x);
@@ -285,7 +291,18 @@ ffibuilder.set_source(
     #define HSM_SLOT_POLLING 4
     #define HSM_SLOT_KH 132
 
-    struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; };
+    /* A range client's PIO/MMIO range, in the order the dispatcher searches
+       them (the first client with a range containing the access gets it).
+       handler: HSM_XRANGE_OTHER, a client the request goes to Python for;
+       HSM_XRANGE_IOEVENTFD, the VM's ioeventfd client with the driver's
+       handler (hsm/ioeventfd.py: handler), which the vCPU runs here. */
+    #define HSM_XRANGE_OTHER 0
+    #define HSM_XRANGE_IOEVENTFD 1
+    struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler; };
+
+    /* struct hsm_ioeventfd, as hsm/ioeventfd.py keeps it (fd: the daemon's duplicate). */
+    struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
+                            int wildcard; int fd; };
 
     struct hsm_xvm {
         struct hsm_native_upcall up;  /* first: the hypervisor sees only this */
@@ -306,7 +323,10 @@ ffibuilder.set_source(
         uint64_t parked[HSM_X_PARKED_MAX];
         uint64_t pio, mmio, defaults;   /* dispatched here */
         uint64_t notified, attaches, refused;  /* served here */
+        uint64_t in_kernel;   /* completed here by the ioeventfd handler */
         int alert_fd;         /* eventfd written on a refusal (Python logs it), or -1 */
+        const struct hsm_xioeventfd *iofds;  /* the VM's ioeventfds, in order */
+        uint32_t niofds;
     };
 
     /* The VMs the prefilter serves. Its lock is taken before a VM's. */
@@ -431,6 +451,16 @@ ffibuilder.set_source(
     }
 
     /* What may be dispatched by the vCPUs; `ranges` stays the caller's until replaced. */
+    /* The VM's ioeventfds changed (set before the ranges that name the handler,
+       and before a dropped entry's fd is closed: after this returns, C uses p). */
+    static void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n)
+    {
+        pthread_mutex_lock(&x->lock);
+        x->iofds = p;
+        x->niofds = n;
+        pthread_mutex_unlock(&x->lock);
+    }
+
     static void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
                                 uint32_t n)
     {
@@ -451,6 +481,8 @@ ffibuilder.set_source(
         x->has_default = 0;
         x->ranges = NULL;
         x->nranges = 0;
+        x->iofds = NULL;
+        x->niofds = 0;
         for (int i = 0; i < x->nfds; i++)
             close(x->wake_fds[i]);
         x->nfds = 0;
@@ -458,9 +490,13 @@ ffibuilder.set_source(
         pthread_mutex_unlock(&x->lock);
     }
 
-    /* A request the default client gets as the driver would route it: PIO or
-       MMIO that no range contains (in_range: whole access inside), not CF8/CFC. */
-    static int hsm_x_plain(const struct hsm_xvm *x, const unsigned char *head)
+    /* Where the driver would route a request: HSM_X_DEFAULT, the default client
+       (PIO or MMIO that no range contains, in_range: whole access inside, not
+       CF8/CFC); HSM_X_IOEVENTFD, the ioeventfd client's handler (the first range
+       containing it is that client's); 0 anything else (Python's). */
+    #define HSM_X_DEFAULT 1
+    #define HSM_X_IOEVENTFD 2
+    static int hsm_x_route(const struct hsm_xvm *x, const unsigned char *head)
     {
         uint32_t type;
         uint64_t addr, size, last;
@@ -477,7 +513,73 @@ ffibuilder.set_source(
         for (uint32_t k = 0; k < x->nranges; k++) {
             const struct hsm_xrange *r = &x->ranges[k];
             if (r->type == type && r->start <= addr && last <= r->end)
-                return 0;
+                return r->handler == HSM_XRANGE_IOEVENTFD && x->nfds == (int)x->vcpu_num
+                       ? HSM_X_IOEVENTFD : 0;
+        }
+        return HSM_X_DEFAULT;
+    }
+
+    /* acrn_ioeventfd_handler for slot i, in the vCPU's thread; locked. Reads get
+       0; a write signals the first entry whose address equals the access's (of
+       at least its size, with its data unless a wildcard); any other access in
+       the client's ranges is consumed. Then, as the dispatcher does for an
+       in-daemon client, kernel_handled 1 and COMPLETE, and the vCPU notified
+       unless it polls. One process_vm_writev writes the slot in order: the
+       head, PENDING, the value (reads), kernel_handled and COMPLETE. */
+    static int hsm_x_ioeventfd(struct hsm_xvm *x, int pid, uint64_t slot, uint64_t i,
+                               const unsigned char *head)
+    {
+        static const uint32_t pending = HSM_STATE_PENDING;
+        static const uint32_t kh_complete[2] = { 1, HSM_STATE_COMPLETE };
+        static const uint64_t zero = 0;
+        uint32_t type, direction, polling;
+        uint64_t addr, size, value;
+        struct iovec l[4], rm[4];
+        int n = 0;
+        ssize_t r, want = 0;
+        memcpy(&type, head, 4);
+        memcpy(&polling, head + HSM_SLOT_POLLING, 4);
+        memcpy(&direction, head + 64, 4);
+        memcpy(&addr, head + 72, 8);
+        memcpy(&size, head + 80, 8);
+        memcpy(&value, head + HSM_SLOT_VALUE, 8);
+        l[n] = (struct iovec){ (void *)head, HSM_HEAD_LEN };
+        rm[n++] = (struct iovec){ (void *)(uintptr_t)slot, HSM_HEAD_LEN };
+        l[n] = (struct iovec){ (void *)&pending, 4 };
+        rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 };
+        if (direction == ACRN_IOREQ_DIR_READ) {
+            size_t len = type == ACRN_IOREQ_TYPE_MMIO ? 8 : 4;
+            l[n] = (struct iovec){ (void *)&zero, len };
+            rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), len };
+        }
+        l[n] = (struct iovec){ (void *)kh_complete, 8 };
+        rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_KH), 8 };
+        for (int k = 0; k < n; k++)
+            want += (ssize_t)l[k].iov_len;
+        r = process_vm_writev(pid, l, n, rm, n, 0);
+        if (r != want)
+            return r < 0 && errno ? -errno : -EFAULT;
+        if (direction != ACRN_IOREQ_DIR_READ) {
+            if (type != ACRN_IOREQ_TYPE_MMIO)
+                value &= 0xFFFFFFFFu;
+            for (uint32_t k = 0; k < x->niofds; k++) {
+                const struct hsm_xioeventfd *p = &x->iofds[k];
+                if (p->type == type && p->addr == addr && p->length >= size &&
+                    (p->wildcard || p->data == value)) {
+                    uint64_t one = 1;
+                    if (write(p->fd, &one, sizeof one) < 0) { /* eventfd_signal ignores a full counter */ }
+                    break;
+                }
+            }
+        }
+        if (type == ACRN_IOREQ_TYPE_PORTIO)
+            x->pio++;
+        else
+            x->mmio++;
+        x->in_kernel++;
+        if (!polling) {
+            uint64_t one = 1;
+            if (write(x->wake_fds[i], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
         }
         return 1;
     }
@@ -492,11 +594,14 @@ ffibuilder.set_source(
         const size_t head_len = HSM_HEAD_LEN;
         uint64_t i = (slot - x->page) >> 8;
         ssize_t r;
+        int route;
         pthread_mutex_lock(&x->lock);
-        if (!x->dispatch || pid != x->pid || slot < x->page || i >= x->vcpu_num ||
-            !hsm_x_plain(x, head)) {
+        route = x->dispatch && pid == x->pid && slot >= x->page && i < x->vcpu_num
+                ? hsm_x_route(x, head) : 0;
+        if (route != HSM_X_DEFAULT) {
+            r = route == HSM_X_IOEVENTFD ? hsm_x_ioeventfd(x, pid, slot, i, head) : 0;
             pthread_mutex_unlock(&x->lock);
-            return 0;
+            return (int)r;
         }
         {
             /* written in order: the head, PENDING, then kernel_handled and PROCESSING */

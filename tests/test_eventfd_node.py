@@ -62,7 +62,12 @@ def test_ioeventfd_forward_mode_sends_another_value_to_the_default_client(daemon
         owner.close()
 
 
-def test_ioeventfd_datamatch_signals_and_no_client_sees_it(hsm_daemon):
+@pytest.mark.parametrize("express", ["on", "off"])
+def test_ioeventfd_datamatch_signals_and_no_client_sees_it(daemon_factory, express):
+    """The driver's ioeventfd client, with the express path (its handler then
+    runs in C, in the vCPU's thread: hsm_x_ioeventfd) and without (Python's
+    dispatcher): the same signals, answers and counts."""
+    hsm_daemon = daemon_factory("--backend", "scripted", "--express", express)
     control = Control(hsm_daemon.control)
     owner, vmid = running_vm(hsm_daemon.node)
     try:
@@ -108,6 +113,13 @@ def test_ioeventfd_datamatch_signals_and_no_client_sees_it(hsm_daemon):
         assert vm["ioeventfds"] == 0
         ioeventfd_client = next(c for c in vm["clients"] if c["name"] == f"ioeventfd-{vmid}")
         assert ioeventfd_client["ranges"] == [] and ioeventfd_client["in_daemon"]
+        # 4 + 3 + 2: every access the ioeventfd client took, counted once either way
+        assert vm["counters"]["in_kernel"] == vm["counters"]["range"] == 9
+        assert vm["counters"]["default"] == 6
+        if express == "on":
+            assert vm["express"]["ioeventfd"] == 9  # all of them ran in C
+        else:
+            assert vm["express"] is None
     finally:
         owner.close()
 

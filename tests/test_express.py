@@ -367,3 +367,96 @@ def test_post_to_an_unreachable_page_is_a_fault(rig: Rig, dispatch: int) -> None
     assert lib.hsm_x_bits(x, 0, 0) == 0 and x.defaults == 0
     c.close()
     lib.hsm_x_close(x)
+
+
+def _ioeventfd_rig(rig: Rig, entries: list[tuple[int, int, int, int, bool]], ranges: list[tuple[int, int, int, int]]) -> tuple[list[int], Any]:
+    """The VM's ioeventfds ((type, addr, length, data, wildcard) each, with a fresh
+    eventfd) and ranges ((type, start, end, handler)), as express.sync pushes them."""
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in entries]
+    table = ffi.new("struct hsm_xioeventfd[]", max(1, len(entries)))
+    for k, (typ, addr, length, data, wildcard) in enumerate(entries):
+        table[k].type, table[k].addr, table[k].length = typ, addr, length
+        table[k].data, table[k].wildcard, table[k].fd = data, int(wildcard), fds[k]
+    lib.hsm_x_set_ioeventfds(rig.x, table, len(entries))
+    arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
+    for k, (typ, start, end, handler) in enumerate(ranges):
+        arr[k].type, arr[k].start, arr[k].end, arr[k].handler = typ, start, end, handler
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_configure(rig.x, 1, arr, len(ranges))
+    return fds, (table, arr)
+
+
+def _signals(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+PIO, MMIO = abi.ACRN_IOREQ_TYPE_PORTIO, abi.ACRN_IOREQ_TYPE_MMIO
+IOEVENTFD = lib.HSM_XRANGE_IOEVENTFD
+
+
+def test_the_ioeventfd_handler_runs_in_the_vcpus_post(rig: Rig) -> None:
+    """acrn_ioeventfd_handler as hsm/ioeventfd.py's handler: a matching write
+    signals the first match, anything else in the range is consumed; reads get
+    0; the slot ends kernel_handled 1 and COMPLETE, the vCPU is woken, the
+    device model hears nothing (no bit, no ATTACH answer)."""
+    fds, keep = _ioeventfd_rig(
+        rig,
+        [(PIO, 0x1000, 2, 5, False), (PIO, 0x1000, 2, 0, True), (MMIO, 0xD000_0000, 4, 0, True)],
+        [(PIO, 0x1000, 0x1001, IOEVENTFD), (MMIO, 0xD000_0000, 0xD000_0003, IOEVENTFD)],
+    )
+    rig.feed(ioctl_req(70, ATTACH))
+    pid, slot = os.getpid(), rig.page + 256
+    cases = [  # head, which eventfd signals (None: none)
+        (_head(PIO, 0x1000, 2, True, 5), 0),  # datamatch: the first entry
+        (_head(PIO, 0x1000, 2, True, 0x1_0000_0005), 0),  # PIO compares 32 bits
+        (_head(PIO, 0x1000, 2, True, 6), 1),  # another value: the wildcard
+        (_head(PIO, 0x1001, 1, True, 5), None),  # inside the range, not at an address
+        (_head(MMIO, 0xD000_0000, 2, True, 9), 2),  # length >= size
+    ]
+    for n, (head, which) in enumerate(cases):
+        rig.set_u32(256 + _STATE, abi.ACRN_IOREQ_STATE_FREE)
+        assert lib.hsm_x_post(rig.x, pid, slot, head) == 1
+        assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_COMPLETE and rig.u32(256 + _KH) == 1
+        assert [_signals(f) for f in fds] == [1 if k == which else 0 for k in range(3)], n
+        assert rig.woken(1) == 1
+    for typ, addr, width in ((PIO, 0x1000, 4), (MMIO, 0xD000_0000, 8)):
+        # a read whose value field arrives all ones: the handler's 0 goes over it
+        assert lib.hsm_x_post(rig.x, pid, slot, _head(typ, addr, 2, False, 2**64 - 1)) == 1
+        value = struct.unpack_from("<Q", ffi.buffer(rig.buf + (rig.page - rig.base), 4096), 256 + 88)[0]
+        assert value == (2**64 - 1) & ~((1 << 8 * width) - 1)  # 4 (PIO) or 8 (MMIO) bytes of 0
+        assert [_signals(f) for f in fds] == [0, 0, 0] and rig.woken(1) == 1
+    assert rig.x.in_kernel == 7 and rig.x.pio == 5 and rig.x.mmio == 2 and rig.x.defaults == 0
+    assert lib.hsm_x_bits(rig.x, 0, 0) == 0 and rig.replies() == [] and rig.x.nparked == 1
+    for f in fds:
+        os.close(f)
+    del keep
+
+
+def test_the_ioeventfd_handler_leaves_a_polling_vcpu_unwoken_and_other_clients_to_python(rig: Rig) -> None:
+    """completion_polling: COMPLETE only, as the dispatcher does. A range of
+    another client found first, and a VM without completion eventfds, go to
+    Python before any effect."""
+    fds, keep = _ioeventfd_rig(
+        rig, [(PIO, 0x1000, 2, 0, True)],
+        [(PIO, 0x1000, 0x1000, lib.HSM_XRANGE_OTHER), (PIO, 0x1000, 0x1001, IOEVENTFD)],
+    )
+    pid, slot = os.getpid(), rig.page
+    head = _head(PIO, 0x1001, 1, True, 1)
+    struct.pack_into("<I", ffi.buffer(head), 4, 1)  # completion_polling
+    assert lib.hsm_x_post(rig.x, pid, slot, head) == 1
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_COMPLETE and rig.woken(0) == 0
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_FREE)
+    assert lib.hsm_x_post(rig.x, pid, slot, _head(PIO, 0x1000, 1, True, 1)) == 0  # the other client's
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE and _signals(fds[0]) == 0
+    x = ffi.new("struct hsm_xvm *")  # no completion eventfds: Python's dispatcher notifies
+    lib.hsm_x_init(x, rig.fd, FH, pid, rig.page, 1)
+    lib.hsm_x_set_ioeventfds(x, keep[0], 1)
+    lib.hsm_x_set_default(x, 1)
+    lib.hsm_x_configure(x, 1, keep[1] + 1, 1)
+    assert lib.hsm_x_post(x, pid, slot, _head(PIO, 0x1000, 2, True, 1)) == 0
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE and _signals(fds[0]) == 0
+    lib.hsm_x_close(x)
+    os.close(fds[0])

@@ -20,7 +20,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm import express, ioeventfd, irqfd, mm, ranges
 from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
@@ -228,9 +228,9 @@ class HsmDevice(BaseDevice):
             return None
         if self.dispatcher.express is not None:
             self.dispatcher.express.close()
-        express = self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
-        self._spawn(express.watch_refusals)
-        return express
+        path = self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
+        self._spawn(path.watch_refusals)
+        return path
 
     def release(self, handle: object) -> None:
         assert isinstance(handle, HsmFile)
@@ -336,9 +336,10 @@ class HsmDevice(BaseDevice):
         self.dispatcher.close()
         for vm in self.dispatcher.vms:
             irqfd.irqfd_deinit(vm)
-            for p in vm.ioeventfds:
+            old, vm.ioeventfds = vm.ioeventfds, []
+            express.sync(vm)  # C lets go of them before their fds close
+            for p in old:
                 p.close()
-            vm.ioeventfds = []
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         if self._nursery is not None:

@@ -121,6 +121,7 @@ class Express:
         self._refused_logged.pop(vm.vmid, None)
         vm.express = None
         vm.express_ranges = None
+        vm.express_ioeventfds = None
         vm.counters.fold_express()
         if vm in self._vms:
             self._vms.remove(vm)
@@ -176,14 +177,29 @@ def sync(vm: Vm) -> None:
     x = vm.express
     if x is None:
         return
+    # The ioeventfds first: a range naming their handler is only pushed with them.
+    iofds = vm.ioeventfds
+    fds = ffi.new("struct hsm_xioeventfd[]", max(1, len(iofds)))
+    for k, p in enumerate(iofds):
+        fds[k].type = p.type
+        fds[k].length = p.length
+        fds[k].addr = p.addr
+        fds[k].data = p.data
+        fds[k].wildcard = 1 if p.wildcard else 0
+        fds[k].fd = p.fd
+    lib.hsm_x_set_ioeventfds(x, fds, len(iofds))
+    vm.express_ioeventfds = fds  # C reads it until the next call
     ranges = [
-        (t, s, e) for c in vm.range_clients for t, s, e in c.ranges if t in _PLAIN_TYPES
-    ]
+        (t, s, e, lib.HSM_XRANGE_IOEVENTFD if getattr(c.handler, "express_native", False)
+         else lib.HSM_XRANGE_OTHER)
+        for c in vm.range_clients for t, s, e in c.ranges if t in _PLAIN_TYPES
+    ]  # fmt: skip
     arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
-    for k, (t, s, e) in enumerate(ranges):
+    for k, (t, s, e, h) in enumerate(ranges):
         arr[k].type = t
         arr[k].start = s
         arr[k].end = e
+        arr[k].handler = h
     ok = (
         vm.default_client is not None
         and not vm.clearing

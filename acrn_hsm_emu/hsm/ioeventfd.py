@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm import eventfd
+from acrn_hsm_emu.hsm import eventfd, express
 from acrn_hsm_emu.hsm.ioreq import MMIO, PORTIO, Dispatcher
 
 if TYPE_CHECKING:
@@ -82,6 +82,12 @@ def handler(vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, v
     return 0
 
 
+# The express path's C runs this handler itself, in the vCPU's thread
+# (hsm_x_ioeventfd in _cffi_src/build_native.py; express.sync tells it the
+# entries): keep the two alike.
+handler.express_native = True  # type: ignore[attr-defined]
+
+
 def forward_handler(
     vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, value: int
 ) -> int | None:
@@ -111,9 +117,10 @@ def ioeventfd_deinit(d: Dispatcher, vm: Vm) -> None:
     if vm.ioeventfd_client is not None:
         d.client_destroy(vm.ioeventfd_client)
         vm.ioeventfd_client = None
-    for p in vm.ioeventfds:
+    old, vm.ioeventfds = vm.ioeventfds, []
+    express.sync(vm)  # C lets go of the entries before their fds close
+    for p in old:
         p.close()
-    vm.ioeventfds = []
 
 
 def ioeventfd_config(vm: Vm, pid: int, args: bytes, owner: object = None) -> int:
@@ -135,6 +142,7 @@ def drop_owned(vm: Vm, owner: object) -> None:
         if client is not None:
             client.range_del(p.type, p.addr, p.addr + p.length - 1)
         vm.ioeventfds.remove(p)
+        express.sync(vm)  # C lets go of the entry before its fd closes
         p.close()
         log.debug("hsm.ioeventfd_dropped", vmid=vm.vmid, **p.snapshot())
 
@@ -164,11 +172,13 @@ def _assign(
             return -errno.EEXIST
     client = vm.ioeventfd_client
     assert client is not None
-    ret = client.range_add(typ, addr, addr + length - 1)
+    vm.ioeventfds.append(p)  # before its range: C never sees the range without the entry
+    ret = client.range_add(typ, addr, addr + length - 1)  # syncs the express path
     if ret < 0:
+        vm.ioeventfds.remove(p)
+        express.sync(vm)
         p.close()
         return ret
-    vm.ioeventfds.append(p)
     log.debug("hsm.ioeventfd_assigned", vmid=vm.vmid, **p.snapshot())
     return 0
 
@@ -181,6 +191,7 @@ def _deassign(vm: Vm, pid: int, fd: int) -> int:
         if vm.ioeventfd_client is not None:
             vm.ioeventfd_client.range_del(p.type, p.addr, p.addr + p.length - 1)
         vm.ioeventfds.remove(p)
+        express.sync(vm)  # C lets go of the entry before its fd closes
         p.close()
         log.debug("hsm.ioeventfd_deassigned", vmid=vm.vmid, **p.snapshot())
     return 0

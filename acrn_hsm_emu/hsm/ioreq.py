@@ -157,7 +157,10 @@ class RequestCounters:
     )  # fmt: skip
     _COUNTS = __slots__[:-1]
     # express path counter -> the count it adds to
-    _EXPRESS = (("pio", "pio"), ("mmio", "mmio"), ("defaults", "default"), ("notified", "notified"))
+    _EXPRESS = (
+        ("pio", "pio"), ("mmio", "mmio"), ("defaults", "default"), ("notified", "notified"),
+        ("in_kernel", "range"), ("in_kernel", "in_kernel"),
+    )  # fmt: skip
 
     def __init__(self) -> None:
         for name in self._COUNTS:

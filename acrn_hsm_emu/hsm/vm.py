@@ -50,6 +50,7 @@ def express_snapshot(x: Any) -> dict[str, int] | None:
         "attaches": x.attaches,
         "attach_refused": x.refused,
         "waiting": x.nparked,
+        "ioeventfd": x.in_kernel,
     }
 
 
@@ -63,7 +64,7 @@ class Vm:
         "irqfds", "monitor_page", "ram_mappings", "regions_mapping_count",
         "counters", "opener_pid", "owner_pid", "failed", "orphaned", "lost_vmid",
         "owner_uid", "generation", "bindings", "hypercalls", "mmio_segments",
-        "fh", "express", "express_ranges",
+        "fh", "express", "express_ranges", "express_ioeventfds",
     )  # fmt: skip
 
     def __init__(self, opener_pid: int, fh: int = 0) -> None:
@@ -71,6 +72,7 @@ class Vm:
         self.fh = fh  # cdev's handle of the file (what the express prefilter matches)
         self.express: Any = None  # struct hsm_xvm while on the express path (express.py)
         self.express_ranges: Any = None  # the range table C reads
+        self.express_ioeventfds: Any = None  # the ioeventfd table C reads
         self.vcpu_num = 0
         self.nslots = 0  # slots the dispatcher scans: vcpu_num, at most the page's 16
         self.destroyed = False  # ACRN_VM_FLAG_DESTROYED, sticky (quirk)
