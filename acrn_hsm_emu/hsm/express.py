@@ -9,7 +9,9 @@ limits every VM's throughput (docs/performance.md). Here they are done in C:
 
 - a vCPU's native request cycle calls the VM's ``struct hsm_xvm`` instead of
   raising the upcall (``Hypercalls.set_native_upcall``); for a plain PIO/MMIO
-  request it does what ``Dispatcher.dispatch`` would do with that one slot;
+  request it does what ``Dispatcher.dispatch`` would do with that one slot,
+  for the default client or for the VM's ioeventfd client (whose handler,
+  hsm/ioeventfd.py's, it runs: the request never leaves the vCPU's thread);
 - cdev's prefilter (``HsmDevice.native_prefilter``) answers ATTACH and
   NOTIFY_REQUEST_FINISH on the VM's file before libfuse sees them, NOTIFY
   writing the vCPU's completion eventfd as HC_NOTIFY_REQUEST_FINISH does
