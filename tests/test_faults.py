@@ -22,6 +22,7 @@ from tests.support.hsmctl import (
     neighbour_works,
     start_client,
     status,
+    stop_clients,
 )
 from tests.support.poll import wait_until
 
@@ -71,10 +72,7 @@ def test_client_killed_at_each_step(hsm_daemon, step):
         wait_until(lambda: gone(hsm_daemon, bad_vmid), f"VM {bad_vmid} still listed")
         neighbour_works(hsm_daemon, good_vmid)
     finally:
-        for p in (bad, good):
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL if p is bad else signal.SIGTERM)
-                p.communicate(timeout=60)
+        stop_clients(good, bad)
     assert good.returncode == 0
 
 

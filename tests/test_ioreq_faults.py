@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from tests.support.ext import daemon_log_events
-from tests.support.hsmctl import gone, inject_async, neighbour_works, start_client
+from tests.support.hsmctl import gone, inject_async, neighbour_works, start_client, stop_clients
 from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.needs_fuse
@@ -36,10 +36,7 @@ def test_owner_gone_mid_request_frees_the_vm_and_spares_others(hsm_daemon, how):
         # The other VM is served as before.
         neighbour_works(hsm_daemon, good_vmid)
     finally:
-        for p in (bad, good):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM if p is good else signal.SIGKILL)
-                p.communicate(timeout=30)
+        stop_clients(good, bad)
     assert good.returncode == 0
 
 
@@ -66,9 +63,6 @@ def test_too_many_callers_blocked_in_attach_are_refused_and_logged(hsm_daemon):
         assert vm["express"]["waiting"] == 256 and vm["express"]["attach_refused"] == 4
         neighbour_works(hsm_daemon, good_vmid)
     finally:
-        for p in (flood, good):
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL if p is flood else signal.SIGTERM)
-                p.communicate(timeout=30)
+        stop_clients(good, flood)
     # The killed client's VM goes with its parked callers.
     wait_until(lambda: gone(hsm_daemon, flood_vmid), "the flooding VM is still listed")

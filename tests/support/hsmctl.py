@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from typing import Any
 
@@ -44,3 +45,13 @@ def neighbour_works(daemon: Any, vmid: int) -> None:
     """A read injected into a dm_loop-served VM gets dm_loop's answer."""
     out = daemon.cli("inject", "--vm", str(vmid), "pio-read", "0x70", "2").stdout
     assert out.strip() == f"{pio_answer(0x70, 2):#x}"
+
+
+def stop_clients(good: subprocess.Popen[str], bad: subprocess.Popen[str], timeout: float = 60) -> None:
+    """End a test's two clients, if still running: the healthy one by SIGTERM (it
+    shuts its VM down and reports), the misbehaving one by SIGKILL."""
+    for p, sig in ((bad, signal.SIGKILL), (good, signal.SIGTERM)):
+        if p.poll() is None:
+            p.send_signal(sig)
+    for p in (bad, good):
+        p.communicate(timeout=timeout)
