@@ -33,6 +33,7 @@ from test_hsm_harness import (
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm.ioreq import IoreqClient
+from acrn_hsm_emu.memory import MemoryFault
 from cdev.device import Deferred
 
 
@@ -524,6 +525,29 @@ async def test_a_vanished_request_page_fails_only_that_vm(hv):
     assert [v["failed"] is not None for v in snap["vms"]] == [True, False]
     assert dev.ioctl(b.file, call(abi.ACRN_IOCTL_PAUSE_VM)) == 0  # the daemon goes on
     dev.release(b.file)
+
+
+async def test_an_owner_exiting_between_memory_and_files_is_no_error(hv):
+    """A process's memory goes before its files: a pass in between reads ESRCH.
+    The VM stops being dispatched, as for any fault, but that is the owner
+    exiting, logged at info; its release follows."""
+    dev = make_device(hv)
+    a = VmSetup(dev, hv, vcpus=1)
+    a.create_client()
+    a.fill(0, PIO, RD, 0x60, 1)
+
+    class Gone:  # the scan as RemoteMemory fails it once the process has no memory
+        def scan(self) -> bytes:
+            raise MemoryFault(errno.ESRCH, f"scan of the request page in pid {a.vm.owner_pid}")
+
+    a.vm.scanner = Gone()  # type: ignore[assignment]
+    with structlog.testing.capture_logs() as logs:
+        dev.dispatcher.run_pass()
+    assert [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("hsm.vm_")] == [
+        ("hsm.vm_owner_exiting", "info")
+    ]
+    assert a.vm.failed is not None
+    dev.release(a.file)
 
 
 async def test_counters_in_the_snapshot(hv):

@@ -434,16 +434,29 @@ class Dispatcher:
                 self.fail_vm(vm, e)
 
     def fail_vm(self, vm: Vm, exc: BaseException) -> None:
-        """The VM's request page became unreachable: stop serving that VM only."""
+        """The VM's request page became unreachable: stop serving that VM only.
+
+        ESRCH is the owner exiting: its memory goes before its files, so a pass
+        between the two finds no page (the kernel's pinned page would still be
+        there). Its release follows and destroys the VM: that is no error.
+        """
         if vm.failed is None:
             vm.failed = str(exc)
-            log.error(
-                "hsm.vm_failed",
-                vmid=vm.vmid,
-                pid=vm.owner_pid,
-                error=str(exc),
-                note="request page unreachable; VM no longer dispatched",
-            )
+            if getattr(exc, "errno", None) == errno.ESRCH:
+                log.info(
+                    "hsm.vm_owner_exiting",
+                    vmid=vm.vmid,
+                    pid=vm.owner_pid,
+                    note="the owner's memory is gone; VM no longer dispatched, it goes with its file",
+                )
+            else:
+                log.error(
+                    "hsm.vm_failed",
+                    vmid=vm.vmid,
+                    pid=vm.owner_pid,
+                    error=str(exc),
+                    note="request page unreachable; VM no longer dispatched",
+                )
             express.sync(vm)
 
     # -- the per-VM scan (hot path) ----------------------------------------
