@@ -7,6 +7,8 @@ Guest writes come from ``inject`` on the control socket.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from acrn_hsm_emu import abi
@@ -279,3 +281,39 @@ def test_range_client_serves_beside_ioeventfds_and_pci_ranges(hsm_daemon):
         if rp is not None:
             rp.kill()
         owner.close()
+
+
+@pytest.mark.parametrize("express", ["on", "off"])
+def test_ioeventfds_come_and_go_while_a_vcpu_writes_and_nothing_is_lost(daemon_factory, tmp_path, express):
+    """A vCPU writes port 0x500 in a loop while an ioeventfd on it is assigned
+    and deassigned, 25 times. While assigned, its eventfd counts writes and
+    the device model sees none; once DEASSIGN has returned, it is never
+    signalled again (on the express path C lets go of the entry before the
+    daemon closes its duplicate). Every request is counted once, by the
+    default client or by the ioeventfd client, and the daemon serves on."""
+    wl = tmp_path / "loop.json"
+    steps = [{"op": "pio", "port": 0x500, "size": 4, "write": True, "value": 7}]
+    wl.write_text(json.dumps({"vcpu": [{"id": 0, "repeat": 0, "steps": steps}]}))
+    daemon = daemon_factory("--backend", "scripted", "--workload", str(wl), "--express", express)
+    control = Control(daemon.control)
+    owner, vmid = running_vm(daemon.node)
+    try:
+        for _ in range(25):
+            efd = owner.ok("eventfd")["fd"]
+            owner.ok(f"ioeventfd {efd} {F_PIO | F_DATA} 0x500 4 7")
+            wait_until(lambda efd=efd: count(owner, efd) > 0, "the ioeventfd to be signalled")
+            owner.ok(f"ioeventfd {efd} {F_PIO | F_DEASSIGN} 0 0 0")
+            count(owner, efd)  # drain what came before the deassign
+            before = seen(owner)
+            wait_until(lambda n=before + 20: seen(owner) >= n, "the device model to see the writes again")
+            assert count(owner, efd) == 0  # nothing after DEASSIGN returned
+            owner.ok(f"closefd {efd}")
+        owner.ok("pause")
+        c = control.hsm_vm(vmid)["counters"]
+        assert c["pio"] == c["default"] + c["range"] and c["range"] == c["in_kernel"] > 0
+        assert c["stalled"] == c["orphaned"] == 0
+        assert control.hsm_vm(vmid)["ioeventfds"] == 0
+    finally:
+        owner.close()
+    errors = [ln for ln in daemon.log().splitlines() if '"level": "error"' in ln or "Traceback" in ln]
+    assert errors == []  # an exiting owner included (hsm.vm_owner_exiting is info)
