@@ -35,7 +35,12 @@ ffibuilder.cdef(
                               uint64_t addr2, const void *buf2, size_t len2);
 
     /* The vCPU request cycle (see the module docstring). */
+    #define HSM_SLOT_POLLING ...
+    #define HSM_SLOT_DIRECTION ...
+    #define HSM_SLOT_ADDRESS ...
+    #define HSM_SLOT_SIZE ...
     #define HSM_SLOT_VALUE ...
+    #define HSM_SLOT_KH ...
     #define HSM_SLOT_STATE ...
     #define HSM_HEAD_LEN ...
     #define HSM_STATE_PENDING ...
@@ -195,9 +200,14 @@ ffibuilder.set_source(
         return process_vm_writev(pid, l, 2, r, 2, 0);
     }
 
-    /* struct acrn_io_request: reqs.{pio,mmio}_request.value and processed
-       (checked against acrn_hsm_emu.abi by the tests). */
+    /* struct acrn_io_request's fields (reqs.{pio,mmio}_request's for direction
+       .. value), checked against acrn_hsm_emu.abi by the tests. */
+    #define HSM_SLOT_POLLING 4
+    #define HSM_SLOT_DIRECTION 64
+    #define HSM_SLOT_ADDRESS 72
+    #define HSM_SLOT_SIZE 80
     #define HSM_SLOT_VALUE 88
+    #define HSM_SLOT_KH 132
     #define HSM_SLOT_STATE 136
     #define HSM_STATE_PENDING 0
     #define HSM_STATE_COMPLETE 1
@@ -280,16 +290,17 @@ ffibuilder.set_source(
          not CF8/CFC) is dispatched by the upcall itself, in the vCPU's thread:
          PENDING, then kernel_handled = 0 and PROCESSING, the vCPU's bit set,
          the blocked ATTACH calls answered (acrn_ioreq_dispatch for one slot);
+       - a request in the range of the VM's ioeventfd client (the driver's
+         handler) is completed by the upcall itself, eventfd signalled;
        - ATTACH_IOREQ_CLIENT and NOTIFY_REQUEST_FINISH on the VM's own file are
-         answered by the session's prefilter (cdev) in the trio thread, without
-         libfuse or Python: the same checks and effects as the Python handlers.
+         answered by the session's prefilter (cdev's reader thread, or the trio
+         thread's batch read), without libfuse or Python: the same checks and
+         effects as the Python handlers.
        Anything else, or any doubt (a fault, a closed session), is left to
        Python, which then does what it always does. One recursive mutex per VM
        orders all of it with the Python dispatcher, which holds it for a pass. */
     #define HSM_X_PARKED_MAX 256
     #define HSM_X_VMS_MAX 256
-    #define HSM_SLOT_POLLING 4
-    #define HSM_SLOT_KH 132
 
     /* A range client's PIO/MMIO range, in the order the dispatcher searches
        them (the first client with a range containing the access gets it).
@@ -450,7 +461,6 @@ ffibuilder.set_source(
         pthread_mutex_unlock(&x->lock);
     }
 
-    /* What may be dispatched by the vCPUs; `ranges` stays the caller's until replaced. */
     /* The VM's ioeventfds changed (set before the ranges that name the handler,
        and before a dropped entry's fd is closed: after this returns, C uses p). */
     static void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n)
@@ -461,6 +471,7 @@ ffibuilder.set_source(
         pthread_mutex_unlock(&x->lock);
     }
 
+    /* What may be dispatched by the vCPUs; `ranges` stays the caller's until replaced. */
     static void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
                                 uint32_t n)
     {
@@ -501,8 +512,8 @@ ffibuilder.set_source(
         uint32_t type;
         uint64_t addr, size, last;
         memcpy(&type, head, 4);
-        memcpy(&addr, head + 72, 8);
-        memcpy(&size, head + 80, 8);
+        memcpy(&addr, head + HSM_SLOT_ADDRESS, 8);
+        memcpy(&size, head + HSM_SLOT_SIZE, 8);
         if (type == ACRN_IOREQ_TYPE_PORTIO) {
             if (addr == 0xCF8 || (addr >= 0xCFC && addr <= 0xCFF))
                 return 0;
@@ -519,46 +530,73 @@ ffibuilder.set_source(
         return HSM_X_DEFAULT;
     }
 
-    /* acrn_ioeventfd_handler for slot i, in the vCPU's thread; locked. Reads get
-       0; a write signals the first entry whose address equals the access's (of
-       at least its size, with its data unless a wildcard); any other access in
-       the client's ranges is consumed. Then, as the dispatcher does for an
-       in-daemon client, kernel_handled 1 and COMPLETE, and the vCPU notified
-       unless it polls. One process_vm_writev writes the slot in order: the
-       head, PENDING, the value (reads), kernel_handled and COMPLETE. */
-    static int hsm_x_ioeventfd(struct hsm_xvm *x, int pid, uint64_t slot, uint64_t i,
-                               const unsigned char *head)
+    /* Take slot `slot` for a client, in one process_vm_writev whose iovecs the
+       kernel copies in order: the head, PENDING, `value_len` zero bytes of value
+       (a read the ioeventfd handler answers), then kernel_handled and the state
+       (kh_state). Counts the request's type. Locked; 0 or -errno. */
+    static int hsm_x_take(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head,
+                          size_t value_len, const uint32_t kh_state[2])
     {
         static const uint32_t pending = HSM_STATE_PENDING;
-        static const uint32_t kh_complete[2] = { 1, HSM_STATE_COMPLETE };
         static const uint64_t zero = 0;
-        uint32_t type, direction, polling;
-        uint64_t addr, size, value;
         struct iovec l[4], rm[4];
         int n = 0;
         ssize_t r, want = 0;
-        memcpy(&type, head, 4);
-        memcpy(&polling, head + HSM_SLOT_POLLING, 4);
-        memcpy(&direction, head + 64, 4);
-        memcpy(&addr, head + 72, 8);
-        memcpy(&size, head + 80, 8);
-        memcpy(&value, head + HSM_SLOT_VALUE, 8);
+        uint32_t type;
         l[n] = (struct iovec){ (void *)head, HSM_HEAD_LEN };
         rm[n++] = (struct iovec){ (void *)(uintptr_t)slot, HSM_HEAD_LEN };
         l[n] = (struct iovec){ (void *)&pending, 4 };
         rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 };
-        if (direction == ACRN_IOREQ_DIR_READ) {
-            size_t len = type == ACRN_IOREQ_TYPE_MMIO ? 8 : 4;
-            l[n] = (struct iovec){ (void *)&zero, len };
-            rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), len };
+        if (value_len) {
+            l[n] = (struct iovec){ (void *)&zero, value_len };
+            rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), value_len };
         }
-        l[n] = (struct iovec){ (void *)kh_complete, 8 };
+        l[n] = (struct iovec){ (void *)kh_state, 8 };
         rm[n++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_KH), 8 };
         for (int k = 0; k < n; k++)
             want += (ssize_t)l[k].iov_len;
         r = process_vm_writev(pid, l, n, rm, n, 0);
         if (r != want)
             return r < 0 && errno ? -errno : -EFAULT;
+        memcpy(&type, head, 4);
+        if (type == ACRN_IOREQ_TYPE_PORTIO)
+            x->pio++;
+        else
+            x->mmio++;
+        return 0;
+    }
+
+    /* A completed slot: the vCPU learns it from its completion eventfd unless it
+       polls the state (HC_NOTIFY_REQUEST_FINISH's effect). Locked. */
+    static void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling)
+    {
+        uint64_t one = 1;
+        if (!polling && write(x->wake_fds[i], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
+    }
+
+    /* acrn_ioeventfd_handler for slot i, in the vCPU's thread; locked. Reads get
+       0; a write signals the first entry whose address equals the access's (of
+       at least its size, with its data unless a wildcard); any other access in
+       the client's ranges is consumed. Then, as the dispatcher does for an
+       in-daemon client, kernel_handled 1 and COMPLETE, and the vCPU notified. */
+    static int hsm_x_ioeventfd(struct hsm_xvm *x, int pid, uint64_t slot, uint64_t i,
+                               const unsigned char *head)
+    {
+        static const uint32_t kh_complete[2] = { 1, HSM_STATE_COMPLETE };
+        uint32_t type, direction, polling;
+        uint64_t addr, size, value;
+        int r;
+        memcpy(&type, head, 4);
+        memcpy(&polling, head + HSM_SLOT_POLLING, 4);
+        memcpy(&direction, head + HSM_SLOT_DIRECTION, 4);
+        memcpy(&addr, head + HSM_SLOT_ADDRESS, 8);
+        memcpy(&size, head + HSM_SLOT_SIZE, 8);
+        memcpy(&value, head + HSM_SLOT_VALUE, 8);
+        r = hsm_x_take(x, pid, slot, head,
+                       direction == ACRN_IOREQ_DIR_READ ? (type == ACRN_IOREQ_TYPE_MMIO ? 8 : 4) : 0,
+                       kh_complete);
+        if (r < 0)
+            return r;
         if (direction != ACRN_IOREQ_DIR_READ) {
             if (type != ACRN_IOREQ_TYPE_MMIO)
                 value &= 0xFFFFFFFFu;
@@ -572,63 +610,37 @@ ffibuilder.set_source(
                 }
             }
         }
-        if (type == ACRN_IOREQ_TYPE_PORTIO)
-            x->pio++;
-        else
-            x->mmio++;
         x->in_kernel++;
-        if (!polling) {
-            uint64_t one = 1;
-            if (write(x->wake_fds[i], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
-        }
+        hsm_x_completed(x, i, polling);
         return 1;
     }
 
     /* The upcall for one request, in the vCPU's thread, under its VM's gate:
-       1 dispatched here (PENDING, then PROCESSING, in one call), 0 not the express
-       path's (the caller posts it PENDING and raises the upcall), < 0 a fault. */
+       1 dispatched here (to the default client: PENDING, then kernel_handled 0
+       and PROCESSING, its bit, its waiters answered; or completed by the
+       ioeventfd handler), 0 not the express path's (the caller posts it PENDING
+       and raises the upcall), < 0 a fault. */
     static int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head)
     {
-        static const uint32_t pending = HSM_STATE_PENDING;
         static const uint32_t kh_processing[2] = { 0, ACRN_IOREQ_STATE_PROCESSING };
-        const size_t head_len = HSM_HEAD_LEN;
         uint64_t i = (slot - x->page) >> 8;
-        ssize_t r;
-        int route;
+        int route, r = 0;
         pthread_mutex_lock(&x->lock);
         route = x->dispatch && pid == x->pid && slot >= x->page && i < x->vcpu_num
                 ? hsm_x_route(x, head) : 0;
-        if (route != HSM_X_DEFAULT) {
-            r = route == HSM_X_IOEVENTFD ? hsm_x_ioeventfd(x, pid, slot, i, head) : 0;
-            pthread_mutex_unlock(&x->lock);
-            return (int)r;
+        if (route == HSM_X_IOEVENTFD) {
+            r = hsm_x_ioeventfd(x, pid, slot, i, head);
+        } else if (route == HSM_X_DEFAULT) {
+            r = hsm_x_take(x, pid, slot, head, 0, kh_processing);
+            if (r == 0) {
+                x->defaults++;
+                x->bitmap |= (uint64_t)1 << i;
+                hsm_x_answer_parked(x, 0);
+                r = 1;
+            }
         }
-        {
-            /* written in order: the head, PENDING, then kernel_handled and PROCESSING */
-            struct iovec l[3] = { { head, head_len }, { (void *)&pending, 4 },
-                                  { (void *)kh_processing, 8 } };
-            struct iovec rm[3] = { { (void *)(uintptr_t)slot, head_len },
-                                   { (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 },
-                                   { (void *)(uintptr_t)(slot + HSM_SLOT_KH), 8 } };
-            r = process_vm_writev(pid, l, 3, rm, 3, 0);
-        }
-        if (r != (ssize_t)(head_len + 12)) {
-            pthread_mutex_unlock(&x->lock);
-            return r < 0 && errno ? -errno : -EFAULT;
-        }
-        {
-            uint32_t type;
-            memcpy(&type, head, 4);
-            if (type == ACRN_IOREQ_TYPE_PORTIO)
-                x->pio++;
-            else
-                x->mmio++;
-        }
-        x->defaults++;
-        x->bitmap |= (uint64_t)1 << i;
-        hsm_x_answer_parked(x, 0);
         pthread_mutex_unlock(&x->lock);
-        return 1;
+        return r;
     }
 
     static int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
@@ -686,10 +698,7 @@ ffibuilder.set_source(
             goto python;
         x->bitmap &= ~((uint64_t)1 << n.vcpu);
         x->notified++;
-        if (!polling) {
-            uint64_t one = 1;
-            if (write(x->wake_fds[n.vcpu], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
-        }
+        hsm_x_completed(x, n.vcpu, polling);
         hsm_x_reply(x, unique, 0);
         pthread_mutex_unlock(&x->lock);
         return 1;
@@ -948,12 +957,12 @@ ffibuilder.set_source(
             /* the private request, as vcpu.py's _pio/_mmio fill it */
             mask = size == 8 ? ~(uint64_t)0 : ((uint64_t)1 << (8 * size)) - 1;
             memcpy(head, &type, 4);
-            memcpy(head + 64, &direction, 4);
-            memset(head + 68, 0, 4);
-            memcpy(head + 72, &addr, 8);
+            memcpy(head + HSM_SLOT_DIRECTION, &direction, 4);
+            memset(head + HSM_SLOT_DIRECTION + 4, 0, 4);
+            memcpy(head + HSM_SLOT_ADDRESS, &addr, 8);
             {
                 uint64_t sz = size;
-                memcpy(head + 80, &sz, 8);
+                memcpy(head + HSM_SLOT_SIZE, &sz, 8);
             }
             if (direction) {
                 uint64_t v = wvalue & mask;

@@ -428,6 +428,9 @@ def test_the_native_request_cycle_uses_the_same_slot_layout():
     from acrn_hsm_emu._native import lib
 
     assert (lib.HSM_SLOT_VALUE, lib.HSM_SLOT_STATE) == (abi.SLOT_VALUE, abi.SLOT_PROCESSED)
+    assert (lib.HSM_SLOT_POLLING, lib.HSM_SLOT_DIRECTION, lib.HSM_SLOT_ADDRESS, lib.HSM_SLOT_SIZE,
+            lib.HSM_SLOT_KH) == (abi.SLOT_COMPLETION_POLLING, abi.SLOT_DIRECTION, abi.SLOT_ADDRESS,
+                                 abi.SLOT_SIZE, abi.SLOT_KERNEL_HANDLED)
     assert (lib.HSM_STATE_PENDING, lib.HSM_STATE_COMPLETE, lib.HSM_STATE_FREE) == (
         abi.ACRN_IOREQ_STATE_PENDING,
         abi.ACRN_IOREQ_STATE_COMPLETE,
