@@ -118,6 +118,13 @@ static void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseeka
  * returned (0: session ended or request aborted; -errno). */
 typedef int (*cdev_prefilter_fn)(void *ctx, int fd, const void *req, size_t len);
 
+/* Whether the prefilter (if any) took the request just read into buf. */
+static int cdev_prefiltered(cdev_prefilter_fn pf, void *ctx, int fd, const struct fuse_buf *buf,
+                            int res)
+{
+    return pf && !(buf->flags & FUSE_BUF_IS_FD) && pf(ctx, fd, buf->mem, (size_t)res);
+}
+
 static int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
                               void *prefilter, void *ctx)
 {
@@ -127,7 +134,7 @@ static int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int
         int res = fuse_session_receive_buf(se, buf);
         if (res <= 0)
             return res;
-        if (pf && !(buf->flags & FUSE_BUF_IS_FD) && pf(ctx, fd, buf->mem, (size_t)res))
+        if (cdev_prefiltered(pf, ctx, fd, buf, res))
             continue;
         fuse_session_process_buf(se, buf);
     }
@@ -191,8 +198,9 @@ static uint64_t cdev_now_ns(void)
  * (the ATTACH after a NOTIFY) then finds this thread awake. The window follows
  * the traffic: when the thread slept and the next request still came within
  * poll_max_ns of the answer, polling would have caught it, so the window grows
- * (from 10 us, doubling, up to poll_max_ns); when it came later, or the window
- * ran out at its bound, the window halves (below 10 us it is 0). A device with
+ * (from 10 us, doubling, up to poll_max_ns); when it came later (as it must
+ * when a window at the bound ran out), the window halves (below 10 us it is
+ * 0). The gap is measured at the wake-up, so it includes the wake-up. A device with
  * sparse traffic so never polls, and steady traffic polls no longer than the
  * gaps it has. */
 #define CDEV_POLL_GROW_START_NS 10000u
@@ -220,6 +228,7 @@ static void *cdev_rx_main(void *arg)
     struct fuse_buf buf = { 0 };
     struct pollfd p[2] = { { rx->fd, POLLIN, 0 }, { rx->stop_fd, POLLIN, 0 } };
     uint64_t answered_at = 0;   /* the prefilter's last answer before a sleep, 0: none */
+    /* cdev_rx_adapt runs at each wake-up that follows an answer */
     for (;;) {
         if (poll(p, 2, -1) < 0) {
             if (errno == EINTR)
@@ -256,7 +265,7 @@ static void *cdev_rx_main(void *arg)
                 __atomic_add_fetch(&rx->poll_hits, 1, __ATOMIC_RELAXED);
                 polled = 0;
             }
-            if (rx->pf && !(buf.flags & FUSE_BUF_IS_FD) && rx->pf(rx->ctx, rx->fd, buf.mem, (size_t)res)) {
+            if (cdev_prefiltered(rx->pf, rx->ctx, rx->fd, &buf, res)) {
                 uint64_t window = __atomic_load_n(&rx->poll_window_ns, __ATOMIC_RELAXED);
                 rx->taken++;
                 answered_at = cdev_now_ns();
@@ -273,11 +282,6 @@ static void *cdev_rx_main(void *arg)
                 memcpy(item->mem, buf.mem, (size_t)res);
                 cdev_rx_post(rx, item, 0);
             }
-        }
-        if (answered_at && poll_until && rx->poll_window_ns >= rx->poll_max_ns) {
-            /* it ran out at its bound: the gap is longer than poll_max_ns */
-            cdev_rx_adapt(rx, UINT64_MAX);
-            answered_at = 0;
         }
     }
 out:
