@@ -20,7 +20,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import express, ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm, ranges
 from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
@@ -336,10 +336,7 @@ class HsmDevice(BaseDevice):
         self.dispatcher.close()
         for vm in self.dispatcher.vms:
             irqfd.irqfd_deinit(vm)
-            old, vm.ioeventfds = vm.ioeventfds, []
-            express.sync(vm)  # C lets go of them before their fds close
-            for p in old:
-                p.close()
+            ioeventfd.close_all(vm)
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         if self._nursery is not None:

@@ -117,10 +117,28 @@ def ioeventfd_deinit(d: Dispatcher, vm: Vm) -> None:
     if vm.ioeventfd_client is not None:
         d.client_destroy(vm.ioeventfd_client)
         vm.ioeventfd_client = None
-    old, vm.ioeventfds = vm.ioeventfds, []
-    express.sync(vm)  # C lets go of the entries before their fds close
-    for p in old:
+    close_all(vm)
+
+
+def close_all(vm: Vm) -> None:
+    """Forget every entry and close its eventfd (the VM or the daemon goes)."""
+    _forget(vm, list(vm.ioeventfds))
+
+
+def _forget(vm: Vm, entries: list[Ioeventfd], event: str | None = None) -> None:
+    """Take ``entries`` out of the VM (and their ranges out of its client), then
+    close their fds: in that order, because the express path's C may signal an
+    entry until ``express.sync`` has told it the list without it."""
+    client = vm.ioeventfd_client
+    for p in entries:
+        if client is not None:
+            client.range_del(p.type, p.addr, p.addr + p.length - 1)
+        vm.ioeventfds.remove(p)
+    express.sync(vm)
+    for p in entries:
         p.close()
+        if event is not None:
+            log.debug(event, vmid=vm.vmid, **p.snapshot())
 
 
 def ioeventfd_config(vm: Vm, pid: int, args: bytes, owner: object = None) -> int:
@@ -137,14 +155,7 @@ def ioeventfd_config(vm: Vm, pid: int, args: bytes, owner: object = None) -> int
 
 def drop_owned(vm: Vm, owner: object) -> None:
     """A bound file closed: its ioeventfds go (with one identical range each)."""
-    client = vm.ioeventfd_client
-    for p in [p for p in vm.ioeventfds if p.owner is owner]:
-        if client is not None:
-            client.range_del(p.type, p.addr, p.addr + p.length - 1)
-        vm.ioeventfds.remove(p)
-        express.sync(vm)  # C lets go of the entry before its fd closes
-        p.close()
-        log.debug("hsm.ioeventfd_dropped", vmid=vm.vmid, **p.snapshot())
+    _forget(vm, [p for p in vm.ioeventfds if p.owner is owner], "hsm.ioeventfd_dropped")
 
 
 def _assign(
@@ -176,7 +187,7 @@ def _assign(
     ret = client.range_add(typ, addr, addr + length - 1)  # syncs the express path
     if ret < 0:
         vm.ioeventfds.remove(p)
-        express.sync(vm)
+        express.sync(vm)  # before the close, as in _forget
         p.close()
         return ret
     log.debug("hsm.ioeventfd_assigned", vmid=vm.vmid, **p.snapshot())
@@ -188,10 +199,5 @@ def _deassign(vm: Vm, pid: int, fd: int) -> int:
     if isinstance(p, int):
         return p
     if p is not None:
-        if vm.ioeventfd_client is not None:
-            vm.ioeventfd_client.range_del(p.type, p.addr, p.addr + p.length - 1)
-        vm.ioeventfds.remove(p)
-        express.sync(vm)  # C lets go of the entry before its fd closes
-        p.close()
-        log.debug("hsm.ioeventfd_deassigned", vmid=vm.vmid, **p.snapshot())
+        _forget(vm, [p], "hsm.ioeventfd_deassigned")
     return 0
