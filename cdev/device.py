@@ -193,8 +193,9 @@ class NativePrefilter(Protocol):
     """A device's C fast path, offered through ``Device.native_prefilter(fd)``.
 
     ``fn`` is a C function ``int fn(void *ctx, int fd, const void *req, size_t len)``
-    that cdev calls, in the trio thread, with every raw request of the session
-    (``struct fuse_in_header`` and its body) before libfuse decodes it. It
+    that cdev calls with every raw request of the session (``struct
+    fuse_in_header`` and its body) before libfuse decodes it: in the trio
+    thread, or in cdev's reader thread while ``threaded`` (below). It
     returns nonzero for a request it answered (by writing the reply to ``fd``)
     or keeps to answer later, from any thread; cdev then forgets that request.
     ``close`` is called before the session's fd is closed: from then on the

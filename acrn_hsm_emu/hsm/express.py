@@ -19,7 +19,8 @@ limits every VM's throughput (docs/performance.md). Here they are done in C:
 
 The rules stay in Python. :func:`sync` tells C, after every change that
 matters, whether the vCPUs may dispatch (a default client, not clearing, page
-reachable) and which PIO/MMIO ranges belong to other clients; anything else
+reachable), which PIO/MMIO ranges belong to which clients, and the VM's
+ioeventfds; anything else
 (CF8/CFC, a range client's request, a fault, a bad argument) is left to the
 Python paths, before any effect. The default client's bitmap and its blocked
 ATTACH calls live in C (``IoreqClient`` reads them there), and the Python
