@@ -36,7 +36,7 @@ ffibuilder.set_source(
     "cdev._fuse",
     (HERE / "fuse_glue.c").read_text(),
     include_dirs=[f[2:] for f in _cflags if f.startswith("-I")],
-    define_macros=[("FUSE_USE_VERSION", "35")],
+    define_macros=[("FUSE_USE_VERSION", "35"), ("_GNU_SOURCE", None)],
     libraries=[f[2:] for f in _libs if f.startswith("-l")],
     library_dirs=[f[2:] for f in _libs if f.startswith("-L")],
 )

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <time.h>
@@ -202,7 +203,10 @@ static uint64_t cdev_now_ns(void)
  * when a window at the bound ran out), the window halves (below 10 us it is
  * 0). The gap is measured at the wake-up, so it includes the wake-up. A device with
  * sparse traffic so never polls, and steady traffic polls no longer than the
- * gaps it has. */
+ * gaps it has. KVM polls only while nothing else is runnable on its CPU
+ * (single_task_running()); a thread cannot see that, so at each turn it yields
+ * instead: a thread that shares its CPU (the client, when both are placed on
+ * one) runs before the next read. */
 #define CDEV_POLL_GROW_START_NS 10000u
 
 static void cdev_rx_adapt(struct cdev_rx *rx, uint64_t gap_ns)
@@ -248,7 +252,7 @@ static void *cdev_rx_main(void *arg)
             if (res == -EAGAIN && poll_until) {
                 if (cdev_now_ns() < poll_until) {
                     polled = 1;
-                    __builtin_ia32_pause();  /* polling: the next request is likely near */
+                    sched_yield();  /* polling, behind anything else runnable here */
                     continue;
                 }
                 __atomic_add_fetch(&rx->poll_misses, 1, __ATOMIC_RELAXED);
@@ -312,6 +316,7 @@ static struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, v
         free(rx);
         return NULL;
     }
+    pthread_setname_np(rx->thread, "cdev-rx");  /* for top -H, perf, taskset */
     return rx;
 }
 
