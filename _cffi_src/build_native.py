@@ -60,10 +60,12 @@ ffibuilder.cdef(
         int wake_fd;
         uint64_t slot;
         int probe_ms;
+        uint64_t spin_ns;
         int stage;
         int waiting;
         uint64_t requests;
         uint64_t accesses;
+        uint64_t spin_hits;
         unsigned char *head;
         struct hsm_ring *ring;
         ...;
@@ -156,6 +158,7 @@ ffibuilder.set_source(
     #include <errno.h>
     #include <poll.h>
     #include <pthread.h>
+    #include <sched.h>
     #include <signal.h>
     #include <string.h>
     #include <time.h>
@@ -236,10 +239,12 @@ ffibuilder.set_source(
         int wake_fd;      /* eventfd: notify, kicks */
         uint64_t slot;    /* this vCPU's slot, an address in pid */
         int probe_ms;     /* a wait this long re-reads the page (dead client?) */
+        uint64_t spin_ns; /* poll for the completion this long before sleeping; 0: never */
         int stage;        /* where a fault happened */
         int waiting;      /* in the wait for COMPLETE (status) */
         uint64_t requests;  /* requests posted by native code */
         uint64_t accesses;  /* accesses done by hsm_kvm_loop */
+        uint64_t spin_hits; /* completions found while polling */
         unsigned char *head;  /* the private request: type .. end of reqs (HSM_HEAD_LEN) */
         struct hsm_ring *ring;
         unsigned gen;     /* bumped by stop and reset: leave the wait */
@@ -276,10 +281,14 @@ ffibuilder.set_source(
     /* The native upcall (hypervisor side of the seam): a VM's handler that
        Hypercalls.set_native_upcall installs. post() gets a request whose head is
        written nowhere yet, under the VM's gate: 1 it dispatched the request
-       itself, 0 it left it (post it PENDING and raise the upcall), < 0 -errno. */
+       itself, 0 it left it (post it PENDING and raise the upcall), < 0 -errno.
+       flush(), in the same thread once the gate is released, does what post()
+       put off: waking other threads while holding the gate would let them run
+       into it (on one CPU, a wake-up preempts the waker before it unlocks). */
     struct hsm_native_upcall {
         int (*post)(struct hsm_native_upcall *self, int pid, uint64_t slot,
                     const unsigned char *head);
+        void (*flush)(struct hsm_native_upcall *self);
     };
 
     /* ---- The HSM's express path (hsm/express.py) --------------------------
@@ -338,7 +347,23 @@ ffibuilder.set_source(
         int alert_fd;         /* eventfd written on a refusal (Python logs it), or -1 */
         const struct hsm_xioeventfd *iofds;  /* the VM's ioeventfds, in order */
         uint32_t niofds;
+        int busy;             /* deferred writes under way (hsm_x_out); close waits */
     };
+
+    /* Replies and wake-ups taken under the VM's lock and written after it is
+       released (a thread's own, so no lock): a thread woken on this CPU would
+       otherwise preempt the writer inside its lock and block on it. While set,
+       x->busy counts it, and hsm_x_close waits for that before the fds go. */
+    #define HSM_X_OUT_MAX 8
+    struct hsm_x_out {
+        struct hsm_xvm *x;    /* NULL: nothing put off */
+        int fd;
+        int err;
+        uint32_t n;
+        uint64_t unique[HSM_X_OUT_MAX];
+        int wake_fd;          /* a vCPU's completion eventfd, or -1 */
+    };
+    static __thread struct hsm_x_out hsm_x_out;
 
     /* The VMs the prefilter serves. Its lock is taken before a VM's. */
     struct hsm_express { pthread_mutex_t lock; uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX]; };
@@ -374,6 +399,7 @@ ffibuilder.set_source(
 
     static int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
                             const unsigned char *head);
+    static void hsm_x_flush(struct hsm_native_upcall *self);
 
     static void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                            uint32_t vcpu_num)
@@ -384,6 +410,7 @@ ffibuilder.set_source(
         pthread_mutex_init(&x->lock, &a);
         pthread_mutexattr_destroy(&a);
         x->up.post = hsm_x_upcall;
+        x->up.flush = hsm_x_flush;
         x->fd = fd;
         x->fh = fh;
         x->pid = pid;
@@ -409,16 +436,70 @@ ffibuilder.set_source(
     }
 
     /* A reply to an ioctl the kernel sent us: 0 with no data, or -errno. */
-    static void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err)
+    static void hsm_reply_on(int fd, uint64_t unique, int err)
     {
         struct { struct fuse_out_header h; struct fuse_ioctl_out o; } r;
         memset(&r, 0, sizeof r);
         r.h.unique = unique;
         r.h.error = err;
         r.h.len = err ? sizeof r.h : sizeof r;
-        if (x->fd >= 0 && write(x->fd, &r, r.h.len) < 0) {
+        if (fd >= 0 && write(fd, &r, r.h.len) < 0) {
             /* ENOENT: the caller is gone (interrupted, killed); nothing to do */
         }
+    }
+    static void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err)
+    {
+        hsm_reply_on(x->fd, unique, err);
+    }
+
+    /* Locked: this thread's hsm_x_out, for x (one VM per flush). NULL when x
+       is closed or the out is taken by another VM (then write under the lock). */
+    static struct hsm_x_out *hsm_x_defer(struct hsm_xvm *x)
+    {
+        struct hsm_x_out *o = &hsm_x_out;
+        if (x->fd < 0 || (o->x && o->x != x))
+            return NULL;
+        if (!o->x) {
+            o->x = x;
+            o->fd = x->fd;
+            o->err = 0;
+            o->n = 0;
+            o->wake_fd = -1;
+            __atomic_add_fetch(&x->busy, 1, __ATOMIC_ACQ_REL);
+        }
+        return o;
+    }
+
+    /* Locked: a reply to write once the lock is released. */
+    static void hsm_x_reply_later(struct hsm_xvm *x, uint64_t unique)
+    {
+        struct hsm_x_out *o = hsm_x_defer(x);
+        if (!o || o->n >= HSM_X_OUT_MAX) {
+            hsm_x_reply(x, unique, 0);
+            return;
+        }
+        o->unique[o->n++] = unique;
+    }
+
+    /* Unlocked: write what this thread put off, then let hsm_x_close go on. */
+    static void hsm_x_flush_out(void)
+    {
+        struct hsm_x_out *o = &hsm_x_out;
+        struct hsm_xvm *x = o->x;
+        uint64_t one = 1;
+        if (!x)
+            return;
+        if (o->wake_fd >= 0 && write(o->wake_fd, &one, sizeof one) < 0) { /* a full counter wakes */ }
+        for (uint32_t i = 0; i < o->n; i++)
+            hsm_reply_on(o->fd, o->unique[i], o->err);
+        o->x = NULL;
+        __atomic_sub_fetch(&x->busy, 1, __ATOMIC_ACQ_REL);
+    }
+
+    static void hsm_x_flush(struct hsm_native_upcall *self)
+    {
+        (void)self;
+        hsm_x_flush_out();
     }
 
     /* Answer every blocked ATTACH; locked. */
@@ -494,6 +575,10 @@ ffibuilder.set_source(
         x->nranges = 0;
         x->iofds = NULL;
         x->niofds = 0;
+        /* writes put off before fd was -1 still use the fds: let them finish
+           (they take no lock, so holding it here cannot stop them) */
+        while (__atomic_load_n(&x->busy, __ATOMIC_ACQUIRE))
+            sched_yield();
         for (int i = 0; i < x->nfds; i++)
             close(x->wake_fds[i]);
         x->nfds = 0;
@@ -619,8 +704,9 @@ ffibuilder.set_source(
        1 dispatched here (to the default client: PENDING, then kernel_handled 0
        and PROCESSING, its bit, its waiters answered; or completed by the
        ioeventfd handler), 0 not the express path's (the caller posts it PENDING
-       and raises the upcall), < 0 a fault. */
-    static int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head)
+       and raises the upcall), < 0 a fault. The answers to parked ATTACH calls
+       are put off: the caller flushes them (hsm_x_flush_out). */
+    static int hsm_x_dispatch(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head)
     {
         static const uint32_t kh_processing[2] = { 0, ACRN_IOREQ_STATE_PROCESSING };
         uint64_t i = (slot - x->page) >> 8;
@@ -635,7 +721,9 @@ ffibuilder.set_source(
             if (r == 0) {
                 x->defaults++;
                 x->bitmap |= (uint64_t)1 << i;
-                hsm_x_answer_parked(x, 0);
+                for (uint32_t k = 0; k < x->nparked; k++)
+                    hsm_x_reply_later(x, x->parked[k]);  /* after the gate: flush() */
+                x->nparked = 0;
                 r = 1;
             }
         }
@@ -643,10 +731,19 @@ ffibuilder.set_source(
         return r;
     }
 
+    /* hsm_x_dispatch, flushed: what the post path does, in one call (tests). */
+    static int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head)
+    {
+        int r = hsm_x_dispatch(x, pid, slot, head);
+        hsm_x_flush_out();
+        return r;
+    }
+
+    /* The vCPU's post, under its VM's gate; flush() follows once the gate is released. */
     static int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
                             const unsigned char *head)
     {
-        return hsm_x_post((struct hsm_xvm *)self, pid, slot, head);
+        return hsm_x_dispatch((struct hsm_xvm *)self, pid, slot, head);
     }
 
     /* ATTACH_IOREQ_CLIENT: level-triggered; past HSM_X_PARKED_MAX waiters, EAGAIN
@@ -660,7 +757,7 @@ ffibuilder.set_source(
         }
         x->attaches++;
         if (x->bitmap) {
-            hsm_x_reply(x, unique, 0);
+            hsm_x_reply_later(x, unique);
         } else if (x->nparked >= HSM_X_PARKED_MAX) {
             uint64_t one = 1;
             x->refused++;
@@ -672,6 +769,7 @@ ffibuilder.set_source(
             x->parked[x->nparked++] = unique;
         }
         pthread_mutex_unlock(&x->lock);
+        hsm_x_flush_out();
         return 1;
     }
 
@@ -698,9 +796,19 @@ ffibuilder.set_source(
             goto python;
         x->bitmap &= ~((uint64_t)1 << n.vcpu);
         x->notified++;
-        hsm_x_completed(x, n.vcpu, polling);
-        hsm_x_reply(x, unique, 0);
+        {
+            struct hsm_x_out *o = hsm_x_defer(x);
+            if (o && o->n < HSM_X_OUT_MAX && o->wake_fd < 0) {
+                if (!polling)
+                    o->wake_fd = x->wake_fds[n.vcpu];  /* hsm_x_completed's write */
+                o->unique[o->n++] = unique;
+            } else {
+                hsm_x_completed(x, n.vcpu, polling);
+                hsm_x_reply(x, unique, 0);
+            }
+        }
         pthread_mutex_unlock(&x->lock);
+        hsm_x_flush_out();
         return 1;
     python:
         pthread_mutex_unlock(&x->lock);
@@ -777,6 +885,13 @@ ffibuilder.set_source(
         return 0;
     }
 
+    static uint64_t hsm_now_ns(void)
+    {
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+    }
+
     /* w->head, the private request, is written before PENDING. value_len: 0 for
        a write, else the bytes of the read value (4 PIO, 8 MMIO), copied back into
        the head as ACRN copies the result into its request. */
@@ -793,6 +908,7 @@ ffibuilder.set_source(
         ssize_t r = 0;
         unsigned gen;
         int posted;
+        uint64_t spin_until;
 
         /* A wake left over from before (a kick) is not drained here: the wait below
            re-reads the state word on every wake and only a COMPLETE ends it. */
@@ -807,6 +923,8 @@ ffibuilder.set_source(
             r = hsm_remote_write2(w->pid, w->slot, head, head_len,
                                   w->slot + HSM_SLOT_STATE, &pending, sizeof pending);
         pthread_mutex_unlock(&g->lock);
+        if (up)
+            up->flush(up);
         if (posted < 0) {
             errno = -posted;
             return hsm_sc_fault(w, HSM_SC_POST, -1);
@@ -821,8 +939,26 @@ ffibuilder.set_source(
             if (write(upcall_fd, &n, sizeof n) < 0) { /* a full counter: a pass is due anyway */ }
         }
         w->waiting = 1;
+        spin_until = w->spin_ns ? hsm_now_ns() + w->spin_ns : 0;
         for (;;) {
-            int k = poll(&p, 1, w->probe_ms);
+            int k;
+            if (spin_until) {
+                /* a vCPU with a CPU of its own: look for the completion before
+                   sleeping, behind anything else runnable on that CPU */
+                k = poll(&p, 1, 0);
+                if (k == 0) {
+                    if (hsm_now_ns() < spin_until) {
+                        sched_yield();
+                        continue;
+                    }
+                    spin_until = 0;
+                    continue;
+                }
+                if (k > 0)
+                    w->spin_hits++;
+            } else {
+                k = poll(&p, 1, w->probe_ms);
+            }
             if (k < 0) {
                 if (errno == EINTR)
                     continue;  /* a kick's signal; the eventfd says whether to look */
@@ -884,12 +1020,6 @@ ffibuilder.set_source(
         uint64_t mmio_exits;
     };
 
-    static uint64_t hsm_now_ns(void)
-    {
-        struct timespec t;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-    }
 
     static void hsm_eat_kicks(int sig)
     {

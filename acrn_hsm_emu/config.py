@@ -61,6 +61,9 @@ class Settings:
     ioeventfd_mismatch: str = "drop"
     express: str = "on"
     express_poll_us: int = 200
+    service_cpus: tuple[int, ...] = ()  # (): wherever the scheduler puts the daemon
+    vcpu_cpus: tuple[int, ...] = ()  # (): vCPU threads run on any CPU
+    vcpu_poll_us: int = 200
     config_file: str | None = None  # the file that was read, if any
 
     @property
@@ -149,6 +152,50 @@ def _int_range(lo: int, hi: int) -> Callable[[Any, Path], int]:
     return check
 
 
+def format_cpus(cpus: Iterable[int]) -> str:
+    """The cpuset list form of ``cpus``: ``0-2,5``."""
+    out: list[str] = []
+    run: list[int] = []
+    for c in sorted(set(cpus)):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def _cpu_list(value: Any, _base: Path) -> tuple[int, ...]:
+    """Host CPUs in the list form of taskset and cpusets (``1``, ``0,2-3``), each
+    one this process may run on (its affinity at start, which systemd's
+    ``CPUAffinity=`` or a container's cpuset narrows)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f'must be a CPU list like "1" or "0,2-3", not {_describe(value)}')
+    allowed = os.sched_getaffinity(0)
+    cpus: set[int] = set()
+    for part in value.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f'must be a CPU list like "1" or "0,2-3", not {value!r}')
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"{part!r} is a range that ends before it starts")
+        # a part beyond the last allowed CPU is named whole (and never expanded)
+        missing = part if last > max(allowed) else format_cpus(set(range(first, last + 1)) - allowed)
+        if missing:
+            raise ValueError(
+                f"this process may not run on CPU {missing} (it may run on {format_cpus(allowed)})"
+            )
+        wanted = set(range(first, last + 1))
+        cpus |= wanted
+    return tuple(sorted(cpus))
+
+
 def _id(kind: str, lookup: Callable[[str], Any]) -> Callable[[Any, Path], int]:
     """A user or group: a name, or a number (TOML integer or digits)."""
 
@@ -219,6 +266,28 @@ KEYS: dict[str, Key] = {
             _int_range(0, 1000),
             "the most microseconds the express reader polls after an answer before it "
             "sleeps (adaptive, as KVM's halt polling): 0 never polls; default 200",
+            "N",
+        ),
+        Key(
+            "service_cpus",
+            _cpu_list,
+            "host CPUs for the daemon's own threads, the Service VM's side (default: "
+            "any); run the device model there too, e.g. with taskset",
+            "CPUS",
+        ),
+        Key(
+            "vcpu_cpus",
+            _cpu_list,
+            "host CPUs that stand for the scenario's pCPUs: each vCPU thread is pinned "
+            "to the CPU of its pCPU (pCPU n on the n-th listed, wrapping), as ACRN runs a "
+            "vCPU on its pCPU (default: vCPU threads run on any CPU)",
+            "CPUS",
+        ),
+        Key(
+            "vcpu_poll_us",
+            _int_range(0, 1000),
+            "with vcpu_cpus, the most microseconds a vCPU waiting for its request's "
+            "completion polls before it sleeps (as KVM's halt_poll_ns): 0 never; default 200",
             "N",
         ),
     )
@@ -294,7 +363,8 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
     )
     for name in (
         "node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level",
-        "ioeventfd_mismatch", "express", "express_poll_us",
+        "ioeventfd_mismatch", "express", "express_poll_us", "service_cpus", "vcpu_cpus",
+        "vcpu_poll_us",
     ):  # fmt: skip
         if name in values:
             setattr(settings, name, values[name])
@@ -338,4 +408,8 @@ def render(settings: Settings) -> str:
         f"express = {q(settings.express)}",
         f"express_poll_us = {settings.express_poll_us}",
     ]
+    for name in ("service_cpus", "vcpu_cpus"):
+        cpus: tuple[int, ...] = getattr(settings, name)
+        lines.append(f"{name} = {q(format_cpus(cpus))}" if cpus else f"# {name}: any")
+    lines.append(f"vcpu_poll_us = {settings.vcpu_poll_us}")
     return "\n".join(lines)

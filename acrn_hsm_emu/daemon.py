@@ -89,7 +89,11 @@ class Daemon:
         self.notifier = Notifier()
         try:
             self.hypervisor = Hypervisor(
-                settings.scenario, backend=settings.backend, workload=settings.workload
+                settings.scenario,
+                backend=settings.backend,
+                workload=settings.workload,
+                vcpu_cpus=settings.vcpu_cpus,
+                vcpu_poll_us=settings.vcpu_poll_us,
             )
         except (OSError, ValueError) as e:
             raise StartError(str(e)) from None
@@ -359,6 +363,11 @@ class Daemon:
             "transport": self.server.transport if self.server else None,
             "reader": self.server.session.reader_snapshot() if self.server else {"native": False},
             "backend": self.settings.backend,
+            "placement": {
+                "service_cpus": sorted(os.sched_getaffinity(0)),
+                "vcpu_cpus": list(self.settings.vcpu_cpus) or None,
+                "vcpu_poll_us": self.settings.vcpu_poll_us if self.settings.vcpu_cpus else 0,
+            },
             "hsm": self.device.snapshot(hv),
             "hypervisor": hv,
         }

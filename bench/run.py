@@ -235,14 +235,15 @@ def write_workload(path: pathlib.Path, kind: str, vcpus: int) -> None:
 
 
 def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]], seconds: float,
-               cpus: str | None = None) -> dict[str, float]:
+               cpus: str | None = None, client_cpus: str | None = None) -> dict[str, float]:
     """Clients serve the daemon's VMs for ``seconds``: throughput, cycle times,
-    daemon CPU. ``cpus``: the daemon and the clients run on these CPUs only."""
+    daemon CPU. ``cpus``: the daemon and the clients run on these CPUs only;
+    ``client_cpus``: the clients only (the daemon places itself)."""
     with daemon(tmp, *serve_args, cpus=cpus) as d:
         procs = []
         try:
             for argv in clients:
-                p = subprocess.Popen([*pinned(cpus), argv[0], str(d["node"]), *argv[1:]],
+                p = subprocess.Popen([*pinned(client_cpus or cpus), argv[0], str(d["node"]), *argv[1:]],
                                      stdout=subprocess.PIPE, text=True)
                 assert p.stdout is not None
                 p.stdout.readline()  # vmid=.. vcpu_num=..: the VM runs
@@ -374,19 +375,31 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Throughput with 2 vCPUs over 1 (one VM, PIO), both backends: 1 and 2 vCPUs
     alternate round by round, the ratio is the median of the rounds' ratios.
 
-    Then the same with KVM in three placements, side by side: as the scheduler
-    places the threads (``free``), the daemon and the device model on one CPU
+    Then the same in other placements, side by side: ACRN's partition
+    (``_partitioned``: the daemon's threads and the device model on the first
+    CPU, the Service VM's side, the vCPU threads on the last, with
+    ``--service-cpus`` and ``--vcpu-cpus``; the vCPUs poll for their
+    completions unless ``_no_vcpu_polling``), everything on one CPU
     (``one_cpu``), and with the express reader's polling off (``no_polling``):
     how much of the figure is the cost of waking threads on other CPUs.
     """
     out: dict[str, Any] = {}
-    kinds: list[tuple[str, Callable[[pathlib.Path, str, int], Setup], list[str], str | None]] = [
-        ("scripted", scripted_setup, [], None)]
+    cpu_list = sorted(os.sched_getaffinity(0))
+    service, guest = str(cpu_list[0]), str(cpu_list[-1])
+    partition = ["--service-cpus", service, "--vcpu-cpus", guest]
+    kinds: list[tuple[str, Callable[[pathlib.Path, str, int], Setup], list[str], str | None, str | None]] = [
+        ("scripted", scripted_setup, [], None, None)]
+    if len(cpu_list) > 1:
+        kinds.append(("scripted_partitioned", scripted_setup, partition, None, service))
     if kvm_usable():
-        kinds.append(("kvm", kvm_setup, [], None))
-        kinds.append(("kvm_no_polling", kvm_setup, ["--express-poll-us", "0"], None))
-        kinds.append(("kvm_one_cpu", kvm_setup, [], str(min(os.sched_getaffinity(0)))))
-    for name, setup, extra, cpus in kinds:
+        kinds.append(("kvm", kvm_setup, [], None, None))
+        if len(cpu_list) > 1:
+            kinds.append(("kvm_partitioned", kvm_setup, partition, None, service))
+            kinds.append(("kvm_partitioned_no_vcpu_polling", kvm_setup, [*partition, "--vcpu-poll-us", "0"],
+                          None, service))
+        kinds.append(("kvm_no_polling", kvm_setup, ["--express-poll-us", "0"], None, None))
+        kinds.append(("kvm_one_cpu", kvm_setup, [], service, None))
+    for name, setup, extra, cpus, client_cpus in kinds:
         ratios_: list[float] = []
         per_s: dict[int, list[float]] = {1: [], 2: []}
         busy: dict[int, list[float]] = {1: [], 2: []}
@@ -394,7 +407,8 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
             rows = []
             for vcpus in (1, 2):
                 serve, client = setup(tmp, "pio", vcpus)
-                rows.append(run_cycles(tmp, serve + extra, [client], args.seconds, cpus=cpus))
+                rows.append(run_cycles(tmp, serve + extra, [client], args.seconds, cpus=cpus,
+                                       client_cpus=client_cpus))
                 if "requests_per_s" in rows[-1]:
                     per_s[vcpus].append(rows[-1]["requests_per_s"])
                     busy[vcpus].append(rows[-1]["host_cpus_busy"])

@@ -45,6 +45,12 @@ BAD = [
     ("express_poll_us = 5000\n", "express_poll_us", "must be from 0 to 1000, not 5000"),
     ('express_poll_us = "fast"\n', "express_poll_us", "must be a whole number from 0 to 1000, not 'fast'"),
     ("express_poll_us = 2.5\n", "express_poll_us", "must be a whole number from 0 to 1000, not 2.5"),
+    ('vcpu_cpus = "one"\n', "vcpu_cpus", 'must be a CPU list like "1" or "0,2-3", not \'one\''),
+    ('vcpu_cpus = "1,"\n', "vcpu_cpus", 'must be a CPU list like "1" or "0,2-3", not \'1,\''),
+    ("service_cpus = 1.5\n", "service_cpus", 'must be a CPU list like "1" or "0,2-3", not 1.5'),
+    ('service_cpus = "3-1"\n', "service_cpus", "'3-1' is a range that ends before it starts"),
+    ('vcpu_cpus = "4095"\n', "vcpu_cpus",
+     f"this process may not run on CPU 4095 (it may run on {config.format_cpus(os.sched_getaffinity(0))})"),
 ]
 
 
@@ -152,6 +158,24 @@ def test_check_config_output_is_a_config_that_round_trips(tmp_path):
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines()[1:] == first.stdout.splitlines()[1:]
     assert config.load(str(again)).node_uid == pwd.getpwnam("nobody").pw_uid
+
+
+def test_cpu_list_forms_and_their_round_trip(tmp_path):
+    """taskset's list form, in a file or a flag; check-config prints it back
+    folded into ranges; unset means any CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    s = config.load(str(write(tmp_path, f"vcpu_cpus = {cpus[-1]}\n")), {"service_cpus": f" {cpus[0]} "})
+    assert (s.vcpu_cpus, s.service_cpus) == ((cpus[-1],), (cpus[0],))
+    every = ",".join(str(c) for c in reversed(cpus)) + f",{cpus[0]}"  # out of order, repeated
+    s = config.load(None, {"vcpu_cpus": every})
+    assert s.vcpu_cpus == tuple(cpus)
+    assert config.format_cpus([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert config.load(None, {}).vcpu_cpus == config.load(None, {}).service_cpus == ()
+    cfg = write(tmp_path, f'vcpu_cpus = "{every}"\n')
+    out = run("check-config", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert f'vcpu_cpus = "{config.format_cpus(cpus)}"' in out.stdout.splitlines()
+    assert "# service_cpus: any" in out.stdout.splitlines()
 
 
 def test_socket_path_length_is_checked():

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import time
 
 import pytest
 
+from acrn_hsm_emu.config import format_cpus
 from tests.conftest import mounted_under
 from tests.support.answers import pci_answer, pio_answer
 from tests.support.cbuild import build_c
@@ -122,3 +125,74 @@ def test_the_readers_polling_window_stays_shut_for_sparse_requests(hsm_daemon):
     assert reader["native"] and reader["answered"] >= 10  # 5 x (NOTIFY + ATTACH)
     assert reader["poll_max_us"] == 200
     assert reader["poll_window_us"] <= 10 and reader["poll_hits"] == 0
+
+
+def threads_of(pid: int) -> list[tuple[str, str]]:
+    """(name, Cpus_allowed_list) of each thread of ``pid``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            name = f.read().strip()
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            allowed = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("Cpus_allowed_list:"))
+        out.append((name, allowed))
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="placement needs two CPUs this process may use")
+@pytest.mark.parametrize("placement", ["pinned", "pinned-no-polling", "unset"])
+def test_service_and_vcpu_cpus_place_the_threads_as_acrn_partitions_pcpus(daemon_factory, tmp_path, placement):
+    """--service-cpus confines the daemon's own threads; --vcpu-cpus pins each
+    vCPU thread to the CPU standing for its pCPU (pCPU n on the n-th listed,
+    wrapping): a VM on pCPUs 1 and 2 with the list "A,B" has vCPU 0 on B and
+    vCPU 1 on A, and a pinned vCPU polls for its completions (unless
+    --vcpu-poll-us 0). Unset, vCPU threads may run anywhere, not only where
+    the daemon's threads are confined, and never poll."""
+    cpus = sorted(os.sched_getaffinity(0))
+    a, b = cpus[0], cpus[-1]
+    wl = tmp_path / "writes.json"
+    steps = [{"op": "pio", "port": 0x500, "size": 4, "write": True, "value": 1}]
+    wl.write_text(json.dumps({"vcpu": [{"id": v, "repeat": 0, "steps": steps} for v in (0, 1)]}))
+    flags = ["--backend", "scripted", "--workload", str(wl), "--service-cpus", str(a)]
+    if placement != "unset":
+        flags += ["--vcpu-cpus", f"{a},{b}"]
+    if placement == "pinned-no-polling":
+        flags += ["--vcpu-poll-us", "0"]
+    d = daemon_factory(*flags)
+    dm = build_c("dm_loop")
+    proc = subprocess.Popen([str(dm), str(d.node), "0x6"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        vmid = int(proc.stdout.readline().split()[0].split("=")[1])
+        for _ in range(600):  # until both vCPUs have done some requests
+            st = json.loads(d.cli("status", "--json").stdout)
+            vm = next(v for v in st["hypervisor"]["vms"] if v["vmid"] == vmid)
+            if min(v["requests"] for v in vm["vcpus"]) >= 500:
+                break
+            time.sleep(0.05)
+        threads = threads_of(d.proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    pinned = placement != "unset"
+    everywhere = format_cpus(cpus)
+    expected = {f"vm{vmid}-vcpu0": str(b), f"vm{vmid}-vcpu1": str(a)} if pinned else {
+        f"vm{vmid}-vcpu0": everywhere, f"vm{vmid}-vcpu1": everywhere}
+    assert {n: allowed for n, allowed in threads if n.startswith(f"vm{vmid}-vcpu")} == expected, threads
+    others = [(n, allowed) for n, allowed in threads if not n.startswith("vm")]
+    assert "cdev-rx" in {n for n, _ in others}, threads  # the express reader, named
+    assert all(allowed == str(a) for _, allowed in others), threads
+    assert [v["pcpu"] for v in vm["vcpus"]] == [1, 2]
+    assert [v["host_cpus"] for v in vm["vcpus"]] == ([[b], [a]] if pinned else [cpus, cpus])
+    assert min(v["requests"] for v in vm["vcpus"]) >= 500, vm
+    polled = [v["completions_polled"] for v in vm["vcpus"]]
+    if placement == "pinned":  # most completions come within 200 us of the request
+        assert all(n > 0 for n in polled), vm
+    else:
+        assert polled == [0, 0], vm
+    assert st["placement"] == {
+        "service_cpus": [a],
+        "vcpu_cpus": [a, b] if pinned else None,
+        "vcpu_poll_us": {"pinned": 200, "pinned-no-polling": 0, "unset": 0}[placement],
+    }

@@ -138,11 +138,14 @@ def t_config(s: Scene) -> str:
     cfg2.write_text('node = "relative"\nnode_mode = 660\nnode_owner = "no-such-user-here"\n'
                     'express_poll_us = "soon"\n')
     cfg3 = d / "config3.toml"
-    cfg3.write_text("express_poll_us = 5000\n")
+    cfg3.write_text('express_poll_us = 5000\nservice_cpus = "3-1"\nvcpu_cpus = "4095"\n')
+    cfg4 = d / "config4.toml"
+    cfg4.write_text('vcpu_cpus = "all"\n')
     return "\n".join([
         cli("check-config", "--config", str(cfg)),
         cli("check-config", "--config", str(cfg2)),
         cli("check-config", "--config", str(cfg3)),
+        cli("check-config", "--config", str(cfg4)),
         cli("check-config", "--config", str(d / "missing.toml")),
     ])
 
@@ -652,6 +655,9 @@ MESSAGES = {
     "<source>: <key>: must be a whole number from <lo> to <hi>, not <value>": "config",
     "<source>: <key>: must be from <lo> to <hi>, not <n>": "config",
     "<source>: <key>: <value> is not a permission mode within 0777<hint>": "config",
+    '<source>: <key>: must be a CPU list like "1" or "0,2-3", not <value>': "config",
+    "<source>: <key>: <range> is a range that ends before it starts": "config",
+    "<source>: <key>: this process may not run on CPU <cpus> (it may run on <allowed>)": "config",
     "<source>: <key>: must be a <kind> name or number, not <value>": "config",
     "<source>: <key>: <kind> id <n> is out of range": "config",
     "<source>: <key>: no such <kind> <name>": "config",

@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from acrn_hsm_emu.hypervisor.scenario import (
     load_scenario,
 )
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted, Vcpu
-from acrn_hsm_emu.hypervisor.vm import PAGE_SIZE, EptMapping, Vm, VmState
+from acrn_hsm_emu.hypervisor.vm import PAGE_SIZE, EptMapping, Placement, Vm, VmState
 from acrn_hsm_emu.hypervisor.workload import Workload, check_access
 from acrn_hsm_emu.memory import MemoryFault, SharedPage
 
@@ -96,12 +96,15 @@ class Hypervisor:
         scenario: Scenario | str | Path | None = None,
         backend: str | Backend = "scripted",
         workload: Workload | str | Path | None = None,
+        vcpu_cpus: Sequence[int] = (),
+        vcpu_poll_us: int = 200,
     ) -> None:
         if scenario is None:
             scenario = default_scenario()
         elif not isinstance(scenario, Scenario):
             scenario = load_scenario(scenario)
         self.scenario = scenario
+        self.placement = Placement(tuple(vcpu_cpus), frozenset(os.sched_getaffinity(0)), vcpu_poll_us * 1000)
         if workload is not None and not isinstance(workload, Workload):
             workload = Workload.load(workload)
         if isinstance(backend, str):
@@ -134,6 +137,7 @@ class Hypervisor:
             acrn=scenario.acrn,
             privileged=scenario.privileged,
             backend=self.backend.name,
+            vcpu_cpus=list(self.placement.vcpu_cpus) or "any",
         )
 
     # ----- helpers -------------------------------------------------------------------
@@ -168,6 +172,7 @@ class Hypervisor:
             slot.guest_flags,
             affinity,
             lambda: self._upcall,
+            self.placement,
             lambda leaf, sub, svc=(abs_id == self._sid): cpuid_mod.cpuid(
                 self.scenario, leaf, sub, service_vm=svc
             ),

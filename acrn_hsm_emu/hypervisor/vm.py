@@ -31,6 +31,29 @@ _log = structlog.get_logger(__name__)
 PAGE_SIZE = 4096
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where vCPU threads run. ``vcpu_cpus`` stand for the scenario's pCPUs: a
+    vCPU on pCPU n is pinned to ``vcpu_cpus[n % len]``, as ACRN runs a vCPU on
+    its pCPU, and waiting for a completion it polls up to ``poll_ns`` before it
+    sleeps (``hsm_slot_cycle``), as KVM polls before halting. Empty: anywhere in
+    ``anywhere`` (the process's CPUs when the hypervisor was made; the daemon
+    may narrow its own threads later), and no polling."""
+
+    vcpu_cpus: tuple[int, ...]
+    anywhere: frozenset[int]
+    poll_ns: int = 0
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.vcpu_cpus)
+
+    def host_cpus(self, pcpu: int) -> frozenset[int]:
+        if self.vcpu_cpus:
+            return frozenset({self.vcpu_cpus[pcpu % len(self.vcpu_cpus)]})
+        return self.anywhere
+
+
 class VmState(enum.IntEnum):
     """``enum vm_state`` (vm.h)."""
 
@@ -211,6 +234,7 @@ class Vm:
         guest_flags: int,
         cpu_affinity: int,
         upcall: Callable[[], Callable[[], None] | None],
+        placement: Placement,
         cpuid: Callable[[int, int], tuple[int, int, int, int]],
     ) -> None:
         self.abs_id = abs_id
@@ -237,6 +261,7 @@ class Vm:
         self.unreset: set[int] = set()  # vCPUs yet to apply a RESET_VM (see Vcpu._loop)
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
         self.get_upcall = upcall
+        self.placement = placement
         # api.NativeUpcall: what a vCPU's native request cycle calls instead of
         # raising the upcall (set_native_upcall); None: the upcall.
         self.native_upcall: NativeUpcall | None = None
