@@ -564,6 +564,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         out["kvm_pio_cycle_vs_kvm_exit_plus_2x_c_rt"] = ck["pio"]["cycle_p50_us"] / (kvm + 2 * rt)
     if "ratio_to_floor" in ck.get("pio", {}):  # floors measured right before each round
         out["kvm_pio_cycle_vs_floor_measured_beside"] = ck["pio"]["ratio_to_floor"]
+    same = fl.get("c_libfuse_null_ioctl_same_cpu_us", {}).get("p50")
+    one_cpu = results.get("scaling", {}).get("kvm_one_cpu", {}).get("per_s_1vcpu")
+    if kvm and same and one_cpu:  # like for like: ours and the floor, each on one CPU
+        out["kvm_pio_one_cpu_cycle_vs_one_cpu_floor"] = (1e6 / one_cpu) / (kvm + 2 * same)
     for name, row in results.get("scaling", {}).items():
         out[f"{name}_scaling_1_to_2_vcpus"] = row["median"]
     return out
