@@ -358,7 +358,6 @@ ffibuilder.set_source(
     struct hsm_x_out {
         struct hsm_xvm *x;    /* NULL: nothing put off */
         int fd;
-        int err;
         uint32_t n;
         uint64_t unique[HSM_X_OUT_MAX];
         int wake_fd;          /* a vCPU's completion eventfd, or -1 */
@@ -462,7 +461,6 @@ ffibuilder.set_source(
         if (!o->x) {
             o->x = x;
             o->fd = x->fd;
-            o->err = 0;
             o->n = 0;
             o->wake_fd = -1;
             __atomic_add_fetch(&x->busy, 1, __ATOMIC_ACQ_REL);
@@ -491,7 +489,7 @@ ffibuilder.set_source(
             return;
         if (o->wake_fd >= 0 && write(o->wake_fd, &one, sizeof one) < 0) { /* a full counter wakes */ }
         for (uint32_t i = 0; i < o->n; i++)
-            hsm_reply_on(o->fd, o->unique[i], o->err);
+            hsm_reply_on(o->fd, o->unique[i], 0);
         o->x = NULL;
         __atomic_sub_fetch(&x->busy, 1, __ATOMIC_ACQ_REL);
     }
@@ -652,11 +650,18 @@ ffibuilder.set_source(
     }
 
     /* A completed slot: the vCPU learns it from its completion eventfd unless it
-       polls the state (HC_NOTIFY_REQUEST_FINISH's effect). Locked. */
+       polls the state (HC_NOTIFY_REQUEST_FINISH's effect). Locked; the write is
+       put off until the lock is released (hsm_x_out) where it can be. */
     static void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling)
     {
+        struct hsm_x_out *o;
         uint64_t one = 1;
-        if (!polling && write(x->wake_fds[i], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
+        if (polling)
+            return;
+        o = hsm_x_defer(x);
+        if (o && o->wake_fd < 0)
+            o->wake_fd = x->wake_fds[i];
+        else if (write(x->wake_fds[i], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
     }
 
     /* acrn_ioeventfd_handler for slot i, in the vCPU's thread; locked. Reads get
@@ -796,17 +801,8 @@ ffibuilder.set_source(
             goto python;
         x->bitmap &= ~((uint64_t)1 << n.vcpu);
         x->notified++;
-        {
-            struct hsm_x_out *o = hsm_x_defer(x);
-            if (o && o->n < HSM_X_OUT_MAX && o->wake_fd < 0) {
-                if (!polling)
-                    o->wake_fd = x->wake_fds[n.vcpu];  /* hsm_x_completed's write */
-                o->unique[o->n++] = unique;
-            } else {
-                hsm_x_completed(x, n.vcpu, polling);
-                hsm_x_reply(x, unique, 0);
-            }
-        }
+        hsm_x_completed(x, n.vcpu, polling);
+        hsm_x_reply_later(x, unique);
         pthread_mutex_unlock(&x->lock);
         hsm_x_flush_out();
         return 1;
