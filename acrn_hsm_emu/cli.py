@@ -181,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         daemon = Daemon(settings, command)
         if settings.service_cpus:
             # Before trio starts: every thread the daemon makes from here inherits it;
-            # vCPU threads set their own (Hypervisor.host_cpus).
+            # vCPU threads set their own (vm.Placement.host_cpus).
             os.sched_setaffinity(0, settings.service_cpus)
         trio.run(daemon.run)
     except* StartError as group:  # maybe raised inside the daemon's nurseries

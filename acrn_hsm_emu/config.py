@@ -154,18 +154,13 @@ def _int_range(lo: int, hi: int) -> Callable[[Any, Path], int]:
 
 def format_cpus(cpus: Iterable[int]) -> str:
     """The cpuset list form of ``cpus``: ``0-2,5``."""
-    out: list[str] = []
-    run: list[int] = []
+    runs: list[list[int]] = []
     for c in sorted(set(cpus)):
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [c]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _cpu_list(value: Any, _base: Path) -> tuple[int, ...]:
@@ -186,12 +181,12 @@ def _cpu_list(value: Any, _base: Path) -> tuple[int, ...]:
         if last < first:
             raise ValueError(f"{part!r} is a range that ends before it starts")
         # a part beyond the last allowed CPU is named whole (and never expanded)
-        missing = part if last > max(allowed) else format_cpus(set(range(first, last + 1)) - allowed)
+        wanted = set(range(first, last + 1)) if last <= max(allowed) else set()
+        missing = format_cpus(wanted - allowed) if wanted else part
         if missing:
             raise ValueError(
                 f"this process may not run on CPU {missing} (it may run on {format_cpus(allowed)})"
             )
-        wanted = set(range(first, last + 1))
         cpus |= wanted
     return tuple(sorted(cpus))
 

@@ -365,8 +365,7 @@ class Daemon:
             "backend": self.settings.backend,
             "placement": {
                 "service_cpus": sorted(os.sched_getaffinity(0)),
-                "vcpu_cpus": list(self.settings.vcpu_cpus) or None,
-                "vcpu_poll_us": self.settings.vcpu_poll_us if self.settings.vcpu_cpus else 0,
+                **self.hypervisor.placement.snapshot(),
             },
             "hsm": self.device.snapshot(hv),
             "hypervisor": hv,

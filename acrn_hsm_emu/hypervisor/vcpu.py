@@ -344,7 +344,7 @@ class Vcpu:
         _name_os_thread(self._thread.name)
         placement = self.vm.placement
         cpus = placement.host_cpus(self.pcpu)
-        self._native.spin_ns = placement.poll_ns if placement.pinned else 0
+        self._native.spin_ns = placement.completion_poll_ns
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as e:  # a CPU taken away since the config was checked

@@ -45,8 +45,15 @@ class Placement:
     poll_ns: int = 0
 
     @property
-    def pinned(self) -> bool:
-        return bool(self.vcpu_cpus)
+    def completion_poll_ns(self) -> int:
+        """How long a vCPU polls for its completion: only a pinned one does."""
+        return self.poll_ns if self.vcpu_cpus else 0
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "vcpu_cpus": list(self.vcpu_cpus) or None,
+            "vcpu_poll_us": self.completion_poll_ns // 1000,
+        }
 
     def host_cpus(self, pcpu: int) -> frozenset[int]:
         if self.vcpu_cpus:
