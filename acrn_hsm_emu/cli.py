@@ -170,13 +170,14 @@ def control_call(path: str, request: dict[str, Any], timeout: float = 60.0) -> A
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from acrn_hsm_emu.daemon import Daemon, StartError, first_exception
+    from acrn_hsm_emu.daemon import Daemon, SessionEnded, StartError, first_exception
 
     settings = config.load(args.config, config.flags(args))
     logs.configure(settings.log_format, settings.log_level)
     settings.backend = resolve_backend(settings.backend)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     error: StartError | None = None
+    lost: SessionEnded | None = None
     try:
         daemon = Daemon(settings, command)
         if settings.service_cpus:
@@ -186,9 +187,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trio.run(daemon.run)
     except* StartError as group:  # maybe raised inside the daemon's nurseries
         error = first_exception(group)
+    except* SessionEnded as group:  # the kernel took the node away while we served it
+        lost = first_exception(group)
     if error is not None:
         structlog.get_logger("acrn_hsm_emu").error("cannot start", reason=str(error))
         print(f"acrn-hsm-emu: {error}", file=sys.stderr)
+        return 1
+    if lost is not None:
+        structlog.get_logger("acrn_hsm_emu").error("node lost", reason=str(lost))
+        print(f"acrn-hsm-emu: {lost}", file=sys.stderr)
         return 1
     return daemon.exit_code
 

@@ -24,6 +24,7 @@ from acrn_hsm_emu import logs
 from acrn_hsm_emu.hypervisor.backends import BACKENDS
 from acrn_hsm_emu.hypervisor.scenario import Scenario, ScenarioError, load_scenario
 from acrn_hsm_emu.hypervisor.workload import Workload, WorkloadError
+from cdev import cuse
 
 DEFAULT_CONFIG = "/etc/acrn-hsm-emu/config.toml"
 DEFAULT_NODE = "/dev/acrn_hsm"
@@ -326,11 +327,24 @@ def _unknown(name: str) -> str:
     return f"unknown key ({hint}known keys: {', '.join(KEYS)})"
 
 
+def _node_for_transport(values: Mapping[str, Any], where: Mapping[str, str]) -> list[str]:
+    """A node path the transport cannot serve (CUSE: only below /dev), as a problem of ``node``."""
+    transport = cuse.available_transport(values.get("transport", Settings.transport))
+    if transport != "cuse" or "node" not in values:
+        return []
+    try:
+        cuse.device_name(values["node"])
+    except cuse.CuseNameError as e:
+        return [f"{where['node']}: {e}"]
+    return []
+
+
 def load(path: str | None = None, overrides: Mapping[str, str] | None = None) -> Settings:
     """Read the file, apply the flags, check everything; :class:`ConfigError` lists every problem."""
     explicit = path is not None
     file = path if path is not None else DEFAULT_CONFIG
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # key -> "SOURCE: KEY" of the value that counts
     problems: list[str] = []
     data = _read(file, explicit)
     base = Path(file).resolve().parent
@@ -340,14 +354,17 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
             continue
         try:
             values[name] = KEYS[name].check(raw, base)
+            where[name] = f"{file}: {name}"
         except ValueError as e:
             problems.append(f"{file}: {name}: {e}")
     for name, raw in (overrides or {}).items():
         key = KEYS[name]
         try:
             values[name] = key.check(raw, Path.cwd())
+            where[name] = f"{COMMAND_LINE}: {key.flag}"
         except ValueError as e:
             problems.append(f"{COMMAND_LINE}: {key.flag}: {e}")
+    problems += _node_for_transport(values, where)
     if problems:
         raise ConfigError(problems)
 

@@ -34,12 +34,14 @@ from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted
 from acrn_hsm_emu.memory import MemoryFault
 from acrn_hsm_emu.sdnotify import Notifier
-from cdev.server import ServeError, Server
+from cdev.server import ServeError, Server, SessionEnded
 
 log = structlog.get_logger("acrn_hsm_emu.daemon")
 ErrorT = TypeVar("ErrorT", bound=BaseException)
 
-__all__ = ["DEFAULT_NODE", "DEFAULT_RUN_DIR", "Daemon", "Settings", "StartError", "first_exception"]
+__all__ = [
+    "DEFAULT_NODE", "DEFAULT_RUN_DIR", "Daemon", "SessionEnded", "Settings", "StartError", "first_exception",
+]
 
 STATUS_POLL_S = 1.0  # how often the VM count is compared for STATUS=
 # The service manager's variables are the daemon's, not its command's.

@@ -180,6 +180,16 @@ class Device(Protocol):
         a coroutine that cdev runs in its own task."""
         ...
 
+    def precheck(self, handle: object, cmd: int, compat: bool) -> int:
+        """Before any of the argument is fetched: 0 to go on, or a negative errno.
+
+        A driver decides some answers before it copies its argument (a state
+        check, an unknown command). Under CUSE, cdev asks this before it asks
+        the kernel for the argument, so a bad pointer does not turn such an
+        answer into EFAULT; under FUSE the kernel has copied it already.
+        """
+        ...
+
     def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
         """The caller of a waiting ioctl got a signal: choose the answer.
 
@@ -237,6 +247,9 @@ class BaseDevice:
         self, handle: object, call: IoctlCall
     ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         return -errno.ENOTTY
+
+    def precheck(self, handle: object, cmd: int, compat: bool) -> int:
+        return 0
 
     def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
         return -errno.EINTR

@@ -12,25 +12,33 @@ import contextlib
 import errno
 import os
 import pathlib
+import select
+import stat
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import trio
 
+from cdev import cuse
 from cdev._fuse import ffi, lib
+from cdev.cuse import available_transport
 from cdev.device import Device
 from cdev.session import Session
 
 log = structlog.get_logger("cdev")
 
 FS_TYPE = "fuse.cdev"
-CUSE_DEVICE = "/dev/cuse"
+CUSE_DEVICE = cuse.CUSE_DEVICE
 FUSE_DEVICE = "/dev/fuse"
 
 
 class ServeError(Exception):
     """Why a node cannot be served: one readable sentence, no traceback needed."""
+
+
+class SessionEnded(ServeError):
+    """The kernel ended a session that was serving (the node is gone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +89,11 @@ def detach(path: str) -> None:
             raise OSError(err, f"unmounting {path}: {os.strerror(err)}")
 
 
-def available_transport(requested: str) -> str:
-    """Resolve ``auto`` to ``cuse`` where the kernel has it, else ``fuse``."""
-    if requested == "auto":
-        return "cuse" if os.path.exists(CUSE_DEVICE) else "fuse"
-    return requested
+def _connection_aborted(fd: int) -> bool:
+    """The kernel aborted the connection on ``fd``: its poll says POLLERR."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _fd, ev in p.poll(0))
 
 
 class Server:
@@ -110,7 +118,13 @@ class Server:
         if self.transport not in ("fuse", "cuse"):
             raise ServeError(f"unknown transport {transport!r} (auto, fuse or cuse)")
         self.run_dir = pathlib.Path(run_dir)
-        self.name = self.node.name
+        if self.transport == "cuse":
+            try:
+                self.name = cuse.device_name(self.node)
+            except cuse.CuseNameError as e:
+                raise ServeError(str(e)) from None
+        else:
+            self.name = self.node.name
         self.session = Session(
             device,
             name=self.name,
@@ -180,10 +194,30 @@ class Server:
                     "(a kernel driver owns that path)"
                 )
             raise ServeError(f"node path {self.node} is busy: not a regular file")
-        if not self.node.exists():
+        record = self.run_dir / f"{self.name}.node"  # which file is our placeholder
+        if self.node.exists():
+            if self._recorded(record) != self._identity(self.node):
+                return  # somebody else's file: bound over, and left as it was
+            # An earlier run was killed before it could remove its placeholder.
+            log.info("taking over the node file of an earlier run", path=str(self.node))
+        else:
             fd = os.open(self.node, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.close(fd)
-            self._created.append(self.node)
+            record.write_text(self._identity(self.node) + "\n")
+        self._created.insert(0, record)
+        self._created.append(self.node)
+
+    @staticmethod
+    def _identity(path: pathlib.Path) -> str:
+        st = os.stat(path)
+        return f"{st.st_dev}:{st.st_ino}"
+
+    @staticmethod
+    def _recorded(record: pathlib.Path) -> str | None:
+        try:
+            return record.read_text().strip()
+        except OSError:
+            return None
 
     def _start_fuse(self) -> int:
         self._check_fuse_device(FUSE_DEVICE)
@@ -216,6 +250,11 @@ class Server:
 
     def _start_cuse(self, ready: trio.Event) -> int:
         self._check_fuse_device(CUSE_DEVICE)
+        if cuse.registered_devt(self.name) is not None:
+            raise ServeError(f"node path {self.node} is busy: a CUSE device named {self.name} exists already")
+        if os.path.lexists(self.node):
+            what = "a character device" if self.node.is_char_device() else "a file"
+            raise ServeError(f"node path {self.node} is busy: {what} is there already")
         devname = ffi.new("char[]", f"DEVNAME={self.name}".encode())
         argv = ffi.new("const char *[]", [devname])
         ci = ffi.new("struct cuse_info *")
@@ -239,40 +278,72 @@ class Server:
     # -- running --------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Mount, report started once the node can be opened, serve until cancelled."""
+        """Mount, report started once the node is in place, serve until cancelled.
+
+        Raises :class:`SessionEnded` if the kernel ends the session while it serves.
+        """
         try:
-            cuse_ready = trio.Event()
+            ready = trio.Event()
+            ended = False
+
+            async def run_session(fd: int) -> None:
+                nonlocal ended
+                try:
+                    await self.session.run(fd)
+                finally:
+                    ended = True
+                    ready.set()  # nothing more will come: wake the set-up below
+
             if self.transport == "fuse":
                 fd = self._start_fuse()
             else:
-                fd = self._start_cuse(cuse_ready)
+                fd = self._start_cuse(ready)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.session.run, fd)
+                nursery.start_soon(run_session, fd)
                 if self.transport == "cuse":
-                    await cuse_ready.wait()
+                    await ready.wait()
+                    # libfuse reports init done as soon as it has answered; the kernel
+                    # may still have refused the name (it then aborts the connection).
+                    if ended or _connection_aborted(fd):
+                        raise ServeError(
+                            f"node path {self.node} is busy: the kernel refused CUSE device "
+                            f"{self.name} (another daemon registered that name first)"
+                        )
+                    await self._wait_cuse_node()
                 else:
                     await trio.to_thread.run_sync(self._bind)
-                await self._wait_openable()
+                    await self._check_bound()
                 log.info("node ready", node=str(self.node), transport=self.transport)
                 task_status.started()
+            raise SessionEnded(f"the kernel ended the session serving {self.node}; the node is gone")
         finally:
             with trio.CancelScope(shield=True):
                 self.teardown()
 
-    async def _wait_openable(self) -> None:
-        """Open the node from a worker thread: our own loop answers the open."""
-        path = str(self.node)
+    async def _wait_cuse_node(self) -> None:
+        """CUSE: until devtmpfs (or udev) shows our device at the node path (a stat:
+        an open would need the node's permissions and the unit's device policy)."""
         for _ in range(200):
-            try:
-                fd = await trio.to_thread.run_sync(os.open, path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
-                    raise ServeError(f"{path} cannot be opened: {e.strerror}") from None
-                await trio.sleep(0.05)  # CUSE: udev/devtmpfs has not made it yet
-                continue
-            await trio.to_thread.run_sync(os.close, fd)
-            return
-        raise ServeError(f"{path} did not appear")
+            devt = cuse.registered_devt(self.name)
+            with contextlib.suppress(OSError):
+                st = os.stat(self.node)
+                if devt is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == devt:
+                    return
+            await trio.sleep(0.05)
+        raise ServeError(f"{self.node} did not appear (is devtmpfs mounted on /dev?)")
+
+    async def _check_bound(self) -> None:
+        """FUSE: the node now answers from our own loop (a stat, not an open, as above)."""
+        path = str(self.node)
+        try:
+            st = await trio.to_thread.run_sync(os.stat, path)
+        except OSError as e:
+            reason = e.strerror
+        else:
+            if stat.S_ISREG(st.st_mode) and st.st_dev != os.stat(self.node.parent).st_dev:
+                return
+            reason = "the placeholder file is still there"
+        raise ServeError(f"{path} is not served after binding: {reason}")
 
     def teardown(self) -> None:
         """Unmount and remove what this server created; safe to call twice."""
@@ -285,6 +356,10 @@ class Server:
             if self._mounted:
                 lib.fuse_session_unmount(se)
                 self._mounted = False
+                if self.transport == "fuse":
+                    # libfuse leaves the mount alone when the connection was aborted
+                    with contextlib.suppress(OSError):
+                        detach(str(self.mount_dir))
             lib.fuse_session_destroy(se)
             self.session.se = ffi.NULL
         for path in self._created:

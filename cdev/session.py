@@ -116,6 +116,9 @@ class Session:
         self.uid = uid
         self.gid = gid
         self.arg_specs = dict(getattr(device, "arg_specs", {}) or {})
+        self._precheck: Callable[[object, int, bool], int] = getattr(
+            device, "precheck", lambda handle, cmd, compat: 0
+        )
         self.se: Any = _NULL
         self.nursery: trio.Nursery | None = None
         self.on_init_done: Callable[[], None] | None = None
@@ -357,7 +360,12 @@ class Session:
         if flags & lib.FUSE_IOCTL_UNRESTRICTED:
             transfer = transfer_for(cmd, self.arg_specs.get(cmd))
             if needs_retry(transfer, in_bufsz, out_bufsz):
-                self._retry(req, arg, transfer.in_size, transfer.out_size)
+                # What the device answers before fetching the argument comes first.
+                err = self._precheck(handle, cmd, bool(flags & lib.FUSE_IOCTL_COMPAT))
+                if err < 0:
+                    lib.fuse_reply_err(req, -err)
+                else:
+                    self._retry(req, arg, transfer.in_size, transfer.out_size)
                 return
             out_size = transfer.out_size
         else:

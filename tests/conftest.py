@@ -34,6 +34,54 @@ def fuse_missing() -> str | None:
     return None
 
 
+def cuse_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (registers a CUSE device)"
+    if not os.path.exists("/dev/cuse"):
+        return "needs CUSE (/dev/cuse): this kernel has no CONFIG_CUSE; `make test-vm` runs the CUSE half"
+    return None
+
+
+# Every test that serves a node runs once per transport (ids [fuse] / [cuse]), each skipping
+# where the kernel lacks it; @pytest.mark.transports("fuse") keeps a transport-specific test
+# to its own. ACRN_HSM_TEST_TRANSPORTS=cuse (a comma list) deselects the others.
+TRANSPORTS = ("fuse", "cuse")
+_MISSING = {"fuse": fuse_missing, "cuse": cuse_missing}
+
+
+def selected_transports() -> tuple[str, ...]:
+    raw = os.environ.get("ACRN_HSM_TEST_TRANSPORTS", "")
+    chosen = tuple(t.strip() for t in raw.split(",") if t.strip()) or TRANSPORTS
+    unknown = set(chosen) - set(TRANSPORTS)
+    if unknown:
+        raise pytest.UsageError(f"ACRN_HSM_TEST_TRANSPORTS: unknown transport(s) {sorted(unknown)}")
+    return chosen
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "transport" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("transports")
+        metafunc.parametrize("transport", marker.args if marker else TRANSPORTS, indirect=True)
+
+
+@pytest.fixture
+def transport(request: pytest.FixtureRequest) -> str:
+    """The transport this test's node is served over."""
+    name: str = request.param
+    reason = _MISSING[name]()
+    if reason:
+        pytest.skip(reason)
+    return name
+
+
+def node_path(tmp: pathlib.Path, transport: str, name: str) -> pathlib.Path:
+    """A private node: a file in the test's directory (FUSE), a device under /dev (CUSE names
+    its device after the path below /dev); unique across concurrent runs."""
+    if transport == "cuse":
+        return pathlib.Path(f"/dev/{name}-test-{os.getpid()}-{next(_serial)}")
+    return tmp / name
+
+
 def kvm_missing() -> str | None:
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -46,6 +94,15 @@ def kvm_missing() -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     fuse_reason = fuse_missing()
     kvm_reason = kvm_missing()
+    chosen = selected_transports()
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        t = callspec.params.get("transport") if callspec is not None else None
+        (dropped if t is not None and t not in chosen else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
     for item in items:
         if fuse_reason and "needs_fuse" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=fuse_reason))
@@ -118,9 +175,11 @@ class Daemon:
         *extra: str,
         env: dict[str, str] | None = None,
         notify: NotifyListener | None = None,
+        transport: str = "fuse",
     ) -> None:
         self.tmp = tmp
-        self.node = tmp / "acrn_hsm"
+        self.transport = transport
+        self.node = node_path(tmp, transport, "acrn_hsm")
         self.run_dir = tmp / "run"
         self.control = self.run_dir / "control.sock"
         self.log_path = tmp / "daemon.log"
@@ -134,6 +193,8 @@ class Daemon:
             str(self.run_dir),
             "--log-format",
             "json",
+            "--transport",
+            transport,
             *extra,
         ]
         self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.address, **(env or {})}
@@ -177,10 +238,7 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+def daemon_factory(tmp_path: pathlib.Path, transport: str) -> Iterator[Any]:
     made: list[Daemon] = []
 
     def make(
@@ -189,7 +247,7 @@ def daemon_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
         env: dict[str, str] | None = None,
         notify: NotifyListener | None = None,
     ) -> Daemon:
-        d = Daemon(tmp_path, *extra, env=env, notify=notify)
+        d = Daemon(tmp_path, *extra, env=env, notify=notify, transport=transport)
         made.append(d)
         return d.start() if start else d
 
@@ -200,6 +258,8 @@ def daemon_factory(tmp_path: pathlib.Path) -> Iterator[Any]:
             assert rc == 0, f"daemon exited {rc}:\n{d.log()}"
         d.notify.close()
         assert "Traceback" not in d.log(), d.log()
+        if d.proc is not None:
+            assert not d.node.exists(), f"{d.node} left behind"
     leftovers = mounted_under(tmp_path)
     for mp in reversed(leftovers):
         subprocess.run(["umount", "-l", mp], check=False)
@@ -215,14 +275,14 @@ def hsm_daemon(daemon_factory: Any) -> Daemon:
 class CdevServer:
     """``python -m cdev`` serving tests/support/testdev.py on a private node."""
 
-    def __init__(self, tmp: pathlib.Path, *extra: str) -> None:
-        self.node = tmp / "testdev"
+    def __init__(self, tmp: pathlib.Path, *extra: str, transport: str = "fuse") -> None:
+        self.node = node_path(tmp, transport, "testdev")
         self.log_path = tmp / "cdev.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "cdev", "--device", "tests.support.testdev:TestDevice",
-                "--node", str(self.node), "--run-dir", str(tmp / "run"), "--transport", "fuse",
+                "--node", str(self.node), "--run-dir", str(tmp / "run"), "--transport", transport,
                 *extra,
             ],
             stdout=subprocess.PIPE,
@@ -243,17 +303,15 @@ class CdevServer:
 
 
 @pytest.fixture
-def cdev_server(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[CdevServer]:
-    reason = fuse_missing()
-    if reason:
-        pytest.skip(reason)
+def cdev_server(tmp_path: pathlib.Path, transport: str, request: pytest.FixtureRequest) -> Iterator[CdevServer]:
     marker = request.node.get_closest_marker("cdev_args")
-    server = CdevServer(tmp_path, *(marker.args if marker else ()))
+    server = CdevServer(tmp_path, *(marker.args if marker else ()), transport=transport)
     yield server
     if server.proc.poll() is None:
         assert server.stop() == 0
     assert "Traceback" not in server.log_path.read_text()
     assert not mounted_under(tmp_path)
+    assert not server.node.exists(), f"{server.node} left behind"
 
 
 def wait_in_syscall(pid: int, timeout: float = 30.0) -> None:

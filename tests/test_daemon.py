@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -15,15 +17,20 @@ from tests.conftest import mounted_under
 from tests.support.answers import pci_answer, pio_answer
 from tests.support.cbuild import build_c
 
-pytestmark = pytest.mark.needs_fuse
+
+def served(d) -> bool:
+    """The node is in place: a mount of our FUSE file, or the kernel's CUSE device."""
+    if d.transport == "cuse":
+        return d.node.is_char_device()
+    return str(d.node) in mounted_under(d.tmp)
 
 
 def test_sigterm_unmounts_and_exits_zero(daemon_factory, tmp_path):
     d = daemon_factory()
-    assert mounted_under(tmp_path), "the node should be mounted while serving"
+    assert served(d), "the node should be in place while serving"
     assert d.stop(signal.SIGTERM) == 0
     assert not mounted_under(tmp_path)
-    assert not d.node.exists(), "the node file the daemon created is removed"
+    assert not d.node.exists(), "the node the daemon made is removed"
     assert not d.control.exists()
     assert "STOPPING=1" in "\n".join(d.notify.messages) or _drained(d)
 
@@ -37,31 +44,111 @@ def test_sigint_also_stops_cleanly(daemon_factory, tmp_path):
     d = daemon_factory()
     assert d.stop(signal.SIGINT) == 0
     assert not mounted_under(tmp_path)
+    assert not d.node.exists()
 
 
 def test_restart_after_sigkill_needs_no_manual_cleanup(daemon_factory, tmp_path):
     d = daemon_factory()
     assert d.stop(signal.SIGKILL) == -signal.SIGKILL
-    assert mounted_under(tmp_path), "SIGKILL leaves stale mounts behind"
+    if d.transport == "fuse":
+        assert mounted_under(tmp_path), "SIGKILL leaves stale mounts behind"
+        assert d.node.is_file(), "and the placeholder file"
+    else:
+        assert not d.node.exists(), "the kernel removes a CUSE device with its server"
     d2 = daemon_factory()
-    assert "stale mount" in d2.log()
+    if d.transport == "fuse":
+        assert "stale mount" in d2.log()
+        assert "taking over the node file of an earlier run" in d2.log()
     out = d2.cli("cpuid", "0x40000000").stdout
     assert "ACRNACRNACRN" in out
+    assert d2.stop() == 0
+    assert not d2.node.exists(), "the taken-over placeholder goes with the clean stop"
+
+
+@pytest.mark.transports("fuse")
+def test_a_file_that_is_not_ours_is_left_in_place(daemon_factory):
+    """FUSE binds over whatever regular file is at the node path; a file no run of ours
+    made (no record in the run dir) is not removed at the stop."""
+    d = daemon_factory(start=False)
+    d.node.write_text("the administrator's\n")
+    d.start()
+    assert served(d)
+    assert d.stop() == 0
+    assert d.node.read_text() == "the administrator's\n"
+    d.node.unlink()
 
 
 def test_second_daemon_on_a_busy_node_refuses(daemon_factory):
-    daemon_factory()
+    first = daemon_factory()
     second = daemon_factory(start=False)
-    proc = subprocess.run(second.args, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(second.args, capture_output=True, text=True, timeout=60, env=second.env)
     assert proc.returncode == 1
-    assert "busy" in proc.stderr or "another running daemon" in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]  # not the JSON log
+    assert len(lines) == 1 and lines[0].startswith(f"acrn-hsm-emu: node path {first.node} is busy"), proc.stderr
     assert "Traceback" not in proc.stderr
+    # The first one still serves.
+    assert "ACRNACRNACRN" in first.cli("cpuid", "0x40000000").stdout
+
+
+@pytest.mark.transports("cuse")
+def test_a_second_daemon_racing_for_a_cuse_name_is_refused_by_the_kernel(daemon_factory):
+    """Past the start-up check (the name looked free), the kernel still refuses a second
+    CUSE device of the same name: the daemon must see that, not report ready."""
+    first = daemon_factory()
+    second = daemon_factory(start=False)
+    # Bypass the early check: the node path is the first daemon's, seen as free by a fake.
+    code = (
+        "import os, sys, cdev.cuse\n"
+        "cdev.cuse.registered_devt = lambda name: None\n"
+        "real = os.path.lexists\n"
+        f"os.path.lexists = lambda p: False if str(p) == {str(first.node)!r} else real(p)\n"
+        "from acrn_hsm_emu.cli import main\n"
+        "sys.argv = ['acrn-hsm-emu'] + sys.argv[1:]\n"
+        "sys.exit(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *second.args[1:]],
+                          capture_output=True, text=True, timeout=120, env=second.env)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]
+    assert lines == [
+        f"acrn-hsm-emu: node path {first.node} is busy: the kernel refused CUSE device "
+        f"{first.node.name} (another daemon registered that name first)"
+    ], proc.stderr
+    assert "READY=1" not in second.notify.lines()
+    assert "ACRNACRNACRN" in first.cli("cpuid", "0x40000000").stdout
+
+
+def fuse_connection(d) -> pathlib.Path:
+    """/sys/fs/fuse/connections/N of the daemon's FUSE mount (N: the minor of its st_dev)."""
+    control = pathlib.Path("/sys/fs/fuse/connections")
+    if not any(m for m in mounted_under(control)):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=True)
+    st = os.stat(d.run_dir / f"{d.node.name}.fuse")
+    return control / str(os.minor(st.st_dev))
+
+
+@pytest.mark.transports("fuse")  # a CUSE connection is not in fusectl: only its server ends it
+def test_a_session_the_kernel_ends_stops_the_daemon(daemon_factory):
+    """Aborting the connection (the fusectl abort file, or `umount -f`) takes the node
+    away: the daemon says so in one line and exits 1, it does not go on serving nothing."""
+    d = daemon_factory()
+    (fuse_connection(d) / "abort").write_text("1")
+    assert d.proc is not None
+    rc = d.proc.wait(timeout=60)
+    assert rc == 1, d.log()
+    lines = [json.loads(ln) for ln in d.log().splitlines() if ln.startswith("{")]
+    lost = [ln for ln in lines if ln["event"] == "node lost"]
+    assert len(lost) == 1 and lost[0]["level"] == "error", lines
+    assert lost[0]["reason"] == f"the kernel ended the session serving {d.node}; the node is gone"
+    assert f"acrn-hsm-emu: {lost[0]['reason']}" in d.log().splitlines()
+    assert not d.node.exists()
+    assert not mounted_under(d.tmp)
 
 
 def test_status_cpuid_cli(hsm_daemon):
     st = json.loads(hsm_daemon.cli("status", "--json").stdout)
     assert st["hsm"]["vms"] == []
-    assert st["transport"] == "fuse"
+    assert st["transport"] == hsm_daemon.transport
     text = hsm_daemon.cli("status").stdout
     assert "no VMs" in text
     out = hsm_daemon.cli("cpuid", "0x40000000").stdout

@@ -102,7 +102,8 @@ def run(*cmd: str, env: dict[str, str] | None = None, timeout: float = 120) -> s
 def serve(d: pathlib.Path, *args: str, wrap: tuple[str, ...] = (), env: dict[str, str] | None = None) -> str:
     """A daemon that stops by itself: `serve ... -- true` (start errors end it earlier)."""
     return run(*wrap, EXE, "serve", "--node", str(d / "acrn_hsm"), "--run-dir", str(d / "run"),
-               "--log-format", "json", "--backend", "scripted", *args, "--", "true", env=env)
+               "--log-format", "json", "--backend", "scripted", "--transport", "fuse", *args, "--", "true",
+               env=env)
 
 
 def in_namespace(script: str) -> tuple[str, ...]:
@@ -235,9 +236,71 @@ def t_no_sys_admin(s: Scene) -> str:
     return serve(s.dir(), wrap=("setpriv", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-sys_admin"))
 
 
-def t_readiness_denied(s: Scene) -> str:
-    return serve(s.dir(), "--node-owner", "nobody", "--node-mode", "0600",
-                 wrap=("setpriv", "--inh-caps=-all", "--bounding-set=-dac_override"))
+def t_not_served(s: Scene) -> str:
+    # The bind "succeeds" but nothing is mounted: the placeholder is what a lookup finds.
+    return _serve_with_fault(s.dir() / "node", patches={}, server_patches={"_bind": lambda: None})
+
+
+def t_cuse_node_path(s: Scene) -> str:
+    return "\n".join([
+        cli("check-config", "--transport", "cuse", "--node", str(s.dir() / "acrn_hsm")),
+        cli("check-config", "--transport", "cuse", "--node", "/dev/acrn!hsm"),
+    ])
+
+
+CUSE_DEV = "mount -t tmpfs tmpfs /dev && mknod -m 0600 /dev/cuse c 10 203 && mknod -m 0666 /dev/null c 1 3"
+
+
+def t_cuse_node_taken(s: Scene) -> str:
+    # A file (say, a FUSE daemon's placeholder) already at the path CUSE would create.
+    return serve(s.dir(), "--transport", "cuse", "--node", "/dev/acrn_hsm",
+                 wrap=in_namespace(f"{CUSE_DEV} && touch /dev/acrn_hsm"))
+
+
+def t_cuse_name_taken(s: Scene) -> str:
+    # Another server's CUSE device of that name, as sysfs shows it.
+    return serve(s.dir(), "--transport", "cuse", "--node", "/dev/acrn_hsm", wrap=in_namespace(
+        f"{CUSE_DEV} && mount -t tmpfs tmpfs /sys/class && mkdir -p /sys/class/cuse/acrn_hsm "
+        "&& echo 240:0 > /sys/class/cuse/acrn_hsm/dev"))
+
+
+def t_cuse_name_refused(s: Scene) -> str:
+    # Two daemons racing for one name: the second passed the check above, the kernel refuses it.
+    if not os.path.exists("/dev/cuse"):
+        pytest.skip("needs CUSE (/dev/cuse): `make test-vm` runs it")
+    d = s.dir()
+    node = f"/dev/acrn-hsm-refused-{os.getpid()}"
+    first = Daemon(d, "--backend", "scripted", transport="cuse")
+    first.node = pathlib.Path(node)
+    first.args[first.args.index("--node") + 1] = node
+    first.start()
+    code = (
+        "import os, sys, cdev.cuse\n"
+        "cdev.cuse.registered_devt = lambda name: None\n"
+        "real = os.path.lexists\n"
+        f"os.path.lexists = lambda p: False if str(p) == {node!r} else real(p)\n"
+        "from acrn_hsm_emu.cli import main\n"
+        "sys.argv = ['acrn-hsm-emu'] + sys.argv[1:]\n"
+        "sys.exit(main())\n"
+    )
+    try:
+        return run(sys.executable, "-c", code, "serve", "--node", node, "--run-dir", str(d / "run2"),
+                   "--transport", "cuse", "--backend", "scripted", "--control", str(d / "c2.sock"))
+    finally:
+        first.stop()
+
+
+def t_node_lost(s: Scene) -> str:
+    # The kernel ends the session under a serving daemon (fusectl's abort file).
+    d = Daemon(s.dir(), "--backend", "scripted").start()
+    control = pathlib.Path("/sys/fs/fuse/connections")
+    if not mounted_under(control):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=True)
+    minor = os.minor(os.stat(d.run_dir / f"{d.node.name}.fuse").st_dev)
+    (control / str(minor) / "abort").write_text("1")
+    assert d.proc is not None
+    d.proc.wait(timeout=60)
+    return d.log()
 
 
 def t_cannot_serve(s: Scene) -> str:
@@ -296,11 +359,13 @@ class FaultyLib:
 
 
 def _serve_with_fault(node: pathlib.Path, *, transport: str = "fuse", patches: dict[str, Any],
-                      server_patches: dict[str, Any] | None = None, call: str = "serve") -> str:
+                      server_patches: dict[str, Any] | None = None, call: str = "serve",
+                      run_dir: pathlib.Path | None = None) -> str:
     """Run cdev's Server on a test device with module attributes patched; the message it raises."""
     import cdev.server as server_mod
     from tests.support.testdev import TestDevice
 
+    run = run_dir or node.parent / "run"
     saved = {k: getattr(server_mod, k) for k in patches}
     for k, v in patches.items():
         setattr(server_mod, k, v)
@@ -309,7 +374,7 @@ def _serve_with_fault(node: pathlib.Path, *, transport: str = "fuse", patches: d
     async def main() -> None:
         nonlocal message
         try:
-            server = server_mod.Server(TestDevice(), node, transport=transport, run_dir=node.parent / "run")
+            server = server_mod.Server(TestDevice(), node, transport=transport, run_dir=run)
             for k, v in (server_patches or {}).items():
                 setattr(server, k, v)
             async with trio.open_nursery() as nursery:
@@ -328,7 +393,7 @@ def _serve_with_fault(node: pathlib.Path, *, transport: str = "fuse", patches: d
     finally:
         for k, v in saved.items():
             setattr(server_mod, k, v)
-    assert not mounted_under(node.parent)
+    assert not mounted_under(run.parent)
     return message
 
 
@@ -360,7 +425,7 @@ def t_cuse_session(s: Scene) -> str:
     from cdev._fuse import ffi, lib
 
     return _serve_with_fault(
-        s.dir() / "acrn_hsm", transport="cuse",
+        pathlib.Path(f"/dev/acrn-hsm-test-{os.getpid()}"), transport="cuse", run_dir=s.dir() / "run",
         patches={"lib": FaultyLib(lib, cuse_lowlevel_new=lambda *a: ffi.NULL)},
         server_patches={"_check_fuse_device": lambda _path: None})
 
@@ -370,7 +435,7 @@ def t_cuse_attach(s: Scene) -> str:
 
     fake_session = ffi.new("char[1]")
     return _serve_with_fault(
-        s.dir() / "acrn_hsm", transport="cuse",
+        pathlib.Path(f"/dev/acrn-hsm-test-{os.getpid()}"), transport="cuse", run_dir=s.dir() / "run",
         patches={
             "CUSE_DEVICE": "/dev/null",  # opens; the kernel's refusal is the mount below
             "lib": FaultyLib(lib, cuse_lowlevel_new=lambda *a: fake_session,
@@ -385,9 +450,10 @@ def t_did_not_appear(s: Scene) -> str:
     async def no_wait(_seconds: float) -> None:
         await trio_mod.lowlevel.checkpoint()
 
-    # The node never exists (a CUSE node udev never made); the 10 s of polling run without sleeping.
-    return _serve_with_fault(s.dir() / "never", patches={"trio": _TrioWithSleep(no_wait)},
-                             call="_wait_openable")
+    # The node never exists (a CUSE node devtmpfs never made); the 10 s of polling run without sleeping.
+    return _serve_with_fault(pathlib.Path(f"/dev/acrn-hsm-never-{os.getpid()}"), transport="cuse",
+                             run_dir=s.dir() / "run", patches={"trio": _TrioWithSleep(no_wait)},
+                             call="_wait_cuse_node")
 
 
 class _TrioWithSleep:
@@ -680,8 +746,17 @@ MESSAGES = {
     "bind-mounting onto <node> failed: <reason>": "bind_fails",
     "libfuse could not create a CUSE session": "cuse_session",
     "attaching to <device> failed": "cuse_attach",
-    "<node> cannot be opened: <reason>": "readiness_denied",
-    "<node> did not appear": "did_not_appear",
+    "<node> is not served after binding: <reason>": "not_served",
+    "<node> did not appear (is devtmpfs mounted on /dev?)": "did_not_appear",
+    '<source>: <key>: CUSE creates its device as /dev/NAME, so it cannot serve <node>: give a path under '
+    '/dev or use transport = "fuse"': "cuse_node_path",
+    "<source>: <key>: <node> is not a device name CUSE can register": "cuse_node_path",
+    "node path <node> is busy: <what> is there already": "cuse_node_taken",
+    "node path <node> is busy: a CUSE device named <name> exists already": "cuse_name_taken",
+    "node path <node> is busy: the kernel refused CUSE device <name> (another daemon registered that "
+    "name first)": "cuse_name_refused",
+    "the kernel ended the session serving <node>; the node is gone": "node_lost",
+    "node lost": "node_lost",
     "unknown transport <name> (auto, fuse or cuse)": "unknown_transport",
     "cannot serve <node>: <reason>": "cannot_serve",
     "control socket <path> is in use by another running daemon; stop it or give this one another --control":
@@ -778,8 +853,9 @@ def test_message_is_produced(produced, message):
 # -- the reverse: every message in the code is on the page ------------------------------------
 
 SOURCES = ["acrn_hsm_emu/cli.py", "acrn_hsm_emu/daemon.py", "acrn_hsm_emu/config.py",
-           "acrn_hsm_emu/sdnotify.py", "cdev/server.py"]
-RAISED = {"CliError", "ServeError", "StartError", "ValueError", "ConfigError", "ArgumentTypeError"}
+           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py"]
+RAISED = {"CliError", "ServeError", "SessionEnded", "StartError", "ValueError", "ConfigError",
+          "ArgumentTypeError", "CuseNameError"}
 
 
 def template(node: ast.AST) -> str | None:

@@ -265,23 +265,36 @@ class HsmDevice(BaseDevice):
                 ret=ret,
             )
 
-    def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
-        if call.compat:
+    def precheck(self, handle: object, cmd: int, compat: bool) -> int:
+        """The driver's answers that come before it copies any argument: no
+        compat_ioctl, the VM state gate, an unknown command (spec: hsm ioctl
+        dispatch). cdev asks this first under CUSE; :meth:`ioctl` starts with it."""
+        if compat:
             return -errno.ENOTTY  # no compat_ioctl in the driver
+        assert isinstance(handle, HsmFile)
+        if (cmd >> 8) & 0xFF == ext.ACRN_EMU_IOCTL_TYPE:
+            return 0 if cmd in self._ext_table else -errno.ENOTTY
+        if handle.binding is not None:
+            if cmd in _BOUND_ALLOWED:
+                return 0
+            if cmd == CREATE_VM:
+                return -errno.EBUSY  # the file serves another VM
+            return -errno.EPERM if cmd in self._table else -errno.ENOTTY
+        if handle.vm.vmid == INVALID_VMID and cmd != CREATE_VM:
+            return -errno.EINVAL
+        return 0 if cmd in self._table else -errno.ENOTTY
+
+    def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
+        err = self.precheck(handle, call.cmd, call.compat)
+        if err < 0:
+            return err
         assert isinstance(handle, HsmFile)
         cmd = call.cmd
         if (cmd >> 8) & 0xFF == ext.ACRN_EMU_IOCTL_TYPE:
-            efn = self._ext_table.get(cmd)
-            return -errno.ENOTTY if efn is None else efn(handle, call)
+            return self._ext_table[cmd](handle, call)
         if handle.binding is not None:
             return self._bound_ioctl(handle, handle.binding, call)
-        vm = handle.vm
-        if vm.vmid == INVALID_VMID and cmd != CREATE_VM:
-            return -errno.EINVAL
-        fn = self._table.get(cmd)
-        if fn is None:
-            return -errno.ENOTTY
-        return fn(vm, call)
+        return self._table[cmd](handle.vm, call)
 
     def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
         if call.cmd == ATTACH_IOREQ_CLIENT:
@@ -528,11 +541,7 @@ class HsmDevice(BaseDevice):
     def _bound_ioctl(
         self, f: HsmFile, binding: Binding, call: IoctlCall
     ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
-        cmd = call.cmd
-        if cmd not in _BOUND_ALLOWED:
-            if cmd == CREATE_VM:
-                return -errno.EBUSY  # the file serves another VM
-            return -errno.EPERM if cmd in self._table else -errno.ENOTTY
+        cmd = call.cmd  # one of _BOUND_ALLOWED: precheck saw to it
         if cmd == abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT:
             return self._ext_destroy_client(f, call)  # 0 even when there is nothing left
         if not binding.valid:
