@@ -23,6 +23,7 @@ import os
 import pathlib
 import pwd
 import signal
+import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -72,7 +73,8 @@ def unit_caps(drop: str | None = None) -> list[str]:
 class SandboxedDaemon:
     """The installed daemon in the unit's sandbox; node and runtime directory host-visible."""
 
-    def __init__(self, inst: Installed, caps: list[str], config: str = "", backend: str = "scripted") -> None:
+    def __init__(self, inst: Installed, caps: list[str], config: str = "", backend: str = "scripted",
+                 node: pathlib.Path | None = None, transport: str = "fuse") -> None:
         self.inst = inst
         self.root = inst.base / f"svc-{uuid.uuid4().hex[:8]}"
         self.dev = self.root / "dev"  # stands for /dev: writable in the sandbox, shared with the host
@@ -81,12 +83,12 @@ class SandboxedDaemon:
             d.mkdir(parents=True)
         self.root.chmod(0o755)
         self.dev.chmod(0o755)
-        self.node = self.dev / "acrn_hsm"
+        self.node = node or self.dev / "acrn_hsm"  # CUSE: a path under the real /dev
         self.control = self.run_dir / "control.sock"
         self.config = self.root / "config.toml"
         self.config.write_text(
             f'node = "{self.node}"\nrun_dir = "{self.run_dir}"\nlog_format = "json"\n'
-            f'backend = "{backend}"\n{config}'
+            f'backend = "{backend}"\ntransport = "{transport}"\ncontrol = "{self.control}"\n{config}'
         )
         self.caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
         self.log_path = self.root / "daemon.log"
@@ -225,6 +227,53 @@ def test_unpublish_refuses_while_the_daemon_runs(installed, sandboxes):
                         "stop it before unpublishing\n")
     assert mounted_under(sb.node) == [str(sb.node)]
     assert sb.stop() == 0
+
+
+@pytest.mark.transports("cuse")
+def test_hardened_daemon_serves_a_cuse_node(installed, sandboxes, transport, tmp_path):
+    """Under CUSE the sandbox needs no publishing: the kernel makes the device in the
+    host's /dev, whatever the daemon's mount namespace; CAP_CHOWN gives it the
+    configured owner and mode; the stop removes it."""
+    from tests.conftest import node_path
+
+    nobody = pwd.getpwnam("nobody")
+    node = node_path(tmp_path, transport, "acrn_hsm")
+    sb = SandboxedDaemon(installed, unit_caps(), 'node_owner = "nobody"\nnode_mode = "0640"\n',
+                         node=node, transport="cuse")
+    sandboxes.append(sb)
+    sb.start()
+    st = os.stat(node)
+    assert stat.S_ISCHR(st.st_mode), "a real character device on the host"
+    assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o640)
+    p = sb.cli("publish")
+    assert p.returncode == 0 and "nothing to publish" in p.stdout, p
+    rows, problems, _ = run_client(str(node), "default")
+    problems += compare_rows(rows, expected_table("cuse"))
+    assert not problems, "\n".join(problems)
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(node), "0x1"], stdout=subprocess.PIPE, text=True)
+    assert dm.stdout is not None
+    vmid = dm.stdout.readline().split()[0].split("=")[1]
+    value = sb.cli("inject", "--vm", vmid, "pio-read", "0x3f8", "1")
+    assert value.stdout.strip() == f"{pio_answer(0x3F8, 1):#x}", value.stderr
+    dm.send_signal(signal.SIGTERM)
+    out, _ = dm.communicate(timeout=60)
+    assert dm.returncode == 0, out
+    assert sb.stop() == 0
+    assert not os.path.lexists(node)
+
+
+@pytest.mark.transports("cuse")
+def test_without_cap_chown_a_cuse_node_cannot_be_given_its_owner(installed, sandboxes, transport, tmp_path):
+    from tests.conftest import node_path
+
+    node = node_path(tmp_path, transport, "acrn_hsm")
+    sb = SandboxedDaemon(installed, unit_caps(drop="CAP_CHOWN"), 'node_owner = "nobody"\n',
+                         node=node, transport="cuse")
+    sandboxes.append(sb)
+    sb.start(wait=False)
+    assert sb.proc is not None and sb.proc.wait(timeout=120) == 1
+    assert f"acrn-hsm-emu: cannot serve {node}: {node}: Operation not permitted" in sb.log(), sb.log()
+    assert not os.path.lexists(node)
 
 
 # Each capability of the bounding set, and what breaks without it.
