@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 
 _serial = itertools.count()
+# Hang guards only (never a bound on speed): under emulation (`make test-vm`, TCG) a Python
+# start takes seconds, so the VM run scales them (ACRN_HSM_TEST_SLOW=4).
+SLOW = float(os.environ.get("ACRN_HSM_TEST_SLOW", "1"))
 REPO = pathlib.Path(__file__).resolve().parent.parent
 VENV_BIN = pathlib.Path(sys.executable).parent
 
@@ -136,11 +139,11 @@ class NotifyListener:
             self.address = str(path)
         self.messages: list[str] = []
 
-    def wait_for(self, field: str, timeout: float = 30.0) -> None:
+    def wait_for(self, field: str, timeout: float = 30.0 * SLOW) -> None:
         """Hang guard only: returns as soon as ``field`` arrives."""
         self.wait_until(lambda line: line == field, field, timeout)
 
-    def wait_until(self, match: Any, what: str = "", timeout: float = 30.0) -> str:
+    def wait_until(self, match: Any, what: str = "", timeout: float = 30.0 * SLOW) -> str:
         """Hang guard only: the first line (of any message) for which ``match(line)`` holds."""
         deadline = time.monotonic() + timeout
         while True:
@@ -214,7 +217,7 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, check: bool = True, timeout: float = 60 * SLOW) -> subprocess.CompletedProcess[str]:
         cmd = [str(VENV_BIN / "acrn-hsm-emu"), *args]
         if args and args[0] in ("status", "inject", "cpuid"):
             cmd[2:2] = ["--control", str(self.control)]
@@ -228,7 +231,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            rc = self.proc.wait(timeout=30)
+            rc = self.proc.wait(timeout=30 * SLOW)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
@@ -297,7 +300,7 @@ class CdevServer:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=30)
+        rc = self.proc.wait(timeout=30 * SLOW)
         self._log.close()
         return rc
 
@@ -314,7 +317,7 @@ def cdev_server(tmp_path: pathlib.Path, transport: str, request: pytest.FixtureR
     assert not server.node.exists(), f"{server.node} left behind"
 
 
-def wait_in_syscall(pid: int, timeout: float = 30.0) -> None:
+def wait_in_syscall(pid: int, timeout: float = 30.0 * SLOW) -> None:
     """Hang guard: until some thread of ``pid`` sits in ioctl(2) (syscall 16 on x86-64)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
