@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,8 +81,8 @@ def transport(request: pytest.FixtureRequest) -> str:
 def node_path(tmp: pathlib.Path, transport: str, name: str) -> pathlib.Path:
     """A private node: a file in the test's directory (FUSE), a device under /dev (CUSE names
     its device after the path below /dev); unique across concurrent runs."""
-    if transport == "cuse":
-        return pathlib.Path(f"/dev/{name}-test-{os.getpid()}-{next(_serial)}")
+    if transport == "cuse":  # one per test directory, as tmp / name is
+        return pathlib.Path(f"/dev/{name}-test-{os.getpid()}-{zlib.crc32(str(tmp).encode()):08x}")
     return tmp / name
 
 
