@@ -393,11 +393,18 @@ void launch_stop(struct launch_sup *s)
 	(void)n;
 }
 
-/* Closes the listener: calls still trapped, and any later ones, fail with ENOSYS. */
-void launch_sup_free(struct launch_sup *s)
+/* When supervision ends (the serving thread, after launch_serve returned): closing
+ * the listener fails the calls still trapped, and any later ones, with ENOSYS. */
+void launch_sup_abandon(struct launch_sup *s)
 {
 	if (s->listener >= 0)
 		close(s->listener);
+	s->listener = -1;
+}
+
+void launch_sup_free(struct launch_sup *s)
+{
+	launch_sup_abandon(s);
 	close(s->stop_r);
 	close(s->stop_w);
 	free(s->req);

@@ -61,5 +61,6 @@ int launch_spawn(const char *path, char *const argv[], char *const envp[],
 struct launch_sup *launch_sup_new(int listener, const char *node, unsigned long value_call);
 int launch_serve(struct launch_sup *s, struct launch_event *ev, int verbose);
 void launch_stop(struct launch_sup *s);
+void launch_sup_abandon(struct launch_sup *s);
 void launch_sup_stats(struct launch_sup *s, struct launch_stats *out);
 void launch_sup_free(struct launch_sup *s);

@@ -26,6 +26,7 @@ through it. Details and what still differs: docs/fidelity.md.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -90,18 +91,18 @@ class LaunchError(Exception):
 
 
 def _errno_name(err: int) -> str:
-    import errno
-
     return errno.errorcode.get(err, str(err))
 
 
 def resolve(name: str) -> str:
     """The program ``name`` runs, as a shell's PATH search finds it."""
     if "/" in name:
-        return name  # execve reports what is wrong with it
-    found = shutil.which(name)
+        found: str | None = name if os.path.lexists(name) else None  # execve reports the rest
+        reason = os.strerror(errno.ENOENT)
+    else:
+        found, reason = shutil.which(name), "command not found"
     if found is None:
-        raise LaunchError(f"cannot run {name}: command not found", EXIT_NOT_FOUND)
+        raise LaunchError(f"cannot run {name}: {reason}", EXIT_NOT_FOUND)
     return found
 
 
@@ -121,7 +122,7 @@ def check_kernel() -> None:
     if rc < 0:
         raise LaunchError(
             f"this kernel cannot hand system calls to a supervisor ({STEPS[step[0]]}: "
-            f"{os.strerror(-rc)}): `acrn-hsm-emu run` needs seccomp user notification and "
+            f"{os.strerror(-rc)}): acrn-hsm-emu run needs seccomp user notification and "
             "pidfd_getfd (Linux 5.6 or later); run the command without it (value-argument "
             "ioctls then fail with EFAULT under FUSE), or serve the node with CUSE"
         )
@@ -140,8 +141,7 @@ class Launcher:
     """One command under the filter; :meth:`run` returns its exit status."""
 
     def __init__(self, command: Sequence[str], node: str, *, verbose: bool = False) -> None:
-        if not command:
-            raise LaunchError("no command to run", EXIT_LAUNCHER)
+        assert command, "no command"  # the CLI says how to give one
         self.command = list(command)
         self.node = node
         self.verbose = verbose
@@ -203,15 +203,19 @@ class Launcher:
 
     def _supervise(self) -> None:
         ev = ffi.new("struct launch_event *")
-        while True:
-            kind = lib.launch_serve(self._sup, ev, int(self.verbose))
-            if kind in (lib.LAUNCH_EV_STOP, lib.LAUNCH_EV_HUP):
-                return
-            if kind == lib.LAUNCH_EV_ERROR:
-                log.error("the supervisor stopped", step=STEPS.get(ev.step, ev.step), error=os.strerror(ev.err),
-                          note="the command's trapped ioctls fail with ENOSYS from now on")  # fmt: skip
-                return
-            self._event(kind, ev)
+        try:
+            while True:
+                kind = lib.launch_serve(self._sup, ev, int(self.verbose))
+                if kind in (lib.LAUNCH_EV_STOP, lib.LAUNCH_EV_HUP):
+                    return
+                if kind == lib.LAUNCH_EV_ERROR:
+                    log.error("the supervisor stopped", step=STEPS.get(ev.step, ev.step),
+                              error=os.strerror(ev.err),
+                              note="the command's trapped ioctls fail with ENOSYS from now on")  # fmt: skip
+                    return
+                self._event(kind, ev)
+        finally:
+            lib.launch_sup_abandon(self._sup)  # nobody answers any more: ENOSYS, not a hang
 
     def _event(self, kind: int, ev: Any) -> None:
         fields = {"tid": ev.tid, "fd": ev.fd, "cmd": ext.VALUE_CALLS.get(ev.cmd, hex(ev.cmd)), "arg": hex(ev.arg)}
