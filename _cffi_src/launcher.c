@@ -342,7 +342,10 @@ int launch_spawn(const char *path, char *const argv[], char *const envp[],
 
 /* ---- the supervisor ------------------------------------------------------------ */
 
-struct launch_sup *launch_sup_new(int listener, const char *node, unsigned long value_call)
+/* thread_pidfd: -1 find out whether pidfd_open takes PIDFD_THREAD (Linux 6.9), 0 do not
+ * use it (the caller's process found through /proc, as on older kernels) */
+struct launch_sup *launch_sup_new(int listener, const char *node, unsigned long value_call,
+				  int thread_pidfd)
 {
 	struct seccomp_notif_sizes sizes;
 	struct launch_sup *s;
@@ -366,7 +369,7 @@ struct launch_sup *launch_sup_new(int listener, const char *node, unsigned long 
 	s->listener = listener;
 	s->value_call = value_call;
 	strcpy(s->node, node);
-	s->thread_pidfd = -1;
+	s->thread_pidfd = thread_pidfd ? -1 : 0;
 	/* the kernel's structs may be larger than our headers' */
 	s->req_size = sizes.seccomp_notif > sizeof(*s->req) ? sizes.seccomp_notif : sizeof(*s->req);
 	s->resp_size = sizes.seccomp_notif_resp > sizeof(*s->resp) ? sizes.seccomp_notif_resp

@@ -140,11 +140,16 @@ def argv_for(node: str, command: Sequence[str], log_format: str = "auto", log_le
 class Launcher:
     """One command under the filter; :meth:`run` returns its exit status."""
 
-    def __init__(self, command: Sequence[str], node: str, *, verbose: bool = False) -> None:
+    def __init__(
+        self, command: Sequence[str], node: str, *, verbose: bool = False, thread_pidfd: bool = True
+    ) -> None:
+        """``thread_pidfd``: False finds a calling thread's process through /proc even where
+        pidfd_open takes PIDFD_THREAD (Linux 6.9+), as on older kernels (for tests)."""
         assert command, "no command"  # the CLI says how to give one
         self.command = list(command)
         self.node = node
         self.verbose = verbose
+        self.thread_pidfd = thread_pidfd
         self.pid = 0
         self.stats: dict[str, Any] = {}
         self._sup: Any = None
@@ -183,7 +188,8 @@ class Launcher:
         )  # fmt: skip
         if not cmds:
             return
-        sup = lib.launch_sup_new(out.listener, os.fsencode(self.node), ext.ACRN_EMU_IOCTL_VALUE_CALL)
+        sup = lib.launch_sup_new(out.listener, os.fsencode(self.node), ext.ACRN_EMU_IOCTL_VALUE_CALL,
+                                 int(self.thread_pidfd))  # fmt: skip
         if sup == ffi.NULL:
             os.close(out.listener)  # CMD's trapped calls fail with ENOSYS from now on
             log.error("the supervisor stopped", step=STEPS[lib.LAUNCH_STEP_MEMORY],

@@ -143,11 +143,15 @@ def test_signals_reach_the_command():
 class ValueIoctl:
     """tests/clients/value_ioctl.c, with or without the launcher."""
 
-    def __init__(self, node: pathlib.Path, launched: bool, binary: pathlib.Path | None = None,
-                 level: str = "warning", wrap: tuple[str, ...] = ()) -> None:  # fmt: skip
-        argv = [str(binary or build_c("value_ioctl")), str(node)]
+    def __init__(self, node: pathlib.Path, launched: bool, level: str = "warning",
+                 prefix: list[str] | None = None) -> None:  # fmt: skip
+        argv = [str(build_c("value_ioctl")), str(node)]
+        if prefix is not None:
+            argv = [*prefix, *argv]
+        elif launched:
+            argv = launcher(node, *argv, level=level)
         self.proc = subprocess.Popen(
-            [*wrap, *(launcher(node, *argv, level=level) if launched else argv)],
+            argv,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         words = readline(self.proc, "value_ioctl").split()
@@ -230,6 +234,34 @@ def test_the_launcher_carries_set_irqline_on_the_callers_vm(hsm_daemon, clients)
     assert calls[0]["tid"] == a.pid and calls[1]["tid"] != a.pid  # the second thread's own id
     done = events(err, "the command exited")[0]
     assert done["carried"] == 6 and done["passed"] == 3 and done["status"] == 0
+
+
+# The launcher with pidfd_open(PIDFD_THREAD) (Linux 6.9) left unused, as on older kernels.
+OLD_KERNEL_LAUNCHER = """
+import sys
+from acrn_hsm_emu import launcher, logs
+logs.configure("json", "debug")
+sys.exit(launcher.Launcher(sys.argv[2:], sys.argv[1], verbose=True, thread_pidfd=False).run())
+"""
+
+
+def test_a_thread_is_found_through_proc_where_pidfd_open_cannot_take_it(hsm_daemon, clients):
+    """Before Linux 6.9, pidfd_open takes only a process: the trapped thread's process
+    comes from /proc/TID/status."""
+    if transport(hsm_daemon) != "fuse":
+        pytest.skip("CUSE passes value arguments itself")
+    c = clients(hsm_daemon.node, launched=True,
+                prefix=[sys.executable, "-c", OLD_KERNEL_LAUNCHER, str(hsm_daemon.node)])  # fmt: skip
+    assert c.call("vm", SET_IRQLINE, irqline(6, abi.IRQ_RAISING_PULSE), thread=1) == 0
+    assert c.call("vm", SET_IRQLINE, irqline(6, abi.IRQ_RAISING_PULSE), thread=0) == 0
+    assert c.call("null", SET_IRQLINE, irqline(6, 0), thread=1) == errno.ENOTTY
+    hv = json.loads(hsm_daemon.cli("status", "--json").stdout)["hypervisor"]["vms"]
+    assert next(v for v in hv if v["vmid"] == c.vmid)["irqlines"]["6"]["raising_pulse"] == 2
+    rc, err = c.close()
+    assert rc == 0
+    calls = events(err, "launcher.call")
+    assert [e["outcome"] for e in calls] == ["carried", "carried", "passed"]
+    assert calls[0]["tid"] != c.pid and calls[1]["tid"] == c.pid
 
 
 def test_value_call_directly(hsm_daemon):
