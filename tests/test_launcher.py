@@ -264,6 +264,27 @@ def test_a_thread_is_found_through_proc_where_pidfd_open_cannot_take_it(hsm_daem
     assert calls[0]["tid"] != c.pid and calls[1]["tid"] == c.pid
 
 
+def test_the_errno_table_under_the_launcher_is_the_drivers_for_value_ioctls(hsm_daemon):
+    """tests/clients/hsm_errno.c (every ioctl's error cases) under the launcher: the rows
+    of SET_IRQLINE and SETUP_VM_EVENT_FD get the driver's answers, which FUSE alone turns
+    into EFAULT; every other row, FUSE's own effects included, stays as it was."""
+    from tests.test_hsm_errno import FUSE_OVERRIDES, ROW_RE, compare_rows, expected_table
+
+    if transport(hsm_daemon) != "fuse":
+        pytest.skip("the FUSE table")
+    p = subprocess.run(launcher(hsm_daemon.node, str(build_c("hsm_errno")), str(hsm_daemon.node), "default"),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0 and "END" in p.stdout.splitlines(), p.stdout + p.stderr
+    rows = {m[1]: (int(m[2]), m[3]) for line in p.stdout.splitlines() if (m := ROW_RE.match(line))}
+    carried = {row for row, (value, _why) in FUSE_OVERRIDES.items() if "argument is a value" in _why}
+    assert carried == {"gate.set_irqline", "lifecycle.after_set_irqline", "interrupts.set_irqline",
+                       "interrupts.set_irqline_pulse", "interrupts.set_irqline_bad_gsi",
+                       "unknown.setup_vm_event_fd"}  # fmt: skip
+    kernel = expected_table("cuse")
+    want = {row: kernel[row] if row in carried else value for row, value in expected_table("fuse").items()}
+    assert not (problems := compare_rows(rows, want)), "\n".join(problems)
+
+
 def test_value_call_directly(hsm_daemon):
     """ACRN_EMU_IOCTL_VALUE_CALL itself: the carried call's answer in ``result``."""
     import fcntl
@@ -302,6 +323,23 @@ def test_value_call_directly(hsm_daemon):
         del cpage
     finally:
         os.close(fd)
+
+
+def test_the_client_library_raises_lines_through_a_fuse_node(hsm_daemon):
+    """acrn_hsm_emu.client needs no launcher: NodeFile.set_irqline uses VALUE_CALL itself
+    where the node has it, and keeps the driver's errno."""
+    from acrn_hsm_emu.client.node import NodeFile, Page
+
+    page = Page()
+    with NodeFile(hsm_daemon.node) as f:
+        vmid = f.create_vm(page.addr).vmid
+        f.set_irqline(5, abi.IRQ_RAISING_PULSE)
+        with pytest.raises(OSError) as e:
+            f.set_irqline(48, abi.IRQ_SET_HIGH)
+        assert e.value.errno == errno.EPERM
+        hv = json.loads(hsm_daemon.cli("status", "--json").stdout)["hypervisor"]["vms"]
+        assert next(v for v in hv if v["vmid"] == vmid)["irqlines"]["5"]["raising_pulse"] == 1
+    page.close()
 
 
 def test_a_daemon_without_value_calls_gets_the_kernels_answer(cdev_server):
