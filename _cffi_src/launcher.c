@@ -203,10 +203,15 @@ static int launch_filter(const uint32_t *cmds, int ncmds, struct sock_filter *f)
 }
 
 static void launch_child(const char *path, char *const argv[], char *const envp[],
-			 const uint32_t *cmds, int ncmds, int sock, int errpipe)
+			 const uint32_t *cmds, int ncmds, int sock, int errpipe, pid_t parent)
 {
 	struct sigaction dfl;
 	sigset_t none;
+
+	/* without its supervisor the command's interrupts are lost (ENOSYS): if the
+	 * launcher is killed, so is the command, as `serve` kills it after its SIGTERM */
+	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
+		_exit(127);
 
 	/* exec keeps ignored signals ignored (Python ignores SIGPIPE and SIGXFSZ) and
 	 * the blocked mask (the launcher blocks the ones it forwards): undo both */
@@ -283,6 +288,7 @@ int launch_spawn(const char *path, char *const argv[], char *const envp[],
 		close(sv[1]);
 		return -1;
 	}
+	pid_t parent = getpid();
 	pid_t pid = fork();
 	if (pid < 0) {
 		out->step = LAUNCH_STEP_FORK;
@@ -296,7 +302,7 @@ int launch_spawn(const char *path, char *const argv[], char *const envp[],
 	if (pid == 0) {
 		close(sv[0]);
 		close(ep[0]);
-		launch_child(path, argv, envp, cmds, ncmds, sv[1], ep[1]);
+		launch_child(path, argv, envp, cmds, ncmds, sv[1], ep[1], parent);
 	}
 	close(sv[1]);
 	close(ep[1]);

@@ -137,6 +137,26 @@ def test_signals_reach_the_command():
     assert p.returncode == 9
 
 
+def test_the_command_dies_with_a_killed_launcher():
+    """Without its supervisor the command's trapped calls would fail: it goes too."""
+    from tests.support.poll import wait_until
+
+    p = subprocess.Popen(launcher("/nonexistent/acrn_hsm", "sh", "-c", "echo $$; exec sleep 600"),
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(readline(p, "the command"))
+    p.kill()
+    p.wait(timeout=HANG_GUARD_S)
+
+    def dead() -> bool:
+        try:
+            status = pathlib.Path(f"/proc/{child}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "\nState:\tZ" in status
+
+    wait_until(dead, "the command to be killed with the launcher")
+
+
 # -- a daemon: the value call, the launcher's choices -----------------------------
 
 
