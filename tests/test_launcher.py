@@ -62,10 +62,6 @@ def events(text: str, name: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def transport(daemon: Any) -> str:
-    return json.loads(daemon.cli("status", "--json").stdout)["transport"]
-
-
 def static_build(name: str) -> pathlib.Path:
     """tests/clients/NAME.c linked -static (no dynamic loader, nothing to preload)."""
     src, out = CLIENTS / f"{name}.c", BIN / f"{name}-static"
@@ -221,11 +217,10 @@ def irqline(gsi: int, op: int) -> int:
     return op << 32 | gsi
 
 
+@pytest.mark.transports("fuse")  # CUSE passes value arguments itself
 def test_the_launcher_carries_set_irqline_on_the_callers_vm(hsm_daemon, clients):
     """Two device models, one VM each: each call lands on its caller's VM, from either
     thread; everything not on the node, or not trapped, goes to the kernel as before."""
-    if transport(hsm_daemon) != "fuse":
-        pytest.skip("CUSE passes value arguments itself")
     plain = clients(hsm_daemon.node, launched=False)
     assert plain.call("vm", SET_IRQLINE, irqline(4, abi.IRQ_RAISING_PULSE)) == errno.EFAULT  # FUSE, no launcher
     a = clients(hsm_daemon.node, launched=True, level="debug")
@@ -265,11 +260,10 @@ sys.exit(launcher.Launcher(sys.argv[2:], sys.argv[1], verbose=True, thread_pidfd
 """
 
 
+@pytest.mark.transports("fuse")  # CUSE passes value arguments itself
 def test_a_thread_is_found_through_proc_where_pidfd_open_cannot_take_it(hsm_daemon, clients):
     """Before Linux 6.9, pidfd_open takes only a process: the trapped thread's process
     comes from /proc/TID/status."""
-    if transport(hsm_daemon) != "fuse":
-        pytest.skip("CUSE passes value arguments itself")
     c = clients(hsm_daemon.node, launched=True,
                 prefix=[sys.executable, "-c", OLD_KERNEL_LAUNCHER, str(hsm_daemon.node)])  # fmt: skip
     assert c.call("vm", SET_IRQLINE, irqline(6, abi.IRQ_RAISING_PULSE), thread=1) == 0
@@ -284,14 +278,13 @@ def test_a_thread_is_found_through_proc_where_pidfd_open_cannot_take_it(hsm_daem
     assert calls[0]["tid"] != c.pid and calls[1]["tid"] == c.pid
 
 
+@pytest.mark.transports("fuse")  # CUSE passes value arguments itself
 def test_the_errno_table_under_the_launcher_is_the_drivers_for_value_ioctls(hsm_daemon):
     """tests/clients/hsm_errno.c (every ioctl's error cases) under the launcher: the rows
     of SET_IRQLINE and SETUP_VM_EVENT_FD get the driver's answers, which FUSE alone turns
     into EFAULT; every other row, FUSE's own effects included, stays as it was."""
     from tests.test_hsm_errno import FUSE_OVERRIDES, ROW_RE, compare_rows, expected_table
 
-    if transport(hsm_daemon) != "fuse":
-        pytest.skip("the FUSE table")
     p = subprocess.run(launcher(hsm_daemon.node, str(build_c("hsm_errno")), str(hsm_daemon.node), "default"),
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0 and "END" in p.stdout.splitlines(), p.stdout + p.stderr
@@ -362,6 +355,7 @@ def test_the_client_library_raises_lines_through_a_fuse_node(hsm_daemon):
     page.close()
 
 
+@pytest.mark.transports("fuse")  # CUSE passes value arguments itself
 def test_a_daemon_without_value_calls_gets_the_kernels_answer(cdev_server):
     """A node that does not know VALUE_CALL (an older daemon; here cdev's test device):
     the launcher logs it once and lets the kernel answer, as without the launcher."""
@@ -428,11 +422,10 @@ def kvm_daemon(daemon_factory):
 
 
 @pytest.mark.needs_kvm
+@pytest.mark.transports("fuse")  # CUSE passes value arguments itself
 @pytest.mark.parametrize("path", ["pic", "ioapic"])
 def test_without_the_launcher_set_irqline_fails_with_efault(kvm_daemon, guests, path):
     """What issue 16 is about: the kernel (FUSE) refuses the call before the daemon sees it."""
-    if transport(kvm_daemon) != "fuse":
-        pytest.skip("CUSE passes value arguments itself")
     p = subprocess.run(dm_argv(guests, path, build_c("irq_dm"), kvm_daemon.node), capture_output=True,
                        text=True, timeout=HANG_GUARD_S)  # fmt: skip
     assert p.returncode == 3, p.stdout + p.stderr
@@ -502,14 +495,12 @@ def commands() -> st.SearchStrategy[int]:
     )  # fmt: skip
 
 
-@pytest.mark.needs_fuse
+@pytest.mark.transports("fuse")  # the trapped path exists only there
 def test_fuzz_the_trapped_path(hsm_daemon, clients):
     """Random fds, request numbers and values from both threads of a launched client,
     side by side with an unlaunched one: on the node, a trapped call gets the driver's
     answer; anything else gets exactly what the unlaunched client got. The daemon and
     the launcher stay up, the calls land on the caller's VM, nothing logs a traceback."""
-    if transport(hsm_daemon) != "fuse":
-        pytest.skip("the unlaunched side's answers are FUSE's")
     launched = clients(hsm_daemon.node, launched=True)
     plain = clients(hsm_daemon.node, launched=False)
     carried = {"n": 0}
