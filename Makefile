@@ -74,7 +74,8 @@ soak: setup
 	SOAK_REQUESTS=$${SOAK_REQUESTS:-1000000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_soak.py
 
 fuzz: setup
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz_abi.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz_abi.py \
+		tests/test_launcher.py -k 'fuzz'
 
 install: venv
 	@pyver='import sys; print(sys.version_info[:2])'; \

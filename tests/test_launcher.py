@@ -382,6 +382,41 @@ for _ in range(2):
 """
 
 
+@pytest.mark.transports("fuse")
+def test_fuzz_value_call_contents(hsm_daemon):
+    """VALUE_CALL with random contents, on a file with a VM and one without: the ioctl
+    fails only with EINVAL (its own checks), a carried call's result is an errno the
+    driver gives, and the daemon stays up without a traceback."""
+    import fcntl
+
+    from acrn_hsm_emu.client.node import NodeFile, Page
+
+    page = Page()
+    with NodeFile(hsm_daemon.node) as vm, NodeFile(hsm_daemon.node) as novm:
+        vm.create_vm(page.addr)
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(st.booleans(), st.one_of(st.sampled_from(sorted(ext.VALUE_CALLS)), st.integers(0, 2**32 - 1)),
+               st.integers(0, 2**32 - 1) | st.just(0), st.integers(0, 2**64 - 1), st.integers(-(2**63), 2**63 - 1))
+        def one(with_vm: bool, cmd: int, reserved: int, arg: int, result: int) -> None:  # fmt: skip
+            f = vm if with_vm else novm
+            buf = bytearray(bytes(ext.AcrnEmuValueCall(cmd=cmd, reserved=reserved, arg=arg, result=result)))
+            try:
+                fcntl.ioctl(f.fd, ext.ACRN_EMU_IOCTL_VALUE_CALL, buf)
+            except OSError as e:
+                assert e.errno == errno.EINVAL and (reserved or cmd not in ext.VALUE_CALLS), (e, hex(cmd))
+                return
+            assert cmd in ext.VALUE_CALLS and not reserved
+            out = ext.AcrnEmuValueCall.from_buffer(buf).result
+            assert out in (0, -errno.EINVAL, -errno.EPERM, -errno.ENOTTY), out
+
+        one()
+    page.close()
+    assert json.loads(hsm_daemon.cli("status", "--json").stdout)["pid"] == hsm_daemon.proc.pid
+    assert "Traceback" not in hsm_daemon.log()
+
+
 # -- interrupts into KVM guests ----------------------------------------------------
 
 
