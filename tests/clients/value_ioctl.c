@@ -15,6 +15,9 @@
  *                       CMD is passed as an unsigned long, upper bits and all
  *                       -> "ret R errno E" (E 0 when R >= 0)
  *   nodump              prctl(PR_SET_DUMPABLE, 0) -> "ok"
+ *   storm T N GSI US    T threads each make N SET_IRQLINE (RAISING_PULSE on GSI) on the
+ *                       VM's fd; with US > 0 a SIGALRM every US microseconds interrupts
+ *                       them (a handler without SA_RESTART) -> "storm ok=A eintr=B other=C"
  *   quit
  */
 #define _GNU_SOURCE
@@ -28,6 +31,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/time.h>
+#include <signal.h>
 #include <unistd.h>
 #include <linux/acrn.h>
 
@@ -39,6 +44,59 @@ static int pending, done;
 static int job_fd;
 static unsigned long job_cmd, job_arg;
 static int job_ret, job_errno;
+
+static int storm_fd, storm_n;
+static unsigned long storm_arg;
+static long storm_ok, storm_eintr, storm_other;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+}
+
+static void *storm_thread(void *unused)
+{
+	long ok = 0, eintr = 0, other = 0;
+	for (int i = 0; i < storm_n; i++) {
+		if (ioctl(storm_fd, ACRN_IOCTL_SET_IRQLINE, storm_arg) == 0)
+			ok++;
+		else if (errno == EINTR)
+			eintr++;
+		else
+			other++;
+	}
+	__atomic_add_fetch(&storm_ok, ok, __ATOMIC_SEQ_CST);
+	__atomic_add_fetch(&storm_eintr, eintr, __ATOMIC_SEQ_CST);
+	__atomic_add_fetch(&storm_other, other, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+static void storm(int vm, int threads, int n, unsigned gsi, long us)
+{
+	pthread_t t[64];
+	struct sigaction sa = { .sa_handler = on_alarm };	/* no SA_RESTART */
+	struct itimerval it = { .it_interval = { 0, us }, .it_value = { 0, us } };
+
+	storm_fd = vm;
+	storm_n = n;
+	storm_arg = 2ul << 32 | gsi;
+	storm_ok = storm_eintr = storm_other = 0;
+	if (threads > 64)
+		threads = 64;
+	if (us > 0) {
+		sigaction(SIGALRM, &sa, NULL);
+		setitimer(ITIMER_REAL, &it, NULL);
+	}
+	for (int i = 0; i < threads; i++)
+		pthread_create(&t[i], NULL, storm_thread, NULL);
+	for (int i = 0; i < threads; i++)
+		pthread_join(t[i], NULL);
+	if (us > 0) {
+		struct itimerval off = { { 0, 0 }, { 0, 0 } };
+		setitimer(ITIMER_REAL, &off, NULL);
+	}
+	printf("storm ok=%ld eintr=%ld other=%ld\n", storm_ok, storm_eintr, storm_other);
+}
 
 static void call(int fd, unsigned long cmd, unsigned long arg, int *ret, int *err)
 {
@@ -114,6 +172,8 @@ int main(int argc, char **argv)
 				pthread_mutex_unlock(&lock);
 			}
 			printf("ret %d errno %d\n", ret, err);
+		} else if (sscanf(line, "storm %d %d %i %li", &th, &ret, &fd, &arg) == 4) {
+			storm(vm, th, ret, (unsigned)fd, (long)arg);
 		} else if (!strncmp(line, "nodump", 6)) {
 			printf(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) ? "err\n" : "ok\n");
 		} else if (!strncmp(line, "quit", 4)) {
