@@ -202,7 +202,7 @@ class Launcher:
     def _spawn_error(self, path: str, step: int, err: int) -> LaunchError:
         name = self.command[0]
         if step == lib.LAUNCH_STEP_EXEC:
-            code = EXIT_NOT_FOUND if err == 2 else EXIT_CANNOT_EXEC  # ENOENT, as a shell says
+            code = EXIT_NOT_FOUND if err == errno.ENOENT else EXIT_CANNOT_EXEC  # as a shell says
             return LaunchError(f"cannot run {name}: {os.strerror(err)}", code)
         return LaunchError(f"cannot start {name} under the seccomp filter: {STEPS.get(step, step)}: "
                            f"{os.strerror(err)}")  # fmt: skip
