@@ -68,6 +68,8 @@ enum {
 	LAUNCH_STEP_MEMORY,
 };
 
+#define LAUNCH_MAX_CMDS 16	/* trapped request numbers, and of those, fd-valued ones */
+
 /* launch_serve's events. */
 enum {
 	LAUNCH_EV_STOP,		/* launch_stop() was called */
@@ -122,6 +124,8 @@ struct launch_sup {
 	dev_t node_dev;
 	ino_t node_ino;
 	int thread_pidfd;	/* -1 untried, 1 PIDFD_THREAD works, 0 it does not */
+	uint32_t fd_cmds[LAUNCH_MAX_CMDS];	/* calls whose value is an fd of the caller */
+	int n_fd_cmds;
 	struct seccomp_notif *req;
 	struct seccomp_notif_resp *resp;
 	size_t req_size, resp_size;
@@ -178,8 +182,6 @@ static void launch_child_fail(int errpipe, int step)
 	(void)n;
 	_exit(127);
 }
-
-#define LAUNCH_MAX_CMDS 16
 
 /* ioctl only, x86-64 only, request number (the low 32 bits, as the kernel's
  * unsigned int cmd) in the list: notify the supervisor; everything else: allow. */
@@ -394,6 +396,25 @@ struct launch_sup *launch_sup_new(int listener, const char *node, unsigned long 
 	return s;
 }
 
+/* Before serving: the value of ``cmd`` is a file descriptor of the caller (ACRN's
+ * SETUP_VM_EVENT_FD). It is carried as the number of the launcher's own copy of that
+ * file, open during the call, since the daemon takes it from whoever makes the call. */
+int launch_sup_fd_arg(struct launch_sup *s, uint32_t cmd)
+{
+	if (s->n_fd_cmds == LAUNCH_MAX_CMDS)
+		return -E2BIG;
+	s->fd_cmds[s->n_fd_cmds++] = cmd;
+	return 0;
+}
+
+static int launch_is_fd_cmd(const struct launch_sup *s, uint32_t cmd)
+{
+	for (int i = 0; i < s->n_fd_cmds; i++)
+		if (s->fd_cmds[i] == cmd)
+			return 1;
+	return 0;
+}
+
 /* Any thread: make launch_serve return LAUNCH_EV_STOP. */
 void launch_stop(struct launch_sup *s)
 {
@@ -524,8 +545,8 @@ static void launch_handle(struct launch_sup *s, struct launch_event *ev)
 	}
 	target = (int)syscall(SYS_pidfd_getfd, pidfd, ev->fd, 0);
 	int e = errno;
-	close(pidfd);
 	if (target < 0) {
+		close(pidfd);
 		if (e == EBADF) {	/* not an open fd: the kernel says EBADF itself */
 			ev->kind = LAUNCH_EV_PASSED;
 			return;
@@ -536,16 +557,27 @@ static void launch_handle(struct launch_sup *s, struct launch_event *ev)
 		return;
 	}
 	if (!launch_is_node(s, target)) {
+		close(pidfd);
 		close(target);
 		ev->kind = LAUNCH_EV_PASSED;
 		return;
 	}
 	struct acrn_emu_value_call vc = { .cmd = ev->cmd, .arg = ev->arg };
+	int argfd = -1;
+	if (launch_is_fd_cmd(s, ev->cmd)) {
+		/* the caller's fd, as our own; not an open fd there: -1, which the daemon's
+		 * answer (EBADF, or ENOTTY where it does not know the call) treats alike */
+		argfd = (int)syscall(SYS_pidfd_getfd, pidfd, (int)(uint32_t)ev->arg, 0);
+		vc.arg = (uint32_t)argfd;
+	}
+	close(pidfd);
 	uint64_t t0 = launch_now_ns();
 	int r = ioctl(target, s->value_call, &vc);
 	e = errno;
 	if (r == 0)
 		s->stats.value_call_ns += launch_now_ns() - t0;
+	if (argfd >= 0)
+		close(argfd);
 	close(target);
 	if (r < 0) {
 		ev->kind = LAUNCH_EV_REFUSED;

@@ -60,6 +60,7 @@ int launch_spawn(const char *path, char *const argv[], char *const envp[],
                  const uint32_t *cmds, int ncmds, struct launch_spawn_result *out);
 struct launch_sup *launch_sup_new(int listener, const char *node, unsigned long value_call,
                                   int thread_pidfd);
+int launch_sup_fd_arg(struct launch_sup *s, uint32_t cmd);
 int launch_serve(struct launch_sup *s, struct launch_event *ev, int verbose);
 void launch_stop(struct launch_sup *s);
 void launch_sup_abandon(struct launch_sup *s);

@@ -195,6 +195,8 @@ class Launcher:
             log.error("the supervisor stopped", step=STEPS[lib.LAUNCH_STEP_MEMORY],
                       error=os.strerror(ffi.errno))  # fmt: skip
             return
+        for cmd in ext.FD_VALUE_CALLS:
+            lib.launch_sup_fd_arg(sup, cmd)
         self._sup = sup
         self._thread = threading.Thread(target=self._supervise, name="launcher-sup", daemon=True)
         self._thread.start()

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.client import extension as ext
-from tests.conftest import VENV_BIN, wait_in_syscall
+from tests.conftest import REPO, VENV_BIN, wait_in_syscall
 from tests.guests.build import Guest, assemble
 from tests.support.cbuild import BIN, CLIENTS, build_c
 from tests.support.ext import readline
@@ -605,3 +605,42 @@ def test_fuzz_the_trapped_path(hsm_daemon, clients):
     rc, err = launched.close()
     assert rc == 0 and "Traceback" not in err
     assert "Traceback" not in hsm_daemon.log()
+
+
+# A device model handing a file to SETUP_VM_EVENT_FD (ACRN's kernel), as acrn-dm does.
+_EVENT_FD_CALLS = """
+import ctypes, os, sys, tempfile
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+node = os.open(sys.argv[1], os.O_RDWR)
+with tempfile.TemporaryFile() as f:
+    for fd in (f.fileno(), 999):
+        r = libc.ioctl(node, 0x4004A2A1, fd)
+        print(os.fstat(fd).st_ino & 0x7FFFFFFF if fd == f.fileno() else -1, r, ctypes.get_errno() if r < 0 else 0)
+"""
+
+
+@pytest.mark.needs_fuse
+def test_an_fd_value_is_carried_as_the_launchers_copy_of_the_callers_file(tmp_path):
+    """SETUP_VM_EVENT_FD's value is an fd number of the caller, and the daemon takes the
+    file from whoever makes the call (pidfd_getfd): the launcher carries its own copy of
+    the caller's file, so the daemon gets the caller's file. tests/support/value_echo.py
+    answers with the inode of what it got."""
+    node = tmp_path / "echo"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cdev", "--device", "tests.support.value_echo:ValueEcho", "--node", str(node),
+         "--run-dir", str(tmp_path / "run"), "--transport", "fuse"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert readline(server, "the echo node") == "READY"
+        p = subprocess.run(launcher(node, sys.executable, "-c", _EVENT_FD_CALLS, str(node)),
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        (ino, ret, err), bad = (line.split() for line in p.stdout.splitlines())
+        assert int(ino) > 0 and ret == ino and err == "0"  # the caller's own file
+        assert bad == ["-1", "-1", str(errno.EBADF)]  # not an open fd: -1 went instead
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=HANG_GUARD_S)
+    assert not node.exists() or not os.path.ismount(node)

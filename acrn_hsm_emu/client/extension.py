@@ -137,6 +137,9 @@ VALUE_CALLS: dict[int, str] = {
     abi.ACRN_IOCTL_SET_IRQLINE: "SET_IRQLINE",
     SETUP_VM_EVENT_FD: "SETUP_VM_EVENT_FD",
 }
+# Those whose value is a file descriptor: in a VALUE_CALL it names a file of the process
+# making the VALUE_CALL (the launcher passes its own copy of the trapped caller's fd).
+FD_VALUE_CALLS = frozenset({SETUP_VM_EVENT_FD})
 
 
 def include_dir() -> pathlib.Path:

@@ -121,7 +121,8 @@ struct acrn_emu_range {
  * @cmd:	the ACRN ioctl: ACRN_IOCTL_SET_IRQLINE, or 0x4004A2A1
  *		(SETUP_VM_EVENT_FD of ACRN's own kernel) (in)
  * @reserved:	zero (in)
- * @arg:	its argument value, e.g. the packed struct acrn_irqline_ops (in)
+ * @arg:	its argument value, e.g. the packed struct acrn_irqline_ops; an fd
+ *		number names a file of the process making this call (in)
  * @result:	what that ioctl gave on this open file: >= 0, or -errno (out)
  *
  * FUSE restricted ioctls take the argument of an _IOW command for an address
