@@ -45,7 +45,8 @@ apt-test:
 # The virtualenv, rebuilt when the package definition or a cffi build script changes.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py _cffi_src/build_fuse.py _cffi_src/build_native.py _cffi_src/fuse_decl.h _cffi_src/fuse_glue.c
+$(VENV)/.installed: pyproject.toml setup.py _cffi_src/build_fuse.py _cffi_src/build_native.py _cffi_src/fuse_decl.h _cffi_src/fuse_glue.c \
+		_cffi_src/build_launcher.py _cffi_src/launcher_decl.h _cffi_src/launcher.c
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
@@ -73,7 +74,8 @@ soak: setup
 	SOAK_REQUESTS=$${SOAK_REQUESTS:-1000000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_soak.py
 
 fuzz: setup
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz_abi.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz_abi.py \
+		tests/test_launcher.py -k 'fuzz'
 
 install: venv
 	@pyver='import sys; print(sys.version_info[:2])'; \
@@ -104,4 +106,4 @@ uninstall:
 	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
 
 clean:
-	rm -rf build *.egg-info tests/clients/bin bench/bin cdev/_fuse*.so acrn_hsm_emu/_native*.so
+	rm -rf build *.egg-info tests/clients/bin bench/bin cdev/_fuse*.so acrn_hsm_emu/_native*.so acrn_hsm_emu/_launcher*.so

@@ -5,5 +5,6 @@ setup(
     cffi_modules=[
         "_cffi_src/build_fuse.py:ffibuilder",
         "_cffi_src/build_native.py:ffibuilder",
+        "_cffi_src/build_launcher.py:ffibuilder",
     ],
 )

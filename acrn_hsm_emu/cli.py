@@ -200,6 +200,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return daemon.exit_code
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """CMD with its value-argument ioctls (SET_IRQLINE) carried to the node (launcher.py)."""
+    from acrn_hsm_emu.launcher import LaunchError, run
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("usage: acrn-hsm-emu run [options] -- COMMAND [ARGS...]", EXIT_USAGE)
+    node = args.node or config.load(args.config).node
+    logs.configure(args.log_format, args.log_level)
+    try:
+        return run(command, node, verbose=args.log_level == "debug")
+    except LaunchError as e:
+        raise CliError(str(e), e.code) from None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = config.load(args.config, config.flags(args))
     source = settings.config_file or f"no file at {config.DEFAULT_CONFIG}, built-in defaults"
@@ -344,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_flags(s)
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="run, then stop")
     s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser(
+        "run",
+        help="run a device model whose value-argument ioctls (SET_IRQLINE) must reach a FUSE node",
+        description="Run COMMAND under a seccomp filter that hands its SET_IRQLINE (and ACRN's "
+        "SETUP_VM_EVENT_FD) ioctls on the node to this launcher, which carries them to the daemon "
+        "by pointer: under FUSE the kernel would refuse them with EFAULT. Everything else runs "
+        "untouched. Exit status: COMMAND's (128+N for a signal N), 127 not found, 126 not "
+        "executable, 125 the launcher failed.",
+    )
+    r.add_argument("--config", metavar="FILE", default=None, help="take the node path from this configuration")
+    r.add_argument("--node", default=None, help="the node (default: the configuration's, /dev/acrn_hsm)")
+    r.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    r.add_argument("--log-level", choices=logs.LEVELS, default="warning")
+    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the program and its arguments")
+    r.set_defaults(func=cmd_run)
 
     cc = sub.add_parser(
         "check-config",

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from acrn_hsm_emu import publish
+from acrn_hsm_emu import launcher, publish
 from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
 from acrn_hsm_emu.hsm.device import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
@@ -218,14 +218,22 @@ class Daemon:
             await trio.sleep(min(watchdog or STATUS_POLL_S, STATUS_POLL_S))
 
     async def _run_command(self, scope: trio.CancelScope) -> None:
-        """``serve -- CMD``: run CMD against the ready node, then stop with its exit status."""
+        """``serve -- CMD``: run CMD against the ready node, then stop with its exit status.
+
+        CMD runs through the launcher (``acrn-hsm-emu run``, launcher.py), a process of its
+        own, so that its value-argument ioctls (SET_IRQLINE) reach a FUSE node too."""
         env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
+        s = self.settings
         log.info("running command", argv=self.command)
         try:
-            # On cancellation (SIGTERM to us) trio terminates it, then kills it after 5 s.
-            proc = await trio.run_process(self.command, check=False, stdin=None, env=env)
-        except OSError as e:
-            log.error("cannot run the command", argv=self.command, error=e.strerror or str(e))
+            launcher.resolve(self.command[0])
+            argv = launcher.argv_for(s.node, self.command, s.log_format, s.log_level)
+            # On cancellation (SIGTERM to us) trio terminates it, then kills it after 5 s;
+            # the launcher passes the signal on to CMD.
+            proc = await trio.run_process(argv, check=False, stdin=None, env=env)
+        except (OSError, launcher.LaunchError) as e:
+            error = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+            log.error("cannot run the command", argv=self.command, error=error)
             self.exit_code = 127
         else:
             rc = proc.returncode

@@ -508,6 +508,69 @@ def ioeventfd_path(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any
     return res
 
 
+def interrupts(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One interrupt raised by a device model, timed call by call in C (bench/c/irq_inject.c):
+    SET_IRQLINE through the launcher (``acrn-hsm-emu run``: FUSE cannot pass its value
+    argument) and INJECT_MSI, next to floors measured in the same run and placement:
+    KVM_IRQ_LINE (a pulse) and KVM_SIGNAL_MSI on a bare KVM VM in C (kvm_irq_loop.c), and
+    the C libfuse null ioctl. Interrupts/s = 1 / mean call time (one caller, back to back).
+    Keys are ``{placement}_{row}``.
+
+    Where the time goes (``breakdown_p50_us``): ``fuse`` the C libfuse round trip, ``daemon``
+    what the daemon adds to it for the call (the VALUE_CALL the launcher makes, minus
+    ``fuse``: Python handler, hypercall, the KVM ioctl), ``launcher`` what the trap and the
+    supervisor add (SET_IRQLINE through the launcher minus the VALUE_CALL alone), of which
+    ``trap`` is the seccomp notification round trip with the supervisor's look at the fd
+    (a trapped call on /dev/null, answered by the kernel). Placements: ``free`` (the host
+    places every thread) and ``one_cpu`` (daemon, launcher, clients and floors on one CPU).
+    """
+    if not kvm_usable():
+        return {"skipped": "no usable /dev/kvm"}
+    from acrn_hsm_emu.client import include_dir
+
+    floor = bench_c("kvm_irq_loop")
+    inject = bench_c("irq_inject", f"-I{include_dir()}")
+    n = max(args.calls // 4, 100)
+    cpu0 = str(sorted(os.sched_getaffinity(0))[0])
+    out: dict[str, Any] = {}
+
+    def timed(argv: list[str], cpus: str | None) -> dict[str, float]:
+        return ns_line(subprocess.run([*pinned(cpus), *argv], capture_output=True, text=True, check=True,
+                                      timeout=600).stdout)
+
+    for placement, cpus in (("free", None), ("one_cpu", cpu0)):
+        rows: dict[str, list[dict[str, float]]] = {}
+        with c_null_server(tmp, cpus) as c_node, daemon(tmp, "--backend", "kvm", cpus=cpus) as d:
+            node = str(d["node"])
+            run_ = [str(VENV_BIN / "acrn-hsm-emu"), "run", "--node", node, "--"]
+            for _ in range(args.rounds):  # alternated, so that noise hits all alike
+                for name, argv in (
+                    ("floor_kvm_irq_line", [str(floor), str(n), "irq"]),
+                    ("floor_kvm_signal_msi", [str(floor), str(n), "msi"]),
+                    ("set_irqline_via_launcher", [*run_, str(inject), node, str(n), "irq"]),
+                    ("inject_msi", [str(inject), node, str(n), "msi"]),
+                    ("value_call_alone", [str(inject), node, str(n), "value"]),
+                    ("trapped_call_on_dev_null", [*run_, str(inject), node, str(n), "null"]),
+                ):
+                    rows.setdefault(name, []).append(timed(argv, cpus))
+                rows.setdefault("floor_c_libfuse_null_ioctl", []).append(ioctl_loop(c_node, n, cpus=cpus))
+        res: dict[str, Any] = {k: {**summarize(v), "per_s": 1e6 / summarize(v)["mean"]} for k, v in rows.items()}
+        p50 = {k: v["p50"] for k, v in res.items()}
+        res["ratio_set_irqline_to_kvm_irq_line"] = p50["set_irqline_via_launcher"] / p50["floor_kvm_irq_line"]
+        res["ratio_inject_msi_to_kvm_signal_msi"] = p50["inject_msi"] / p50["floor_kvm_signal_msi"]
+        res["breakdown_p50_us"] = {
+            "fuse": p50["floor_c_libfuse_null_ioctl"],
+            "daemon": p50["value_call_alone"] - p50["floor_c_libfuse_null_ioctl"],
+            "launcher": p50["set_irqline_via_launcher"] - p50["value_call_alone"],
+            "trap": p50["trapped_call_on_dev_null"],
+            "kvm": p50["floor_kvm_irq_line"],
+        }
+        for k, v in res.items():
+            out[f"{placement}_{k}"] = v
+            print(f"  interrupts {placement} {k}: {fmt(v) if isinstance(v, dict) else f'{v:.2f}'}", flush=True)
+    return out
+
+
 def memory_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Daemon RSS idle, and with 16 idle VMs each held by a client."""
     dm = str(test_client("dm_loop"))
@@ -543,6 +606,7 @@ BENCHES: dict[str, Callable[[pathlib.Path, argparse.Namespace], dict[str, Any]]]
     "scaling": scaling,
     "range_client": range_client,
     "ioeventfd": ioeventfd_path,
+    "interrupts": interrupts,
     "memory": memory_cost,
 }
 
@@ -570,6 +634,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         out["kvm_pio_one_cpu_cycle_vs_one_cpu_floor"] = (1e6 / one_cpu) / (kvm + 2 * same)
     for name, row in results.get("scaling", {}).items():
         out[f"{name}_scaling_1_to_2_vcpus"] = row["median"]
+    for key, value in results.get("interrupts", {}).items():
+        if "_ratio_" in key:  # {placement}_ratio_...: ours over the bare KVM floor, p50s
+            out[f"interrupts_{key}"] = value
     return out
 
 

@@ -702,6 +702,109 @@ def t_unpublish_live(s: Scene) -> str:
     return run(EXE, "unpublish", "--control", str(s.daemon.control), "--node", str(s.daemon.node))
 
 
+# run: the launcher -------------------------------------------------------------------------
+
+
+def launch(node: pathlib.Path | str, *command: str, wrap: tuple[str, ...] = (), level: str = "warning",
+           stdin: str | None = None) -> str:  # fmt: skip
+    p = subprocess.run([*wrap, EXE, "run", "--node", str(node), "--log-format", "json", "--log-level", level,
+                        "--", *command], input=stdin, capture_output=True, text=True, timeout=120,
+                       check=False)  # fmt: skip
+    return p.stdout + p.stderr
+
+
+def t_run_usage(s: Scene) -> str:
+    return cli("run", "--node", str(s.dir() / "acrn_hsm"))
+
+
+def t_run_command_missing(s: Scene) -> str:
+    node = s.dir() / "acrn_hsm"
+    return launch(node, "no-such-device-model") + launch(node, "/nonexistent/acrn-dm")
+
+
+def t_run_no_seccomp(s: Scene) -> str:
+    # seccomp(2) failing with ENOSYS: what a kernel without it answers
+    return launch(s.dir() / "acrn_hsm", "true", wrap=(str(build_c("no_seccomp")), "all", str(errno.ENOSYS)))
+
+
+def t_run_filter_refused(s: Scene) -> str:
+    # a profile that lets the launcher probe seccomp but not install a filter
+    return launch(s.dir() / "acrn_hsm", "true", wrap=(str(build_c("no_seccomp")), "filter", str(errno.EPERM)))
+
+
+# Two SET_IRQLINE calls on the node named first (value arguments, not addresses).
+RAW_IRQLINE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+fd = os.open(sys.argv[1], os.O_RDWR)
+for _ in range(2):
+    libc.ioctl(fd, 0x4008A225, 0x200000004)
+    print(ctypes.get_errno())
+"""
+
+
+def t_run_refused(s: Scene) -> str:
+    from tests.conftest import CdevServer
+
+    server = CdevServer(s.dir())  # cdev's test device: it does not know the extension's VALUE_CALL
+    try:
+        return launch(server.node, sys.executable, "-c", RAW_IRQLINE, str(server.node))
+    finally:
+        assert server.stop() == 0
+
+
+def t_run_cannot_take_fd(s: Scene) -> str:
+    from tests.support.ext import open_path_to, restore_modes
+
+    d = s.dir()
+    daemon = Daemon(d, "--backend", "scripted", "--node-mode", "0666").start()
+    changed = open_path_to(daemon.node)
+    try:
+        # the launcher as nobody; the device model, nobody too, makes itself non-dumpable
+        as_nobody = (*AS_NOBODY, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search")
+        vm_fd = 3  # value_ioctl's first open: the node, with a VM
+        return launch(daemon.node, str(build_c("value_ioctl")), str(daemon.node), wrap=as_nobody,
+                      stdin=f"nodump\ncall 0 {vm_fd} 4008a225 200000004\n")  # fmt: skip
+    finally:
+        restore_modes(changed)
+        assert daemon.stop() == 0
+        daemon.notify.close()
+
+
+# The supervisor thread's serving call fails (a fault injected); the command's trapped
+# SET_IRQLINE must then fail with ENOSYS instead of waiting for ever.
+SUPERVISOR_FAULT = RAW_IRQLINE.replace("range(2)", "range(1)")
+SUPERVISOR_STOPS = """
+import sys
+from acrn_hsm_emu import launcher, logs
+
+real = launcher.lib
+
+
+class Faulty:
+    def __getattr__(self, name):
+        return getattr(real, name)
+
+    def launch_serve(self, sup, ev, verbose):
+        ev.kind, ev.step, ev.err = real.LAUNCH_EV_ERROR, real.LAUNCH_STEP_NOTIF_RECV, 9
+        return ev.kind
+
+
+launcher.lib = Faulty()
+logs.configure("json", "warning")
+sys.exit(launcher.run([sys.executable, "-c", sys.argv[2], sys.argv[1]], sys.argv[1]))
+"""
+
+
+def t_run_supervisor_stopped(s: Scene) -> str:
+    node = s.daemon.node
+    p = subprocess.run([sys.executable, "-c", SUPERVISOR_STOPS, str(node), SUPERVISOR_FAULT],
+                       capture_output=True, text=True, timeout=120, check=False, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0 and p.stdout.split() == [str(errno.ENOSYS)], p.stdout + p.stderr
+    return p.stdout + p.stderr
+
+
 # -- which situation produces which message -------------------------------------------------
 
 TRIGGERS: dict[str, Callable[[Scene], str]] = {
@@ -793,6 +896,15 @@ MESSAGES = {
     "cannot publish <node>: <reason>": "publish_refused",
     "the daemon still answers on <path>: stop it before unpublishing": "unpublish_live",
     "cannot unpublish <node>: <reason>": "unpublish_fails",
+    "usage: acrn-hsm-emu run [options] -- COMMAND [ARGS...]": "run_usage",
+    "cannot run <command>: <reason>": "run_command_missing",
+    "this kernel cannot hand system calls to a supervisor (<step>: <reason>): acrn-hsm-emu run needs "
+    "seccomp user notification and pidfd_getfd (Linux 5.6 or later); run the command without it "
+    "(value-argument ioctls then fail with EFAULT under FUSE), or serve the node with CUSE": "run_no_seccomp",
+    "cannot start <command> under the seccomp filter: <step>: <reason>": "run_filter_refused",
+    "the node refused to carry a value-argument ioctl": "run_refused",
+    "cannot take the caller's file descriptor": "run_cannot_take_fd",
+    "the supervisor stopped": "run_supervisor_stopped",
     "cannot start": "cannot_serve",
     "removing stale mount from an earlier run": "stale_mount",
     "control connection refused": "other_user",
@@ -812,6 +924,10 @@ SPECIFIC = {
     "cannot publish <node>: <reason>": re.compile(r"cannot publish .*: Invalid argument"),
     "cannot serve <node>: <reason>": re.compile(r"cannot serve /proc/acrn_hsm: /proc/acrn_hsm: .*"),
     "cannot unpublish <node>: <reason>": re.compile(r"cannot unpublish .*: Device or resource busy"),
+    "cannot run <command>: <reason>": re.compile(r"cannot run no-such-device-model: command not found"),
+    "cannot start <command> under the seccomp filter: <step>: <reason>":
+        re.compile(r"cannot start true under the seccomp filter: seccomp\(SECCOMP_SET_MODE_FILTER, .*\): "
+                   r"Operation not permitted"),
 }
 
 
@@ -853,9 +969,9 @@ def test_message_is_produced(produced, message):
 # -- the reverse: every message in the code is on the page ------------------------------------
 
 SOURCES = ["acrn_hsm_emu/cli.py", "acrn_hsm_emu/daemon.py", "acrn_hsm_emu/config.py",
-           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py"]
+           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py", "acrn_hsm_emu/launcher.py"]
 RAISED = {"CliError", "ServeError", "SessionEnded", "StartError", "ValueError", "ConfigError",
-          "ArgumentTypeError", "CuseNameError"}
+          "ArgumentTypeError", "CuseNameError", "LaunchError"}
 
 
 def template(node: ast.AST) -> str | None:

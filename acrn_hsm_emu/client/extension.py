@@ -2,7 +2,8 @@
 
 Constants, ctypes layouts and ioctl numbers of acrn-hsm-emu's own ioctls
 (type byte 0xA3, next to ACRN's 0xA2): bind an open file to an existing VM,
-create a range client with its own request page, add and remove ranges.
+create a range client with its own request page, add and remove ranges;
+carry an ACRN ioctl whose argument is a value by pointer (VALUE_CALL).
 ``tests/test_ext_abi.py`` compiles the C header and checks every number and
 offset here against it. Meaning and errno: ``docs/extension-abi.md``.
 """
@@ -11,19 +12,24 @@ from __future__ import annotations
 
 import ctypes
 import pathlib
-from ctypes import c_char, c_uint16, c_uint32, c_uint64, sizeof
+from ctypes import c_char, c_int64, c_uint16, c_uint32, c_uint64, sizeof
 
+from acrn_hsm_emu import abi
 from acrn_hsm_emu.abi import io, ior, iow, iowr
 
 ACRN_EMU_IOCTL_TYPE = 0xA3
 
 ACRN_EMU_ABI_MAJOR = 1
-ACRN_EMU_ABI_MINOR = 0
+ACRN_EMU_ABI_MINOR = 1
 
 ACRN_EMU_FEATURE_BIND = 1 << 0
 ACRN_EMU_FEATURE_RANGE_CLIENT = 1 << 1
 ACRN_EMU_FEATURE_PCI_RANGES = 1 << 2
-FEATURES = ACRN_EMU_FEATURE_BIND | ACRN_EMU_FEATURE_RANGE_CLIENT | ACRN_EMU_FEATURE_PCI_RANGES
+ACRN_EMU_FEATURE_VALUE_CALL = 1 << 3
+FEATURES = (
+    ACRN_EMU_FEATURE_BIND | ACRN_EMU_FEATURE_RANGE_CLIENT | ACRN_EMU_FEATURE_PCI_RANGES
+    | ACRN_EMU_FEATURE_VALUE_CALL
+)  # fmt: skip
 
 ACRN_EMU_RANGE_PIO = 0
 ACRN_EMU_RANGE_MMIO = 1
@@ -85,11 +91,23 @@ class AcrnEmuRange(ctypes.LittleEndianStructure):
     ]
 
 
+class AcrnEmuValueCall(ctypes.LittleEndianStructure):
+    """struct acrn_emu_value_call (24 B)."""
+
+    _fields_ = [
+        ("cmd", c_uint32),
+        ("reserved", c_uint32),
+        ("arg", c_uint64),
+        ("result", c_int64),
+    ]
+
+
 EXT_STRUCTS: dict[str, type[ctypes.Structure]] = {
     "acrn_emu_version": AcrnEmuVersion,
     "acrn_emu_bind": AcrnEmuBind,
     "acrn_emu_range_client": AcrnEmuRangeClient,
     "acrn_emu_range": AcrnEmuRange,
+    "acrn_emu_value_call": AcrnEmuValueCall,
 }
 
 _T = ACRN_EMU_IOCTL_TYPE
@@ -100,11 +118,28 @@ ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT = iow(_T, 0x02, sizeof(AcrnEmuRangeClient))
 ACRN_EMU_IOCTL_DESTROY_RANGE_CLIENT = io(_T, 0x03)
 ACRN_EMU_IOCTL_ADD_RANGE = iow(_T, 0x04, sizeof(AcrnEmuRange))
 ACRN_EMU_IOCTL_DEL_RANGE = iow(_T, 0x05, sizeof(AcrnEmuRange))
+ACRN_EMU_IOCTL_VALUE_CALL = iowr(_T, 0x06, sizeof(AcrnEmuValueCall))
 
 EXT_IOCTLS: dict[str, int] = {
     name: value for name, value in globals().items() if name.startswith("ACRN_EMU_IOCTL_")
     and name != "ACRN_EMU_IOCTL_TYPE"
 }  # fmt: skip
+
+
+# SETUP_VM_EVENT_FD of ACRN's own kernel (projectacrn/acrn-kernel), not in <linux/acrn.h>:
+# _IOW(0xA2, 0xA1, __u32) with the eventfd number as the argument value (spec: hv B.0).
+SETUP_VM_EVENT_FD = iow(abi.ACRN_IOCTL_TYPE, 0xA1, 4)
+
+# The ACRN ioctls whose argument is a value that is not a readable address: FUSE
+# restricted ioctls fail them with EFAULT in the kernel. VALUE_CALL accepts these and
+# the launcher (acrn_hsm_emu/launcher.py) traps exactly these.
+VALUE_CALLS: dict[int, str] = {
+    abi.ACRN_IOCTL_SET_IRQLINE: "SET_IRQLINE",
+    SETUP_VM_EVENT_FD: "SETUP_VM_EVENT_FD",
+}
+# Those whose value is a file descriptor: in a VALUE_CALL it names a file of the process
+# making the VALUE_CALL (the launcher passes its own copy of the trapped caller's fd).
+FD_VALUE_CALLS = frozenset({SETUP_VM_EVENT_FD})
 
 
 def include_dir() -> pathlib.Path:

@@ -61,6 +61,7 @@ class NodeFile:
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_NODE) -> None:
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self._value_call: bool | None = None  # the node has VALUE_CALL (asked once)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -134,9 +135,14 @@ class NodeFile:
         self.ioctl(abi.ACRN_IOCTL_INJECT_MSI, abi.AcrnMsiEntry(addr, data))
 
     def set_irqline(self, gsi: int, op: int) -> None:
-        """SET_IRQLINE passes the value itself: only a CUSE node can serve it
-        (through FUSE the kernel takes the value for a pointer: EFAULT)."""
-        self.ioctl(abi.ACRN_IOCTL_SET_IRQLINE, (op & 0xFFFFFFFF) << 32 | (gsi & 0xFFFFFFFF))
+        """SET_IRQLINE passes the value itself, which a FUSE node cannot take (the kernel
+        takes it for a pointer: EFAULT): where the node has the extension's VALUE_CALL,
+        the call goes by pointer through it; elsewhere (CUSE, the real driver) as it is."""
+        value = (op & 0xFFFFFFFF) << 32 | (gsi & 0xFFFFFFFF)
+        if self._has_value_call():
+            self.value_call(abi.ACRN_IOCTL_SET_IRQLINE, value)
+        else:
+            self.ioctl(abi.ACRN_IOCTL_SET_IRQLINE, value)
 
     def vm_intr_monitor(self, page: Page) -> None:
         """VM_INTR_MONITOR: the argument is the page's address; the hypervisor
@@ -224,6 +230,21 @@ class NodeFile:
                 return None
             raise
         return ext.AcrnEmuVersion.from_buffer_copy(out)
+
+    def value_call(self, cmd: int, arg: int) -> int:
+        """ACRN_EMU_IOCTL_VALUE_CALL: the value-argument ioctl ``cmd`` (ext.VALUE_CALLS)
+        made by pointer on this file; its result, or OSError with its errno."""
+        vc = ext.AcrnEmuValueCall(cmd=cmd, arg=arg & 0xFFFFFFFFFFFFFFFF)
+        result = ext.AcrnEmuValueCall.from_buffer_copy(self.ioctl(ext.ACRN_EMU_IOCTL_VALUE_CALL, vc)).result
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+        return int(result)
+
+    def _has_value_call(self) -> bool:
+        if self._value_call is None:
+            v = self.ext_version()
+            self._value_call = v is not None and bool(v.features & ext.ACRN_EMU_FEATURE_VALUE_CALL)
+        return self._value_call
 
     def bind_vm(self, vmid: int) -> ext.AcrnEmuBind:
         out = self.ioctl(ext.ACRN_EMU_IOCTL_BIND_VM, ext.AcrnEmuBind(vmid=vmid))

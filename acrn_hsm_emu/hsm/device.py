@@ -210,6 +210,7 @@ class HsmDevice(BaseDevice):
             ext.ACRN_EMU_IOCTL_DESTROY_RANGE_CLIENT: self._ext_destroy_client,
             ext.ACRN_EMU_IOCTL_ADD_RANGE: self._ext_add_range,
             ext.ACRN_EMU_IOCTL_DEL_RANGE: self._ext_del_range,
+            ext.ACRN_EMU_IOCTL_VALUE_CALL: self._ext_value_call,
         }
         hypervisor.set_upcall(self.dispatcher.upcall)
         self._spawn(self.dispatcher.serve_upcalls)
@@ -578,6 +579,25 @@ class HsmDevice(BaseDevice):
             ioeventfd.drop_owned(binding.vm, binding)
             irqfd.drop_owned(binding.vm, binding)
         ranges.unbind(self.dispatcher, binding, reason)
+
+    def _ext_value_call(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
+        """An ACRN ioctl whose argument is a value, carried by pointer (FUSE cannot pass
+        it): the same call on this file, its answer in ``result`` (docs/extension-abi.md)."""
+        size = ext.sizeof(ext.AcrnEmuValueCall)
+        if len(call.in_data) < size:
+            return -errno.EFAULT
+        vc = ext.AcrnEmuValueCall.from_buffer_copy(call.in_data[:size])
+        if vc.reserved or vc.cmd not in ext.VALUE_CALLS:
+            return -errno.EINVAL
+        carried = IoctlCall(cmd=vc.cmd, arg=vc.arg, in_data=b"", out_size=0, ctx=call.ctx,
+                            compat=call.compat)  # fmt: skip
+        ret = self.ioctl(f, carried)
+        if isinstance(ret, tuple):
+            ret = ret[0]  # a value call has nowhere to copy data to
+        # every value call is answered at once (ext.VALUE_CALLS: none of them waits)
+        assert isinstance(ret, int), f"value call {vc.cmd:#x} did not answer at once"
+        vc.result = ret
+        return 0, bytes(vc)
 
     def _ext_version(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
         v = ext.AcrnEmuVersion(ext.ACRN_EMU_ABI_MAJOR, ext.ACRN_EMU_ABI_MINOR, ext.FEATURES, 0)

@@ -36,12 +36,18 @@ int main(void)
 	FIELD(acrn_emu_range, reserved);
 	FIELD(acrn_emu_range, start);
 	FIELD(acrn_emu_range, end);
+	SIZE(acrn_emu_value_call);
+	FIELD(acrn_emu_value_call, cmd);
+	FIELD(acrn_emu_value_call, reserved);
+	FIELD(acrn_emu_value_call, arg);
+	FIELD(acrn_emu_value_call, result);
 	CONST(ACRN_EMU_IOCTL_TYPE);
 	CONST(ACRN_EMU_ABI_MAJOR);
 	CONST(ACRN_EMU_ABI_MINOR);
 	CONST(ACRN_EMU_FEATURE_BIND);
 	CONST(ACRN_EMU_FEATURE_RANGE_CLIENT);
 	CONST(ACRN_EMU_FEATURE_PCI_RANGES);
+	CONST(ACRN_EMU_FEATURE_VALUE_CALL);
 	CONST(ACRN_EMU_RANGE_PIO);
 	CONST(ACRN_EMU_RANGE_MMIO);
 	CONST(ACRN_EMU_RANGE_PCI);
@@ -54,5 +60,6 @@ int main(void)
 	IOCTL(ACRN_EMU_IOCTL_DESTROY_RANGE_CLIENT);
 	IOCTL(ACRN_EMU_IOCTL_ADD_RANGE);
 	IOCTL(ACRN_EMU_IOCTL_DEL_RANGE);
+	IOCTL(ACRN_EMU_IOCTL_VALUE_CALL);
 	return 0;
 }

@@ -16,6 +16,11 @@
  * The real kernel driver does not know these commands: on it they fail with
  * ENOTTY (EINVAL on a file without a VM), which is how a client can tell.
  *
+ * ACRN_EMU_IOCTL_VALUE_CALL carries an ACRN ioctl whose argument is a value
+ * (SET_IRQLINE) by pointer, which FUSE restricted ioctls cannot pass as it
+ * is; acrn-hsm-emu's launcher (acrn-hsm-emu run -- CMD) issues it for
+ * unmodified programs.
+ *
  * Full description: docs/extension-abi.md in the acrn-hsm-emu sources.
  */
 #ifndef _ACRN_HSM_EMU_H
@@ -27,12 +32,13 @@
 #define ACRN_EMU_IOCTL_TYPE		0xA3	/* ACRN's own is 0xA2 */
 
 #define ACRN_EMU_ABI_MAJOR		1
-#define ACRN_EMU_ABI_MINOR		0
+#define ACRN_EMU_ABI_MINOR		1
 
 /* acrn_emu_version.features */
 #define ACRN_EMU_FEATURE_BIND		(1U << 0)
 #define ACRN_EMU_FEATURE_RANGE_CLIENT	(1U << 1)
 #define ACRN_EMU_FEATURE_PCI_RANGES	(1U << 2)
+#define ACRN_EMU_FEATURE_VALUE_CALL	(1U << 3)
 
 /* Range types: the same numbers as ACRN_IOREQ_TYPE_PORTIO/MMIO/PCICFG. */
 #define ACRN_EMU_RANGE_PIO		0
@@ -110,6 +116,30 @@ struct acrn_emu_range {
 	__u64	end;
 };
 
+/**
+ * struct acrn_emu_value_call - an ACRN ioctl whose argument is a value, by pointer
+ * @cmd:	the ACRN ioctl: ACRN_IOCTL_SET_IRQLINE, or 0x4004A2A1
+ *		(SETUP_VM_EVENT_FD of ACRN's own kernel) (in)
+ * @reserved:	zero (in)
+ * @arg:	its argument value, e.g. the packed struct acrn_irqline_ops; an fd
+ *		number names a file of the process making this call (in)
+ * @result:	what that ioctl gave on this open file: >= 0, or -errno (out)
+ *
+ * FUSE restricted ioctls take the argument of an _IOW command for an address
+ * and copy _IOC_SIZE bytes from it, so SET_IRQLINE, whose argument is the
+ * value itself, fails with EFAULT before the node sees it. This ioctl makes
+ * the same call on the same open file (the same VM): the ioctl itself
+ * returns 0 and @result holds the carried call's answer; the ioctl fails
+ * only for its own reasons (EFAULT, EINVAL: nonzero @reserved or another
+ * @cmd).
+ */
+struct acrn_emu_value_call {
+	__u32	cmd;
+	__u32	reserved;
+	__u64	arg;
+	__s64	result;
+};
+
 #define ACRN_EMU_IOCTL_VERSION \
 	_IOR(ACRN_EMU_IOCTL_TYPE, 0x00, struct acrn_emu_version)
 #define ACRN_EMU_IOCTL_BIND_VM \
@@ -122,5 +152,7 @@ struct acrn_emu_range {
 	_IOW(ACRN_EMU_IOCTL_TYPE, 0x04, struct acrn_emu_range)
 #define ACRN_EMU_IOCTL_DEL_RANGE \
 	_IOW(ACRN_EMU_IOCTL_TYPE, 0x05, struct acrn_emu_range)
+#define ACRN_EMU_IOCTL_VALUE_CALL \
+	_IOWR(ACRN_EMU_IOCTL_TYPE, 0x06, struct acrn_emu_value_call)
 
 #endif /* _ACRN_HSM_EMU_H */
