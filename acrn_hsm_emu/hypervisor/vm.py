@@ -450,11 +450,11 @@ class Vm:
                     _log.warning("vm.vm_event_ring_fault", vmid=self.vmid, error=str(e))
         if sent <= 0:
             self.vm_events_lost += 1
-            _log.info("vm.vm_event_not_sent", vmid=self.vmid, event=name,
+            _log.info("vm.vm_event_not_sent", vmid=self.vmid, vm_event=name,
                       reason="no VM event ring" if ring is None else "ring full or unreachable")
             return -errno.ENODEV
         self.vm_events[name] = self.vm_events.get(name, 0) + 1
-        _log.info("vm.vm_event_sent", vmid=self.vmid, event=name)
+        _log.info("vm.vm_event_sent", vmid=self.vmid, vm_event=name)
         self.upcall()
         return 0
 
