@@ -520,7 +520,7 @@ class Vcpu:
             stale = _U32.unpack_from(head, _OFF_VALUE)[0]  # the request's value, as ACRN matches it
             desc = vm.asyncio_match(ak.ACRN_ASYNCIO_PIO, port, stale)
             if desc is not None:
-                return self._push_asyncio(desc, stale) & mask
+                return self._push_asyncio(desc, 0 if write else stale) & mask
         return self._post(write, False) & mask
 
     def _mmio(self, gpa: int, size: int, write: bool, value: int) -> int:
@@ -538,7 +538,7 @@ class Vcpu:
             stale = _U64.unpack_from(head, _OFF_VALUE)[0]
             desc = vm.asyncio_match(ak.ACRN_ASYNCIO_MMIO, gpa, stale)
             if desc is not None:
-                return self._push_asyncio(desc, stale) & mask
+                return self._push_asyncio(desc, 0 if write else stale) & mask
         return self._post(write, True) & mask
 
     def _push_asyncio(self, desc: Any, value: int) -> int:
