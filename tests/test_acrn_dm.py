@@ -110,8 +110,16 @@ def test_a_triple_fault_powers_acrn_dm_off(guest, tmp_path) -> None:
 def test_a_triple_fault_is_a_vm_event_under_acrn_kernel(guest, tmp_path) -> None:
     """Under the acrn-kernel profile acrn-dm gives a VM event ring: the triple fault
     is posted there before the S5 write. The eventfd that tells acrn-dm is a value
-    argument: without the launcher the kernel refuses it (EFAULT) under FUSE."""
-    r = ok(acrn_dm.run(tmp_path, guest("dm_triple"), daemon_args=["--abi", "acrn-kernel"]))
+    argument: without the launcher the kernel refuses it (EFAULT) under FUSE.
+
+    A block device is attached for an acrn-dm v3.3 quirk: its VM event thread is
+    stopped with SIGCONT, which interrupts its epoll_wait only when a handler is
+    installed, and only the block layer installs one; without it acrn-dm hangs at
+    exit once VM events work (docs/acrn-dm.md)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1024 * 1024))
+    r = ok(acrn_dm.run(tmp_path / "run", guest("dm_triple"), daemon_args=["--abi", "acrn-kernel"],
+                       dm_args=["-s", f"3,virtio-blk,{disk}"]))  # fmt: skip
     sent = events(r, "vm.vm_event_sent")
     assert [e["vm_event"] for e in sent] == ["triple_fault"]
     assert "POWEROFF" in r.stdout + r.stderr

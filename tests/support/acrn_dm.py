@@ -13,6 +13,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -120,16 +121,17 @@ def run(
         sys.executable, "-m", "tests.support.acrn_dm", str(work), *(daemon_args or []), "--", *inner,
     ]  # fmt: skip
     before = HUGEPAGES.read_text() if HUGEPAGES.exists() else None
+    proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
     try:
-        proc = subprocess.run(command, cwd=REPO, timeout=HANG_GUARD_S, check=False,
-                              stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
+        _, stderr = proc.communicate(timeout=HANG_GUARD_S)
         status = proc.returncode
-        sandbox_err = proc.stderr.decode(errors="replace")
-    except subprocess.TimeoutExpired as e:
+        sandbox_err = stderr.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)  # the daemon, the launcher, acrn-dm: nothing outlives the run
+        _, stderr = proc.communicate()
         status = -1
-        sandbox_err = f"hang guard: no exit within {HANG_GUARD_S} s\n" + (
-            (e.stderr or b"").decode(errors="replace")
-        )
+        sandbox_err = f"hang guard: no exit within {HANG_GUARD_S} s\n" + stderr.decode(errors="replace")
     finally:
         if before is not None:  # acrn-dm raises the global huge page count itself
             try:
@@ -138,6 +140,24 @@ def run(
                 pass
     read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
     return DmRun(status, read(out), read(err) + sandbox_err, read(dlog), inner)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (children first found, then killed)."""
+    found = [pid]
+    i = 0
+    while i < len(found):
+        try:
+            for task in pathlib.Path(f"/proc/{found[i]}/task").iterdir():
+                found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+        i += 1
+    for p in reversed(found):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _sandbox(work: pathlib.Path, daemon_args: list[str], command: list[str]) -> int:
