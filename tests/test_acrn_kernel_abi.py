@@ -44,7 +44,7 @@ def test_against_acrn_dm_headers(tmp_path: pathlib.Path) -> None:
     inc = pathlib.Path(SRC or "") / "devicemodel" / "include"
     prog = tmp_path / "sizes.c"
     prog.write_text(
-        "#include <stdio.h>\n#include <stdint.h>\n#include <stdbool.h>\n#include \"acrn_common.h\"\n"
+        "#include <stdio.h>\n#include <stdint.h>\n#include <stdbool.h>\n#include <sys/ioctl.h>\n#include <linux/types.h>\n#include \"acrn_common.h\"\n"
         "#include \"hsm_ioctl_defs.h\"\n"
         "int main(void) { printf(\"%lu %lu %lu %lu %lu %lu %lu\\n\",\n"
         " (unsigned long)ACRN_IOCTL_SETUP_ASYNCIO, (unsigned long)ACRN_IOCTL_SETUP_VM_EVENT_RING,\n"
