@@ -282,3 +282,23 @@ async def test_pio_region_ioctls(hv) -> None:
     assert s.ioctl(ak.ACRN_IOCTL_DEASSIGN_PIO_REGION, 0, region) == -errno.EINVAL
     recent = s.dev.snapshot()["vms"][0]["hypercalls"]["counts"]
     assert recent["assign_pio_region"] == {"calls": 2, "failed": 1, "last_ret": -errno.EINVAL}
+
+
+async def test_an_rt_vms_rtc_write_arrives_as_an_event(hv, fds) -> None:
+    """An RT VM's RTC is the hypervisor's: a write to a time register posts a
+    VM_EVENT_RTC_CHG, which reaches the device model's ring and eventfd."""
+    flags = abi.GUEST_FLAG_RT | abi.GUEST_FLAG_IO_COMPLETION_POLLING
+    s = VmSetup(make_device(hv, profile="acrn-kernel"), hv, vcpus=1, vm_flag=flags)
+    page = ring_page(ctypes.sizeof(ak.VmEvent))
+    efd = fds()
+    assert s.ioctl(ak.ACRN_IOCTL_SETUP_VM_EVENT_RING, page.addr) == 0
+    assert s.ioctl(ak.ACRN_IOCTL_SETUP_VM_EVENT_FD, efd) == 0
+    assert s.ioctl(abi.ACRN_IOCTL_START_VM) == 0
+    for access in (Access("pio", True, 0x70, 1, 0x02), Access("pio", True, 0x71, 1, 0x59)):
+        fut = hv.real.inject(s.vmid, 0, access)  # minutes := 59 (BCD)
+        await trio.to_thread.run_sync(fut.result, HANG_GUARD_S)
+    await readable(efd)
+    ev = ak.VmEvent.from_buffer_copy(page.bytes(64, 32))
+    assert ev.type == ak.VM_EVENT_RTC_CHG
+    data = ak.RtcChangeEventData.from_buffer_copy(bytes(ev.event_data)[:16])
+    assert data.last_time > 0 and -3600 < data.delta_time < 3600
