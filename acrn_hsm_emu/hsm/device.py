@@ -21,7 +21,7 @@ import trio
 from acrn_hsm_emu import abi
 from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm import acrn_kernel, ioeventfd, irqfd, mm, ranges
 from acrn_hsm_emu.hsm.acrn_kernel import PROFILES, AcrnKernel
 from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.hypercall_log import decode
@@ -366,6 +366,7 @@ class HsmDevice(BaseDevice):
         for vm in self.dispatcher.vms:
             irqfd.irqfd_deinit(vm)
             ioeventfd.close_all(vm)
+            acrn_kernel.deinit(vm, self.quirks)
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         if self._nursery is not None:
