@@ -46,6 +46,7 @@ from acrn_hsm_emu.hypervisor.vm import (
     PCI_CONFIG_DATA,
     VIOAPIC_BASE,
     VIOAPIC_END,
+    AsyncioDesc,
     Vm,
     VmState,
 )
@@ -541,7 +542,7 @@ class Vcpu:
                 return self._push_asyncio(desc, 0 if write else stale) & mask
         return self._post(write, True) & mask
 
-    def _push_asyncio(self, desc: Any, value: int) -> int:
+    def _push_asyncio(self, desc: AsyncioDesc, value: int) -> int:
         """``acrn_insert_asyncio``: the access goes into the asyncio ring and the vCPU
         does not wait for it; a read gets the request's stale value (spec hv A.2.8)."""
         if not self.vm.push_asyncio(desc, lambda: self._stop or self.vm.state != _RUNNING):
