@@ -42,11 +42,13 @@ apt:
 apt-test:
 	@$(MAKE) --no-print-directory apt APT_PKGS="$(TEST_APT_PKGS)"
 
-# The virtualenv, rebuilt when the package definition or a cffi build script changes.
+# The virtualenv, rebuilt when the package definition, a cffi build script or declaration,
+# or a C file changes.
+NATIVE_INPUTS := $(wildcard _cffi_src/*.py _cffi_src/*.h _cffi_src/*.c native/*.c native/*.h)
+
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py _cffi_src/build_fuse.py _cffi_src/build_native.py _cffi_src/fuse_decl.h _cffi_src/fuse_glue.c \
-		_cffi_src/build_launcher.py _cffi_src/launcher_decl.h _cffi_src/launcher.c
+$(VENV)/.installed: pyproject.toml setup.py $(NATIVE_INPUTS)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'

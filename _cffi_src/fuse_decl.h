@@ -110,7 +110,7 @@ int umount2(const char *target, int flags);
 
 void free(void *ptr);
 
-/* Glue (fuse_glue.c). */
+/* Glue (native/fuse_glue.c). */
 size_t cdev_ops_size(void);
 struct fuse_lowlevel_ops *cdev_new_ops(void);
 struct cuse_lowlevel_ops *cdev_new_cuse_ops(void);
@@ -120,7 +120,7 @@ void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable);
 int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
                        void *prefilter, void *ctx);
 
-/* The native receiver thread (fuse_glue.c). */
+/* The native receiver thread (native/fuse_glue.c). */
 struct cdev_rx { int notify_fd; int ended; uint64_t taken; uint64_t forwarded;
                  uint64_t poll_window_ns; uint64_t poll_hits; uint64_t poll_misses;
                  uint64_t poll_max_ns; ...; };
@@ -130,8 +130,9 @@ void cdev_rx_stop(struct cdev_rx *rx);
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch);
 void cdev_rx_free(struct cdev_rx *rx, int err);
 
-/* Callbacks, defined in Python (cdev/_callbacks.py). */
-extern "Python" {
+/* Callbacks, defined in Python (cdev/session.py); "+C": fuse_glue.c, its own
+ * translation unit, calls them. */
+extern "Python+C" {
     void cdev_ll_init(void *userdata, struct fuse_conn_info *conn);
     void cdev_ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name);
     void cdev_ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);

@@ -424,7 +424,7 @@ def test_structs_round_trip_bytes():
 
 
 def test_the_native_request_cycle_uses_the_same_slot_layout():
-    """hsm_slot_cycle (C, _cffi_src/build_native.py) has its own copy of the offsets."""
+    """The C (native/slot.h) has its own copy of the offsets."""
     from acrn_hsm_emu._native import lib
 
     assert (lib.HSM_SLOT_VALUE, lib.HSM_SLOT_STATE) == (abi.SLOT_VALUE, abi.SLOT_PROCESSED)

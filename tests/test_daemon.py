@@ -195,7 +195,7 @@ def test_the_readers_polling_window_stays_shut_for_sparse_requests(hsm_daemon):
     reader's polling window beyond its first step: after every sleep the gap
     since its last answer decides, a long one halves the window (to 0 below
     10 us) and only the device model's quick ATTACH after a NOTIFY doubles it
-    again. A fixed window would read 200 here (cdev_rx_adapt in fuse_glue.c)."""
+    again. A fixed window would read 200 here (cdev_rx_adapt in native/fuse_glue.c)."""
     dm = build_c("dm_loop")
     proc = subprocess.Popen([str(dm), str(hsm_daemon.node), "0x1"], stdout=subprocess.PIPE, text=True)
     try:

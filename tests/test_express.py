@@ -1,4 +1,4 @@
-"""The express path's C half (hsm/express.py, _cffi_src/build_native.py), driven
+"""The express path's C half (hsm/express.py, native/express*.c), driven
 directly: raw FUSE requests in, the replies it writes read back from a socket
 standing in for the session fd, its effects read from a request page in this
 process (reached with process_vm_* as a client's page is).

@@ -83,7 +83,7 @@ def handler(vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, v
 
 
 # The express path's C runs this handler itself, in the vCPU's thread
-# (hsm_x_ioeventfd in _cffi_src/build_native.py; express.sync tells it the
+# (hsm_x_ioeventfd in native/express_dispatch.c; express.sync tells it the
 # entries): keep the two alike.
 handler.express_native = True  # type: ignore[attr-defined]
 

@@ -130,7 +130,7 @@ class FdUpcall(EventFd):
 
 class NativeUpcall(Protocol):
     """A VM's upcall handler in C: ``ptr`` is a ``struct hsm_native_upcall *``
-    (``_cffi_src/build_native.py``), valid while this object lives. A vCPU's
+    (``native/vcpu_cycle.h``), valid while this object lives. A vCPU's
     native request cycle calls its ``post`` under the VM's gate with the request
     it is about to post: the handler dispatches it itself, or leaves it to be
     posted PENDING with the upcall raised, as without a handler."""

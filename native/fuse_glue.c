@@ -1,5 +1,6 @@
 /* C side of cdev._fuse: fills the operation tables with the Python callbacks
- * and turns libfuse's printf-style log calls into one string each. */
+ * and turns libfuse's printf-style log calls into one string each; receives
+ * requests, in batches or in a thread of its own (fuse_glue.h). */
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -17,28 +18,9 @@
 #include <fuse_lowlevel.h>
 #include <cuse_lowlevel.h>
 
-static void cdev_ll_init(void *userdata, struct fuse_conn_info *conn);
-static void cdev_ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name);
-static void cdev_ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
-static void cdev_ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
-static void cdev_ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
-static void cdev_ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi);
-static void cdev_ll_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                            struct fuse_file_info *fi);
-static void cdev_ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                         struct fuse_file_info *fi);
-static void cdev_ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
-                          off_t off, struct fuse_file_info *fi);
-static void cdev_ll_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
-                          struct fuse_file_info *fi, unsigned flags, const void *in_buf,
-                          size_t in_bufsz, size_t out_bufsz);
-static void cdev_ll_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
-                         struct fuse_pollhandle *ph);
-static void cdev_cuse_init_done(void *userdata);
-static void cdev_interrupt(fuse_req_t req, void *data);
-static void cdev_log(int level, const char *msg);
+#include "fuse_glue.h"
 
-static struct fuse_lowlevel_ops *cdev_new_ops(void)
+struct fuse_lowlevel_ops *cdev_new_ops(void)
 {
     struct fuse_lowlevel_ops *ops = calloc(1, sizeof(*ops));
     if (!ops)
@@ -71,7 +53,7 @@ static void cuse_ioctl(fuse_req_t req, int cmd, void *arg, struct fuse_file_info
 static void cuse_poll(fuse_req_t req, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
 { cdev_ll_poll(req, 0, fi, ph); }
 
-static struct cuse_lowlevel_ops *cdev_new_cuse_ops(void)
+struct cuse_lowlevel_ops *cdev_new_cuse_ops(void)
 {
     struct cuse_lowlevel_ops *ops = calloc(1, sizeof(*ops));
     if (!ops)
@@ -86,7 +68,7 @@ static struct cuse_lowlevel_ops *cdev_new_cuse_ops(void)
     return ops;
 }
 
-static size_t cdev_ops_size(void) { return sizeof(struct fuse_lowlevel_ops); }
+size_t cdev_ops_size(void) { return sizeof(struct fuse_lowlevel_ops); }
 
 static void cdev_log_trampoline(enum fuse_log_level level, const char *fmt, va_list ap)
 {
@@ -98,14 +80,14 @@ static void cdev_log_trampoline(enum fuse_log_level level, const char *fmt, va_l
     cdev_log((int)level, buf);
 }
 
-static void cdev_install_log(void) { fuse_set_log_func(cdev_log_trampoline); }
+void cdev_install_log(void) { fuse_set_log_func(cdev_log_trampoline); }
 
-static void cdev_req_interrupt_func(fuse_req_t req, void *data)
+void cdev_req_interrupt_func(fuse_req_t req, void *data)
 {
     fuse_req_interrupt_func(req, cdev_interrupt, data);
 }
 
-static void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable)
+void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable)
 {
     fi->direct_io = direct_io ? 1 : 0;
     fi->nonseekable = nonseekable ? 1 : 0;
@@ -114,14 +96,6 @@ static void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseeka
     fi->noflush = 1;
 }
 
-/* Receive up to `batch` requests and process each. A device may offer a
- * prefilter: a C function that sees every raw request first (fuse_in_header
- * and body, as read from the kernel) and returns nonzero if it answered or kept
- * it, writing its replies to `fd` itself; libfuse and Python never see those.
- * Returns 1 when the batch was used up, else what fuse_session_receive_buf
- * returned (0: session ended or request aborted; -errno). */
-typedef int (*cdev_prefilter_fn)(void *ctx, int fd, const void *req, size_t len);
-
 /* Whether the prefilter (if any) took the request just read into buf. */
 static int cdev_prefiltered(cdev_prefilter_fn pf, void *ctx, int fd, const struct fuse_buf *buf,
                             int res)
@@ -129,8 +103,14 @@ static int cdev_prefiltered(cdev_prefilter_fn pf, void *ctx, int fd, const struc
     return pf && !(buf->flags & FUSE_BUF_IS_FD) && pf(ctx, fd, buf->mem, (size_t)res);
 }
 
-static int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
-                              void *prefilter, void *ctx)
+/* Receive up to `batch` requests and process each. A device may offer a
+ * prefilter: a C function that sees every raw request first (fuse_in_header
+ * and body, as read from the kernel) and returns nonzero if it answered or kept
+ * it, writing its replies to `fd` itself; libfuse and Python never see those.
+ * Returns 1 when the batch was used up, else what fuse_session_receive_buf
+ * returned (0: session ended or request aborted; -errno). */
+int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
+                       void *prefilter, void *ctx)
 {
     cdev_prefilter_fn pf = (cdev_prefilter_fn)prefilter;
     int fd = fuse_session_fd(se);
@@ -152,25 +132,6 @@ static int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int
  * notify_fd. While it runs, the trio thread waits on notify_fd instead of the
  * session fd: every request then has one reader. */
 struct cdev_rx_item { struct cdev_rx_item *next; size_t size; char mem[]; };
-
-struct cdev_rx {
-    int notify_fd;              /* eventfd: something was queued (or the end) */
-    int ended;                  /* the session ended (unmount): no more requests */
-    uint64_t taken;             /* requests the prefilter answered */
-    uint64_t forwarded;         /* requests queued for the trio thread */
-    uint64_t poll_window_ns;    /* now: after a prefilter answer, keep reading this long */
-    uint64_t poll_hits;         /* requests found by polling (no sleep, no wake-up) */
-    uint64_t poll_misses;       /* windows that ran out: the thread slept */
-    uint64_t poll_max_ns;       /* the bound of poll_window_ns; 0: never poll */
-    int stop_fd;                /* eventfd: cdev_rx_stop */
-    int fd;
-    struct fuse_session *se;
-    cdev_prefilter_fn pf;
-    void *ctx;
-    pthread_t thread;
-    pthread_mutex_t lock;
-    struct cdev_rx_item *head, **tail;
-};
 
 static void cdev_rx_post(struct cdev_rx *rx, struct cdev_rx_item *item, int end)
 {
@@ -296,8 +257,8 @@ out:
     return NULL;
 }
 
-static struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
-                                     uint64_t poll_max_ns)
+struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
+                              uint64_t poll_max_ns)
 {
     struct cdev_rx *rx = calloc(1, sizeof *rx);
     if (!rx)
@@ -325,7 +286,7 @@ static struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, v
 
 /* Ends the thread (it finishes the request in hand, queueing it if it is not
  * the prefilter's). The queue stays for cdev_rx_process. */
-static void cdev_rx_stop(struct cdev_rx *rx)
+void cdev_rx_stop(struct cdev_rx *rx)
 {
     uint64_t one = 1;
     if (write(rx->stop_fd, &one, sizeof one) < 0) { /* cannot fail on a fresh eventfd */ }
@@ -334,7 +295,7 @@ static void cdev_rx_stop(struct cdev_rx *rx)
 
 /* Processes up to `batch` queued requests with libfuse (in the caller's thread).
  * Returns how many, or -1 once the queue is empty and the session has ended. */
-static int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch)
+int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch)
 {
     uint64_t n;
     int done = 0;
@@ -367,7 +328,7 @@ static int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batc
 }
 
 /* After cdev_rx_stop: answers what is still queued with -err (none if 0). */
-static void cdev_rx_free(struct cdev_rx *rx, int err)
+void cdev_rx_free(struct cdev_rx *rx, int err)
 {
     struct cdev_rx_item *item = rx->head;
     while (item) {

@@ -1,0 +1,142 @@
+/* The express path's state, as Python sets it (express.h). */
+#include <errno.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include "express.h"
+#include "express_internal.h"
+
+void hsm_x_table_init(struct hsm_express *e)
+{
+    pthread_mutex_init(&e->lock, NULL);
+    e->n = 0;
+}
+
+int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x)
+{
+    int ret = -ENOSPC;
+    pthread_mutex_lock(&e->lock);
+    if (e->n < HSM_X_VMS_MAX) {
+        e->vms[e->n++] = x;
+        ret = 0;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return ret;
+}
+
+void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x)
+{
+    pthread_mutex_lock(&e->lock);
+    for (uint32_t k = 0; k < e->n; k++) {
+        if (e->vms[k] == x) {
+            e->vms[k] = e->vms[--e->n];
+            e->vms[e->n] = NULL;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+}
+
+void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
+                uint32_t vcpu_num)
+{
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&x->lock, &a);
+    pthread_mutexattr_destroy(&a);
+    x->up.post = hsm_x_upcall;
+    x->up.flush = hsm_x_flush;
+    x->fd = fd;
+    x->fh = fh;
+    x->pid = pid;
+    x->page = page;
+    x->vcpu_num = vcpu_num > HSM_X_VCPUS_MAX ? HSM_X_VCPUS_MAX : vcpu_num;
+    x->nfds = 0;
+    x->alert_fd = -1;
+}
+
+void hsm_x_lock(struct hsm_xvm *x) { pthread_mutex_lock(&x->lock); }
+void hsm_x_unlock(struct hsm_xvm *x) { pthread_mutex_unlock(&x->lock); }
+
+int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n)
+{
+    if (n != (int)x->vcpu_num)
+        return -EINVAL;
+    pthread_mutex_lock(&x->lock);
+    for (int i = 0; i < n; i++)
+        x->wake_fds[i] = fds[i];
+    x->nfds = n;
+    pthread_mutex_unlock(&x->lock);
+    return 0;
+}
+
+uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear)
+{
+    uint64_t b;
+    pthread_mutex_lock(&x->lock);
+    x->bitmap = (x->bitmap | set) & ~clear;
+    b = x->bitmap;
+    pthread_mutex_unlock(&x->lock);
+    return b;
+}
+
+void hsm_x_wake(struct hsm_xvm *x)
+{
+    pthread_mutex_lock(&x->lock);
+    if (x->bitmap)
+        hsm_x_answer_parked(x, 0);
+    pthread_mutex_unlock(&x->lock);
+}
+
+void hsm_x_set_default(struct hsm_xvm *x, int on)
+{
+    pthread_mutex_lock(&x->lock);
+    if (!on) {
+        hsm_x_answer_parked(x, -ENODEV);
+        x->dispatch = 0;
+    }
+    x->has_default = on;
+    x->bitmap = 0;
+    pthread_mutex_unlock(&x->lock);
+}
+
+void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n)
+{
+    pthread_mutex_lock(&x->lock);
+    x->iofds = p;
+    x->niofds = n;
+    pthread_mutex_unlock(&x->lock);
+}
+
+void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
+                     uint32_t n)
+{
+    pthread_mutex_lock(&x->lock);
+    x->ranges = ranges;
+    x->nranges = n;
+    x->dispatch = dispatch && x->has_default && x->fd >= 0;
+    pthread_mutex_unlock(&x->lock);
+}
+
+void hsm_x_close(struct hsm_xvm *x)
+{
+    pthread_mutex_lock(&x->lock);
+    hsm_x_answer_parked(x, -ENODEV);
+    x->fd = -1;
+    x->dispatch = 0;
+    x->has_default = 0;
+    x->ranges = NULL;
+    x->nranges = 0;
+    x->iofds = NULL;
+    x->niofds = 0;
+    /* writes put off before fd was -1 still use the fds: let them finish
+       (they take no lock, so holding it here cannot stop them) */
+    while (__atomic_load_n(&x->busy, __ATOMIC_ACQUIRE))
+        sched_yield();
+    for (int i = 0; i < x->nfds; i++)
+        close(x->wake_fds[i]);
+    x->nfds = 0;
+    x->alert_fd = -1;  /* the session's (Express.alert_fd): not closed here */
+    pthread_mutex_unlock(&x->lock);
+}

@@ -1,0 +1,108 @@
+/* The HSM's express path (acrn_hsm_emu/hsm/express.py): what the driver does
+   for the default client, done without Python where nothing but the default
+   client is involved:
+   - a vCPU's plain PIO/MMIO request (no range client's range contains it,
+     not CF8/CFC) is dispatched by the upcall itself, in the vCPU's thread:
+     PENDING, then kernel_handled = 0 and PROCESSING, the vCPU's bit set,
+     the blocked ATTACH calls answered (acrn_ioreq_dispatch for one slot);
+     express_dispatch.c;
+   - a request in the range of the VM's ioeventfd client (the driver's
+     handler) is completed by the upcall itself, eventfd signalled;
+     express_dispatch.c;
+   - ATTACH_IOREQ_CLIENT and NOTIFY_REQUEST_FINISH on the VM's own file are
+     answered by the session's prefilter (cdev's reader thread, or the trio
+     thread's batch read), without libfuse or Python: the same checks and
+     effects as the Python handlers; express_prefilter.c.
+   Anything else, or any doubt (a fault, a closed session), is left to
+   Python, which then does what it always does. One recursive mutex per VM
+   orders all of it with the Python dispatcher, which holds it for a pass.
+   Python keeps the state below in step with its own (express.c); replies and
+   wake-ups decided under the lock are written after it (express_out.c). */
+#ifndef HSM_EXPRESS_H
+#define HSM_EXPRESS_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vcpu_cycle.h"
+
+#define HSM_X_PARKED_MAX 256
+#define HSM_X_VMS_MAX 256
+#define HSM_X_VCPUS_MAX 16
+
+/* A range client's PIO/MMIO range, in the order the dispatcher searches
+   them (the first client with a range containing the access gets it).
+   handler: HSM_XRANGE_OTHER, a client the request goes to Python for;
+   HSM_XRANGE_IOEVENTFD, the VM's ioeventfd client with the driver's
+   handler (hsm/ioeventfd.py: handler), which the vCPU runs here. */
+#define HSM_XRANGE_OTHER 0
+#define HSM_XRANGE_IOEVENTFD 1
+struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler; };
+
+/* struct hsm_ioeventfd, as hsm/ioeventfd.py keeps it (fd: the daemon's duplicate). */
+struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
+                        int wildcard; int fd; };
+
+struct hsm_xvm {
+    struct hsm_native_upcall up;  /* first: the hypervisor sees only this */
+    pthread_mutex_t lock;
+    int fd;               /* the session's fd for replies; -1 once closed */
+    uint64_t fh;          /* the VM's file, as the kernel names it */
+    int pid;              /* the request page's process */
+    uint64_t page;
+    uint32_t vcpu_num;
+    int has_default;      /* a default client exists: ATTACH/NOTIFY served here */
+    int dispatch;         /* the vCPUs may dispatch plain requests */
+    uint64_t bitmap;      /* the default client's ioreqs_map */
+    const struct hsm_xrange *ranges;  /* every range client's PIO/MMIO ranges */
+    uint32_t nranges;
+    int nfds;             /* the vCPUs' completion eventfds (owned), or 0 */
+    int wake_fds[HSM_X_VCPUS_MAX];
+    uint32_t nparked;     /* blocked ATTACH calls (FUSE uniques) */
+    uint64_t parked[HSM_X_PARKED_MAX];
+    uint64_t pio, mmio, defaults;   /* dispatched here */
+    uint64_t notified, attaches, refused;  /* served here */
+    uint64_t in_kernel;   /* completed here by the ioeventfd handler */
+    int alert_fd;         /* eventfd written on a refusal (Python logs it), or -1 */
+    const struct hsm_xioeventfd *iofds;  /* the VM's ioeventfds, in order */
+    uint32_t niofds;
+    int busy;             /* deferred writes under way (express_out.c); close waits */
+};
+
+/* The VMs the prefilter serves. Its lock is taken before a VM's. */
+struct hsm_express { pthread_mutex_t lock; uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX]; };
+
+/* express.c: the state, as Python sets it. */
+void hsm_x_table_init(struct hsm_express *e);
+int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x);
+void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x);
+void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
+                uint32_t vcpu_num);
+void hsm_x_lock(struct hsm_xvm *x);
+void hsm_x_unlock(struct hsm_xvm *x);
+/* Takes the fds (the caller's duplicates); n must be the VM's vCPU count. */
+int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n);
+uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear);
+/* IoreqClient.wake for the default client: level-triggered. */
+void hsm_x_wake(struct hsm_xvm *x);
+/* The default client created (on) or destroyed (off: waiters get ENODEV). */
+void hsm_x_set_default(struct hsm_xvm *x, int on);
+/* The VM's ioeventfds changed (set before the ranges that name the handler,
+   and before a dropped entry's fd is closed: after this returns, C uses p). */
+void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n);
+/* What may be dispatched by the vCPUs; `ranges` stays the caller's until replaced. */
+void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
+                     uint32_t n);
+/* The VM or the session goes: answer the waiters, stop writing to the fd. */
+void hsm_x_close(struct hsm_xvm *x);
+
+/* express_dispatch.c: the vCPU's upcall, flushed (what the post path does,
+   in one call: tests). */
+int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head);
+
+/* express_prefilter.c: cdev's prefilter (its receiver thread, or
+   cdev_receive_batch in the trio thread); ctx is a struct hsm_express. */
+int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len);
+
+#endif

@@ -1,0 +1,29 @@
+/* What the express_*.c files share (express.h is what Python sees). */
+#ifndef HSM_EXPRESS_INTERNAL_H
+#define HSM_EXPRESS_INTERNAL_H
+
+#include <stdint.h>
+
+#include "express.h"
+
+/* express_out.c: replies and wake-ups decided under a VM's lock, written
+   after it is released where they can be. */
+
+/* A reply to an ioctl the kernel sent us, now: 0 with no data, or -errno. */
+void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err);
+/* Locked: a reply (0) to write once the lock is released. */
+void hsm_x_reply_later(struct hsm_xvm *x, uint64_t unique);
+/* Locked: answer every blocked ATTACH now. */
+void hsm_x_answer_parked(struct hsm_xvm *x, int err);
+/* Locked: vCPU i's slot is complete; it learns it from its completion eventfd
+   unless it polls the state (HC_NOTIFY_REQUEST_FINISH's effect). */
+void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling);
+/* Unlocked: write what this thread put off, then let hsm_x_close go on. */
+void hsm_x_flush_out(void);
+
+/* express_dispatch.c: the VM's struct hsm_native_upcall. */
+int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
+                 const unsigned char *head);
+void hsm_x_flush(struct hsm_native_upcall *self);
+
+#endif

@@ -1,0 +1,135 @@
+/* The vCPU request cycle (vcpu_cycle.h). */
+#include <errno.h>
+#include <poll.h>
+#include <sched.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "remote_memory.h"
+#include "vcpu_cycle.h"
+
+void hsm_gate_init(struct hsm_gate *g)
+{
+    pthread_mutex_init(&g->lock, NULL);
+    g->open = 0;
+}
+
+void hsm_gate_set(struct hsm_gate *g, int open)
+{
+    pthread_mutex_lock(&g->lock);
+    g->open = open;
+    pthread_mutex_unlock(&g->lock);
+}
+
+void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop)
+{
+    if (stop)
+        __atomic_store_n(&w->stopped, 1, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&w->gen, 1, __ATOMIC_ACQ_REL);
+}
+
+static int hsm_sc_fault(struct hsm_vcpu_wait *w, int stage, ssize_t n)
+{
+    w->stage = stage;
+    w->waiting = 0;
+    return (n < 0 && errno) ? -errno : -EFAULT;  /* short transfer: unmapped part */
+}
+
+int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
+                   struct hsm_native_upcall *up, size_t value_len, uint64_t *value)
+{
+    unsigned char *head = w->head;
+    const size_t head_len = HSM_HEAD_LEN;
+    const uint32_t pending = HSM_STATE_PENDING, free_ = HSM_STATE_FREE;
+    unsigned char done[HSM_SLOT_STATE + 4 - HSM_SLOT_VALUE];
+    struct pollfd p = { w->wake_fd, POLLIN, 0 };
+    uint64_t n;
+    uint32_t state;
+    ssize_t r = 0;
+    unsigned gen;
+    int posted;
+    uint64_t spin_until;
+
+    /* A wake left over from before (a kick) is not drained here: the wait below
+       re-reads the state word on every wake and only a COMPLETE ends it. */
+    gen = __atomic_load_n(&w->gen, __ATOMIC_ACQUIRE);
+    pthread_mutex_lock(&g->lock);
+    if (!g->open || __atomic_load_n(&w->stopped, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_unlock(&g->lock);
+        return HSM_SC_CLOSED;
+    }
+    posted = up ? up->post(up, w->pid, w->slot, head) : 0;
+    if (posted == 0)
+        r = hsm_remote_write2(w->pid, w->slot, head, head_len,
+                              w->slot + HSM_SLOT_STATE, &pending, sizeof pending);
+    pthread_mutex_unlock(&g->lock);
+    if (up)
+        up->flush(up);
+    if (posted < 0) {
+        errno = -posted;
+        return hsm_sc_fault(w, HSM_SC_POST, -1);
+    }
+    if (posted)
+        upcall_fd = -1;  /* the upcall dispatched it already */
+    else if (r != (ssize_t)(head_len + sizeof pending))
+        return hsm_sc_fault(w, HSM_SC_POST, r);
+    w->requests++;
+    if (upcall_fd >= 0) {
+        n = 1;
+        if (write(upcall_fd, &n, sizeof n) < 0) { /* a full counter: a pass is due anyway */ }
+    }
+    w->waiting = 1;
+    spin_until = w->spin_ns ? hsm_now_ns() + w->spin_ns : 0;
+    for (;;) {
+        int k;
+        if (spin_until) {
+            /* a vCPU with a CPU of its own: look for the completion before
+               sleeping, behind anything else runnable on that CPU */
+            k = poll(&p, 1, 0);
+            if (k == 0) {
+                if (hsm_now_ns() < spin_until) {
+                    sched_yield();
+                    continue;
+                }
+                spin_until = 0;
+                continue;
+            }
+            if (k > 0)
+                w->spin_hits++;
+        } else {
+            k = poll(&p, 1, w->probe_ms);
+        }
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;  /* a kick's signal; the eventfd says whether to look */
+            return hsm_sc_fault(w, HSM_SC_READ, -1);
+        }
+        if (k == 0) {  /* no notify for a while: is the page still there? */
+            r = hsm_remote_read(w->pid, w->slot + HSM_SLOT_STATE, &state, sizeof state);
+            if (r != sizeof state)
+                return hsm_sc_fault(w, HSM_SC_PROBE, r);
+            continue;
+        }
+        if (read(w->wake_fd, &n, sizeof n) < 0 && errno != EAGAIN)
+            return hsm_sc_fault(w, HSM_SC_READ, -1);
+        if (__atomic_load_n(&w->gen, __ATOMIC_ACQUIRE) != gen) {
+            w->waiting = 0;
+            return HSM_SC_ABANDONED;
+        }
+        r = hsm_remote_read(w->pid, w->slot + HSM_SLOT_VALUE, done, sizeof done);
+        if (r != sizeof done)
+            return hsm_sc_fault(w, HSM_SC_READ, r);
+        memcpy(&state, done + sizeof done - sizeof state, sizeof state);
+        if (state == HSM_STATE_COMPLETE)
+            break;
+    }
+    w->waiting = 0;
+    if (value_len) {
+        memcpy(head + HSM_SLOT_VALUE, done, value_len);
+        memcpy(value, done, sizeof *value);
+    }
+    r = hsm_remote_write(w->pid, w->slot + HSM_SLOT_STATE, &free_, sizeof free_);
+    if (r != sizeof free_)
+        return hsm_sc_fault(w, HSM_SC_FREE, r);
+    return HSM_SC_DONE;
+}

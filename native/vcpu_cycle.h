@@ -1,0 +1,84 @@
+/* A vCPU's whole request cycle in one call made without the GIL: post the
+   request, raise the upcall (an eventfd), wait for the notify (another
+   eventfd), read the result, free the slot. A Python vCPU thread would
+   otherwise take the GIL back several times per request, each time while the
+   trio thread wants it: measured, that hand-off cost more than the work
+   (docs/performance.md). The Python side is acrn_hsm_emu/hypervisor/vcpu.py. */
+#ifndef HSM_VCPU_CYCLE_H
+#define HSM_VCPU_CYCLE_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "slot.h"
+
+/* hsm_slot_cycle results; a negative one is -errno of a memory fault,
+   whose step is left in w->stage. */
+#define HSM_SC_DONE 0
+#define HSM_SC_CLOSED 1     /* VM not running or vCPU stopped: nothing posted */
+#define HSM_SC_ABANDONED 2  /* stop or reset while waiting: no completion */
+#define HSM_SC_POST 1
+#define HSM_SC_PROBE 2
+#define HSM_SC_READ 3
+#define HSM_SC_FREE 4
+
+/* A VM's gate: open while it runs and its page has not faulted. A state
+   change closes it under the lock, so no PENDING is written after the
+   change returns (the VM lock does this on the Python side). */
+struct hsm_gate { pthread_mutex_t lock; int open; };
+
+/* The last `size` cycle times in ns (vcpu.py CycleRing): one writer, the vCPU. */
+struct hsm_ring { uint64_t *buf; uint64_t size; uint64_t n; };
+
+struct hsm_vcpu_wait {
+    int pid;          /* the request page's process */
+    int wake_fd;      /* eventfd: notify, kicks */
+    uint64_t slot;    /* this vCPU's slot, an address in pid */
+    int probe_ms;     /* a wait this long re-reads the page (dead client?) */
+    uint64_t spin_ns; /* poll for the completion this long before sleeping; 0: never */
+    int stage;        /* where a fault happened */
+    int waiting;      /* in the wait for COMPLETE (status) */
+    uint64_t requests;  /* requests posted by native code */
+    uint64_t accesses;  /* accesses done by hsm_kvm_loop */
+    uint64_t spin_hits; /* completions found while polling */
+    unsigned char *head;  /* the private request: type .. end of reqs (HSM_HEAD_LEN) */
+    struct hsm_ring *ring;
+    unsigned gen;     /* bumped by stop and reset: leave the wait */
+    int stopped;
+};
+
+/* The native upcall (hypervisor side of the seam): a VM's handler that
+   Hypercalls.set_native_upcall installs. post() gets a request whose head is
+   written nowhere yet, under the VM's gate: 1 it dispatched the request
+   itself, 0 it left it (post it PENDING and raise the upcall), < 0 -errno.
+   flush(), in the same thread once the gate is released, does what post()
+   put off: waking other threads while holding the gate would let them run
+   into it (on one CPU, a wake-up preempts the waker before it unlocks). */
+struct hsm_native_upcall {
+    int (*post)(struct hsm_native_upcall *self, int pid, uint64_t slot,
+                const unsigned char *head);
+    void (*flush)(struct hsm_native_upcall *self);
+};
+
+void hsm_gate_init(struct hsm_gate *g);
+void hsm_gate_set(struct hsm_gate *g, int open);
+/* Before the kick that wakes the thread: a wait sees the new generation. */
+void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
+
+/* w->head, the private request, is written before PENDING. value_len: 0 for
+   a write, else the bytes of the read value (4 PIO, 8 MMIO), copied back into
+   the head as ACRN copies the result into its request. up: the VM's native
+   upcall, or NULL. */
+int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
+                   struct hsm_native_upcall *up, size_t value_len, uint64_t *value);
+
+static inline uint64_t hsm_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+#endif
