@@ -15,6 +15,7 @@ struct fuse_session;
 struct fuse_pollhandle;
 
 struct fuse_args { int argc; char **argv; int allocated; };
+void fuse_opt_free_args(struct fuse_args *args);
 
 struct fuse_file_info {
     int flags;

@@ -157,6 +157,13 @@ class Server:
         self._keep.append(args)
         return args
 
+    @staticmethod
+    def _free_setup(args: Any, ops: Any) -> None:
+        """After the session's creation: libfuse keeps a copy of the operations, and
+        parsing the arguments allocated new ones (found by ``make sanitize``)."""
+        lib.free(ops)
+        lib.fuse_opt_free_args(args)
+
     def _check_fuse_device(self, path: str) -> None:
         if not os.path.exists(path):
             raise ServeError(
@@ -230,8 +237,8 @@ class Server:
         opts = f"allow_other,default_permissions,fsname=cdev:{self.name},subtype=cdev"
         args = self._args(["-o", opts])
         ops = lib.cdev_new_ops()
-        self._keep.append(ops)
         se = lib.fuse_session_new(args, ops, lib.cdev_ops_size(), self.session.userdata)
+        self._free_setup(args, ops)
         if se == ffi.NULL:
             raise ServeError("libfuse could not create a session (see the libfuse log line)")
         self.session.se = se
@@ -262,8 +269,10 @@ class Server:
         ci.dev_info_argv = argv
         ci.flags = lib.CUSE_UNRESTRICTED_IOCTL
         ops = lib.cdev_new_cuse_ops()
-        self._keep.extend([devname, argv, ci, ops])
-        se = lib.cuse_lowlevel_new(self._args([]), ci, ops, self.session.userdata)
+        self._keep.extend([devname, argv, ci])
+        args = self._args([])
+        se = lib.cuse_lowlevel_new(args, ci, ops, self.session.userdata)
+        self._free_setup(args, ops)
         if se == ffi.NULL:
             raise ServeError("libfuse could not create a CUSE session")
         self.session.se = se
