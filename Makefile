@@ -59,6 +59,7 @@ run: setup
 
 lint: setup
 	$(VENV)/bin/ruff check cdev acrn_hsm_emu tests bench examples _cffi_src
+	$(VENV)/bin/mypy
 
 test: setup apt-test lint
 	$(VENV)/bin/pytest $(ARGS)

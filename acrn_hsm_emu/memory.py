@@ -24,6 +24,8 @@ from acrn_hsm_emu._native import lib as _lib
 _U32 = struct.Struct("<I")
 PAGE_SIZE = 4096
 
+Data = bytes | bytearray  # what a write takes (a vCPU writes from its own bytearray)
+
 
 class MemoryFault(OSError):
     """A client address that cannot be read or written."""
@@ -36,9 +38,9 @@ class ClientMemory(Protocol):
 
     def read(self, addr: int, n: int) -> bytes: ...
 
-    def write(self, addr: int, data: bytes) -> None: ...
+    def write(self, addr: int, data: Data) -> None: ...
 
-    def write_then(self, addr: int, data: bytes, addr2: int, data2: bytes) -> None:
+    def write_then(self, addr: int, data: Data, addr2: int, data2: Data) -> None:
         """Write ``data`` then ``data2``, in that order (fields, then a state word)."""
         ...
 
@@ -71,14 +73,15 @@ class RemoteMemory:
         buf = _ffi.new("char[]", n)
         if _lib.hsm_remote_read(self.pid, addr, buf, n) != n:
             raise self._fault("read", addr, n)
-        return _ffi.unpack(buf, n)
+        data: bytes = _ffi.unpack(buf, n)
+        return data
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: Data) -> None:
         n = len(data)
         if _lib.hsm_remote_write(self.pid, addr, _ffi.from_buffer(data), n) != n:
             raise self._fault("write", addr, n)
 
-    def write_then(self, addr: int, data: bytes, addr2: int, data2: bytes) -> None:
+    def write_then(self, addr: int, data: Data, addr2: int, data2: Data) -> None:
         n = len(data) + len(data2)
         d1, d2 = _ffi.from_buffer(data), _ffi.from_buffer(data2)
         if _lib.hsm_remote_write2(self.pid, addr, d1, len(data), addr2, d2, len(data2)) != n:
@@ -137,15 +140,16 @@ class LocalMemory:
     def read(self, addr: int, n: int) -> bytes:
         return bytes(self._view(addr, n))
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: Data) -> None:
         self._view(addr, len(data))[:] = data
 
-    def write_then(self, addr: int, data: bytes, addr2: int, data2: bytes) -> None:
+    def write_then(self, addr: int, data: Data, addr2: int, data2: Data) -> None:
         self.write(addr, data)
         self.write(addr2, data2)
 
     def load_u32(self, addr: int) -> int:
-        return _U32.unpack(self._view(addr, 4))[0]
+        value: int = _U32.unpack(self._view(addr, 4))[0]
+        return value
 
     def store_u32(self, addr: int, value: int) -> None:
         self._view(addr, 4)[:] = _U32.pack(value)
@@ -170,10 +174,10 @@ class SharedPage:
     def read(self, off: int, n: int) -> bytes:
         return self.memory.read(self.base + off, n)
 
-    def write(self, off: int, data: bytes) -> None:
+    def write(self, off: int, data: Data) -> None:
         self.memory.write(self.base + off, data)
 
-    def write_then(self, off: int, data: bytes, off2: int, data2: bytes) -> None:
+    def write_then(self, off: int, data: Data, off2: int, data2: Data) -> None:
         self.memory.write_then(self.base + off, data, self.base + off2, data2)
 
     def load_u32(self, off: int) -> int:

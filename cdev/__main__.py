@@ -14,12 +14,14 @@ import sys
 import structlog
 import trio
 
+from cdev.device import Device
 from cdev.server import ServeError, Server
 
 
-def _load(spec: str) -> object:
+def _load(spec: str) -> Device:
     module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)()
+    device: Device = getattr(importlib.import_module(module), attr)()
+    return device
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -222,7 +222,9 @@ class NativePrefilter(Protocol):
 
     fn: Any
     ctx: Any
-    threaded: bool
+
+    @property
+    def threaded(self) -> bool: ...
 
     def close(self) -> None: ...
 

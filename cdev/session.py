@@ -573,7 +573,8 @@ class Session:
 
 
 def _session(req: Any) -> Session:
-    return ffi.from_handle(lib.fuse_req_userdata(req))
+    session: Session = ffi.from_handle(lib.fuse_req_userdata(req))
+    return session
 
 
 def _guarded(req: Any, fn: Callable[[], None]) -> None:

@@ -15,7 +15,7 @@ import pathlib
 from ctypes import c_char, c_int64, c_uint16, c_uint32, c_uint64, sizeof
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.abi import io, ior, iow, iowr
+from cdev.ioctl import io, ior, iow, iowr
 
 ACRN_EMU_IOCTL_TYPE = 0xA3
 

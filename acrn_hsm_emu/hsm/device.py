@@ -9,6 +9,7 @@ must probe before replying (CREATE_VM) goes through the caller's memory.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import struct
 from collections.abc import Awaitable, Callable
@@ -106,6 +107,7 @@ def _notify_vcpu(call: IoctlCall) -> int:
     """The vCPU of an ``acrn_ioreq_notify`` argument, or -EFAULT/-EINVAL as the driver."""
     if len(call.in_data) < _NOTIFY.size:
         return -errno.EFAULT
+    vcpu: int
     _vmid, reserved, vcpu = _NOTIFY.unpack_from(call.in_data)
     if reserved:
         return -errno.EINVAL
@@ -397,7 +399,7 @@ class HsmDevice(BaseDevice):
             if len(call.in_data) < size:
                 return -errno.EFAULT
             data = bytes(call.in_data[:size])
-            ret = getattr(self.hv, name)(vm.vmid, data)
+            ret: int = getattr(self.hv, name)(vm.vmid, data)
             vm.hypercalls.record(name, ret, **decode(name, data))
             return ret
 
@@ -663,7 +665,7 @@ class HsmDevice(BaseDevice):
         return 0, bytes(v)
 
     def _ext_bind(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        if len(call.in_data) < ext.sizeof(ext.AcrnEmuBind):
+        if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuBind):
             return -errno.EFAULT
         if f.vm.live:
             return -errno.EBUSY  # this file owns a VM
@@ -688,7 +690,7 @@ class HsmDevice(BaseDevice):
         b = self._bound(f)
         if isinstance(b, int):
             return b
-        if len(call.in_data) < ext.sizeof(ext.AcrnEmuRangeClient):
+        if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuRangeClient):
             return -errno.EFAULT
         remote = sum(1 for c in b.vm.range_clients if c.remote is not None)
         if remote >= self.limits.range_clients_per_vm:
@@ -717,6 +719,6 @@ class HsmDevice(BaseDevice):
         b = self._bound(f)
         if isinstance(b, int):
             return b
-        if len(call.in_data) < ext.sizeof(ext.AcrnEmuRange):
+        if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuRange):
             return -errno.EFAULT
         return op(b, call.in_data)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import structlog
 import trio
@@ -21,7 +22,7 @@ from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
 from acrn_hsm_emu.hsm import acrn_kernel, express
 from acrn_hsm_emu.hypervisor.api import FdUpcall, Hypercalls
-from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
+from acrn_hsm_emu.memory import PAGE_SIZE, Data, MemoryFault, RemoteMemory, SharedPage
 from cdev.device import Deferred
 
 if TYPE_CHECKING:
@@ -83,9 +84,9 @@ class Memory(Protocol):
 
     def read(self, addr: int, n: int) -> bytes: ...
 
-    def write(self, addr: int, data: bytes) -> None: ...
+    def write(self, addr: int, data: Data) -> None: ...
 
-    def write_then(self, addr: int, data: bytes, addr2: int, data2: bytes) -> None: ...
+    def write_then(self, addr: int, data: Data, addr2: int, data2: Data) -> None: ...
 
     def load_u32(self, addr: int) -> int: ...
 
@@ -134,7 +135,8 @@ class SlotScanner:
             if n != total:
                 err = ffi.errno if n < 0 else errno.EFAULT  # short read
                 raise MemoryFault(err, f"scan of the request page at {self.base:#x} in pid {self._pid}")
-            return ffi.buffer(self._buf, total)[:]
+            data: bytes = ffi.buffer(self._buf, total)[:]
+            return data
         out = bytearray(2 * self.span)
         for i in range(self.nslots):
             slot = i * SLOT_BYTES
@@ -146,33 +148,45 @@ class SlotScanner:
         return bytes(out)
 
 
+@dataclass(slots=True, eq=False)
 class RequestCounters:
     """Per-VM request counts: by type seen, and by what became of the request."""
 
-    __slots__ = (
-        "pio", "mmio", "pci", "other",
-        "default", "range", "in_kernel", "remote", "orphaned",
-        "cf8", "cleared", "stalled", "notified", "notify_failed",
-        "express",
-    )  # fmt: skip
-    _COUNTS = __slots__[:-1]
+    # by type seen
+    pio: int = 0
+    mmio: int = 0
+    pci: int = 0
+    other: int = 0
+    # where they went
+    default: int = 0
+    range: int = 0
+    in_kernel: int = 0
+    remote: int = 0
+    orphaned: int = 0
+    # completed by CF8/CFC, by clearing; scans aborted; NOTIFY ioctls, failed notify hypercalls
+    cf8: int = 0
+    cleared: int = 0
+    stalled: int = 0
+    notified: int = 0
+    notify_failed: int = 0
+    express: Any = None  # the VM's struct hsm_xvm, whose counts add to these
+
     # express path counter -> the count it adds to
-    _EXPRESS = (
+    _EXPRESS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("pio", "pio"), ("mmio", "mmio"), ("defaults", "default"), ("notified", "notified"),
         ("in_kernel", "range"), ("in_kernel", "in_kernel"),
     )  # fmt: skip
 
-    def __init__(self) -> None:
-        for name in self._COUNTS:
-            setattr(self, name, 0)
-        self.express: Any = None  # the VM's struct hsm_xvm, whose counts add to these
-
     def as_dict(self) -> dict[str, int]:
-        out = {name: getattr(self, name) for name in self._COUNTS}
+        out = {name: getattr(self, name) for name in _COUNTS}
         x = self.express
         if x is not None:
-            for field, name in self._EXPRESS:
-                out[name] += getattr(x, field)
+            lib.hsm_x_lock(x)  # the vCPUs and the reader move them: one consistent reading
+            try:
+                for field, name in self._EXPRESS:
+                    out[name] += getattr(x, field)
+            finally:
+                lib.hsm_x_unlock(x)
         return out
 
     def fold_express(self) -> None:
@@ -182,6 +196,9 @@ class RequestCounters:
             for field, name in self._EXPRESS:
                 setattr(self, name, getattr(self, name) + getattr(x, field))
             self.express = None
+
+
+_COUNTS = tuple(f.name for f in fields(RequestCounters) if f.name != "express")
 
 
 class RemotePage:

@@ -11,6 +11,7 @@ Numbers, structs and errno: docs/extension-abi.md, include/acrn_hsm_emu.h.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
@@ -101,7 +102,7 @@ def bind(
     d: Dispatcher, policy: BindPolicy, ctx: RequestContext, args: bytes
 ) -> tuple[int, Binding | None, bytes]:
     """ACRN_EMU_IOCTL_BIND_VM: (result, binding, bytes to copy back)."""
-    req = ext.AcrnEmuBind.from_buffer_copy(args[: ext.sizeof(ext.AcrnEmuBind)])
+    req = ext.AcrnEmuBind.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuBind)])
     if req.flags or req.reserved:
         return -errno.EINVAL, None, b""
     vm = find_vm(d, req.vmid)
@@ -126,7 +127,7 @@ def create_client(
     d: Dispatcher, binding: Binding, ctx: RequestContext, args: bytes
 ) -> int:
     """ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT."""
-    req = ext.AcrnEmuRangeClient.from_buffer_copy(args[: ext.sizeof(ext.AcrnEmuRangeClient)])
+    req = ext.AcrnEmuRangeClient.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuRangeClient)])
     if req.flags or req.reserved:
         return -errno.EINVAL
     raw = bytes(req)[: ext.ACRN_EMU_NAME_LEN]
@@ -156,7 +157,7 @@ def create_client(
 
 
 def _parse_range(args: bytes) -> tuple[int, int, int] | int:
-    r = ext.AcrnEmuRange.from_buffer_copy(args[: ext.sizeof(ext.AcrnEmuRange)])
+    r = ext.AcrnEmuRange.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuRange)])
     if r.reserved or r.type not in (PORTIO, MMIO, PCICFG) or r.end < r.start:
         return -errno.EINVAL
     if r.type == PORTIO and r.end > _PIO_MAX:

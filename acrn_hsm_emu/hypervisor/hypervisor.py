@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno
+import functools
 import os
 import struct
 import threading
@@ -187,9 +188,7 @@ class Hypervisor:
             affinity,
             lambda: self._upcall,
             self.placement,
-            lambda leaf, sub, svc=(abs_id == self._sid): cpuid_mod.cpuid(
-                self.scenario, leaf, sub, service_vm=svc
-            ),
+            functools.partial(cpuid_mod.cpuid, self.scenario, service_vm=abs_id == self._sid),
         )
 
     def _find_name(self, name: bytes) -> int | None:

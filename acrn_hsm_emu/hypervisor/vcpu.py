@@ -632,7 +632,7 @@ class Vcpu:
             raise _Abort("VM paused")
         if write:
             return 0
-        value = self._value[0]
+        value: int = self._value[0]
         return value if mmio else value & 0xFFFFFFFF
 
     def _adopt_native(self, page: SharedPage) -> bool:

@@ -44,8 +44,12 @@ class BackendError(Exception):
 class VcpuHost(Protocol):
     """What the machinery offers a running backend (the vCPU object itself)."""
 
-    vmid: int  # relative vmid, as the Service VM sees it
     vcpu_id: int
+
+    @property
+    def vmid(self) -> int:
+        """Relative vmid, as the Service VM sees it."""
+        ...
 
     @property
     def interrupted(self) -> bool:

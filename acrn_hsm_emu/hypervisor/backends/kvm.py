@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import queue
@@ -375,7 +376,7 @@ class KvmBackend:
         """Daemon exit: free every KVM VM (vCPU threads are already stopped)."""
         for vmid in list(self._vms):
             self.vm_destroyed(vmid)
-        REAPER.submit(lambda fd=self.fd: os.close(fd))
+        REAPER.submit(functools.partial(os.close, self.fd))
 
 
 def _key(m: EptMapping) -> tuple[Any, ...]:

@@ -308,4 +308,5 @@ def ioctl(fd: int, request: int, arg: int | bytes | bytearray | ctypes.Structure
         return fcntl.ioctl(fd, request, arg)
     if isinstance(arg, bytes):
         arg = bytearray(arg)
-    return fcntl.ioctl(fd, request, arg, True)
+    ret: int = fcntl.ioctl(fd, request, arg, True)
+    return ret

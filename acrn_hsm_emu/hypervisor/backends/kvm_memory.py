@@ -161,22 +161,22 @@ def resolve(
     pieces: list[HostPiece] = []
     end = client_va + size
     pos = client_va
-    for e in maps:
-        if e.end <= pos:
+    for entry in maps:
+        if entry.end <= pos:
             continue
-        if e.start >= end:
+        if entry.start >= end:
             break
-        if e.start > pos:
+        if entry.start > pos:
             _log.warning(
                 "kvm.memory_hole", vmid=vmid, pid=pid, gpa=hex(gpa + pos - client_va),
-                size=hex(e.start - pos),
+                size=hex(entry.start - pos),
             )  # fmt: skip
-            pos = e.start
-        lo, hi = pos, min(e.end, end)
+            pos = entry.start
+        lo, hi = pos, min(entry.end, end)
         pgpa = gpa + lo - client_va
-        piece = _shared_piece(e, lo, hi, pgpa, pid, readonly, vmid) if e.shared else None
+        piece = _shared_piece(entry, lo, hi, pgpa, pid, readonly, vmid) if entry.shared else None
         if piece is None:
-            piece = _copy_piece(e, lo, hi, pgpa, pid, readonly)
+            piece = _copy_piece(entry, lo, hi, pgpa, pid, readonly)
         pieces.append(piece)
         pos = hi
         if pos >= end:
@@ -204,7 +204,8 @@ def _shared_piece(
     try:
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     except OSError as err:
-        return _share_failed(e, pid, vmid, err)
+        _share_failed(e, pid, vmid, err)
+        return None
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
         offset = e.offset + (lo - e.start)
@@ -216,7 +217,8 @@ def _shared_piece(
             unmap = (addr, e.end - e.start)
             addr += lo - e.start
     except OSError as err:
-        return _share_failed(e, pid, vmid, err)
+        _share_failed(e, pid, vmid, err)
+        return None
     finally:
         os.close(fd)
     return HostPiece(
