@@ -44,7 +44,7 @@ apt-test:
 
 # The virtualenv, rebuilt when the package definition, a cffi build script or declaration,
 # or a C file changes.
-NATIVE_INPUTS := $(wildcard _cffi_src/*.py _cffi_src/*.h _cffi_src/*.c native/*.c native/*.h)
+NATIVE_INPUTS := $(wildcard _cffi_src/*.py _cffi_src/*.h native/*.c native/*.h)
 
 venv: $(VENV)/.installed
 
@@ -65,14 +65,15 @@ test: setup apt-test lint
 	$(VENV)/bin/pytest $(ARGS)
 
 # The tests that run the C (the express path, the vCPU cycle and KVM loop, cdev's reader and
-# glue, client memory), against a copy of the tree whose cffi modules are built with ASan and
+# glue, client memory, the launcher), against a copy of the tree whose cffi modules are built with ASan and
 # UBSan; libasan is preloaded since the interpreter is not instrumented. Leak checking is off:
 # LeakSanitizer does not scan pymalloc's arenas, so whatever a Python object points to looks
 # leaked, and every process the tests start (compilers too) reports. Any report fails it.
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS ?= tests/test_express.py tests/test_kvm_*.py tests/test_eventfd_*.py \
 	tests/test_hsm_*.py tests/test_cdev_*.py tests/test_ioreq_*.py tests/test_hypervisor_vcpu.py \
-	tests/test_ext_range_clients.py tests/test_client_library.py tests/test_faults.py
+	tests/test_ext_range_clients.py tests/test_client_library.py tests/test_faults.py \
+	tests/test_launcher.py
 
 sanitize: setup
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)/tree $(SANITIZE_DIR)/reports

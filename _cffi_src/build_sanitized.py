@@ -1,8 +1,8 @@
-"""Builds cdev._fuse and acrn_hsm_emu._native, in place, with AddressSanitizer
-and UndefinedBehaviorSanitizer: ``make sanitize`` runs this in its copy of the
-tree (build/sanitize/tree), never in a checkout, whose own build would be
-shadowed. The interpreter is not instrumented, so the tests run with libasan
-preloaded (see the Makefile).
+"""Builds the cffi modules (cdev._fuse, acrn_hsm_emu._native and _launcher), in
+place, with AddressSanitizer and UndefinedBehaviorSanitizer: ``make sanitize``
+runs this in its copy of the tree (build/sanitize/tree), never in a checkout,
+whose own build would be shadowed. The interpreter is not instrumented, so the
+tests run with libasan preloaded (see the Makefile).
 """
 
 import os
@@ -23,7 +23,7 @@ os.environ["LDFLAGS"] = f"{os.environ.get('LDFLAGS', '')} {FLAGS}"
 project = ROOT / "pyproject.toml"
 project.rename(ROOT / "pyproject.toml.aside")
 try:
-    for script in ("build_fuse.py", "build_native.py"):
+    for script in ("build_fuse.py", "build_native.py", "build_launcher.py"):
         ffibuilder = runpy.run_path(f"_cffi_src/{script}")["ffibuilder"]
         ffibuilder.compile(tmpdir=".")
 finally:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import ctypes
 from ctypes import c_char, c_uint16, c_uint32, c_uint64
 
-from acrn_hsm_emu.abi import ACRN_IOCTL_TYPE, iow
+from acrn_hsm_emu.abi import ACRN_IOCTL_TYPE
+from cdev.ioctl import iow
 
 # ----- structures ---------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ that same open file (``ACRN_EMU_IOCTL_VALUE_CALL``, so it acts on the
 caller's VM) and answers the trapped call with the HSM's result and errno;
 any other fd goes on to the kernel untouched. Every other system call runs
 as it would; CMD's children inherit the filter; nothing is preloaded, so
-static programs work too. The native half is ``_cffi_src/launcher.c``.
+static programs work too. The native half is ``native/launcher.c``.
 
 The supervisor is this separate process, not the daemon: it blocks (in the
 kernel's notification queue and in the carried ioctl, a FUSE round trip to
@@ -33,7 +33,7 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -239,7 +239,7 @@ class Launcher:
         else:
             log.debug("launcher.call", outcome=EVENTS.get(kind, kind), result=ev.result, **fields)
 
-    def _wait(self, waited: set[int]) -> int:
+    def _wait(self, waited: Iterable[int]) -> int:
         """Pass signals on to CMD until it exits; its exit status (128 + N for signal N)."""
         while True:
             info = signal.sigwaitinfo(waited)

@@ -1,6 +1,7 @@
-"""The type stubs of the two cffi modules (cdev/_fuse.pyi, acrn_hsm_emu/_native.pyi),
-which mypy checks the code against, against what the modules bind: every
-function (with its number of arguments) and constant, and nothing else."""
+"""The type stubs of the cffi modules (cdev/_fuse.pyi, acrn_hsm_emu/_native.pyi,
+acrn_hsm_emu/_launcher.pyi), which mypy checks the code against, against what
+the modules bind: every function (with its number of arguments) and constant,
+and nothing else."""
 
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ def stub_surface(path: pathlib.Path) -> dict[str, int | None]:
 
 @pytest.mark.parametrize(
     ("module", "stub"),
-    [("cdev._fuse", "cdev/_fuse.pyi"), ("acrn_hsm_emu._native", "acrn_hsm_emu/_native.pyi")],
+    [
+        ("cdev._fuse", "cdev/_fuse.pyi"),
+        ("acrn_hsm_emu._native", "acrn_hsm_emu/_native.pyi"),
+        ("acrn_hsm_emu._launcher", "acrn_hsm_emu/_launcher.pyi"),
+    ],
 )
 def test_the_stubs_name_what_the_module_binds(module, stub):
     mod = importlib.import_module(module)

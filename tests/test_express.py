@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from acrn_hsm_emu._native import ffi, lib
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi, lib
 from tests.support.poll import wait_until
 
 FUSE_IOCTL = 39

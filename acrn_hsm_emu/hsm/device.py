@@ -644,7 +644,7 @@ class HsmDevice(BaseDevice):
     def _ext_value_call(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
         """An ACRN ioctl whose argument is a value, carried by pointer (FUSE cannot pass
         it): the same call on this file, its answer in ``result`` (docs/extension-abi.md)."""
-        size = ext.sizeof(ext.AcrnEmuValueCall)
+        size = ctypes.sizeof(ext.AcrnEmuValueCall)
         if len(call.in_data) < size:
             return -errno.EFAULT
         vc = ext.AcrnEmuValueCall.from_buffer_copy(call.in_data[:size])

@@ -14,7 +14,6 @@
  *
  * spec: docs/extension-abi.md (VALUE_CALL), docs/fidelity.md (the launcher).
  */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -37,6 +36,8 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 
+#include "launcher.h"
+
 #ifndef __x86_64__
 #error "the launcher's seccomp filter is written for x86-64"
 #endif
@@ -47,66 +48,6 @@
 #ifndef PIDFD_THREAD
 #define PIDFD_THREAD O_EXCL /* Linux 6.9: a pidfd for one thread */
 #endif
-
-/* What failed (launch_probe, launch_spawn, launch_serve's events). */
-enum {
-	LAUNCH_STEP_NONE,
-	LAUNCH_STEP_ACTION_AVAIL,	/* seccomp(SECCOMP_GET_ACTION_AVAIL, USER_NOTIF) */
-	LAUNCH_STEP_NOTIF_SIZES,	/* seccomp(SECCOMP_GET_NOTIF_SIZES) */
-	LAUNCH_STEP_PIDFD_OPEN,
-	LAUNCH_STEP_PIDFD_GETFD,
-	LAUNCH_STEP_FORK,
-	LAUNCH_STEP_FILTER,		/* seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER) */
-	LAUNCH_STEP_NO_NEW_PRIVS,
-	LAUNCH_STEP_SEND_LISTENER,
-	LAUNCH_STEP_EXEC,
-	LAUNCH_STEP_RECV_LISTENER,
-	LAUNCH_STEP_POLL,
-	LAUNCH_STEP_NOTIF_RECV,
-	LAUNCH_STEP_NOTIF_SEND,
-	LAUNCH_STEP_TGID,		/* /proc/TID/status */
-	LAUNCH_STEP_MEMORY,
-};
-
-#define LAUNCH_MAX_CMDS 16	/* trapped request numbers, and of those, fd-valued ones */
-
-/* launch_serve's events. */
-enum {
-	LAUNCH_EV_STOP,		/* launch_stop() was called */
-	LAUNCH_EV_HUP,		/* no process is left under the filter */
-	LAUNCH_EV_CARRIED,	/* the HSM answered it: result */
-	LAUNCH_EV_PASSED,	/* not the HSM node (or not an open fd): the kernel answers */
-	LAUNCH_EV_GONE,		/* the caller went away (killed) before it was answered */
-	LAUNCH_EV_REFUSED,	/* the node refused VALUE_CALL (err); the kernel answers */
-	LAUNCH_EV_FAILED,	/* a step on the caller failed (step, err); the kernel answers */
-	LAUNCH_EV_ERROR,	/* the listener failed (step, err): supervision ends */
-};
-
-struct launch_spawn_result {
-	int pid;
-	int listener;	/* -1 without a filter */
-	int step;	/* what failed (LAUNCH_STEP_*), 0 if nothing */
-	int err;
-	int no_new_privs;	/* the child had to set it to install the filter */
-	int killable;		/* SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV was accepted */
-};
-
-struct launch_event {
-	int kind;
-	int step;
-	int err;
-	int tid;
-	int fd;
-	uint32_t cmd;
-	uint64_t arg;
-	int64_t result;
-};
-
-struct launch_stats {
-	uint64_t carried, passed, gone, refused, failed;
-	uint64_t supervisor_ns;	/* sum, notification received to answered, carried calls */
-	uint64_t value_call_ns;	/* sum, the VALUE_CALL ioctl alone */
-};
 
 struct acrn_emu_value_call {	/* include/acrn_hsm_emu.h */
 	uint32_t cmd;
@@ -233,7 +174,7 @@ static void launch_child(const char *path, char *const argv[], char *const envp[
 		int listener = launch_seccomp(SECCOMP_SET_MODE_FILTER, flags, &prog);
 
 		if (listener < 0 && errno == EINVAL) { /* before Linux 5.19 */
-			flags &= ~SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
+			flags &= ~(unsigned int)SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
 			info[1] = 0;
 			listener = launch_seccomp(SECCOMP_SET_MODE_FILTER, flags, &prog);
 		}
