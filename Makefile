@@ -70,7 +70,7 @@ test: setup apt-test lint
 # LeakSanitizer does not scan pymalloc's arenas, so whatever a Python object points to looks
 # leaked, and every process the tests start (compilers too) reports. Any report fails it.
 SANITIZE_DIR := build/sanitize
-SANITIZE_TESTS ?= tests/test_express.py tests/test_kvm_*.py tests/test_eventfd_*.py \
+SANITIZE_TESTS ?= tests/test_express*.py tests/test_kvm_*.py tests/test_eventfd_*.py \
 	tests/test_hsm_*.py tests/test_cdev_*.py tests/test_ioreq_*.py tests/test_hypervisor_vcpu.py \
 	tests/test_ext_range_clients.py tests/test_client_library.py tests/test_faults.py \
 	tests/test_launcher.py

@@ -28,7 +28,7 @@ import trio
 
 from acrn_hsm_emu import launcher, publish
 from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
-from acrn_hsm_emu.hsm.device import HsmDevice
+from acrn_hsm_emu.hsm.hsm import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted

@@ -32,7 +32,8 @@ from test_hsm_harness import (
 )
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm.ioreq import IoreqClient
+from acrn_hsm_emu.hsm.acrn_drv import IoreqClient
+from acrn_hsm_emu.hsm.ioreq import range_add
 from acrn_hsm_emu.memory import MemoryFault
 from cdev.device import Deferred
 
@@ -206,8 +207,8 @@ async def test_folded_pcicfg_ignores_range_clients(hv):
     hv, s = setup(hv)
     s.vm.pci_conf_addr = 0x8000_0000
     rc = s.dev.dispatcher.client_create(s.vm, "r", False)
-    rc.range_add(PIO, 0, 0xFFFF)
-    rc.range_add(PCI, 0, 0xFFFF)
+    range_add(rc, PIO, 0, 0xFFFF)
+    range_add(rc, PCI, 0, 0xFFFF)
     s.fill(0, PIO, WR, 0xCFC, 4, 1)
     run_pass(s)
     assert s.vm.default_client.bitmap == 1 and rc.bitmap == 0
@@ -260,7 +261,7 @@ async def test_pci_latch_survives_a_recreate_on_the_same_file(hv):
 async def test_range_match_is_inclusive_and_needs_the_whole_access(hv, addr, size, hit):
     hv, s = setup(hv)
     rc = s.dev.dispatcher.client_create(s.vm, "remote", False)
-    assert rc.range_add(MMIO, 0x1000, 0x1007) == 0
+    assert range_add(rc, MMIO, 0x1000, 0x1007) == 0
     s.fill(0, MMIO, WR, addr, size, 1)
     run_pass(s)
     assert s.state(0) == PROCESSING
@@ -273,20 +274,20 @@ async def test_range_types_must_match_and_newest_client_wins(hv):
     d = s.dev.dispatcher
     old = d.client_create(s.vm, "old", False)
     new = d.client_create(s.vm, "new", False)
-    old.range_add(PIO, 0x60, 0x64)
-    new.range_add(PIO, 0x60, 0x60)
-    new.range_add(MMIO, 0x64, 0x64)
+    range_add(old, PIO, 0x60, 0x64)
+    range_add(new, PIO, 0x60, 0x60)
+    range_add(new, MMIO, 0x64, 0x64)
     s.fill(0, PIO, WR, 0x60, 1)
     s.fill(1, PIO, WR, 0x64, 1)
     run_pass(s)
     assert new.bitmap == 0b01 and old.bitmap == 0b10
-    assert old.range_add(PIO, 5, 4) == -errno.EINVAL
+    assert range_add(old, PIO, 5, 4) == -errno.EINVAL
 
 
 async def test_a_range_client_without_default_client_still_gets_its_requests(hv):
     hv, s = setup(hv, client=False)
     rc = s.dev.dispatcher.client_create(s.vm, "r", False)
-    rc.range_add(PIO, 0x70, 0x71)
+    range_add(rc, PIO, 0x70, 0x71)
     s.fill(0, PIO, WR, 0x70, 1)
     s.fill(1, PIO, WR, 0x80, 1)
     s.fill(2, PIO, WR, 0x71, 1)
@@ -443,7 +444,7 @@ async def test_clear_vm_ioreq_completes_the_default_clients_requests(hv):
 async def test_clear_vm_ioreq_waits_for_range_clients_ten_rounds(hv, autojump_clock):
     hv, s = setup(hv, clear_round_s=0.01)
     rc = s.dev.dispatcher.client_create(s.vm, "remote", False)
-    rc.range_add(PIO, 0x70, 0x70)
+    range_add(rc, PIO, 0x70, 0x70)
     s.fill(0, PIO, WR, 0x70, 1)
     s.fill(1, PIO, WR, 0x60, 1)
     run_pass(s)
@@ -464,7 +465,7 @@ async def test_clear_vm_ioreq_stops_waiting_when_the_range_client_is_done(hv, au
     hv, s = setup(hv, clear_round_s=0.01)
     d = s.dev.dispatcher
     rc = d.client_create(s.vm, "remote", False)
-    rc.range_add(PIO, 0x70, 0x70)
+    range_add(rc, PIO, 0x70, 0x70)
     s.fill(0, PIO, WR, 0x70, 1)
     run_pass(s)
     got: list[int] = []
@@ -488,7 +489,7 @@ async def test_clear_vm_ioreq_stops_waiting_when_the_range_client_is_done(hv, au
 async def test_interrupted_clear_vm_ioreq_finishes_and_answers_zero(hv):
     hv, s = setup(hv, clear_round_s=3600)
     rc = s.dev.dispatcher.client_create(s.vm, "remote", False)
-    rc.range_add(PIO, 0x70, 0x70)
+    range_add(rc, PIO, 0x70, 0x70)
     s.fill(0, PIO, WR, 0x70, 1)
     s.fill(1, PIO, WR, 0x60, 1)
     run_pass(s)

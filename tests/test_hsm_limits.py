@@ -18,7 +18,7 @@ from test_hsm_harness import (
 )
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm.device import Limits
+from acrn_hsm_emu.hsm.limits import Limits
 
 
 def limited(hv, **kw):

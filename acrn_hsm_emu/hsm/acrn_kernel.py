@@ -26,19 +26,15 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
 from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.hsm import eventfd
+from acrn_hsm_emu.hsm.acrn_drv import Memory, Vm
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, SharedPage
 from acrn_hsm_emu.sbuf import SharedRing, header
-
-if TYPE_CHECKING:
-    from acrn_hsm_emu.hsm.ioreq import Memory
-    from acrn_hsm_emu.hsm.vm import Vm
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 

@@ -30,17 +30,15 @@ dispatcher holds the VM's lock for a pass, so both sides see one state.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
+from acrn_hsm_emu.hsm.acrn_drv import Vm
 from acrn_hsm_emu.hypervisor.api import Hypercalls
-
-if TYPE_CHECKING:
-    from acrn_hsm_emu.hsm.vm import Vm
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -181,6 +179,12 @@ def sync(vm: Vm) -> None:
     if x is None:
         return
     # The ioeventfds first: a range naming their handler is only pushed with them.
+    vm.express_ioeventfds = set_ioeventfds(x, vm)  # C reads it until the next call
+    vm.express_ranges = configure(x, vm)  # C reads it until the next configure
+
+
+def set_ioeventfds(x: Any, vm: Vm) -> Any:
+    """The VM's ioeventfds, as C reads them (the table returned: keep it alive)."""
     iofds = vm.ioeventfds
     fds = ffi.new("struct hsm_xioeventfd[]", max(1, len(iofds)))
     for k, p in enumerate(iofds):
@@ -191,7 +195,13 @@ def sync(vm: Vm) -> None:
         fds[k].wildcard = 1 if p.wildcard else 0
         fds[k].fd = p.fd
     lib.hsm_x_set_ioeventfds(x, fds, len(iofds))
-    vm.express_ioeventfds = fds  # C reads it until the next call
+    return fds
+
+
+def configure(x: Any, vm: Vm) -> Any:
+    """Whether the vCPUs may dispatch, and every range client's PIO/MMIO ranges
+    in the order the dispatcher searches them (the table returned: keep it alive).
+    tests/test_express_agrees.py runs requests through C and Python with this."""
     ranges = [
         (t, s, e, lib.HSM_XRANGE_IOEVENTFD if getattr(c.handler, "express_native", False)
          else lib.HSM_XRANGE_OTHER)
@@ -210,7 +220,7 @@ def sync(vm: Vm) -> None:
         and vm.page_base is not None
     )
     lib.hsm_x_configure(x, 1 if ok else 0, arr, len(ranges))
-    vm.express_ranges = arr  # C reads it until the next configure
+    return arr
 
 
 __all__ = ["Express", "sync"]

@@ -10,18 +10,14 @@ access address, so other accesses inside a range are consumed and dropped
 from __future__ import annotations
 
 import errno
-import os
 import struct
-from typing import TYPE_CHECKING
 
 import structlog
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import eventfd, express
-from acrn_hsm_emu.hsm.ioreq import MMIO, PORTIO, Dispatcher
-
-if TYPE_CHECKING:
-    from acrn_hsm_emu.hsm.vm import Vm
+from acrn_hsm_emu.hsm.acrn_drv import MMIO, PORTIO, Ioeventfd, Vm
+from acrn_hsm_emu.hsm.ioreq import Dispatcher, range_add, range_del
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -32,38 +28,6 @@ FLAG_DEASSIGN = abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
 _ZERO_PIO = bytes(4)
 _ZERO_MMIO = bytes(8)
 _ARGS = struct.Struct("<IIQIIQ")  # fd, flags, addr, len, reserved, data
-
-
-class Ioeventfd:
-    """struct hsm_ioeventfd; ``fd`` is the daemon's duplicate of the caller's eventfd."""
-
-    __slots__ = ("fd", "addr", "data", "length", "type", "wildcard", "owner")
-
-    def __init__(
-        self, fd: int, addr: int, data: int, length: int, type: int, wildcard: bool,
-        owner: object = None,
-    ) -> None:  # fmt: skip
-        self.owner = owner  # None: the VM's own file; else the binding that assigned it
-        self.fd = fd
-        self.addr = addr
-        self.data = data
-        self.length = length
-        self.type = type
-        self.wildcard = wildcard
-
-    def close(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
-
-    def snapshot(self) -> dict[str, object]:
-        return {
-            "type": "pio" if self.type == PORTIO else "mmio",
-            "addr": self.addr,
-            "length": self.length,
-            "data": None if self.wildcard else self.data,
-        }
 
 
 def handler(vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, value: int) -> int | bytes:
@@ -132,7 +96,7 @@ def _forget(vm: Vm, entries: list[Ioeventfd], event: str | None = None) -> None:
     client = vm.ioeventfd_client
     for p in entries:
         if client is not None:
-            client.range_del(p.type, p.addr, p.addr + p.length - 1)
+            range_del(client, p.type, p.addr, p.addr + p.length - 1)
         vm.ioeventfds.remove(p)
     express.sync(vm)
     for p in entries:
@@ -184,7 +148,7 @@ def _assign(
     client = vm.ioeventfd_client
     assert client is not None
     vm.ioeventfds.append(p)  # before its range: C never sees the range without the entry
-    ret = client.range_add(typ, addr, addr + length - 1)  # syncs the express path
+    ret = range_add(client, typ, addr, addr + length - 1)  # syncs the express path
     if ret < 0:
         vm.ioeventfds.remove(p)
         express.sync(vm)  # before the close, as in _forget

@@ -8,21 +8,19 @@ counter (N signals coalesced) and injects N MSIs (spec: hsm 8, 13).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import eventfd
+from acrn_hsm_emu.hsm.acrn_drv import Irqfd, Vm
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hypervisor.api import Hypercalls
-
-if TYPE_CHECKING:
-    from acrn_hsm_emu.hsm.vm import Vm
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -37,64 +35,51 @@ _ARGS = struct.Struct("<iI16s")  # fd, flags, msi (acrn_msi_entry)
 Spawner = Callable[[Callable[[], Awaitable[None]]], None]
 
 
-class Irqfd:
-    """struct hsm_irqfd."""
+def _inject(irqfd: Irqfd) -> None:
+    """acrn_irqfd_inject (acrn_msi_inject); failures are only logged, as in the driver."""
+    vm = irqfd.vm
+    ret = irqfd.hv.inject_msi(vm.vmid, irqfd.msi)
+    irqfd.injected += 1
+    vm.hypercalls.record("inject_msi", ret, "irqfd", **decode("inject_msi", irqfd.msi))
+    if ret < 0:
+        irqfd.failures += 1
+        level = log.warning if irqfd.failures == 1 else log.debug
+        level("hsm.irqfd_inject_failed", vmid=vm.vmid, ret=ret, failures=irqfd.failures)
 
-    __slots__ = ("vm", "hv", "fd", "msi", "scope", "closed", "injected", "failures", "owner")
 
-    def __init__(self, vm: Vm, hv: Hypercalls, fd: int, msi: bytes, owner: object = None) -> None:
-        self.owner = owner  # None: the VM's own file; else the binding that assigned it
-        self.vm = vm
-        self.hv = hv
-        self.fd = fd
-        self.msi = msi
-        self.scope = trio.CancelScope()
-        self.closed = False
-        self.injected = 0
-        self.failures = 0
+async def _watch(irqfd: Irqfd) -> None:
+    """hsm_irqfd_wakeup: one MSI per signal counted."""
+    try:
+        with irqfd.scope:
+            while not irqfd.closed:
+                await trio.lowlevel.wait_readable(irqfd.fd)
+                if irqfd.closed:
+                    break
+                n = eventfd.read_counter(irqfd.fd)
+                for _ in range(min(n, MAX_BURST)):
+                    _inject(irqfd)
+                if n > MAX_BURST:
+                    log.debug("hsm.irqfd_burst_capped", vmid=irqfd.vm.vmid, signals=n)
+    except trio.ClosedResourceError:
+        pass
+    except Exception:
+        log.exception("hsm.irqfd_watch_failed", vmid=irqfd.vm.vmid)
 
-    def inject(self) -> None:
-        """acrn_msi_inject; failures are only logged, as in the driver."""
-        ret = self.hv.inject_msi(self.vm.vmid, self.msi)
-        self.injected += 1
-        self.vm.hypercalls.record("inject_msi", ret, "irqfd", **decode("inject_msi", self.msi))
-        if ret < 0:
-            self.failures += 1
-            level = log.warning if self.failures == 1 else log.debug
-            level("hsm.irqfd_inject_failed", vmid=self.vm.vmid, ret=ret, failures=self.failures)
 
-    async def watch(self) -> None:
-        """The wake function: one MSI per signal counted."""
-        try:
-            with self.scope:
-                while not self.closed:
-                    await trio.lowlevel.wait_readable(self.fd)
-                    if self.closed:
-                        break
-                    n = eventfd.read_counter(self.fd)
-                    for _ in range(min(n, MAX_BURST)):
-                        self.inject()
-                    if n > MAX_BURST:
-                        log.debug("hsm.irqfd_burst_capped", vmid=self.vm.vmid, signals=n)
-        except trio.ClosedResourceError:
-            pass
-        except Exception:
-            log.exception("hsm.irqfd_watch_failed", vmid=self.vm.vmid)
-
-    def shutdown(self) -> None:
-        """hsm_irqfd_shutdown: stop watching and drop the eventfd."""
-        if self.closed:
-            return
-        self.closed = True
-        self.scope.cancel()
-        try:
-            trio.lowlevel.notify_closing(self.fd)
-        except RuntimeError:
-            pass  # outside trio (daemon teardown)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+def _shutdown(irqfd: Irqfd) -> None:
+    """hsm_irqfd_shutdown: stop watching and drop the eventfd."""
+    if irqfd.closed:
+        return
+    irqfd.closed = True
+    irqfd.scope.cancel()
+    try:
+        trio.lowlevel.notify_closing(irqfd.fd)
+    except RuntimeError:
+        pass  # outside trio (daemon teardown)
+    try:
+        os.close(irqfd.fd)
+    except OSError:
+        pass
 
 
 def irqfd_init(vm: Vm) -> None:
@@ -103,7 +88,7 @@ def irqfd_init(vm: Vm) -> None:
 
 def irqfd_deinit(vm: Vm) -> None:
     for irqfd in vm.irqfds:
-        irqfd.shutdown()
+        _shutdown(irqfd)
     vm.irqfds = []
 
 
@@ -121,7 +106,7 @@ def drop_owned(vm: Vm, owner: object) -> None:
     """A bound file closed: its irqfds are shut down."""
     for irqfd in [i for i in vm.irqfds if i.owner is owner]:
         vm.irqfds.remove(irqfd)
-        irqfd.shutdown()
+        _shutdown(irqfd)
         log.debug("hsm.irqfd_dropped", vmid=vm.vmid)
 
 
@@ -140,8 +125,8 @@ def _assign(
     vm.irqfds.append(irqfd)
     # The driver polls once: an eventfd already signalled gets one MSI now.
     if eventfd.read_counter(dup) > 0:
-        irqfd.inject()
-    spawner(irqfd.watch)
+        _inject(irqfd)
+    spawner(functools.partial(_watch, irqfd))
     log.debug("hsm.irqfd_assigned", vmid=vm.vmid, fd=fd)
     return 0
 
@@ -152,6 +137,6 @@ def _deassign(vm: Vm, pid: int, fd: int) -> int:
         return irqfd
     if irqfd is not None:
         vm.irqfds.remove(irqfd)
-        irqfd.shutdown()
+        _shutdown(irqfd)
         log.debug("hsm.irqfd_deassigned", vmid=vm.vmid, fd=fd)
     return 0

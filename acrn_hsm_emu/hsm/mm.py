@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import TYPE_CHECKING
 
 import structlog
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm.ioreq import Dispatcher, Memory
+from acrn_hsm_emu.hsm.acrn_drv import Memory, RamMapping, Vm
+from acrn_hsm_emu.hsm.ioreq import Dispatcher
 from acrn_hsm_emu.hypervisor.api import MR_ADD, MR_DEL, MemoryRegionOp
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory
-
-if TYPE_CHECKING:
-    from acrn_hsm_emu.hsm.vm import Vm
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -45,31 +42,6 @@ class FakePhysAllocator:
         pa = self.next
         self.next += npages << PAGE_SHIFT
         return pa
-
-
-class RamMapping:
-    """struct vm_memory_mapping: one RAM SET_MEMSEG, recorded until VM destroy."""
-
-    __slots__ = ("user_vm_pa", "size", "host_va", "npages", "service_vm_pa", "memory")
-
-    def __init__(
-        self, user_vm_pa: int, size: int, host_va: int, npages: int, service_vm_pa: int, memory: Memory
-    ) -> None:
-        self.user_vm_pa = user_vm_pa
-        self.size = size
-        self.host_va = host_va
-        self.npages = npages
-        self.service_vm_pa = service_vm_pa
-        self.memory = memory
-
-    def snapshot(self) -> dict[str, object]:
-        return {
-            "user_vm_pa": self.user_vm_pa,
-            "size": self.size,
-            "host_va": self.host_va,
-            "pid": self.memory.pid,
-            "service_vm_pa": self.service_vm_pa,
-        }
 
 
 def check_range_writable(mem: Memory, start: int, length: int) -> None:

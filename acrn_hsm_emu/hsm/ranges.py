@@ -14,70 +14,38 @@ from __future__ import annotations
 import ctypes
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import structlog
 
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm.ioreq import (
+from acrn_hsm_emu.hsm import remote
+from acrn_hsm_emu.hsm.acrn_drv import (
     CLIENT_NAME_MAX,
     MMIO,
     PCICFG,
     PORTIO,
     RANGE_KINDS,
     SLOTS,
-    Dispatcher,
+    Binding,
     IoreqClient,
     RemotePage,
+    Vm,
 )
+from acrn_hsm_emu.hsm.ioreq import Dispatcher, range_add, range_del
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault
 from cdev.device import RequestContext
-
-if TYPE_CHECKING:
-    from acrn_hsm_emu.hsm.vm import Vm
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
 # Who may bind a file to a VM: "owner" = the VM creator's uid or root (the
 # default), "root" = root only, "any" = everybody, or a predicate.
-BindPolicy = Literal["owner", "root", "any"] | Callable[[RequestContext, "Vm"], bool]
+BindPolicy = Literal["owner", "root", "any"] | Callable[[RequestContext, Vm], bool]
 
 _FREE_STATE = (3).to_bytes(4, "little")  # ACRN_IOREQ_STATE_FREE
 _STATE_OFF = 136
 _PIO_MAX = 0xFFFF
 _BDF_MAX = 0xFFFF
-
-
-class Binding:
-    """An open file bound to another file's VM, and its range client if any.
-
-    The VM object is reused by its file for every CREATE_VM, so the binding
-    also remembers the VM's generation: once that VM is destroyed the
-    binding is stale (ENODEV) even if the object holds a new VM.
-    """
-
-    __slots__ = ("vm", "vmid", "generation", "client", "ctx")
-
-    def __init__(self, vm: Vm, ctx: RequestContext) -> None:
-        self.vm = vm
-        self.vmid = vm.vmid
-        self.generation = vm.generation
-        self.client: IoreqClient | None = None
-        self.ctx = ctx
-
-    @property
-    def valid(self) -> bool:
-        vm = self.vm
-        return vm.live and vm.vmid == self.vmid and vm.generation == self.generation
-
-    @property
-    def live_client(self) -> IoreqClient | None:
-        c = self.client
-        return None if c is None or c.destroying else c
-
-    def snapshot(self) -> dict[str, object]:
-        c = self.live_client
-        return {"pid": self.ctx.pid, "uid": self.ctx.uid, "client": c.name if c else None}
 
 
 def may_bind(policy: BindPolicy, ctx: RequestContext, vm: Vm) -> bool:
@@ -152,7 +120,7 @@ def create_client(
     except MemoryFault as e:
         log.debug("hsm.range_page_pin_failed", vmid=vm.vmid, pid=ctx.pid, error=str(e))
         return -errno.EFAULT
-    binding.client = d.remote_create(vm, name, RemotePage(mem, base, ctx.pid, ctx.uid))
+    binding.client = remote.create(vm, name, RemotePage(mem, base, ctx.pid, ctx.uid))
     return 0
 
 
@@ -212,7 +180,7 @@ def add_range(binding: Binding, args: bytes) -> int:
                 return -errno.EBUSY
     if len(client.ranges) >= ext.ACRN_EMU_MAX_RANGES:
         return -errno.ENOSPC
-    client.range_add(typ, start, end, newest_first=False)
+    range_add(client, typ, start, end, newest_first=False)
     log.info("hsm.range_added", vmid=vm.vmid, client=client.name, range=_describe(typ, start, end))
     return 0
 
@@ -223,7 +191,7 @@ def del_range(binding: Binding, args: bytes) -> int:
     if isinstance(got, int):
         return got
     client, parsed = got
-    if not client.range_del(*parsed):
+    if not range_del(client, *parsed):
         return -errno.ENOENT
     log.info("hsm.range_deleted", vmid=binding.vm.vmid, client=client.name, range=_describe(*parsed))
     return 0

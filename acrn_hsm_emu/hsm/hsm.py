@@ -9,11 +9,9 @@ must probe before replying (CREATE_VM) goes through the caller's memory.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
@@ -22,13 +20,16 @@ import trio
 from acrn_hsm_emu import abi
 from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import acrn_kernel, ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm import acrn_kernel, ioeventfd, irqfd, mm
+from acrn_hsm_emu.hsm.acrn_drv import INVALID_VMID, Handler, HsmFile, MemoryFactory, Vm
 from acrn_hsm_emu.hsm.acrn_kernel import PROFILES, AcrnKernel
 from acrn_hsm_emu.hsm.express import Express
+from acrn_hsm_emu.hsm.extension import BOUND_ALLOWED, Extension
 from acrn_hsm_emu.hsm.hypercall_log import decode
-from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
-from acrn_hsm_emu.hsm.ranges import Binding, BindPolicy
-from acrn_hsm_emu.hsm.vm import INVALID_VMID, Vm, vm_create, vm_destroy
+from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, notify_vcpu
+from acrn_hsm_emu.hsm.limits import Limits, refuse
+from acrn_hsm_emu.hsm.ranges import BindPolicy
+from acrn_hsm_emu.hsm.vm import vm_create, vm_destroy
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
 from cdev.device import ArgSpec, BaseDevice, Deferred, IoctlCall, IoctlResult, RequestContext
@@ -41,7 +42,6 @@ CLEAR_VM_IOREQ = abi.ACRN_IOCTL_CLEAR_VM_IOREQ
 
 _CREATION_SIZE = 48
 _RESERVED_CREATION = struct.Struct("<2xH2xH")
-_NOTIFY = struct.Struct("<HHI")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _IOEVENTFD_HEAD = struct.Struct("<IIQ")  # fd, flags, addr
@@ -54,69 +54,6 @@ _PM_RESULT_SIZE = {
     abi.ACRN_PMCMD_GET_PX_DATA: 48,
     abi.ACRN_PMCMD_GET_CX_DATA: 32,
 }
-
-Handler = Callable[[Vm, IoctlCall], "IoctlResult | Deferred | Awaitable[IoctlResult]"]
-
-
-class HsmFile:
-    """One open file of the node: its VM object, for the file's whole life.
-
-    ``binding``: set when the file was bound to another file's VM through
-    the extension ABI (it then serves a range client, docs/extension-abi.md).
-    """
-
-    __slots__ = ("vm", "ctx", "binding")
-
-    def __init__(self, ctx: RequestContext) -> None:
-        self.ctx = ctx
-        self.vm = Vm(ctx.pid, ctx.fh)
-        self.binding: Binding | None = None
-
-
-# ACRN ioctls a bound file may issue; they act on the bound VM. The VM's
-# life and configuration stay with its owner's file (EPERM here).
-_BOUND_ALLOWED = {
-    abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT,
-    abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH,
-    abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT,
-    abi.ACRN_IOCTL_INJECT_MSI,
-    abi.ACRN_IOCTL_SET_IRQLINE,
-    abi.ACRN_IOCTL_IOEVENTFD,
-    abi.ACRN_IOCTL_IRQFD,
-}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds the kernel does not have, so one client cannot exhaust the daemon.
-
-    Each refusal is logged (``hsm.limit``) and answered with an errno that says
-    what ran out: EAGAIN for a process's VMs (as RLIMIT_NPROC does for fork),
-    ENOMEM for memory segments (as the driver's 256 RAM mappings), ENOSPC for
-    eventfds and range clients (like the extension's range limit).
-    """
-
-    vms_per_process: int = 16
-    mmio_segments_per_vm: int = 1024
-    ioeventfds_per_vm: int = 256
-    irqfds_per_vm: int = 256
-    range_clients_per_vm: int = 16
-
-
-def _notify_vcpu(call: IoctlCall) -> int:
-    """The vCPU of an ``acrn_ioreq_notify`` argument, or -EFAULT/-EINVAL as the driver."""
-    if len(call.in_data) < _NOTIFY.size:
-        return -errno.EFAULT
-    vcpu: int
-    _vmid, reserved, vcpu = _NOTIFY.unpack_from(call.in_data)
-    if reserved:
-        return -errno.EINVAL
-    return vcpu & 0xFFFF
-
-
-def _refuse(limit: str, value: int, err: int, **kw: object) -> int:
-    log.warning("hsm.limit", limit=limit, value=value, **kw)
-    return -err
 
 
 class HsmDevice(BaseDevice):
@@ -234,15 +171,10 @@ class HsmDevice(BaseDevice):
                 ak.ACRN_IOCTL_SETUP_VM_EVENT_RING: ArgSpec(by_value=True),
                 ak.ACRN_IOCTL_SETUP_VM_EVENT_FD: ArgSpec(by_value=True),
             }
-        self._ext_table: dict[int, Callable[[HsmFile, IoctlCall], IoctlResult]] = {
-            ext.ACRN_EMU_IOCTL_VERSION: self._ext_version,
-            ext.ACRN_EMU_IOCTL_BIND_VM: self._ext_bind,
-            ext.ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT: self._ext_create_client,
-            ext.ACRN_EMU_IOCTL_DESTROY_RANGE_CLIENT: self._ext_destroy_client,
-            ext.ACRN_EMU_IOCTL_ADD_RANGE: self._ext_add_range,
-            ext.ACRN_EMU_IOCTL_DEL_RANGE: self._ext_del_range,
-            ext.ACRN_EMU_IOCTL_VALUE_CALL: self._ext_value_call,
-        }
+        self.extension = Extension(
+            self.dispatcher, self.limits, bind_policy, self.ioctl, self._table,
+            self._ioeventfd, self._irqfd,
+        )  # fmt: skip
         hypervisor.set_upcall(self.dispatcher.upcall)
         self._spawn(self.dispatcher.serve_upcalls)
 
@@ -268,7 +200,7 @@ class HsmDevice(BaseDevice):
         assert isinstance(handle, HsmFile)
         self.files.discard(handle)
         if handle.binding is not None:
-            self._unbind(handle, "file closed")
+            self.extension.unbind(handle, "file closed")
         vm = handle.vm
         ret = vm_destroy(self.dispatcher, vm)
         if ret < 0 and self.release_pauses and vm.live:
@@ -305,9 +237,9 @@ class HsmDevice(BaseDevice):
             return -errno.ENOTTY  # no compat_ioctl in the driver
         assert isinstance(handle, HsmFile)
         if (cmd >> 8) & 0xFF == ext.ACRN_EMU_IOCTL_TYPE:
-            return 0 if cmd in self._ext_table else -errno.ENOTTY
+            return 0 if cmd in self.extension.table else -errno.ENOTTY
         if handle.binding is not None:
-            if cmd in _BOUND_ALLOWED:
+            if cmd in BOUND_ALLOWED:
                 return 0
             if cmd == CREATE_VM:
                 return -errno.EBUSY  # the file serves another VM
@@ -323,9 +255,9 @@ class HsmDevice(BaseDevice):
         assert isinstance(handle, HsmFile)
         cmd = call.cmd
         if (cmd >> 8) & 0xFF == ext.ACRN_EMU_IOCTL_TYPE:
-            return self._ext_table[cmd](handle, call)
+            return self.extension.table[cmd](handle, call)
         if handle.binding is not None:
-            return self._bound_ioctl(handle, handle.binding, call)
+            return self.extension.bound_ioctl(handle, handle.binding, call)
         return self._table[cmd](handle.vm, call)
 
     def interrupted(self, handle: object, call: IoctlCall) -> IoctlResult:
@@ -420,7 +352,7 @@ class HsmDevice(BaseDevice):
         pid = call.ctx.pid
         mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and v.live)
         if mine >= self.limits.vms_per_process:
-            return _refuse("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
+            return refuse("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
         ret = vm_create(self.dispatcher, vm, param, pid, self.quirks, call.ctx.uid)
         if ret < 0:
             return ret
@@ -466,7 +398,7 @@ class HsmDevice(BaseDevice):
         return ret
 
     def _notify_request_finish(self, vm: Vm, call: IoctlCall) -> IoctlResult:
-        vcpu = _notify_vcpu(call)
+        vcpu = notify_vcpu(call.in_data)
         if vcpu < 0:
             return vcpu
         try:
@@ -510,7 +442,7 @@ class HsmDevice(BaseDevice):
             return -errno.EFAULT
         mmio = _U32.unpack_from(call.in_data)[0] == abi.ACRN_MEMMAP_MMIO
         if mmio and vm.mmio_segments >= self.limits.mmio_segments_per_vm:
-            return _refuse("mmio_segments_per_vm", self.limits.mmio_segments_per_vm,
+            return refuse("mmio_segments_per_vm", self.limits.mmio_segments_per_vm,
                            errno.ENOMEM, vmid=vm.vmid)
         ret = mm.memseg_map(self.dispatcher, vm, call.ctx.pid, self.fake_pa, call.in_data)
         if mmio and ret == 0:
@@ -559,12 +491,12 @@ class HsmDevice(BaseDevice):
         if self.acrn_kernel is not None and flags & ak.ACRN_IOEVENTFD_FLAG_ASYNCIO:
             st = self.acrn_kernel.state(vm)
             if len(st.asyncio_fds) >= self.limits.ioeventfds_per_vm:
-                return _refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
+                return refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
                                vmid=vm.vmid)
             return self.acrn_kernel.ioeventfd_asyncio(vm, call.ctx.pid, fd, flags, addr)
         assigning = not flags & abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
         if assigning and len(vm.ioeventfds) >= self.limits.ioeventfds_per_vm:
-            return _refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
+            return refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
                            vmid=vm.vmid)
         return ioeventfd.ioeventfd_config(vm, call.ctx.pid, data, owner)
 
@@ -573,7 +505,7 @@ class HsmDevice(BaseDevice):
             return -errno.EFAULT
         assigning = not _U32.unpack_from(call.in_data, 4)[0] & abi.ACRN_IRQFD_FLAG_DEASSIGN
         if assigning and len(vm.irqfds) >= self.limits.irqfds_per_vm:
-            return _refuse("irqfds_per_vm", self.limits.irqfds_per_vm, errno.ENOSPC, vmid=vm.vmid)
+            return refuse("irqfds_per_vm", self.limits.irqfds_per_vm, errno.ENOSPC, vmid=vm.vmid)
         return irqfd.irqfd_config(vm, self.hv, self._spawn, call.ctx.pid, call.in_data, owner)
 
     # -- ACRN's own kernel (abi = "acrn-kernel") -----------------------------------
@@ -598,127 +530,3 @@ class HsmDevice(BaseDevice):
 
         return handler
 
-    # -- a file bound to another file's VM (extension ABI) -----------------------
-
-    def _bound_ioctl(
-        self, f: HsmFile, binding: Binding, call: IoctlCall
-    ) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
-        cmd = call.cmd  # one of _BOUND_ALLOWED: precheck saw to it
-        if cmd == abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT:
-            return self._ext_destroy_client(f, call)  # 0 even when there is nothing left
-        if not binding.valid:
-            return -errno.ENODEV  # the VM it was bound to is gone
-        vm = binding.vm
-        if cmd == ATTACH_IOREQ_CLIENT:
-            client = binding.live_client
-            if client is None:
-                return -errno.ENODEV
-            return client.attach()
-        if cmd == abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH:
-            vcpu = _notify_vcpu(call)
-            if vcpu < 0:
-                return vcpu
-            client = binding.live_client
-            if client is None:
-                return -errno.ENODEV
-            try:
-                return self.dispatcher.remote_complete(client, vcpu)
-            except MemoryFault as e:
-                self.dispatcher.fail_vm(vm, e)
-                return -errno.EFAULT
-        if cmd == abi.ACRN_IOCTL_IOEVENTFD:
-            return self._ioeventfd(vm, call, binding)
-        if cmd == abi.ACRN_IOCTL_IRQFD:
-            return self._irqfd(vm, call, binding)
-        return self._table[cmd](vm, call)  # INJECT_MSI, SET_IRQLINE
-
-    def _unbind(self, f: HsmFile, reason: str) -> None:
-        binding = f.binding
-        assert binding is not None
-        f.binding = None
-        if binding.valid:
-            ioeventfd.drop_owned(binding.vm, binding)
-            irqfd.drop_owned(binding.vm, binding)
-        ranges.unbind(self.dispatcher, binding, reason)
-
-    def _ext_value_call(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        """An ACRN ioctl whose argument is a value, carried by pointer (FUSE cannot pass
-        it): the same call on this file, its answer in ``result`` (docs/extension-abi.md)."""
-        size = ctypes.sizeof(ext.AcrnEmuValueCall)
-        if len(call.in_data) < size:
-            return -errno.EFAULT
-        vc = ext.AcrnEmuValueCall.from_buffer_copy(call.in_data[:size])
-        if vc.reserved or vc.cmd not in ext.VALUE_CALLS:
-            return -errno.EINVAL
-        carried = IoctlCall(cmd=vc.cmd, arg=vc.arg, in_data=b"", out_size=0, ctx=call.ctx,
-                            compat=call.compat)  # fmt: skip
-        ret = self.ioctl(f, carried)
-        if isinstance(ret, tuple):
-            ret = ret[0]  # a value call has nowhere to copy data to
-        # every value call is answered at once (ext.VALUE_CALLS: none of them waits)
-        assert isinstance(ret, int), f"value call {vc.cmd:#x} did not answer at once"
-        vc.result = ret
-        return 0, bytes(vc)
-
-    def _ext_version(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        v = ext.AcrnEmuVersion(ext.ACRN_EMU_ABI_MAJOR, ext.ACRN_EMU_ABI_MINOR, ext.FEATURES, 0)
-        return 0, bytes(v)
-
-    def _ext_bind(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuBind):
-            return -errno.EFAULT
-        if f.vm.live:
-            return -errno.EBUSY  # this file owns a VM
-        if f.binding is not None:
-            if f.binding.valid:
-                return -errno.EBUSY
-            self._unbind(f, "rebinding")
-        ret, binding, out = ranges.bind(self.dispatcher, self.bind_policy, call.ctx, call.in_data)
-        if ret < 0:
-            return ret
-        f.binding = binding
-        return 0, out
-
-    def _bound(self, f: HsmFile) -> Binding | int:
-        if f.binding is None:
-            return -errno.EINVAL  # not bound: as the driver's gate for a file without a VM
-        if not f.binding.valid:
-            return -errno.ENODEV
-        return f.binding
-
-    def _ext_create_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        b = self._bound(f)
-        if isinstance(b, int):
-            return b
-        if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuRangeClient):
-            return -errno.EFAULT
-        remote = sum(1 for c in b.vm.range_clients if c.remote is not None)
-        if remote >= self.limits.range_clients_per_vm:
-            return _refuse("range_clients_per_vm", self.limits.range_clients_per_vm, errno.ENOSPC,
-                           vmid=b.vm.vmid)
-        return ranges.create_client(self.dispatcher, b, call.ctx, call.in_data)
-
-    def _ext_destroy_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        b = f.binding
-        if b is None:
-            return -errno.EINVAL
-        client = b.live_client
-        if client is not None:
-            self.dispatcher.client_destroy(client, "destroyed by its file")
-        return 0
-
-    def _ext_add_range(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        return self._ext_range(f, call, ranges.add_range)
-
-    def _ext_del_range(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
-        return self._ext_range(f, call, ranges.del_range)
-
-    def _ext_range(
-        self, f: HsmFile, call: IoctlCall, op: Callable[[Binding, bytes], int]
-    ) -> IoctlResult:
-        b = self._bound(f)
-        if isinstance(b, int):
-            return b
-        if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuRange):
-            return -errno.EFAULT
-        return op(b, call.in_data)
