@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from acrn_hsm_emu.config import control_socket
+
 _serial = itertools.count()
 # Hang guards only (never a bound on speed): under emulation (`make test-vm`, TCG) a Python
 # start takes seconds, so the VM run scales them (ACRN_HSM_TEST_SLOW=4).
@@ -185,7 +187,11 @@ class Daemon:
         self.transport = transport
         self.node = node_path(tmp, transport, "acrn_hsm")
         self.run_dir = tmp / "run"
-        self.control = self.run_dir / "control.sock"
+        # the daemon's default: one control socket per node (docs/configuration.md)
+        self.control = pathlib.Path(
+            extra[extra.index("--control") + 1] if "--control" in extra
+            else control_socket(str(self.run_dir), str(self.node))
+        )
         self.log_path = tmp / "daemon.log"
         self.notify = notify or NotifyListener(tmp / f"notify-{next(_serial)}.sock")
         self.args = [

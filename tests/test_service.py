@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from acrn_hsm_emu.config import control_socket
 from tests.conftest import REPO, VENV_BIN, Installed, mounted_under
 from tests.support.cbuild import build_c
 from tests.test_kvm_daemon import guests  # noqa: F401 (a fixture, for the strace run)
@@ -188,7 +189,7 @@ def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path, request):
     try:
         notify.wait_for("READY=1", timeout=120)
         cli = [str(VENV_BIN / "acrn-hsm-emu")]
-        ctl = ["--control", str(tmp_path / "run" / "control.sock")]
+        ctl = ["--control", control_socket(str(tmp_path / "run"), str(node))]
         status = subprocess.run([*cli, "status", "--json", *ctl], check=True, capture_output=True,
                                 text=True, timeout=120)
         daemon_pid = json.loads(status.stdout)["pid"]  # strace's child: signals go to it, not strace
