@@ -639,6 +639,22 @@ def t_inject_arguments(s: Scene) -> str:
     return "\n".join(cli("inject", *none, *c) for c in cases)
 
 
+def t_cli_validation(s: Scene) -> str:
+    none = ["--control", str(s.tmp / "no-daemon.sock")]
+    return "\n".join([
+        cli("inject", *none, "--vm", "-1", "pio-read", "0x3f8", "1"),
+        cli("inject", *none, "--vm", "1", "--vcpu", "-2", "pio-read", "0x3f8", "1"),
+        cli("inject", *none, "--vm", "1", "--timeout", "nan", "pio-read", "0x3f8", "1"),
+        cli("cpuid", *none, "0x100000000"),
+        cli("status", "--node", "relative/acrn_hsm"),
+    ])
+
+
+def t_wrong_node(s: Scene) -> str:
+    # A --control naming another node's daemon: refused, nothing done.
+    return ctl(s, "status", "--node", str(s.tmp / "another" / "acrn_hsm"))
+
+
 # publish / unpublish --------------------------------------------------------------------------
 
 FAKE_DAEMON = r"""
@@ -862,8 +878,8 @@ MESSAGES = {
     "node lost": "node_lost",
     "unknown transport <name> (auto, fuse or cuse)": "unknown_transport",
     "cannot serve <node>: <reason>": "cannot_serve",
-    "control socket <path> is in use by another running daemon; stop it or give this one another --control":
-        "control_in_use",
+    "control socket <path> is in use by another running daemon (is <node> served already?); stop it or give "
+    "this one another --control": "control_in_use",
     "cannot listen on the control socket <path>: <reason>": "cannot_listen",
     "no daemon control socket at <path> (is acrn-hsm-emu serve running?)": "no_socket",
     "permission denied on <path>: the control socket is for root": "socket_denied",
@@ -889,6 +905,12 @@ MESSAGES = {
     "port <port> is outside 0..0xffff": "inject_arguments",
     "address <address> is outside 64 bits": "inject_arguments",
     "acrn-hsm-emu <command>: error: <reason>": "inject_arguments",
+    "--node: <reason>": "cli_validation",
+    "<command>: error: argument <option>: not a VM id (0 to 65534): <text>": "cli_validation",
+    "<command>: error: argument <option>: not a vCPU index (0 to 65534): <text>": "cli_validation",
+    "<command>: error: argument <option>: not a 32-bit value: <text>": "cli_validation",
+    "<command>: error: argument <option>: not a positive number of seconds: <text>": "cli_validation",
+    "daemon: this daemon serves <node>, not <node>": "wrong_node",
     "the daemon sent no mount to publish": "publish_no_fd",
     "cannot publish <node>: the daemon's node file is not visible here (its directory must be shared with "
     "the daemon: no PrivateDevices=/PrivateTmp= there)": "publish_not_visible",
@@ -919,7 +941,7 @@ MESSAGES = {
 # text, so each is checked against this exact line too.
 SPECIFIC = {
     "<file>: <key>: <reason>": re.compile(r".*/scenario\.toml: platform\.pcpus: .*"),
-    "daemon: <reason>": re.compile(r"daemon: no vCPU 0 in .*VM 9"),
+    "daemon: <reason>": re.compile(r"daemon: no VM with vmid 9"),
     "daemon: <exception>: <reason>": re.compile(r"daemon: RuntimeError: boom"),
     "cannot publish <node>: <reason>": re.compile(r"cannot publish .*: Invalid argument"),
     "cannot serve <node>: <reason>": re.compile(r"cannot serve /proc/acrn_hsm: /proc/acrn_hsm: .*"),
@@ -1035,7 +1057,7 @@ def test_every_message_in_the_code_is_on_the_page():
     page = {normalise(m) for m in page_messages()}
     missing = []
     for tm, where in sorted(code_messages().items()):
-        forms = {tm, "{}: {}: " + tm, "daemon: " + tm}
+        forms = {tm, "{}: {}: " + tm, "daemon: " + tm, "{}: error: argument {}: " + tm}
         if not forms & page:
             missing.append(f"{where}: {tm!r}")
     assert not missing, "not on docs/troubleshooting.md:\n" + "\n".join(missing)
