@@ -259,19 +259,19 @@ KEYS: dict[str, Key] = {
         Key("node_owner", _id("user", pwd.getpwnam), "owner of the node (default: the daemon's user)", "USER"),
         Key("node_group", _id("group", grp.getgrnam), "group of the node (default: the daemon's group)", "GROUP"),
         Key("node_mode", _mode, "permissions of the node, octal (default 0600)", "MODE"),
-        Key("transport", _choice("auto", "fuse", "cuse"), "auto (cuse where /dev/cuse exists), fuse or cuse", "NAME"),
+        Key("transport", _choice("auto", "fuse", "cuse"), "auto (default: cuse where /dev/cuse exists, else fuse), fuse or cuse", "NAME"),
         Key(
             "backend",
             _choice("auto", *BACKENDS),
-            f"vCPU backend: auto (kvm where /dev/kvm works, else scripted) or one of {', '.join(BACKENDS)}",
+            f"vCPU backend: auto (default: kvm where /dev/kvm works, else scripted) or one of {', '.join(BACKENDS)}",
             "NAME",
         ),
         Key("scenario", _file, "scenario TOML file (default: the built-in one)", "FILE"),
-        Key("workload", _file, "workload file for the scripted backend", "FILE"),
+        Key("workload", _file, "workload file for the scripted backend (default: none)", "FILE"),
         Key("run_dir", _absolute, f"run-time directory (default {DEFAULT_RUN_DIR})", "DIR"),
         Key("control", _socket_path, "control socket path (default: one per node, RUN_DIR/<node escaped>.sock, e.g. "
             "/run/acrn-hsm-emu/dev-acrn_hsm.sock)", "PATH"),
-        Key("log_format", _choice("auto", "console", "json"), "auto (console on a terminal, else json)", "NAME"),
+        Key("log_format", _choice("auto", "console", "json"), "auto (default: console on a terminal, else json), console or json", "NAME"),
         Key("log_level", _choice(*logs.LEVELS), "debug, info (default), warning, error or critical", "NAME"),
         Key(
             "ioeventfd_mismatch",

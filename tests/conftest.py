@@ -182,17 +182,18 @@ class Daemon:
         env: dict[str, str] | None = None,
         notify: NotifyListener | None = None,
         transport: str = "fuse",
+        name: str = "acrn_hsm",
     ) -> None:
         self.tmp = tmp
         self.transport = transport
-        self.node = node_path(tmp, transport, "acrn_hsm")
+        self.node = node_path(tmp, transport, name)
         self.run_dir = tmp / "run"
         # the daemon's default: one control socket per node (docs/configuration.md)
         self.control = pathlib.Path(
             extra[extra.index("--control") + 1] if "--control" in extra
             else control_socket(str(self.run_dir), str(self.node))
         )
-        self.log_path = tmp / "daemon.log"
+        self.log_path = tmp / ("daemon.log" if name == "acrn_hsm" else f"daemon-{name}.log")
         self.notify = notify or NotifyListener(tmp / f"notify-{next(_serial)}.sock")
         self.args = [
             str(VENV_BIN / "acrn-hsm-emu"),
@@ -256,8 +257,9 @@ def daemon_factory(tmp_path: pathlib.Path, transport: str) -> Iterator[Any]:
         start: bool = True,
         env: dict[str, str] | None = None,
         notify: NotifyListener | None = None,
+        name: str = "acrn_hsm",
     ) -> Daemon:
-        d = Daemon(tmp_path, *extra, env=env, notify=notify, transport=transport)
+        d = Daemon(tmp_path, *extra, env=env, notify=notify, transport=transport, name=name)
         made.append(d)
         return d.start() if start else d
 
