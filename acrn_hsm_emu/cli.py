@@ -9,7 +9,6 @@ import importlib.metadata
 import json
 import math
 import os
-import pathlib
 import re
 import socket
 import stat
@@ -149,21 +148,27 @@ def parse_access(words: list[str]) -> dict[str, Any]:
 # -- the control socket client ----------------------------------------------
 
 
-def default_control(config_file: str | None = None, node: str | None = None) -> tuple[str, str | None]:
+def find_daemon(
+    config_file: str | None, node: str | None = None, run_dir: str | None = None, control: str | None = None
+) -> tuple[str, str | None]:
     """The control socket of the daemon serving ``node`` (default: the configuration's node),
     and the node it must serve (None: whichever it serves).
 
-    ``$ACRN_HSM_EMU_CONTROL`` replaces the configuration's socket when no node is named; a
-    node other than the configuration's has the socket derived from its path (one per node)."""
+    Each node's daemon has its own socket, derived from ``run_dir`` and ``node``
+    (config.control_socket). ``control`` names the socket directly; ``$ACRN_HSM_EMU_CONTROL``
+    does too when neither a node nor a run_dir is named. The configuration's ``control`` key
+    counts for the configuration's own node and run_dir only."""
+    overrides = {k: v for k, v in (("node", node), ("run_dir", run_dir)) if v is not None}
     env = os.environ.get("ACRN_HSM_EMU_CONTROL")
-    if env and node is None:
+    if control is None and env and not overrides:
         return env, None
-    settings = config.load(config_file, {"node": node} if node is not None else None)
-    if node is None:
-        return settings.control_path, settings.node
-    configured = config.load(config_file).node
-    if settings.node != configured:
-        return config.control_socket(settings.run_dir, settings.node), settings.node
+    settings = config.load(config_file, overrides)
+    if control is not None:
+        return control, settings.node if node is not None else None
+    if overrides:
+        configured = config.load(config_file)
+        if (settings.node, settings.run_dir) != (configured.node, configured.run_dir):
+            return config.control_socket(settings.run_dir, settings.node), settings.node
     return settings.control_path, settings.node
 
 
@@ -491,6 +496,11 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
             help="reach the daemon serving this node (default: the configuration's node, /dev/acrn_hsm)",
         )
         sp.add_argument(
+            "--run-dir", metavar="DIR", default=None,
+            help=f"the daemon's run_dir, where its control socket is (default: the configuration's, "
+            f"{config.DEFAULT_RUN_DIR})",
+        )
+        sp.add_argument(
             "--control", metavar="PATH", default=None,
             help="the daemon's control socket (default: the node's, RUN_DIR/<node escaped>.sock, "
             "or $ACRN_HSM_EMU_CONTROL)",
@@ -557,10 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         if args.subcommand in _CONTROL_CLIENTS:
-            if args.node is not None:
-                args.node = _node_arg(args.node)
-            if args.control is None:
-                args.control, args.node = default_control(args.config, args.node)
+            args.control, args.node = find_daemon(args.config, args.node, args.run_dir, args.control)
         return int(args.func(args))
     except CliError as e:
         print(f"acrn-hsm-emu: {e}", file=sys.stderr)
@@ -571,14 +578,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-
-
-def _node_arg(text: str) -> str:
-    """--node of a control client: an absolute path, as the configuration's ``node`` key."""
-    try:
-        return str(config.KEYS["node"].check(text, pathlib.Path.cwd()))
-    except ValueError as e:
-        raise CliError(f"--node: {e}", EXIT_USAGE) from None
 
 
 if __name__ == "__main__":

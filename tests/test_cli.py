@@ -81,6 +81,9 @@ def test_each_cli_command_reaches_the_daemon_of_its_node(two_daemons):
     assert (st_b["node"], st_b["control"]) == (str(b.node), str(b.control))
     assert st_a["pid"] == a.proc.pid and st_b["pid"] == b.proc.pid
     assert run("status", *conf, "--node", str(b.node)).stdout.startswith(f"node {b.node} ")
+    # without a configuration: the node and the daemon's run_dir
+    p = run("status", "--node", str(b.node), "--run-dir", str(b.run_dir), "--json")
+    assert json.loads(p.stdout)["pid"] == b.proc.pid, p.stderr
     # cpuid: both answer, each its own
     for d in (a, b):
         p = run("cpuid", "0x40000000", *conf, "--node", str(d.node))

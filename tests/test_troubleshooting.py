@@ -905,7 +905,6 @@ MESSAGES = {
     "port <port> is outside 0..0xffff": "inject_arguments",
     "address <address> is outside 64 bits": "inject_arguments",
     "acrn-hsm-emu <command>: error: <reason>": "inject_arguments",
-    "--node: <reason>": "cli_validation",
     "<command>: error: argument <option>: not a VM id (0 to 65534): <text>": "cli_validation",
     "<command>: error: argument <option>: not a vCPU index (0 to 65534): <text>": "cli_validation",
     "<command>: error: argument <option>: not a 32-bit value: <text>": "cli_validation",
