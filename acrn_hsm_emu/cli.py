@@ -421,6 +421,22 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        rows = control_call(args.control, {"cmd": "vm-list"}, node=args.node)
+        if args.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+        elif not rows:
+            print("no VMs")
+        for r in rows if not args.json else ():
+            pid = f"  pid {r['owner_pid']}" if r["owner_pid"] else ""
+            print(f"VM {r['vmid']}: {r['state']}  vcpus {r['vcpus']}  {r['owner']}{pid}  name {r['name']!r}")
+        return 0
+    control_call(args.control, {"cmd": f"vm-{args.action}", "vm": args.vmid}, node=args.node)
+    print(f"VM {args.vmid} {'paused' if args.action == 'pause' else 'destroyed'}")
+    return 0
+
+
 def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The parser and each subcommand's own parser, by name."""
     p = Parser(prog="acrn-hsm-emu", description=__doc__)
@@ -537,6 +553,23 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     inj.add_argument("access", nargs="+", metavar="ACCESS", help="the access and its operands (required)")
     inj.set_defaults(func=cmd_inject)
 
+    vm = add(
+        "vm",
+        help="list, pause or destroy the daemon's User VMs (root or the daemon's user)",
+        description="vm list: every User VM the hypervisor holds, its state and owner (owned: "
+        "a device model's open file; orphaned: its file is closed or lost it; unclaimed: a "
+        "failed CREATE_VM's leftover). vm pause VMID, vm destroy VMID: as the device model "
+        "would, for any of them; destroy pauses first. Orphaned VMs are also destroyed by "
+        "themselves once their owner process is gone.",
+    )
+    control_opt(vm)
+    vm.add_argument("action", choices=("list", "pause", "destroy"), metavar="ACTION",
+                    help="list, pause or destroy (required)")
+    vm.add_argument("vmid", type=vmid, nargs="?", default=None, metavar="VMID",
+                    help="the User VM to pause or destroy (required for those; default: none)")
+    vm.add_argument("--json", action="store_true", help="vm list as JSON (default: a summary)")
+    vm.set_defaults(func=cmd_vm)
+
     cp = add("cpuid", help="CPUID as the guest sees it", description="CPUID as a guest sees it.")
     control_opt(cp)
     cp.add_argument("leaf", type=u32, metavar="LEAF", help="EAX (required)")
@@ -547,8 +580,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
 
 # Commands whose options may come anywhere among their operands (parse_intermixed_args).
-_INTERMIXED = ("status", "inject", "cpuid")
-_CONTROL_CLIENTS = ("status", "inject", "cpuid")
+_INTERMIXED = ("status", "inject", "cpuid", "vm")
+_CONTROL_CLIENTS = ("status", "inject", "cpuid", "vm")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -556,6 +589,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if argv and argv[0] in _INTERMIXED:
         args = subs[argv[0]].parse_intermixed_args(argv[1:])
         args.subcommand = argv[0]
+        if argv[0] == "vm" and (args.action == "list") != (args.vmid is None):
+            subs["vm"].error("vm list takes no VMID" if args.vmid is not None else f"vm {args.action} needs a VMID")
         return args
     args, extra = parser.parse_known_args(argv)
     if extra:  # the subcommand's own usage, not the top level's

@@ -28,6 +28,7 @@ import trio
 
 from acrn_hsm_emu import launcher, publish
 from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
+from acrn_hsm_emu.hsm import admin
 from acrn_hsm_emu.hsm.device import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
@@ -361,6 +362,8 @@ class Daemon:
                 return {"ok": True, "result": value}, None
             if cmd == "node-tree":
                 return self._node_tree()
+            if cmd in ("vm-list", "vm-pause", "vm-destroy"):
+                return {"ok": True, "result": self._vm_command(cmd, req)}, None
             return {"ok": False, "error": f"unknown command {cmd!r}"}, None
         except trio.TooSlowError:
             return {"ok": False, "error": "the access did not complete (is a client serving the VM?)"}, None
@@ -371,6 +374,19 @@ class Daemon:
         except Exception as e:
             log.exception("control request failed")
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
+
+    def _vm_command(self, cmd: str, req: dict[str, Any]) -> Any:
+        """``acrn-hsm-emu vm``: list, pause or destroy any User VM (hsm/admin.py)."""
+        assert self.device is not None
+        if cmd == "vm-list":
+            return admin.vm_list(self.device)
+        vmid = int(req["vm"])
+        log.info("control.vm_command", command=cmd, vmid=vmid)
+        if cmd == "vm-pause":
+            admin.pause(self.device, vmid)
+        else:
+            admin.destroy(self.device, vmid)
+        return None
 
     def _node_tree(self) -> tuple[dict[str, Any], int | None]:
         """For ``publish``: a detached clone of the node's mount (FUSE), and where it belongs."""

@@ -20,7 +20,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm import admin, ioeventfd, irqfd, mm, ranges
 from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
@@ -214,6 +214,8 @@ class HsmDevice(BaseDevice):
         }
         hypervisor.set_upcall(self.dispatcher.upcall)
         self._spawn(self.dispatcher.serve_upcalls)
+        # orphaned VMs go when their owner process does (not the driver's: hsm/admin.py)
+        self.reaper = admin.Reaper(self, self._spawn)
 
     # -- cdev Device ------------------------------------------------------------
 
@@ -265,6 +267,7 @@ class HsmDevice(BaseDevice):
                 reason=reason,
                 ret=ret,
             )
+        self.reaper.released(vm, handle.ctx.pid)
 
     def precheck(self, handle: object, cmd: int, compat: bool) -> int:
         """The driver's answers that come before it copies any argument: no
