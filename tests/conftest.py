@@ -227,7 +227,7 @@ class Daemon:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60 * SLOW) -> subprocess.CompletedProcess[str]:
         cmd = [str(VENV_BIN / "acrn-hsm-emu"), *args]
-        if args and args[0] in ("status", "inject", "cpuid"):
+        if args and args[0] in ("status", "inject", "cpuid", "vm"):
             cmd[2:2] = ["--control", str(self.control)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
