@@ -655,6 +655,92 @@ def t_wrong_node(s: Scene) -> str:
     return ctl(s, "status", "--node", str(s.tmp / "another" / "acrn_hsm"))
 
 
+def t_vm_refusals(s: Scene) -> str:
+    return "\n".join([
+        ctl(s, "vm", "destroy", "9"),
+        ctl(s, "vm", "pause", "0"),
+        ctl(s, "inject", "--vm", "0", "pio-read", "0x3f8", "1"),
+    ])
+
+
+def t_no_such_vcpu(s: Scene) -> str:
+    hold = subprocess.Popen([str(build_c("hsm_hold")), str(s.daemon.node), "hang"],
+                            stdout=subprocess.PIPE, text=True)
+    assert hold.stdout is not None
+    try:
+        vmid = hold.stdout.readline().split()[0].split("=")[1]
+        return ctl(s, "inject", "--vm", vmid, "--vcpu", "5", "pio-read", "0x3f8", "1")
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+class _RefusingHypervisor:
+    """A hypervisor holding VM 3 that refuses ``refuse`` (pause_vm or destroy_vm) with -1."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse = refuse
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"vms": [{"vmid": 3, "state": "RUNNING", "vcpus": []}]}
+
+    def pause_vm(self, vmid: int) -> int:
+        return -1 if self.refuse == "pause_vm" else 0
+
+    def destroy_vm(self, vmid: int) -> int:
+        return -1 if self.refuse == "destroy_vm" else 0
+
+
+def _fake_device(refuse: str, *vms: Any) -> Any:
+    import types
+
+    return types.SimpleNamespace(hv=_RefusingHypervisor(refuse), dispatcher=types.SimpleNamespace(vms=vms))
+
+
+def t_vm_hypervisor_refuses(s: Scene) -> str:
+    from acrn_hsm_emu.hsm import admin
+
+    out = []
+    for refuse, call in (("pause_vm", admin.pause), ("destroy_vm", admin.destroy)):
+        try:
+            call(_fake_device(refuse), 3)
+        except admin.AdminError as e:
+            out.append(f"{PREFIX}daemon: {e}")
+    return "\n".join(out)
+
+
+def t_orphan_reclaimed(s: Scene) -> str:
+    from tests.test_cli import quirk_client
+
+    client, lost = quirk_client(s.daemon.node)
+    client.communicate("\n", timeout=60)
+    for _ in range(100000):  # hang guard only: until the daemon has reclaimed it
+        if '"hsm.orphan_reclaimed"' in s.daemon.log():
+            break
+    return s.daemon.log()
+
+
+def t_orphan_not_reclaimed(s: Scene) -> str:
+    from acrn_hsm_emu.hsm import admin
+    from acrn_hsm_emu.hsm.vm import Vm
+
+    vm = Vm(4242)
+    vm.orphaned, vm.lost_vmid = True, 3
+    reaper = admin.Reaper(_fake_device("pause_vm", vm), lambda _fn: None)
+    with structlog.testing.capture_logs() as logs:
+        reaper.reclaim(4242)
+    return "\n".join(json.dumps({"event": e["event"]}) for e in logs)
+
+
+def t_reaper_cannot_watch(s: Scene) -> str:
+    from acrn_hsm_emu.hsm import admin
+
+    reaper = admin.Reaper(_fake_device("none"), lambda _fn: None)
+    with structlog.testing.capture_logs() as logs:
+        trio.run(reaper._when_gone, -5)  # pidfd_open refuses it (EINVAL)
+    return "\n".join(json.dumps({"event": e["event"]}) for e in logs)
+
+
 # publish / unpublish --------------------------------------------------------------------------
 
 FAKE_DAEMON = r"""
@@ -910,6 +996,15 @@ MESSAGES = {
     "<command>: error: argument <option>: not a 32-bit value: <text>": "cli_validation",
     "<command>: error: argument <option>: not a positive number of seconds: <text>": "cli_validation",
     "daemon: this daemon serves <node>, not <node>": "wrong_node",
+    "daemon: no VM with vmid <n>": "vm_refusals",
+    "daemon: VM <n> has no vCPU <n>": "no_such_vcpu",
+    "daemon: VM 0 is the Service VM, whose accesses are not trapped: inject into a User VM": "vm_refusals",
+    "daemon: VM 0 is the Service VM: only User VMs can be paused or destroyed": "vm_refusals",
+    "daemon: the hypervisor refused to pause VM <n> (error <ret>)": "vm_hypervisor_refuses",
+    "daemon: the hypervisor refused to destroy VM <n> (error <ret>)": "vm_hypervisor_refuses",
+    "hsm.orphan_reclaimed": "orphan_reclaimed",
+    "hsm.orphan_not_reclaimed": "orphan_not_reclaimed",
+    "hsm.reaper.cannot_watch": "reaper_cannot_watch",
     "the daemon sent no mount to publish": "publish_no_fd",
     "cannot publish <node>: the daemon's node file is not visible here (its directory must be shared with "
     "the daemon: no PrivateDevices=/PrivateTmp= there)": "publish_not_visible",
@@ -990,9 +1085,10 @@ def test_message_is_produced(produced, message):
 # -- the reverse: every message in the code is on the page ------------------------------------
 
 SOURCES = ["acrn_hsm_emu/cli.py", "acrn_hsm_emu/daemon.py", "acrn_hsm_emu/config.py",
-           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py", "acrn_hsm_emu/launcher.py"]
+           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py", "acrn_hsm_emu/launcher.py",
+           "acrn_hsm_emu/hsm/admin.py"]
 RAISED = {"CliError", "ServeError", "SessionEnded", "StartError", "ValueError", "ConfigError",
-          "ArgumentTypeError", "CuseNameError", "LaunchError"}
+          "ArgumentTypeError", "CuseNameError", "LaunchError", "AdminError"}
 
 
 def template(node: ast.AST) -> str | None:
