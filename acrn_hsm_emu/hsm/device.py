@@ -389,7 +389,8 @@ class HsmDevice(BaseDevice):
         if r0 | r1:
             return -errno.EINVAL
         pid = call.ctx.pid
-        mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and v.live)
+        # a VM lost by a second CREATE_VM is still this process's until reclaimed (hsm/admin.py)
+        mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and (v.live or v.lost_vmid is not None))
         if mine >= self.limits.vms_per_process:
             return _refuse("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
         ret = vm_create(self.dispatcher, vm, param, pid, self.quirks, call.ctx.uid)
