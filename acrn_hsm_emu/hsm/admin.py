@@ -184,9 +184,12 @@ class Reaper:
     def reclaim(self, pid: int) -> None:
         """Process ``pid`` is gone: destroy its orphans, and every unclaimed VM."""
         dev = self.dev
+        existing = set(self._hv_vmids())
         for vm in [v for v in dev.dispatcher.vms if v.orphaned and (v.owner_pid or v.opener_pid) == pid]:
             vmid = vm.vmid if vm.live else vm.lost_vmid
-            ret = _remove(dev, vmid) if vmid is not None else 0
+            # a record may hold no VM: a second CREATE_VM on a file that had lost its VM
+            # already records the lost vmid as 0xFFFF (status showed "VM 65535, state None")
+            ret = _remove(dev, vmid) if vmid in existing else 0
             if ret < 0:
                 log.warning("hsm.orphan_not_reclaimed", vmid=vmid, pid=pid, ret=ret)
                 continue
