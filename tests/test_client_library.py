@@ -188,3 +188,26 @@ async def test_library_errors_carry_the_ioctl_errno(hsm_daemon):
             vm.node.start_vm()
         assert e.value.errno == errno.EINVAL
     assert os.path.exists(hsm_daemon.node)
+
+
+QUIET_PROGRAM = """
+import sys
+from acrn_hsm_emu.client import Vm
+with Vm.create(sys.argv[1], cpu_affinity=0x1, name="quiet") as vm:
+    print(f"vmid={vm.vmid}")
+"""
+
+
+def test_the_library_is_quiet_unless_the_program_configures_logs(hsm_daemon):
+    """A program that never configured structlog sees only its own output (the library's
+    debug lines, e.g. client.vm_created, are dropped; warnings would go to stderr)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    p = subprocess.run([sys.executable, "-c", QUIET_PROGRAM, str(hsm_daemon.node)], capture_output=True,
+                       text=True, timeout=120, check=False, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("vmid=") and p.stdout.count("\n") == 1, p.stdout
+    assert p.stderr == ""

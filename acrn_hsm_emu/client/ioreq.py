@@ -17,15 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
 import trio
 
-from acrn_hsm_emu import abi
+from acrn_hsm_emu import abi, logs
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.client.node import NodeFile, Page
 
-log = structlog.get_logger("acrn_hsm_emu.client")
+log = logs.LibraryLogger("acrn_hsm_emu.client")  # quiet unless the program configures logs
 
 PIO = abi.ACRN_IOREQ_TYPE_PORTIO
 MMIO = abi.ACRN_IOREQ_TYPE_MMIO
