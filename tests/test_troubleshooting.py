@@ -741,6 +741,57 @@ def t_reaper_cannot_watch(s: Scene) -> str:
     return "\n".join(json.dumps({"event": e["event"]}) for e in logs)
 
 
+def _in_hsm(scene: Callable[[Any, Any], None]) -> str:
+    """Run ``scene(device, hypervisor)`` on an in-process HSM (tests/test_hsm_harness.py);
+    the log events it produced."""
+    from test_hsm_harness import hypervisor, make_device
+
+    events: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        hv = hypervisor()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                scene(make_device(hv), hv)
+            events.extend(logs)
+        finally:
+            hv.real.shutdown()
+
+    trio.run(main)
+    return "\n".join(json.dumps({"event": e["event"]}) for e in events)
+
+
+def t_destroy_running_vm(s: Scene) -> str:
+    from test_hsm_harness import VmSetup
+
+    from acrn_hsm_emu import abi
+
+    def scene(dev: Any, hv: Any) -> None:
+        vm = VmSetup(dev, hv, vcpus=1)
+        assert vm.ioctl(abi.ACRN_IOCTL_START_VM) == 0
+        assert vm.ioctl(abi.ACRN_IOCTL_DESTROY_VM) < 0  # ACRN destroys only a paused VM
+
+    return _in_hsm(scene)
+
+
+def t_memseg_slots_exhausted(s: Scene) -> str:
+    import struct
+
+    from test_hsm_harness import Buf, VmSetup
+
+    from acrn_hsm_emu import abi
+    from acrn_hsm_emu.hsm.mm import MAPPING_MAX
+
+    def scene(dev: Any, hv: Any) -> None:
+        vm = VmSetup(dev, hv, vcpus=1)
+        vm.vm.regions_mapping_count = MAPPING_MAX  # as after 256 RAM SET_MEMSEGs (never reset)
+        ram = Buf(4096)
+        arg = struct.pack("<IIQQQ", abi.ACRN_MEMMAP_RAM, 7, 0x10_0000, ram.addr, 4096)
+        assert vm.ioctl(abi.ACRN_IOCTL_SET_MEMSEG, 0, arg) == -errno.ENOMEM
+
+    return _in_hsm(scene)
+
+
 # publish / unpublish --------------------------------------------------------------------------
 
 FAKE_DAEMON = r"""
@@ -1003,6 +1054,8 @@ MESSAGES = {
     "daemon: the hypervisor refused to pause VM <n> (error <ret>)": "vm_hypervisor_refuses",
     "daemon: the hypervisor refused to destroy VM <n> (error <ret>)": "vm_hypervisor_refuses",
     "hsm.orphan_reclaimed": "orphan_reclaimed",
+    "hsm.destroy_vm_refused": "destroy_running_vm",
+    "hsm.memseg_slots_exhausted": "memseg_slots_exhausted",
     "hsm.orphan_not_reclaimed": "orphan_not_reclaimed",
     "hsm.reaper.cannot_watch": "reaper_cannot_watch",
     "the daemon sent no mount to publish": "publish_no_fd",
