@@ -185,7 +185,7 @@ class Daemon:
             transport=self.server.transport,
             backend=s.backend,
             control=s.control_path,
-            config=s.config_file,
+            config=s.config_file or "none (built-in defaults)",
             scenario=s.scenario_file or "built-in",
             pid=os.getpid(),
         )

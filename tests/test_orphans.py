@@ -114,3 +114,24 @@ def test_fuzzing_processes_that_exit_leave_nothing_behind(hsm_daemon):
     assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)  # kB: no per-VM leak
     assert '"hsm.orphan_reclaimed"' in d.log()
     assert "Traceback" not in d.log()
+
+
+def test_a_device_model_that_dies_is_one_info_line(hsm_daemon):
+    """Killed with its VM running: one info line says whose, which VM and what was done;
+    nothing at warning level."""
+    d = hsm_daemon
+    before = len(d.log().splitlines())
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(d.node), "0x1"], stdout=subprocess.PIPE, text=True)
+    assert dm.stdout is not None
+    vmid = int(dm.stdout.readline().split()[0].split("=")[1])
+    dm.kill()
+    dm.wait()
+    wait_no_vms(d)
+    events = [json.loads(ln) for ln in d.log().splitlines()[before:] if ln.startswith("{")]
+    released = [e for e in events if e["event"] == "hsm.release_paused_running_vm"]
+    assert len(released) == 1, events
+    assert (released[0]["level"], released[0]["pid"], released[0]["vmid"], released[0]["outcome"]) == (
+        "info", dm.pid, vmid, "paused and destroyed")
+    assert [e for e in events if e["level"] not in ("info", "debug")] == []
+    serving = next(json.loads(ln) for ln in d.log().splitlines() if '"serving"' in ln)
+    assert serving["config"] == "none (built-in defaults)"  # never null

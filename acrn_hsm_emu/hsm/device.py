@@ -10,6 +10,7 @@ must probe before replying (CREATE_VM) goes through the caller's memory.
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -246,13 +247,19 @@ class HsmDevice(BaseDevice):
             # ACRN destroys only PAUSED VMs, so the kernel would leave a VM whose
             # owner died running in the hypervisor with nobody to serve it. We
             # pause it first, as the device model's own teardown does (docs/hsm.md).
-            log.warning(
-                "hsm.release_paused_running_vm",
-                vmid=vm.vmid,
-                note="the kernel would leave this VM running, orphaned",
-            )
-            if self.hv.pause_vm(vm.vmid) == 0:
+            vmid = vm.vmid
+            if self.hv.pause_vm(vmid) == 0:
                 ret = vm_destroy(self.dispatcher, vm)
+            # one line for what happened and what it did (the driver would leave the VM running)
+            log.log(
+                logging.INFO if ret == 0 else logging.WARNING,
+                "hsm.release_paused_running_vm",
+                pid=vm.owner_pid or handle.ctx.pid,
+                vmid=vmid,
+                outcome="paused and destroyed" if ret == 0 else f"pause or destroy refused ({ret})",
+                note="its device model exited or closed the node with the VM running; "
+                "the kernel would leave the VM running, orphaned",
+            )
         if any(v is vm for v in self.dispatcher.vms):
             # The driver frees the object while it is still listed; we keep the VM.
             vm.orphaned = True
