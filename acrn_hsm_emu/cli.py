@@ -354,7 +354,7 @@ def _fmt_status(st: dict[str, Any]) -> str:
     hsm = st["hsm"]
     hv = st["hypervisor"]
     lines = [
-        f"node {st['node']} ({st['transport']})  daemon pid {st['pid']}  backend {st['backend']}",
+        f"daemon pid {st['pid']}  node {st['node']} ({st['transport']})  backend {st['backend']}",
         f"control {st.get('control')}",
         f"open files {hsm['open_files']}  upcalls {hsm['upcalls']}  dispatch passes {hsm['dispatch_passes']}",
     ]

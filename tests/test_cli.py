@@ -80,7 +80,7 @@ def test_each_cli_command_reaches_the_daemon_of_its_node(two_daemons):
     assert (st_a["node"], st_a["control"]) == (str(a.node), str(a.control))
     assert (st_b["node"], st_b["control"]) == (str(b.node), str(b.control))
     assert st_a["pid"] == a.proc.pid and st_b["pid"] == b.proc.pid
-    assert run("status", *conf, "--node", str(b.node)).stdout.startswith(f"node {b.node} ")
+    assert f"  node {b.node} (" in run("status", *conf, "--node", str(b.node)).stdout.splitlines()[0]
     # without a configuration: the node and the daemon's run_dir
     p = run("status", "--node", str(b.node), "--run-dir", str(b.run_dir), "--json")
     assert json.loads(p.stdout)["pid"] == b.proc.pid, p.stderr
