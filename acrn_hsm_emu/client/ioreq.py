@@ -138,10 +138,12 @@ class Server:
 
     async def _attach(self) -> None:
         done = threading.Event()
+        began = threading.Event()
         self._attach_done = done
         node = self.node
 
         def blocking() -> None:
+            began.set()
             try:
                 node.attach_ioreq_client()
             finally:
@@ -149,7 +151,12 @@ class Server:
 
         # A cancelled wait leaves the thread in ATTACH: it ends when a request
         # comes or the client is destroyed (close() does that).
-        await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        except trio.Cancelled:
+            if not began.is_set():  # cancelled before the thread ran (a handler cancelled serve)
+                self._attach_done = None  # nothing to reap; a late start meets a destroyed client
+            raise
         self._attach_done = None
 
     def _reap_attach(self, timeout: float = 5.0) -> None:
