@@ -49,7 +49,8 @@ $(VENV)/.installed: pyproject.toml setup.py _cffi_src/build_fuse.py _cffi_src/bu
 		_cffi_src/build_launcher.py _cffi_src/launcher_decl.h _cffi_src/launcher.c
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	@# setuptools' notice that an editable install is editable is all it would print: hide it
+	PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install -q -e '.[test]'
 	@touch $@
 
 run: setup
