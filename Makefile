@@ -94,6 +94,10 @@ install: venv
 	@if [ -e $(DESTDIR)$(CONFIG) ]; then echo "install: keeping $(DESTDIR)$(CONFIG)"; \
 	else install -m 644 systemd/config.toml $(DESTDIR)$(CONFIG); fi
 	install -m 644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	@# what the docs run: the examples (PYTHONPATH=$(LIBDIR) python3 ...) and the C clients' sources
+	install -d $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR)/clients
+	install -m 644 examples/launch.py examples/uart.py examples/hello.S $(DESTDIR)$(DOCDIR)/examples/
+	install -m 644 tests/clients/dm_loop.c tests/clients/hsm_errno.c $(DESTDIR)$(DOCDIR)/clients/
 	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
 
 uninstall:

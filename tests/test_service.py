@@ -101,6 +101,23 @@ def test_installed_copy_runs_on_the_system_python(installed: Installed):
     assert (installed.prefix / "share/doc/acrn-hsm-emu/troubleshooting.md").is_file()
 
 
+def test_the_examples_and_c_clients_are_installed_where_the_docs_say(installed: Installed, tmp_path):
+    doc = installed.prefix / "share/doc/acrn-hsm-emu"
+    lib = installed.prefix / "lib/acrn-hsm-emu"
+    for name in ("examples/launch.py", "examples/uart.py", "examples/hello.S", "clients/dm_loop.c",
+                 "clients/hsm_errno.c"):
+        assert (doc / name).is_file(), name
+    # the examples run on the system Python with the installed package (configuration.md)
+    for example in ("launch.py", "uart.py"):
+        p = subprocess.run(["/usr/bin/python3", str(doc / "examples" / example), "--help"], capture_output=True,
+                           text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(lib)})
+        assert p.returncode == 0 and p.stdout.startswith("usage: "), p.stderr
+    # the C clients build with system headers only
+    p = subprocess.run(["cc", "-O2", "-pthread", "-o", str(tmp_path / "dm_loop"), str(doc / "clients/dm_loop.c")],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+
+
 def files_under(root: pathlib.Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
 
