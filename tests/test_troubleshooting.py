@@ -684,6 +684,9 @@ class _RefusingHypervisor:
     def snapshot(self) -> dict[str, Any]:
         return {"vms": [{"vmid": 3, "state": "RUNNING", "vcpus": []}]}
 
+    def vm_ids(self) -> list[int]:
+        return [3]
+
     def pause_vm(self, vmid: int) -> int:
         return -1 if self.refuse == "pause_vm" else 0
 

@@ -885,6 +885,16 @@ class Hypervisor:
                 vm.vcpus[vcpu].inject(access, future)
         return future
 
+    def vm_ids(self) -> list[int]:
+        """The vmids of the post-launched VMs that exist (not POWERED_OFF); cheap, unlike
+        :meth:`snapshot` (the HSM's reaper asks at every release, hsm/admin.py)."""
+        with self._lock:
+            return [
+                self._rel(i)
+                for i, s in enumerate(self._slots)
+                if s.vm is not None and s.config.load_order == "post" and s.vm.state != VmState.POWERED_OFF
+            ]
+
     def snapshot(self) -> dict[str, Any]:
         """State for ``acrn-hsm-emu status`` (JSON-serialisable; format in docs/scenario.md)."""
         with self._lock:
