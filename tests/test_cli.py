@@ -235,6 +235,8 @@ def test_an_unknown_option_shows_the_subcommands_usage():
     ["inject", "--vm", "x", "pio-read", "0x3f8", "1"], ["inject", "--vm", "1", "pio-read", "0x3f8"],
     ["cpuid"], ["cpuid", "0x1", "0x2", "0x3"], ["cpuid", "-1"], ["status", "--node", "relative"],
     ["check-config", "--bogus"], ["run"], ["serve", "--transport"],
+    ["vm"], ["vm", "list", "3"], ["vm", "pause"], ["vm", "reboot", "1"], ["vm", "destroy", "-1"],
+    ["vm", "destroy", "1", "2"],
 ])
 def test_every_usage_error_is_one_line_with_exit_2(argv):
     usage_error(run(*argv))
