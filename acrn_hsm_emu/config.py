@@ -61,6 +61,7 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     ioeventfd_mismatch: str = "drop"
+    abi: str = "upstream"
     express: str = "on"
     express_poll_us: int = 200
     service_cpus: tuple[int, ...] = ()  # (): wherever the scheduler puts the daemon
@@ -281,6 +282,13 @@ KEYS: dict[str, Key] = {
             "NAME",
         ),
         Key(
+            "abi",
+            _choice("upstream", "acrn-kernel"),
+            "the ioctl ABI served: upstream (Linux's driver, default) or acrn-kernel "
+            "(ACRN's own Service VM kernel: asyncio, VM events, PIO regions)",
+            "NAME",
+        ),
+        Key(
             "express",
             _choice("on", "off"),
             "on (default): the default client's request cycle runs in C where no other "
@@ -405,7 +413,7 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
     )
     for name in (
         "node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level",
-        "ioeventfd_mismatch", "express", "express_poll_us", "service_cpus", "vcpu_cpus",
+        "ioeventfd_mismatch", "abi", "express", "express_poll_us", "service_cpus", "vcpu_cpus",
         "vcpu_poll_us",
     ):  # fmt: skip
         if name in values:
@@ -447,6 +455,7 @@ def render(settings: Settings) -> str:
         f"log_format = {q(settings.log_format)}",
         f"log_level = {q(settings.log_level)}",
         f"ioeventfd_mismatch = {q(settings.ioeventfd_mismatch)}",
+        f"abi = {q(settings.abi)}",
         f"express = {q(settings.express)}",
         f"express_poll_us = {settings.express_poll_us}",
     ]

@@ -145,6 +145,7 @@ class Daemon:
             ioeventfd_mismatch="forward" if self.settings.ioeventfd_mismatch == "forward" else "drop",
             express=self.settings.express == "on",
             express_poll_us=self.settings.express_poll_us,
+            profile=self.settings.abi,
         )
         # The control socket first: a second daemon for this node stops here, before serving it.
         control = await self._listen(s.control_path, s.node)
@@ -187,6 +188,7 @@ class Daemon:
             control=s.control_path,
             config=s.config_file or "none (built-in defaults)",
             scenario=s.scenario_file or "built-in",
+            abi=s.abi,
             pid=os.getpid(),
         )
         task_status.started()
@@ -411,6 +413,7 @@ class Daemon:
             "transport": self.server.transport if self.server else None,
             "reader": self.server.session.reader_snapshot() if self.server else {"native": False},
             "backend": self.settings.backend,
+            "abi": self.settings.abi,
             "placement": {
                 "service_cpus": sorted(os.sched_getaffinity(0)),
                 **self.hypervisor.placement.snapshot(),

@@ -142,6 +142,7 @@ HYPERCALLS = {
     "notify_request_finish", "inject_msi", "set_irqline", "set_ptdev_intr",
     "reset_ptdev_intr", "assign_pcidev", "deassign_pcidev", "assign_mmiodev",
     "deassign_mmiodev", "create_vdev", "destroy_vdev", "service_vm_offline_cpu",
+    "setup_sbuf", "asyncio_assign", "asyncio_deassign", "assign_pio_region", "deassign_pio_region",
 }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+from collections.abc import Sequence
 
 import pytest
 
@@ -405,7 +406,7 @@ def test_create_failure_itself_returns_0_with_invalid_vmid() -> None:
 
 def test_backend_failure_is_a_failed_creation() -> None:
     class Failing(ScriptedBackend):
-        def vm_created(self, vmid: int, vcpu_num: int) -> None:
+        def vm_created(self, vmid: int, vcpu_num: int, lapic_ids: Sequence[int] = ()) -> None:
             raise BackendError("no KVM")
 
     h = Hypervisor(backend=Failing())
@@ -744,6 +745,8 @@ def test_snapshot_is_json(hv: Hypervisor) -> None:
     hv.set_irqline(vmid, 4)
     hv.assign_pcidev(vmid, pcidev())  # refused while RUNNING, harmless
     snap = json.loads(json.dumps(hv.snapshot()))
+    assert snap["platform"].pop("lapic_ids") == list(hv.scenario.lapic_ids)
+    assert snap["platform"].pop("lapic_source") == hv.scenario.lapic_source
     assert snap["platform"] == {
         "pcpus": 4,
         "tsc_khz": 2_000_000,

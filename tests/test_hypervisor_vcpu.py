@@ -594,7 +594,10 @@ def test_rtc_ports_forwarded_for_standard_vm_and_local_for_rt(rigs) -> None:
     )
     rt = rigs(flags=abi.GUEST_FLAG_RT | abi.GUEST_FLAG_IO_COMPLETION_POLLING)
     rt.start()
-    assert inject(rt, Access("pio", False, 0x71, 1)) == 0  # vRTC in the hypervisor
+    assert inject(rt, Access("pio", True, 0x70, 1, 0x0E)) == 0  # vRTC in the hypervisor:
+    assert inject(rt, Access("pio", False, 0x71, 1)) == 0  # a CMOS byte, zero at first
+    assert inject(rt, Access("pio", True, 0x71, 1, 0x5A)) == 0
+    assert inject(rt, Access("pio", False, 0x71, 1)) == 0x5A
     assert inject(rt, Access("pio", False, 0x64, 1)) == 0xFF  # answered all-ones
     assert rt.hsm.requests == []
 

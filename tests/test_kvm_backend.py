@@ -24,6 +24,7 @@ from acrn_hsm_emu import abi
 from acrn_hsm_emu.hypervisor.api import MR_ADD, MR_DEL, MemoryRegionOp
 from acrn_hsm_emu.hypervisor.backends import kvm as kvm_mod
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
+from acrn_hsm_emu.hypervisor.scenario import DEFAULT_SCENARIO_DATA, Scenario, parse_scenario
 from acrn_hsm_emu.hypervisor.vm import VmState
 from acrn_hsm_emu.hypervisor.workload import Step, Workload
 from acrn_hsm_emu.memory import LocalMemory, SharedPage
@@ -72,8 +73,14 @@ def regs(mode: str = "real", vcpu_id: int = 0, **fields: int) -> bytes:
 class KvmRig:
     """A kvm-backed hypervisor with one VM whose RAM is a buffer of this process."""
 
-    def __init__(self, ram_size: int = 0x10000, affinity: int = 0x1, workload: Workload | None = None) -> None:
-        self.hv = Hypervisor(backend="kvm", workload=workload)
+    def __init__(
+        self,
+        ram_size: int = 0x10000,
+        affinity: int = 0x1,
+        workload: Workload | None = None,
+        scenario: Scenario | None = None,
+    ) -> None:
+        self.hv = Hypervisor(scenario, backend="kvm", workload=workload)
         buf = bytearray(bytes(abi.AcrnVmCreation(cpu_affinity=affinity)))
         assert self.hv.create_vm(buf) == 0
         out = abi.AcrnVmCreation.from_buffer(buf)
@@ -123,6 +130,9 @@ class KvmRig:
 
     def state(self) -> str:
         return self.hv.snapshot()["vms"][0]["state"]
+
+    def vcpu(self, i: int) -> dict[str, object]:
+        return self.hv.snapshot()["vms"][0]["vcpus"][i]
 
     def kvm_vm(self) -> kvm_mod.KvmVm:
         backend = self.hv.backend
@@ -228,23 +238,61 @@ def test_without_a_sipi_the_ap_never_runs(rigs, guests) -> None:
     assert vcpus[1]["requests"] == 0
 
 
-def test_a_triple_fault_pauses_the_vm_with_one_log_line(rigs, guests) -> None:
+def test_a_triple_fault_becomes_an_s5_write_to_pm1a_cnt(rigs, guests) -> None:
+    """spec hv A.2.7: for a post-launched VM ACRN sends the device model a PORTIO
+    write of 0x3400 (SLP_EN | SLP_TYP 5) to 0x404, size 2, so that it powers off; the
+    vCPU runs no guest code after it. (No VM event ring here: the event is lost.)"""
     r = rigs()
     r.load(guests("triple32", 0x1000))
     triple = regs("pm32", rip=0x1000, idt=(0, 0))
     assert r.hv.set_vcpu_regs(r.vmid, triple) == 0
     with structlog.testing.capture_logs() as logs:
         assert r.hv.start_vm(r.vmid) == 0
-        wait_until(lambda: r.state() == "PAUSED", "the VM to pause")
-    assert [v for _, _, v in r.writes(0x60)] == [0xC3]
-    stops = [e for e in logs if e["event"] == "vm.guest_shutdown"]
-    assert len(stops) == 1 and stops[0]["vmid"] == r.vmid and stops[0]["log_level"] == "warning"
-    # ACRN's state rules go on: the VM can be reset and started again
+        r.wait_write(0x404)
+        wait_until(lambda: r.vcpu(0)["state"] == "idle", "the vCPU to stop")
+    assert [(p, v) for _, p, v in r.writes()] == [(0x60, 0xC3), (0x404, 0x3400)]
+    s5 = [q for q in r.hsm.requests if q["address"] == 0x404]
+    assert s5[0]["size"] == 2 and s5[0]["write"]
+    assert r.state() == "RUNNING"  # the device model decides: it pauses and destroys
+    faults = [e for e in logs if e["event"] == "vm.triple_fault"]
+    assert len(faults) == 1 and faults[0]["vmid"] == r.vmid and faults[0]["log_level"] == "warning"
+    assert [e["event"] for e in logs].count("vm.vm_event_not_sent") == 1
+    assert r.vcpu(0)["triple_faults"] == 1
+    # the device model's shutdown (or reset) follows ACRN's state rules
+    assert r.hv.pause_vm(r.vmid) == 0
     assert r.hv.reset_vm(r.vmid) == 0
     assert r.hv.set_vcpu_regs(r.vmid, triple) == 0
     assert r.hv.start_vm(r.vmid) == 0
-    wait_until(lambda: r.state() == "PAUSED", "the VM to pause again")
+    wait_until(lambda: len(r.writes(0x404)) == 2, "the second S5 write")
     assert [v for _, _, v in r.writes(0x60)] == [0xC3, 0xC3]
+
+
+def _lapic_scenario(ids: list[int]) -> Scenario:
+    data = {**DEFAULT_SCENARIO_DATA, "platform": {**DEFAULT_SCENARIO_DATA["platform"], "lapic_ids": ids}}
+    return parse_scenario(data, "<lapic test>")
+
+
+@pytest.mark.parametrize("affinity", [0x2, 0x6])
+def test_vcpus_have_the_lapic_ids_of_their_pcpus(rigs, guests, affinity) -> None:
+    """ACRN gives vCPU i the LAPIC id of its pCPU (the i-th set bit of the
+    affinity): acrn-dm writes those ids into the guest's MADT. The BSP keeps its
+    role whatever its id; with two vCPUs the AP boots on the BSP's start-up IPI."""
+    ids = [0, 5, 3, 9]
+    r = rigs(ram_size=0x10000, affinity=affinity, scenario=_lapic_scenario(ids))
+    g = guests("apicid32", 0x1000)
+    r.load(g)
+    assert r.ram is not None
+    r.ram[0x7004] = r.vcpus
+    assert r.hv.set_vcpu_regs(r.vmid, regs("pm32", rip=0x1000)) == 0
+    assert r.hv.start_vm(r.vmid) == 0
+    r.wait_write(0x1F)
+    pcpus = [i for i in range(4) if affinity >> i & 1]
+    bsp = ids[pcpus[0]]
+    assert [v for _, _, v in r.writes(0x10)] == [bsp]  # LAPIC ID register
+    assert [v for _, _, v in r.writes(0x11)] == [bsp]  # CPUID.1 EBX[31:24]
+    if len(pcpus) > 1:
+        assert [(vcpu, v) for vcpu, _, v in r.writes(0x12)] == [(1, ids[pcpus[1]])]
+    assert [v["lapic_id"] for v in r.hv.snapshot()["vms"][0]["vcpus"]] == [ids[p] for p in pcpus]
 
 
 def test_registers_kvm_cannot_run_are_refused(rigs) -> None:

@@ -20,8 +20,10 @@ import structlog
 import trio
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import admin, ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm import acrn_kernel, admin, ioeventfd, irqfd, mm, ranges
+from acrn_hsm_emu.hsm.acrn_kernel import PROFILES, AcrnKernel
 from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, MemoryFactory
@@ -42,6 +44,7 @@ _RESERVED_CREATION = struct.Struct("<2xH2xH")
 _NOTIFY = struct.Struct("<HHI")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_IOEVENTFD_HEAD = struct.Struct("<IIQ")  # fd, flags, addr
 # Byte ranges of acrn_vcpu_regs that must be zero: reserved[3], gdt.reserved,
 # idt.reserved, reserved_64[4], reserved_32[3] (spec: hsm 11).
 _VCPU_REGS_RESERVED = ((2, 8), (146, 152), (162, 168), (224, 256), (264, 276))
@@ -137,6 +140,10 @@ class HsmDevice(BaseDevice):
     bound of cdev's reader's adaptive polling after an express answer (0:
     never; the window grows while requests come back to back and shrinks when
     they do not, docs/performance.md).
+    ``profile``: the ABI, "upstream" (Linux's driver: what ``<linux/acrn.h>`` has, ENOTTY
+    for the rest) or "acrn-kernel" (ACRN's own Service VM kernel, which adds
+    SETUP_ASYNCIO, the VM event ring and eventfd, ASSIGN/DEASSIGN_PIO_REGION
+    and asyncio ioeventfds: hsm/acrn_kernel.py, docs/acrn-dm.md).
     """
 
     arg_specs: dict[int, ArgSpec] = {
@@ -159,7 +166,11 @@ class HsmDevice(BaseDevice):
         limits: Limits | None = None,
         express: bool = True,
         express_poll_us: int = 200,
+        profile: str = "upstream",
     ) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, not {profile!r}")
+        self.profile = profile
         self.limits = limits if limits is not None else Limits()
         self.express_enabled = express
         self.express_poll_us = express_poll_us
@@ -172,6 +183,7 @@ class HsmDevice(BaseDevice):
         if ioeventfd_mismatch not in ("drop", "forward"):
             raise ValueError(f"ioeventfd_mismatch must be 'drop' or 'forward', not {ioeventfd_mismatch!r}")
         self.dispatcher.ioeventfd_mismatch = ioeventfd_mismatch
+        self.dispatcher.quirks = quirks
         self.fake_pa = mm.FakePhysAllocator()
         self.files: set[HsmFile] = set()
         self._clears: dict[int, ClearOp] = {}
@@ -204,6 +216,23 @@ class HsmDevice(BaseDevice):
             abi.ACRN_IOCTL_IOEVENTFD: self._ioeventfd,
             abi.ACRN_IOCTL_IRQFD: self._irqfd,
         }
+        self.acrn_kernel: AcrnKernel | None = None
+        if profile == "acrn-kernel":
+            self.acrn_kernel = AcrnKernel(hypervisor, quirks)
+            self._table.update({
+                ak.ACRN_IOCTL_SETUP_ASYNCIO: self._setup_asyncio,
+                ak.ACRN_IOCTL_SETUP_VM_EVENT_RING: self._setup_vm_event_ring,
+                ak.ACRN_IOCTL_SETUP_VM_EVENT_FD: self._setup_vm_event_fd,
+                ak.ACRN_IOCTL_ASSIGN_PIO_REGION: self._pio_region(True),
+                ak.ACRN_IOCTL_DEASSIGN_PIO_REGION: self._pio_region(False),
+            })  # fmt: skip
+            # their arguments are values (page addresses, an fd), not pointers
+            self.arg_specs = {
+                **type(self).arg_specs,
+                ak.ACRN_IOCTL_SETUP_ASYNCIO: ArgSpec(by_value=True),
+                ak.ACRN_IOCTL_SETUP_VM_EVENT_RING: ArgSpec(by_value=True),
+                ak.ACRN_IOCTL_SETUP_VM_EVENT_FD: ArgSpec(by_value=True),
+            }
         self._ext_table: dict[int, Callable[[HsmFile, IoctlCall], IoctlResult]] = {
             ext.ACRN_EMU_IOCTL_VERSION: self._ext_version,
             ext.ACRN_EMU_IOCTL_BIND_VM: self._ext_bind,
@@ -361,6 +390,7 @@ class HsmDevice(BaseDevice):
         for vm in self.dispatcher.vms:
             irqfd.irqfd_deinit(vm)
             ioeventfd.close_all(vm)
+            acrn_kernel.deinit(vm, self.quirks)
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         if self._nursery is not None:
@@ -534,7 +564,14 @@ class HsmDevice(BaseDevice):
             return -errno.EFAULT
         if data[20:24] != b"\0\0\0\0":
             return -errno.EINVAL
-        assigning = not _U32.unpack_from(data, 4)[0] & abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
+        fd, flags, addr = _IOEVENTFD_HEAD.unpack_from(data)
+        if self.acrn_kernel is not None and flags & ak.ACRN_IOEVENTFD_FLAG_ASYNCIO:
+            st = self.acrn_kernel.state(vm)
+            if len(st.asyncio_fds) >= self.limits.ioeventfds_per_vm:
+                return _refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
+                               vmid=vm.vmid)
+            return self.acrn_kernel.ioeventfd_asyncio(vm, call.ctx.pid, fd, flags, addr)
+        assigning = not flags & abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
         if assigning and len(vm.ioeventfds) >= self.limits.ioeventfds_per_vm:
             return _refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
                            vmid=vm.vmid)
@@ -547,6 +584,28 @@ class HsmDevice(BaseDevice):
         if assigning and len(vm.irqfds) >= self.limits.irqfds_per_vm:
             return _refuse("irqfds_per_vm", self.limits.irqfds_per_vm, errno.ENOSPC, vmid=vm.vmid)
         return irqfd.irqfd_config(vm, self.hv, self._spawn, call.ctx.pid, call.in_data, owner)
+
+    # -- ACRN's own kernel (abi = "acrn-kernel") -----------------------------------
+
+    def _setup_asyncio(self, vm: Vm, call: IoctlCall) -> IoctlResult:
+        assert self.acrn_kernel is not None
+        return self.acrn_kernel.setup_asyncio(vm, self.dispatcher.memory(call.ctx.pid), call.arg)
+
+    def _setup_vm_event_ring(self, vm: Vm, call: IoctlCall) -> IoctlResult:
+        assert self.acrn_kernel is not None
+        return self.acrn_kernel.setup_vm_event_ring(vm, self.dispatcher.memory(call.ctx.pid), call.arg)
+
+    def _setup_vm_event_fd(self, vm: Vm, call: IoctlCall) -> IoctlResult:
+        assert self.acrn_kernel is not None
+        fd = call.arg & 0xFFFFFFFF  # the int the caller passed
+        return self.acrn_kernel.setup_vm_event_fd(vm, call.ctx.pid, fd - (1 << 32) if fd >> 31 else fd)
+
+    def _pio_region(self, assign: bool) -> Handler:
+        def handler(vm: Vm, call: IoctlCall) -> IoctlResult:
+            assert self.acrn_kernel is not None
+            return self.acrn_kernel.pio_region(vm, call.in_data, assign)
+
+        return handler
 
     # -- a file bound to another file's VM (extension ABI) -----------------------
 

@@ -19,7 +19,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
-from acrn_hsm_emu.hsm import express
+from acrn_hsm_emu.hsm import acrn_kernel, express
 from acrn_hsm_emu.hypervisor.api import FdUpcall, Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
 from cdev.device import Deferred
@@ -382,6 +382,7 @@ class Dispatcher:
         self.ioeventfd_mismatch = "drop"
         # The session's express path (express.py), when the device is served by cdev.
         self.express: express.Express | None = None
+        self.quirks = True  # the driver's quirks (HsmDevice's setting)
 
     # -- the global VM list ------------------------------------------------
 
@@ -424,6 +425,11 @@ class Dispatcher:
         """ioreq_dispatcher: every VM, newest first."""
         self.passes += 1
         for vm in self.vms:
+            if vm.acrn_kernel is not None and vm.failed is None:
+                try:  # ACRN's kernel: the asyncio ring first (ioreq_dispatcher)
+                    acrn_kernel.dispatch(vm)
+                except MemoryFault as e:
+                    self.fail_vm(vm, e)
             if vm.page_base is None:
                 break  # the driver stops at a VM without a request page
             if vm.failed is not None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from acrn_hsm_emu import abi
-from acrn_hsm_emu.hsm import ioeventfd, irqfd
+from acrn_hsm_emu.hsm import acrn_kernel, ioeventfd, irqfd
 from acrn_hsm_emu.hsm.hypercall_log import HypercallLog
 from acrn_hsm_emu.hsm.ioreq import (
     SLOTS,
@@ -64,7 +64,7 @@ class Vm:
         "irqfds", "monitor_page", "ram_mappings", "regions_mapping_count",
         "counters", "opener_pid", "owner_pid", "failed", "orphaned", "lost_vmid",
         "owner_uid", "generation", "bindings", "hypercalls", "mmio_segments",
-        "fh", "express", "express_ranges", "express_ioeventfds",
+        "fh", "express", "express_ranges", "express_ioeventfds", "acrn_kernel",
     )  # fmt: skip
 
     def __init__(self, opener_pid: int, fh: int = 0) -> None:
@@ -101,6 +101,7 @@ class Vm:
         self.generation = 0  # bumped by every successful CREATE_VM (bindings check it)
         self.bindings: list[Binding] = []  # other files bound to this VM (extension ABI)
         self.hypercalls = HypercallLog()
+        self.acrn_kernel: Any = None  # acrn_kernel.AcrnKernelVm under the acrn-kernel profile
 
     @property
     def live(self) -> bool:
@@ -134,6 +135,7 @@ class Vm:
             "owner_uid": self.owner_uid,
             "bound_files": [b.snapshot() for b in self.bindings],
             "hypercalls": self.hypercalls.snapshot(),
+            "acrn_kernel": None if self.acrn_kernel is None else self.acrn_kernel.snapshot(),
         }
 
 
@@ -211,9 +213,22 @@ def vm_destroy(d: Dispatcher, vm: Vm) -> int:
     ioeventfd.ioeventfd_deinit(d, vm)
     irqfd.irqfd_deinit(vm)
     d.ioreq_deinit(vm)
+    rings = _ring_counts(vm)
+    acrn_kernel.deinit(vm, d.quirks)
     vm.monitor_page = None
     vm.ram_mappings = []  # unpin; regions_mapping_count is left as is
     vm.bindings = []  # bound files now answer ENODEV (their generation is gone)
-    log.info("hsm.vm_destroyed", vmid=vm.vmid)
+    log.info("hsm.vm_destroyed", vmid=vm.vmid, **rings)
     vm.vmid = INVALID_VMID
     return 0
+
+
+def _ring_counts(vm: Vm) -> dict[str, int]:
+    """What the acrn-kernel profile's rings carried, for the destroy log line."""
+    st = vm.acrn_kernel
+    if st is None:
+        return {}
+    return {
+        "asyncio_signals": sum(a.signals for a in st.asyncio_fds),
+        "vm_event_signals": st.vm_event_signals,
+    }

@@ -202,6 +202,23 @@ class Hypercalls(Protocol):
 
     def service_vm_offline_cpu(self, lapic_id: int) -> int: ...
 
+    # ACRN's own kernel (the acrn-kernel ABI profile); spec hv A.1.1, A.2.8.
+    def setup_sbuf(self, vmid: int, sbuf_id: int, page: SharedPage | None, cpu_id: int = 0xFFFF) -> int:
+        """HC_SETUP_SBUF: ``page`` becomes the VM's asyncio or VM event ring."""
+        ...
+
+    def asyncio_assign(self, vmid: int, info: bytes) -> int:
+        """HC_ASYNCIO_ASSIGN: ``info`` is the 32-byte acrn_asyncio_info."""
+        ...
+
+    def asyncio_deassign(self, vmid: int, info: bytes) -> int: ...
+
+    def assign_pio_region(self, vmid: int, region: bytes) -> int:
+        """HC_ASSIGN_PIO_REGION: ``region`` is the 12-byte acrn_pio_region."""
+        ...
+
+    def deassign_pio_region(self, vmid: int, region: bytes) -> int: ...
+
     # Not hypercalls: the emulator's own controls, for the daemon and tests.
     def inject(self, vmid: int, vcpu: int, access: Access) -> concurrent.futures.Future[int]:
         """Have a vCPU perform ``access``; the future yields the value a read got."""

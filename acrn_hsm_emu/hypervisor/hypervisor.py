@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp, NativeUpcall
 from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, VcpuBackend, make_backend
@@ -37,9 +38,18 @@ from acrn_hsm_emu.hypervisor.scenario import (
     load_scenario,
 )
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted, Vcpu
-from acrn_hsm_emu.hypervisor.vm import PAGE_SIZE, EptMapping, Placement, Vm, VmState
+from acrn_hsm_emu.hypervisor.vm import (
+    PAGE_SIZE,
+    PCI_CONFIG_DATA,
+    AsyncioDesc,
+    EptMapping,
+    Placement,
+    Vm,
+    VmState,
+)
 from acrn_hsm_emu.hypervisor.workload import Workload, check_access
 from acrn_hsm_emu.memory import MemoryFault, SharedPage
+from acrn_hsm_emu.sbuf import SharedRing
 
 _log = structlog.get_logger(__name__)
 
@@ -66,6 +76,9 @@ _VDEV_IDS = frozenset({VDEV_IVSHMEM, VDEV_MCS9900, VDEV_VROOT_PORT})
 
 # EPT memory types in acrn_mmiodev.res.mem_type (bits 5:3).
 _EPT_MT = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
+# Ports the hypervisor traps in the Service VM (vPCI, its vRTC, the reset port and
+# keyboard status): not the Service VM's to give away with HC_ASSIGN_PIO_REGION.
+SERVICE_VM_TRAPPED_PORTS = frozenset({*range(0xCF8, 0xD00), 0x70, 0x71, 0x64})
 _VPIC_PINS = 16
 
 
@@ -121,6 +134,7 @@ class Hypervisor:
         self._slots = [_Slot(c, c.name.encode(), c.guest_flags) for c in scenario.vms]
         self._pci_owner: dict[int, int] = {}  # phys BDF -> abs id of the VM it was given to
         self._intx_owner: dict[int, int] = {}  # phys GSI -> abs id
+        self._pio_owner: dict[int, int] = {}  # port -> abs id of the VM it was given to
         self._offline_lapics: set[int] = set()
         for abs_id, slot in enumerate(self._slots):  # hv boot: Service VM and pre-launched VMs
             if slot.config.load_order != "post":
@@ -266,9 +280,10 @@ class Hypervisor:
         rel = self._rel(abs_id)
         vm = self._new_vm(abs_id, slot, affinity)
         vm.vcpu_num = len(pcpus)
+        vm.lapic_ids = tuple(self.scenario.lapic_id(p) for p in pcpus)  # vCPU i: its pCPU's id
         made: list[VcpuBackend] = []
         try:
-            self.backend.vm_created(rel, vm.vcpu_num)
+            self.backend.vm_created(rel, vm.vcpu_num, vm.lapic_ids)
             for i in range(len(pcpus)):
                 made.append(self.backend.create_vcpu(rel, i))
         except BackendError as e:
@@ -288,6 +303,7 @@ class Hypervisor:
             name=vm.name,
             vcpus=vm.vcpu_num,
             cpu_affinity=hex(affinity),
+            lapic_ids=list(vm.lapic_ids),
             guest_flags=hex(vm.guest_flags),
             polling=vm.polling,
         )
@@ -314,6 +330,10 @@ class Hypervisor:
                 self.backend.vm_destroyed(vm.vmid)
             self._release_devices(vm)
             vm.clear_records()
+            with vm.ring_lock:
+                vm.asyncio_ring = None
+                vm.vm_event_ring = None
+                vm.asyncio_descs = []
             slot.vm = None
             slot.guest_flags &= ~self._dm_owned
             if slot.config.dynamic:
@@ -607,6 +627,131 @@ class Hypervisor:
                 return -errno.EINVAL  # the page does not translate
             return 0
 
+    # ----- ACRN's own kernel: shared rings, asynchronous I/O, port regions (hv A.2.8) ------
+
+    def setup_sbuf(
+        self, vmid: int, sbuf_id: int, page: SharedPage | None, cpu_id: int = ak.ACRN_INVALID_CPUID
+    ) -> int:
+        """HC_SETUP_SBUF (``hcall_setup_sbuf``, ``sbuf_setup_common``): adopt a ring page
+        whose header carries SBUF_MAGIC, as the VM's asyncio (64) or VM event (65) ring.
+        ``page`` None stands for a zero GPA. The per-pCPU trace/log rings (ids 0-3) are
+        the hypervisor's own debugging and are not modelled (-1, logged)."""
+        with self._lock:
+            vm = self._vm(vmid)
+            if isinstance(vm, int):
+                return vm
+            if page is None:
+                return _FAIL
+            if sbuf_id not in (ak.ACRN_ASYNCIO, ak.ACRN_VM_EVENT):
+                _log.info("hypercall.setup_sbuf.unsupported", vmid=vm.vmid, sbuf_id=sbuf_id, cpu_id=cpu_id)
+                return _FAIL
+            try:
+                ring = SharedRing(page)
+            except MemoryFault as e:
+                _log.info("hypercall.setup_sbuf.fault", vmid=vm.vmid, error=str(e))
+                return _FAIL
+            if not ring.geometry.valid:
+                return _FAIL  # init_asyncio / init_vm_event: magic mismatch
+            with vm.ring_lock:
+                if sbuf_id == ak.ACRN_ASYNCIO:
+                    vm.asyncio_ring = ring
+                    self._set_asyncio(vm, [])  # INIT_LIST_HEAD(&vm->aiodesc_queue)
+                else:
+                    vm.vm_event_ring = ring
+            _log.info("vm.sbuf_set", vmid=vm.vmid,
+                      ring="asyncio" if sbuf_id == ak.ACRN_ASYNCIO else "vm_event", page=hex(page.base))
+            return 0
+
+    def asyncio_assign(self, vmid: int, info: bytes) -> int:
+        """HC_ASYNCIO_ASSIGN: ``add_asyncio``. It refuses address 0, a conflicting
+        descriptor and a 65th one, but the hypercall returns 0 all the same."""
+        with self._lock:
+            vm = self._vm(vmid)
+            if isinstance(vm, int):
+                return vm
+            if len(info) != ctypes.sizeof(ak.AcrnAsyncioInfo):
+                return _FAIL
+            desc = AsyncioDesc.from_bytes(info)
+            if not desc.addr:
+                _log.info("hypercall.asyncio_assign.refused", vmid=vm.vmid, reason="address 0")
+            elif any(d.conflicts(desc) for d in vm.asyncio_descs):
+                _log.info("hypercall.asyncio_assign.refused", vmid=vm.vmid, reason="already registered",
+                          addr=hex(desc.addr))
+            elif len(vm.asyncio_descs) >= ak.ACRN_ASYNCIO_MAX:
+                _log.warning("hypercall.asyncio_assign.refused", vmid=vm.vmid, reason="64 descriptors")
+            else:
+                self._set_asyncio(vm, [desc, *vm.asyncio_descs])  # list_add: newest first
+            return 0
+
+    def asyncio_deassign(self, vmid: int, info: bytes) -> int:
+        """HC_ASYNCIO_DEASSIGN: ``remove_asyncio`` of an identical descriptor; 0 either way."""
+        with self._lock:
+            vm = self._vm(vmid)
+            if isinstance(vm, int):
+                return vm
+            if len(info) != ctypes.sizeof(ak.AcrnAsyncioInfo):
+                return _FAIL
+            desc = AsyncioDesc.from_bytes(info)
+            keep = list(vm.asyncio_descs)
+            for i, d in enumerate(keep):
+                if desc.addr and d.same(desc):
+                    del keep[i]
+                    self._set_asyncio(vm, keep)
+                    break
+            else:
+                _log.info("hypercall.asyncio_deassign.not_found", vmid=vm.vmid, addr=hex(desc.addr))
+            return 0
+
+    def _set_asyncio(self, vm: Vm, descs: list[AsyncioDesc]) -> None:
+        """New descriptors; the ports they name leave the vCPUs' native loops (which
+        do not look for descriptors), MMIO ones take the whole VM off them."""
+        base = vm.hv_ports | set(range(PCI_CONFIG_DATA, PCI_CONFIG_DATA + 4))
+        before = vm.asyncio_ports()
+        vm.asyncio_descs = descs
+        after = vm.asyncio_ports()
+        for port in after - before:
+            vm.skip_ports[port >> 3] |= 1 << (port & 7)
+        for port in before - after - base:
+            vm.skip_ports[port >> 3] &= ~(1 << (port & 7)) & 0xFF
+        for v in vm.vcpus:
+            v.kick()  # a vCPU in a native loop comes back to see them
+
+    def assign_pio_region(self, vmid: int, region: bytes) -> int:
+        """HC_ASSIGN_PIO_REGION: CREATED only; every port of the range must be one the
+        Service VM reaches directly; they then go to the VM (-EINVAL otherwise)."""
+        with self._lock:
+            t = self._device_target(vmid, (VmState.CREATED,), -errno.EINVAL, region, ak.AcrnPioRegion)
+            if isinstance(t, int):
+                return t
+            vm, r = t
+            ports = range(r.res.port_address, r.res.port_address + r.res.size)
+            if any(p > 0xFFFF or p in SERVICE_VM_TRAPPED_PORTS or p in self._pio_owner for p in ports):
+                return -errno.EINVAL  # has_direct_pio_access(service_vm, ...) fails
+            for p in ports:
+                self._pio_owner[p] = vm.abs_id
+            vm.pio_regions.append((r.res.port_address, r.res.size))
+            _log.info("vm.pio_region_assigned", vmid=vm.vmid, port=hex(r.res.port_address), size=r.res.size)
+            return 0
+
+    def deassign_pio_region(self, vmid: int, region: bytes) -> int:
+        """HC_DEASSIGN_PIO_REGION: CREATED or PAUSED; every port must be the VM's."""
+        with self._lock:
+            t = self._device_target(
+                vmid, (VmState.CREATED, VmState.PAUSED), -errno.EINVAL, region, ak.AcrnPioRegion
+            )
+            if isinstance(t, int):
+                return t
+            vm, r = t
+            ports = range(r.res.port_address, r.res.port_address + r.res.size)
+            if any(self._pio_owner.get(p) != vm.abs_id for p in ports):
+                return -errno.EINVAL  # has_direct_pio_access(target_vm, ...) fails
+            for p in ports:
+                del self._pio_owner[p]
+            key = (r.res.port_address, r.res.size)
+            if key in vm.pio_regions:
+                vm.pio_regions.remove(key)
+            return 0
+
     # ----- devices -------------------------------------------------------------------
 
     def _device_target(
@@ -789,6 +934,9 @@ class Hypervisor:
             return 0
 
     def _release_devices(self, vm: Vm) -> None:
+        for port in [p for p, owner in self._pio_owner.items() if owner == vm.abs_id]:
+            del self._pio_owner[port]
+        vm.pio_regions = []
         for d in vm.pcidevs.values():
             self._pci_owner.pop(d.phys_bdf, None)
         for i in vm.ptdev_intx.values():
@@ -828,12 +976,13 @@ class Hypervisor:
             return _FAIL
 
     def service_vm_offline_cpu(self, lapic_id: int) -> int:
-        """HC_SERVICE_VM_OFFLINE_CPU: LAPIC id = pCPU index here; the BSP refuses."""
+        """HC_SERVICE_VM_OFFLINE_CPU: the Service VM vCPU with that LAPIC id (its pCPU's);
+        the BSP refuses."""
         with self._lock:
             service = self._slots[self._sid]
             lapic_id &= 0xFFFFFFFF
             aff = service.config.cpu_affinity
-            lapics = [i for i in range(aff.bit_length()) if aff >> i & 1]
+            lapics = [self.scenario.lapic_id(i) for i in range(aff.bit_length()) if aff >> i & 1]
             if lapic_id in lapics and lapic_id not in self._offline_lapics:
                 if lapics.index(lapic_id) == 0:
                     return _FAIL  # the BSP
@@ -905,6 +1054,8 @@ class Hypervisor:
                 "scenario": sc.source,
                 "platform": {
                     "pcpus": sc.pcpus,
+                    "lapic_ids": list(sc.lapic_ids),
+                    "lapic_source": sc.lapic_source,
                     "tsc_khz": sc.tsc_khz,
                     "acrn": sc.acrn,
                     "privileged": sc.privileged,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu.hypervisor.madt import host_lapics, lapic_ids_for
 
 # enum acrn_vm_severity (vm_config.h): a target passes when <= the Service VM's.
 SEVERITY_STANDARD_VM = 0x10
@@ -39,6 +40,7 @@ MAX_PCPUS = 64  # cpu_affinity is a u64 bitmap
 MAX_VM_NUM = 256  # the PM command carries a relative vmid in 8 bits
 MAX_PSTATES = 20  # ACRN's MAX_PSTATE
 MAX_CSTATES = 8  # ACRN's MAX_CSTATE
+MAX_XAPIC_ID = 0xFE  # 0xFF is the xAPIC broadcast id
 VIOAPIC_GSI_COUNT = 48  # GSIs of a post-launched VM's vIOAPIC (hv A.1.1 SET_IRQLINE)
 
 GUEST_FLAG_NAMES: dict[str, int] = {
@@ -149,11 +151,25 @@ class Scenario:
     pci_devices: tuple[int, ...] = ()  # physical BDFs the Service VM owns (u16 bus<<8|dev<<3|func)
     pci_bridges: tuple[int, ...] = ()
     source: str = "<default>"
+    # LAPIC id of each pCPU (ACRN gives a vCPU the id of its pCPU); () = the host's MADT
+    lapic_ids: tuple[int, ...] = ()
+    lapic_source: str = "scenario"
     service_vm_id: int = field(init=False)
 
     def __post_init__(self) -> None:
         ids = [i for i, s in enumerate(self.vms) if s.load_order == "service"]
         object.__setattr__(self, "service_vm_id", ids[0] if ids else -1)
+        if not self.lapic_ids:
+            host = host_lapics()
+            object.__setattr__(self, "lapic_ids", lapic_ids_for(self.pcpus, host))
+            source = host.source if host.ids else f"identity ({host.source})"
+            if host.ids and len(host.ids) < self.pcpus:
+                source += f", pCPUs {len(host.ids)}-{self.pcpus - 1} on ids the host does not use"
+            object.__setattr__(self, "lapic_source", source)
+
+    def lapic_id(self, pcpu: int) -> int:
+        """The LAPIC id of pCPU ``pcpu``."""
+        return self.lapic_ids[pcpu]
 
     @property
     def max_vm_num(self) -> int:
@@ -327,9 +343,10 @@ class _Parser:
         top = self.table(data, "", {"platform", "vm"})
         plat = self.table(top.get("platform", {}), "platform", {
             "pcpus", "tsc_khz", "acrn", "release", "ivshmem", "host_gsi_count",
-            "pstate_passthrough", "pci_devices", "pci_bridges", "pstate", "cstate",
+            "pstate_passthrough", "pci_devices", "pci_bridges", "pstate", "cstate", "lapic_ids",
         })  # fmt: skip
         pcpus = self.int_(plat, "pcpus", "platform", 1, MAX_PCPUS, default=4)
+        lapic_ids = self.lapic_ids(plat, pcpus)
         tsc_khz = self.int_(plat, "tsc_khz", "platform", 1, 0xFFFFFFFF, default=2_000_000)
         pci_devices = self.bdfs(plat, "pci_devices")
         pci_bridges = self.bdfs(plat, "pci_bridges")
@@ -361,7 +378,32 @@ class _Parser:
             pci_bridges=pci_bridges,
             vms=vms,
             source=self.source,
+            lapic_ids=lapic_ids,
         )
+
+    def lapic_ids(self, plat: Mapping[str, Any], pcpus: int) -> tuple[int, ...]:
+        """``platform.lapic_ids``: one xAPIC id per pCPU, all different; () when absent."""
+        if "lapic_ids" not in plat:
+            return ()
+        v = plat["lapic_ids"]
+        if not isinstance(v, list):
+            raise self.fail("platform.lapic_ids", "must be a list of LAPIC ids, one per pCPU")
+        if len(v) != pcpus:
+            raise self.fail(
+                "platform.lapic_ids", f"{len(v)} ids for {pcpus} pCPUs (one per pCPU, pCPU 0 first)"
+            )
+        seen: dict[int, int] = {}
+        for i, item in enumerate(v):
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise self.fail(f"platform.lapic_ids[{i}]", f"must be an integer, not {item!r}")
+            if not 0 <= item <= MAX_XAPIC_ID:
+                raise self.fail(
+                    f"platform.lapic_ids[{i}]", f"{item:#x} is not an xAPIC id [0, {MAX_XAPIC_ID:#x}]"
+                )
+            if item in seen:
+                raise self.fail(f"platform.lapic_ids[{i}]", f"{item} is also pCPU {seen[item]}'s")
+            seen[item] = i
+        return tuple(v)
 
     def array(self, data: Mapping[str, Any], key: str, limit: int) -> list[Any]:
         v = data.get(key, [])

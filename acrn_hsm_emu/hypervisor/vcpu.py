@@ -36,6 +36,7 @@ from typing import Any
 import structlog
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor.api import Access, EventFd, FdUpcall, NativeUpcall
@@ -45,6 +46,7 @@ from acrn_hsm_emu.hypervisor.vm import (
     PCI_CONFIG_DATA,
     VIOAPIC_BASE,
     VIOAPIC_END,
+    AsyncioDesc,
     Vm,
     VmState,
 )
@@ -193,6 +195,8 @@ class Vcpu:
         self.mismatches = 0
         self.cycles = CycleRing()  # request cycle times: PENDING written -> slot FREE
         self.injected = 0
+        self.asyncio = 0  # accesses pushed into the asyncio ring instead of sent
+        self.triple_faults = 0
         self._wake = EventFd()  # notify, kicks and control changes all set it; closed at thread end
         self._native = _ffi.new("struct hsm_vcpu_wait *")  # hsm_slot_cycle's view
         self._native.wake_fd = self._wake.fd
@@ -219,6 +223,12 @@ class Vcpu:
     @property
     def vmid(self) -> int:
         return self.vm.vmid
+
+    @property
+    def lapic_id(self) -> int:
+        """ACRN gives a vCPU the LAPIC id of the pCPU it runs on."""
+        ids = self.vm.lapic_ids
+        return ids[self.vcpu_id] if self.vcpu_id < len(ids) else self.vcpu_id
 
     @property
     def accesses(self) -> int:
@@ -293,6 +303,8 @@ class Vcpu:
         page = vm.page
         if page is None or vm.polling or type(page.memory) is not RemoteMemory:
             return None
+        if vm.has_asyncio_mmio():
+            return None  # the native loops do not look for asyncio descriptors
         upcall = vm.get_upcall()
         if type(upcall) is not FdUpcall:
             return None
@@ -326,6 +338,25 @@ class Vcpu:
             vm.state = _PAUSED
         for v in vm.vcpus:
             v.kick()
+
+    def triple_fault(self, **details: object) -> Access | None:
+        """``triple_fault_shutdown_vm`` for a post-launched VM: a VM_EVENT_TRIPLE_FAULT
+        (when the device model gave a VM event ring), then a PORTIO write of S5 to
+        PM1a_CNT, which the device model takes for a power-off (spec hv A.2.7)."""
+        vm = self.vm
+        self.triple_faults += 1
+        if vm.slot.load_order != "post":  # only post-launched VMs have vCPU threads here
+            self.guest_stop("vm.guest_shutdown", vcpu=self.vcpu_id, reason="triple fault", **details)
+            return None
+        _log.warning(
+            "vm.triple_fault",
+            vmid=vm.vmid,
+            vcpu=self.vcpu_id,
+            action=f"VM event, then S5 to PM1a_CNT ({ak.VIRTUAL_PM1A_CNT_ADDR:#x} <- {ak.S5_WRITE:#x})",
+            **details,
+        )
+        vm.send_vm_event(ak.VM_EVENT_TRIPLE_FAULT)
+        return Access("pio", True, ak.VIRTUAL_PM1A_CNT_ADDR, 2, ak.S5_WRITE)
 
     def mismatch(self, what: str, expected: object, got: object) -> None:
         self.mismatches += 1
@@ -486,6 +517,11 @@ class Vcpu:
                 return answer
         elif PCI_CONFIG_DATA <= port <= 0xCFF:
             vm.cf8_latch = 0  # the hypervisor drops its latch on every data-port access
+        if vm.asyncio_ring is not None:
+            stale = _U32.unpack_from(head, _OFF_VALUE)[0]  # the request's value, as ACRN matches it
+            desc = vm.asyncio_match(ak.ACRN_ASYNCIO_PIO, port, stale)
+            if desc is not None:
+                return self._push_asyncio(desc, 0 if write else stale) & mask
         return self._post(write, False) & mask
 
     def _mmio(self, gpa: int, size: int, write: bool, value: int) -> int:
@@ -498,7 +534,21 @@ class Vcpu:
         if VIOAPIC_BASE <= gpa < VIOAPIC_END:
             self.hv_handled += 1
             return self.vm.hv_mmio(gpa, size, write, value)
+        vm = self.vm
+        if vm.asyncio_ring is not None:
+            stale = _U64.unpack_from(head, _OFF_VALUE)[0]
+            desc = vm.asyncio_match(ak.ACRN_ASYNCIO_MMIO, gpa, stale)
+            if desc is not None:
+                return self._push_asyncio(desc, 0 if write else stale) & mask
         return self._post(write, True) & mask
+
+    def _push_asyncio(self, desc: AsyncioDesc, value: int) -> int:
+        """``acrn_insert_asyncio``: the access goes into the asyncio ring and the vCPU
+        does not wait for it; a read gets the request's stale value (spec hv A.2.8)."""
+        if not self.vm.push_asyncio(desc, lambda: self._stop or self.vm.state != _RUNNING):
+            raise _Abort("VM not running")
+        self.asyncio += 1
+        return value
 
     def _post(self, write: bool, mmio: bool) -> int:
         """Send the private request through the slot and wait for it: the read value."""
@@ -632,6 +682,9 @@ class Vcpu:
             "hv_handled": self.hv_handled,
             "cpuid": self.cpuid_count,
             "injected": self.injected,
+            "asyncio": self.asyncio,
+            "triple_faults": self.triple_faults,
+            "lapic_id": self.lapic_id,
             "mismatches": self.mismatches,
             "workload_done": self.backend.done,
             "workload": self.backend.position,

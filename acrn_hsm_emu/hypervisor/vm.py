@@ -9,7 +9,9 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import errno
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,10 +19,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor.scenario import SEVERITY_SERVICE_VM, VmSlot, format_bdf
-from acrn_hsm_emu.memory import ClientMemory, SharedPage
+from acrn_hsm_emu.hypervisor.vrtc import VRtc
+from acrn_hsm_emu.memory import ClientMemory, MemoryFault, SharedPage
+from acrn_hsm_emu.sbuf import SharedRing
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.hypervisor.api import MemoryRegionOp, NativeUpcall
@@ -227,6 +232,46 @@ PCI_CONFIG_DATA = 0xCFC
 KBD_STATUS_PORT = 0x64  # RT VMs: reads answered all-ones by the hypervisor
 VIOAPIC_BASE = 0xFEC00000  # vIOAPIC MMIO page, handled in the hypervisor
 VIOAPIC_END = VIOAPIC_BASE + 0x1000
+_VM_EVENT_DATA = ak.VmEvent.event_data.size
+_ASYNCIO_SPIN_S = 0.0005  # a full asyncio ring: wait this long for the HSM to drain it, then retry
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncioDesc:
+    """One ``asyncio_desc`` (io_req.c): an access that is pushed, not sent."""
+
+    type: int  # ACRN_ASYNCIO_PIO / _MMIO
+    match_data: int
+    addr: int
+    fd: int  # the value pushed into the asyncio ring
+    data: int
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> AsyncioDesc:
+        i = ak.AcrnAsyncioInfo.from_buffer_copy(raw)
+        return cls(i.type, i.match_data, i.addr, i.fd, i.data)
+
+    def conflicts(self, other: AsyncioDesc) -> bool:
+        """``asyncio_is_conflict``: same address and type, and no data to tell them apart."""
+        return (
+            self.addr == other.addr
+            and self.type == other.type
+            and (not self.match_data or not other.match_data or self.data == other.data)
+        )
+
+    def same(self, other: AsyncioDesc) -> bool:
+        """What ``remove_asyncio`` compares."""
+        return (
+            self.type == other.type
+            and self.addr == other.addr
+            and self.fd == other.fd
+            and (self.match_data == 0) == (other.match_data == 0)
+            and self.data == other.data
+        )
+
+    def snapshot(self) -> dict[str, int | str]:
+        return {"type": "pio" if self.type == ak.ACRN_ASYNCIO_PIO else "mmio", "addr": self.addr,
+                "fd": self.fd, "match_data": self.match_data, "data": self.data}  # fmt: skip
 
 
 class Vm:
@@ -265,6 +310,7 @@ class Vm:
             guest_flags & abi.GUEST_FLAG_IO_COMPLETION_POLLING
         )  # vm.c: post-launched only
         self.vcpus: list[Vcpu] = []
+        self.lapic_ids: tuple[int, ...] = ()  # of vCPU 0, 1, ...: the LAPIC ids of their pCPUs
         self.unreset: set[int] = set()  # vCPUs yet to apply a RESET_VM (see Vcpu._loop)
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))
         self.get_upcall = upcall
@@ -287,6 +333,16 @@ class Vm:
         # what the hypervisor answers itself (hv A.2.1)
         self.cf8_latch = 0
         self._hv_regs: dict[int, int] = {}
+        # shared rings of ACRN's own kernel (HC_SETUP_SBUF), spec hv A.2.8
+        self.ring_lock = threading.Lock()  # vCPUs put into the rings concurrently
+        self.asyncio_ring: SharedRing | None = None
+        self.asyncio_descs: list[AsyncioDesc] = []
+        self.asyncio_pushed = 0
+        self.vm_event_ring: SharedRing | None = None
+        self.vm_events: dict[str, int] = {}  # sent, by type name
+        self.vm_events_lost = 0  # no ring, or the ring was full
+        self.pio_regions: list[tuple[int, int]] = []  # (port, size) given to this VM
+        self.vrtc = VRtc(self._rtc_changed)
         rt = bool(guest_flags & abi.GUEST_FLAG_RT)
         lapic_pt = bool(guest_flags & abi.GUEST_FLAG_LAPIC_PASSTHROUGH)
         ports = {PCI_CONFIG_ADDR}
@@ -353,6 +409,11 @@ class Vm:
             return None  # latched, and still forwarded
         if port == KBD_STATUS_PORT:
             return None if write else mask
+        if port in RTC_PORTS:  # RT VMs: the hypervisor's vRTC
+            if write:
+                self.vrtc.write(port, value & mask)
+                return 0
+            return self.vrtc.read(port) & mask
         if write:
             self._hv_regs[port] = value & mask
             return 0
@@ -370,6 +431,75 @@ class Vm:
         """RESET_VM: the hypervisor-side device state (CF8 latch, vPIC, vIOAPIC) is cleared."""
         self.cf8_latch = 0
         self._hv_regs.clear()
+        self.vrtc.reset()
+
+    # ----- VM events and asynchronous I/O (spec hv A.2.7, A.2.8) ---------------------
+
+    def send_vm_event(self, event_type: int, data: bytes = b"") -> int:
+        """``send_vm_event``: into the VM event ring, then the upcall; -ENODEV without
+        a ring (or when it is full or gone), as ACRN returns."""
+        name = ak.VM_EVENT_NAMES.get(event_type, str(event_type))
+        element = event_type.to_bytes(4, "little") + data[:_VM_EVENT_DATA].ljust(_VM_EVENT_DATA, b"\0")
+        with self.ring_lock:
+            ring = self.vm_event_ring
+            sent = 0
+            if ring is not None:
+                try:
+                    sent = ring.put(element)
+                except MemoryFault as e:
+                    _log.warning("vm.vm_event_ring_fault", vmid=self.vmid, error=str(e))
+        if sent <= 0:
+            self.vm_events_lost += 1
+            _log.info("vm.vm_event_not_sent", vmid=self.vmid, vm_event=name,
+                      reason="no VM event ring" if ring is None else "ring full or unreachable")
+            return -errno.ENODEV
+        self.vm_events[name] = self.vm_events.get(name, 0) + 1
+        _log.info("vm.vm_event_sent", vmid=self.vmid, vm_event=name)
+        self.upcall()
+        return 0
+
+    def _rtc_changed(self, last_time: int, delta: int) -> None:
+        if self.slot.load_order == "post":  # vrtc.c: post-launched VMs only
+            data = bytes(ak.RtcChangeEventData(last_time=last_time, delta_time=delta))
+            self.send_vm_event(ak.VM_EVENT_RTC_CHG, data)
+
+    def asyncio_match(self, asyncio_type: int, addr: int, value: int) -> AsyncioDesc | None:
+        """``get_asyncio_desc``: the descriptor an access matches (the direction is not
+        looked at, as in ACRN), or None."""
+        if self.asyncio_ring is None or not addr:
+            return None
+        for d in self.asyncio_descs:
+            if d.addr == addr and d.type == asyncio_type and (not d.match_data or d.data == value):
+                return d
+        return None
+
+    def push_asyncio(self, desc: AsyncioDesc, stopped: Callable[[], bool]) -> bool:
+        """``acrn_insert_asyncio``: the descriptor's fd into the ring (waiting while it
+        is full), then the upcall; False if ``stopped()`` became true meanwhile.
+        Raises MemoryFault when the ring page is gone."""
+        element = desc.fd.to_bytes(8, "little")
+        while True:
+            with self.ring_lock:
+                ring = self.asyncio_ring
+                if ring is None:
+                    return False
+                if ring.put(element):
+                    self.asyncio_pushed += 1
+                    break
+            self.upcall()  # the HSM drains the ring at every pass
+            if stopped():
+                return False
+            time.sleep(_ASYNCIO_SPIN_S)
+        self.upcall()
+        return True
+
+    def asyncio_ports(self) -> set[int]:
+        return {d.addr for d in self.asyncio_descs if d.type == ak.ACRN_ASYNCIO_PIO and d.addr < 0x10000}
+
+    def has_asyncio_mmio(self) -> bool:
+        return self.asyncio_ring is not None and any(
+            d.type == ak.ACRN_ASYNCIO_MMIO for d in self.asyncio_descs
+        )
 
     def record_irqline(self, gsi: int, op: int) -> None:
         line = self.irqlines.get(gsi)
@@ -465,4 +595,14 @@ class Vm:
             ],
             "intr_delay_ms": self.intr_delay_ms,
             "regs_set": sorted(self.regs),
-        }
+            "lapic_ids": list(self.lapic_ids),
+            "asyncio": None if self.asyncio_ring is None else {
+                **self.asyncio_ring.snapshot(), "pushed": self.asyncio_pushed,
+                "descriptors": [d.snapshot() for d in self.asyncio_descs],
+            },
+            "vm_event": {
+                "ring": None if self.vm_event_ring is None else self.vm_event_ring.snapshot(),
+                "sent": dict(self.vm_events), "lost": self.vm_events_lost,
+            },
+            "pio_regions": [{"port": p, "size": n} for p, n in self.pio_regions],
+        }  # fmt: skip

@@ -22,7 +22,7 @@ from acrn_hsm_emu.hypervisor.scenario import MAX_VCPUS_PER_VM
 
 PIO_SIZES = (1, 2, 4)
 MMIO_SIZES = (1, 2, 4, 8)
-OPS = ("pio", "mmio", "pci", "cpuid", "sleep")
+OPS = ("pio", "mmio", "pci", "cpuid", "sleep", "triple_fault")
 CPUID_REGS = ("eax", "ebx", "ecx", "edx")
 
 
@@ -171,6 +171,12 @@ class Step:
         return cls("sleep", seconds=seconds, repeat=repeat)
 
     @classmethod
+    def triple_fault(cls) -> Step:
+        """The guest triple-faults here: the hypervisor's reaction (spec hv A.2.7)
+        follows, and the vCPU runs no further step until RESET_VM."""
+        return cls("triple_fault")
+
+    @classmethod
     def _io(cls, access: Access, expect: int | None, repeat: int) -> Step:
         check_access(access)
         if expect is not None:
@@ -208,7 +214,7 @@ class Step:
                 d["expect"] = {
                     r: v for r, v in zip(CPUID_REGS, self.expect_regs, strict=True) if v is not None
                 }
-        else:
+        elif self.op == "sleep":
             d["us"] = round(self.seconds * 1e6)
         if self.repeat != 1:
             d["repeat"] = self.repeat
@@ -296,6 +302,7 @@ _STEP_KEYS = {
     "pci": {"bus", "dev", "func", "reg", "size", "write", "value", "expect"},
     "cpuid": {"leaf", "subleaf", "expect"},
     "sleep": {"us", "ms"},
+    "triple_fault": set(),
 }
 
 
@@ -375,6 +382,10 @@ class _Loader:
             )
         repeat = self.int_(s, "repeat", where, 1)
         try:
+            if op == "triple_fault":
+                if repeat != 1:
+                    raise ValueError("a triple fault happens once (no `repeat`)")
+                return Step.triple_fault()
             if op == "sleep":
                 if ("us" in s) == ("ms" in s):
                     raise ValueError("give exactly one of `us` or `ms`")

@@ -26,6 +26,7 @@ a few milliseconds for kicked vCPUs to leave the guest, as ACRN's pause does).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
@@ -75,8 +76,16 @@ class VcpuHost(Protocol):
         ...
 
     def guest_stop(self, event: str, **details: object) -> None:
-        """The guest shut down, triple-faulted or cannot run: pause the VM, as
-        ACRN would stop it, with one log line ``event`` carrying ``details``."""
+        """The guest cannot run: pause the VM, as ACRN would stop it, with one log
+        line ``event`` carrying ``details``."""
+        ...
+
+    def triple_fault(self, **details: object) -> Access | None:
+        """The guest triple-faulted. For a post-launched VM ACRN posts a
+        VM_EVENT_TRIPLE_FAULT and sends the device model a PM1a_CNT S5 write
+        (spec hv A.2.7): that write is returned, for the backend to hand back from
+        :meth:`VcpuBackend.run` (its :meth:`VcpuBackend.complete` puts nothing into
+        the guest). None: the VM was paused instead."""
         ...
 
 
@@ -128,8 +137,9 @@ class Backend(Protocol):
 
     name: str
 
-    def vm_created(self, vmid: int, vcpu_num: int) -> None:
-        """CREATE_VM; raise :class:`BackendError` to make the creation itself fail."""
+    def vm_created(self, vmid: int, vcpu_num: int, lapic_ids: Sequence[int] = ()) -> None:
+        """CREATE_VM; raise :class:`BackendError` to make the creation itself fail.
+        ``lapic_ids``: the LAPIC id of each vCPU (that of its pCPU; vCPU 0 is the BSP)."""
         ...
 
     def create_vcpu(self, vmid: int, vcpu_id: int) -> VcpuBackend: ...

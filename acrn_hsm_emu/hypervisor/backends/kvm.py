@@ -34,7 +34,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -308,9 +308,13 @@ class KvmBackend:
 
     # ----- Backend -----------------------------------------------------------------
 
-    def vm_created(self, vmid: int, vcpu_num: int) -> None:
+    def vm_created(self, vmid: int, vcpu_num: int, lapic_ids: Sequence[int] = ()) -> None:
+        ids = tuple(lapic_ids) or tuple(range(vcpu_num))
+        limit = max(k.ioctl(self.fd, k.KVM_CHECK_EXTENSION, k.KVM_CAP_MAX_VCPU_ID), 1)
+        if max(ids, default=0) >= limit:
+            raise BackendError(f"KVM takes vCPU (APIC) ids below {limit}, not {max(ids)}")
         try:
-            self._vms[vmid] = KvmVm(self, vmid)
+            self._vms[vmid] = KvmVm(self, vmid, ids)
         except OSError as e:
             raise BackendError(f"KVM VM: {e}") from e
 
@@ -381,11 +385,16 @@ def _key(m: EptMapping) -> tuple[Any, ...]:
 class KvmVm:
     """One KVM VM: its fd, irqchip, memory slots and vCPUs."""
 
-    def __init__(self, backend: KvmBackend, vmid: int) -> None:
+    def __init__(self, backend: KvmBackend, vmid: int, lapic_ids: Sequence[int] = (0,)) -> None:
         self.backend = backend
         self.vmid = vmid
+        self.lapic_ids = tuple(lapic_ids)  # KVM's vCPU id is the initial APIC id
         self.fd = k.ioctl(backend.fd, k.KVM_CREATE_VM, 0)
         try:
+            if self.lapic_ids and self.lapic_ids[0] != 0:
+                # vCPU 0 is the BSP whatever its APIC id; KVM would make it an AP
+                # waiting for INIT/SIPI (KVM_SET_BOOT_CPU_ID must precede the vCPUs)
+                k.ioctl(self.fd, k.KVM_SET_BOOT_CPU_ID, self.lapic_ids[0])
             if backend.identity_map:
                 k.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, struct.pack("<Q", IDENTITY_MAP_ADDR))
             if backend.tss:
@@ -626,7 +635,9 @@ class KvmVcpu:
     def __init__(self, vm: KvmVm, vcpu_id: int, scripted: ScriptedVcpu) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self.fd = k.ioctl(vm.fd, k.KVM_CREATE_VCPU, vcpu_id)
+        # the LAPIC id of the vCPU's pCPU, as on ACRN; KVM makes its vCPU id the APIC id
+        self.apic_id = vm.lapic_ids[vcpu_id] if vcpu_id < len(vm.lapic_ids) else vcpu_id
+        self.fd = k.ioctl(vm.fd, k.KVM_CREATE_VCPU, self.apic_id)
         try:
             self.run_mm = mmap.mmap(
                 self.fd, vm.backend.run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
@@ -654,6 +665,8 @@ class KvmVcpu:
         # an exit being turned into requests: port I/O (possibly string) or MMIO
         self._io: list[int] | None = None  # [port, size, write, count, data_offset, index]
         self._mmio_read: int = 0  # MMIO read outstanding: its length
+        self._shut_down = False  # triple-faulted: runs no guest code until RESET_VM
+        self._s5 = False  # the hypervisor's S5 write for that triple fault is outstanding
         self.exits: dict[str, int] = {}
 
     # ----- state -------------------------------------------------------------------
@@ -726,6 +739,8 @@ class KvmVcpu:
 
     @property
     def idle(self) -> bool:
+        if self._shut_down and not self._s5:
+            return True
         return self._mode == "scripted" and self._scripted.idle
 
     @property
@@ -832,10 +847,15 @@ class KvmVcpu:
             if reason in (_EXIT_INTR, k.KVM_EXIT_HLT, k.KVM_EXIT_IRQ_WINDOW_OPEN):
                 self._eat_kicks()
                 continue
+            if reason == k.KVM_EXIT_SHUTDOWN:
+                return self._triple_fault(host)
             self._exit_stops_vm(host, reason)
             return None
 
     def complete(self, value: int) -> None:
+        if self._s5:
+            self._s5 = False  # the hypervisor's own write: nothing goes back into the guest
+            return
         if self._mode == "scripted":
             self._scripted.complete(value)
             return
@@ -860,6 +880,8 @@ class KvmVcpu:
         self._mode = None
         self._io = None
         self._mmio_read = 0
+        self._shut_down = False
+        self._s5 = False
         if not self._ran:
             return
         # Let KVM finish an exit it still holds (an I/O abandoned by PAUSE_VM) without
@@ -921,9 +943,9 @@ class KvmVcpu:
             e = k.KvmCpuidEntry2.from_buffer_copy(src)
             if e.function == 1:
                 e.ecx = (e.ecx & ~hv_bit) | (host.cpuid_model(1, 0)[2] & hv_bit)
-                e.ebx = (e.ebx & 0x00FFFFFF) | (self.vcpu_id << 24)  # initial APIC id
+                e.ebx = (e.ebx & 0x00FFFFFF) | (self.apic_id << 24)  # initial APIC id
             elif e.function in (0xB, 0x1F):
-                e.edx = self.vcpu_id  # x2APIC id
+                e.edx = self.apic_id  # x2APIC id
             entries.append(e)
         for leaf in _HYPERVISOR_LEAVES:
             eax, ebx, ecx, edx = host.cpuid_model(leaf, 0)
@@ -958,14 +980,26 @@ class KvmVcpu:
         while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
             pass
 
+    def _triple_fault(self, host: VcpuHost) -> Access | None:
+        """KVM_EXIT_SHUTDOWN: the vCPU stops running guest code until RESET_VM and
+        the hypervisor reacts as ACRN does (the S5 write it returns, or a pause)."""
+        self._count("shutdown")
+        self._shut_down = True
+        regs = k.KvmRegs()
+        try:
+            k.ioctl(self.fd, k.KVM_GET_REGS, regs)
+            rip = hex(regs.rip)
+        except OSError:
+            rip = "?"
+        access = host.triple_fault(exit="shutdown", rip=rip)
+        self._s5 = access is not None
+        return access
+
     def _exit_stops_vm(self, host: VcpuHost, reason: int) -> None:
         name = k.EXIT_NAMES.get(reason, str(reason))
         self._count(name)
         run = self.run_mm
         details: dict[str, object] = {"vcpu": self.vcpu_id, "exit": name}
-        if reason == k.KVM_EXIT_SHUTDOWN:
-            host.guest_stop("vm.guest_shutdown", reason="triple fault or shutdown", **details)
-            return
         if reason == k.KVM_EXIT_SYSTEM_EVENT:
             details["type"] = _U32.unpack_from(run, k.RUN_SYSTEM_EVENT)[0]
         elif reason == k.KVM_EXIT_INTERNAL_ERROR:

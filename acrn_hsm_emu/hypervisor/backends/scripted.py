@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
 from acrn_hsm_emu.hypervisor.backends.base import VcpuHost
@@ -41,7 +42,7 @@ class ScriptedBackend:
             wl = self._per_vm.get(vmid, self.workload)
         return None if wl is None else wl.programs.get(vcpu_id)
 
-    def vm_created(self, vmid: int, vcpu_num: int) -> None:
+    def vm_created(self, vmid: int, vcpu_num: int, lapic_ids: Sequence[int] = ()) -> None:
         pass
 
     def create_vcpu(self, vmid: int, vcpu_id: int) -> ScriptedVcpu:
@@ -94,6 +95,7 @@ class ScriptedVcpu:
         self._rep = 0  # completed repetitions of the current step
         self._sleep_until: float | None = None
         self._done = not self._steps
+        self._s5 = False  # the hypervisor's S5 write for a triple fault is outstanding
 
     @property
     def idle(self) -> bool:
@@ -120,6 +122,11 @@ class ScriptedVcpu:
             step = steps[self._index]
             if step.access is not None:
                 return step.access
+            if step.op == "triple_fault":
+                access = host.triple_fault(step=self._index, run=self._run)
+                self._done = True  # a triple-faulted vCPU runs nothing more until RESET_VM
+                self._s5 = access is not None
+                return access
             if step.op == "cpuid":
                 got = host.cpuid(step.leaf, step.subleaf)
                 if step.expect_regs is not None:
@@ -136,6 +143,9 @@ class ScriptedVcpu:
         return None
 
     def complete(self, value: int) -> None:
+        if self._s5:
+            self._s5 = False  # the hypervisor's own write: nothing to compare or advance
+            return
         step = self._steps[self._index]
         if step.expect is not None and value != step.expect and self._host is not None:
             self._host.mismatch(self._describe(step), step.expect, value)
