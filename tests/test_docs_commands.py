@@ -70,3 +70,41 @@ def test_a_documented_command_parses(where: str, rest: str, capsys: pytest.Captu
         cli.parse(argv)
     except SystemExit as e:
         pytest.fail(f"{where}: acrn-hsm-emu {' '.join(argv)}: exit {e.code}: {capsys.readouterr().err}")
+
+
+def runnable_control_commands() -> list[tuple[str, list[str]]]:
+    """The documented status/inject/cpuid/vm commands that need only a daemon with VM 1."""
+    out = []
+    for where, rest in COMMANDS:
+        argv = argv_of(rest)
+        if not argv or argv[0] not in ("status", "inject", "cpuid", "vm") or any("$" in a for a in argv):
+            continue
+        if {"--node", "--run-dir", "--control", "--config"} & set(argv) or argv[:2] in (["vm", "pause"],
+                                                                                      ["vm", "destroy"]):
+            continue  # another daemon's, or one that ends VM 1
+        out.append((where, argv))
+    return out
+
+
+def test_the_documented_control_commands_run(hsm_daemon):
+    """README's tour (and the docs' other status/inject/cpuid/vm lines) against a daemon whose
+    VM 1 a device model serves: each exits 0."""
+    import subprocess
+
+    from tests.support.cbuild import build_c
+
+    commands = runnable_control_commands()
+    assert len(commands) >= 5, commands
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(hsm_daemon.node), "0x1"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert dm.stdout is not None and dm.stdout.readline().startswith("vmid=1 ")
+        failed = []
+        for where, argv in commands:
+            p = hsm_daemon.cli(*argv, "--node", str(hsm_daemon.node), "--run-dir", str(hsm_daemon.run_dir),
+                               check=False)
+            if p.returncode != 0:
+                failed.append(f"{where}: acrn-hsm-emu {' '.join(argv)}: {p.stderr}")
+        assert not failed, "\n".join(failed)
+    finally:
+        dm.terminate()
+        dm.communicate(timeout=60)
