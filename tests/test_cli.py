@@ -98,6 +98,10 @@ def test_each_cli_command_reaches_the_daemon_of_its_node(two_daemons):
         p = run("inject", "--vm", vmid, *conf, "pio-read", "0x3f8", "1")  # a's: no such VM there
         assert (p.returncode, p.stderr) == (1, f"acrn-hsm-emu: daemon: no VM with vmid {vmid}\n")
         assert json.loads(run("status", *conf, "--json").stdout)["hsm"]["vms"] == []
+        # vm list: each daemon its own VMs
+        assert json.loads(run("vm", "list", "--json", *conf).stdout) == []
+        rows = json.loads(run("vm", "list", "--json", *conf, "--node", str(b.node)).stdout)
+        assert [(r["vmid"], r["owner_pid"]) for r in rows] == [(int(vmid), dm.pid)]
     finally:
         dm.send_signal(signal.SIGTERM)
         dm.communicate(timeout=60)

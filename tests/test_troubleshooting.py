@@ -663,6 +663,18 @@ def t_vm_refusals(s: Scene) -> str:
     ])
 
 
+def t_vm_admin(s: Scene) -> str:
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(s.daemon.node), "0x1"], stdout=subprocess.PIPE, text=True)
+    assert dm.stdout is not None
+    try:
+        vmid = dm.stdout.readline().split()[0].split("=")[1]
+        out = ctl(s, "vm", "pause", vmid) + ctl(s, "vm", "destroy", vmid)
+    finally:
+        dm.kill()
+        dm.wait()
+    return out + s.daemon.log()
+
+
 def t_no_such_vcpu(s: Scene) -> str:
     hold = subprocess.Popen([str(build_c("hsm_hold")), str(s.daemon.node), "hang"],
                             stdout=subprocess.PIPE, text=True)
@@ -1057,6 +1069,9 @@ MESSAGES = {
     "daemon: the hypervisor refused to pause VM <n> (error <ret>)": "vm_hypervisor_refuses",
     "daemon: the hypervisor refused to destroy VM <n> (error <ret>)": "vm_hypervisor_refuses",
     "hsm.orphan_reclaimed": "orphan_reclaimed",
+    "control.vm_command": "vm_admin",
+    "hsm.admin.vm_paused": "vm_admin",
+    "hsm.admin.vm_destroyed": "vm_admin",
     "hsm.destroy_vm_refused": "destroy_running_vm",
     "hsm.memseg_slots_exhausted": "memseg_slots_exhausted",
     "hsm.orphan_not_reclaimed": "orphan_not_reclaimed",
