@@ -51,7 +51,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(NATIVE_INPUTS)
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	@# setuptools' notice that an editable install is editable is all it would print: hide it
+	PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install -q -e '.[test]'
 	@touch $@
 
 run: setup
@@ -119,6 +120,10 @@ install: venv
 	@if [ -e $(DESTDIR)$(CONFIG) ]; then echo "install: keeping $(DESTDIR)$(CONFIG)"; \
 	else install -m 644 systemd/config.toml $(DESTDIR)$(CONFIG); fi
 	install -m 644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	@# what the docs run: the examples (PYTHONPATH=$(LIBDIR) python3 ...) and the C clients' sources
+	install -d $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR)/clients
+	install -m 644 examples/launch.py examples/uart.py examples/hello.S $(DESTDIR)$(DOCDIR)/examples/
+	install -m 644 tests/clients/dm_loop.c tests/clients/hsm_errno.c $(DESTDIR)$(DOCDIR)/clients/
 	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
 
 uninstall:

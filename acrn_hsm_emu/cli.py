@@ -1,17 +1,19 @@
-"""``acrn-hsm-emu``: serve the node, check its configuration, and talk to a running daemon."""
+"""acrn-hsm-emu: serve the node, check its configuration, and talk to a running daemon."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import json
+import math
 import os
 import re
 import socket
 import stat
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -48,6 +50,39 @@ def c_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     return -v if neg else v
+
+
+def vmid(text: str) -> int:
+    """A VM id as ACRN numbers them (relative to the Service VM, which is 0)."""
+    v = c_int(text)
+    if not 0 <= v < 0xFFFF:
+        raise argparse.ArgumentTypeError(f"not a VM id (0 to 65534): {text!r}")
+    return v
+
+
+def vcpu_index(text: str) -> int:
+    v = c_int(text)
+    if not 0 <= v < 0xFFFF:
+        raise argparse.ArgumentTypeError(f"not a vCPU index (0 to 65534): {text!r}")
+    return v
+
+
+def u32(text: str) -> int:
+    v = c_int(text)
+    if not 0 <= v <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"not a 32-bit value: {text!r}")
+    return v
+
+
+def seconds(text: str) -> float:
+    """A finite, positive number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return v
 
 
 _BDF = re.compile(r"^(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])$")
@@ -98,7 +133,9 @@ def parse_access(words: list[str]) -> dict[str, Any]:
         raise CliError(str(e), EXIT_USAGE) from None
     sizes = (1, 2, 4, 8) if kind == "mmio" else (1, 2, 4)
     if size not in sizes:
-        raise CliError(f"{kind} access size must be one of {sizes}, not {size}", EXIT_USAGE)
+        raise CliError(
+            f"{kind} access size must be one of {', '.join(map(str, sizes))}, not {size}", EXIT_USAGE
+        )
     if not 0 <= value < (1 << (8 * size)):
         raise CliError(f"value {value:#x} does not fit in {size} byte(s)", EXIT_USAGE)
     if kind == "pio" and not 0 <= addr <= 0xFFFF:
@@ -111,10 +148,28 @@ def parse_access(words: list[str]) -> dict[str, Any]:
 # -- the control socket client ----------------------------------------------
 
 
-def default_control(config_file: str | None = None) -> str:
-    """$ACRN_HSM_EMU_CONTROL, else the control socket the configuration names."""
+def find_daemon(
+    config_file: str | None, node: str | None = None, run_dir: str | None = None, control: str | None = None
+) -> tuple[str, str | None]:
+    """The control socket of the daemon serving ``node`` (default: the configuration's node),
+    and the node it must serve (None: whichever it serves).
+
+    Each node's daemon has its own socket, derived from ``run_dir`` and ``node``
+    (config.control_socket). ``control`` names the socket directly; ``$ACRN_HSM_EMU_CONTROL``
+    does too when neither a node nor a run_dir is named. The configuration's ``control`` key
+    counts for the configuration's own node and run_dir only."""
+    overrides = {k: v for k, v in (("node", node), ("run_dir", run_dir)) if v is not None}
     env = os.environ.get("ACRN_HSM_EMU_CONTROL")
-    return env or config.load(config_file).control_path
+    if control is None and env and not overrides:
+        return env, None
+    settings = config.load(config_file, overrides)
+    if control is not None:
+        return control, settings.node if node is not None else None
+    if overrides:
+        configured = config.load(config_file)
+        if (settings.node, settings.run_dir) != (configured.node, configured.run_dir):
+            return config.control_socket(settings.run_dir, settings.node), settings.node
+    return settings.control_path, settings.node
 
 
 def connect(path: str, timeout: float = 60.0) -> socket.socket:
@@ -158,7 +213,10 @@ def _exchange(s: socket.socket, request: dict[str, Any]) -> tuple[Any, list[int]
     return reply["result"], fds
 
 
-def control_call(path: str, request: dict[str, Any], timeout: float = 60.0) -> Any:
+def control_call(path: str, request: dict[str, Any], timeout: float = 60.0, node: str | None = None) -> Any:
+    """One request; with ``node``, the daemon refuses it unless it serves that node."""
+    if node is not None:
+        request = {**request, "node": node}
     with connect(path, timeout) as s:
         result, _fds = _exchange(s, request)
     return result
@@ -297,6 +355,7 @@ def _fmt_status(st: dict[str, Any]) -> str:
     hv = st["hypervisor"]
     lines = [
         f"daemon pid {st['pid']}  node {st['node']} ({st['transport']})  backend {st['backend']}",
+        f"control {st.get('control')}",
         f"open files {hsm['open_files']}  upcalls {hsm['upcalls']}  dispatch passes {hsm['dispatch_passes']}",
     ]
     hv_vms = {v.get("vmid"): v for v in hv.get("vms", [])}
@@ -317,7 +376,7 @@ def _fmt_status(st: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = control_call(args.control, {"cmd": "status"})
+    st = control_call(args.control, {"cmd": "status"}, node=args.node)
     print(json.dumps(st, indent=2, sort_keys=True) if args.json else _fmt_status(st))
     return 0
 
@@ -328,6 +387,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
         args.control,
         {"cmd": "inject", "vm": args.vm, "vcpu": args.vcpu, "access": access, "timeout": args.timeout},
         timeout=args.timeout + 5,
+        node=args.node,
     )
     if not access["write"]:
         print(f"{value:#x}")
@@ -336,7 +396,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 def cmd_cpuid(args: argparse.Namespace) -> int:
     regs = control_call(
-        args.control, {"cmd": "cpuid", "leaf": args.leaf, "subleaf": args.subleaf, "vm": args.vm}
+        args.control, {"cmd": "cpuid", "leaf": args.leaf, "subleaf": args.subleaf, "vm": args.vm}, node=args.node
     )
     eax, ebx, ecx, edx = regs
     print(f"eax={eax:#010x} ebx={ebx:#010x} ecx={ecx:#010x} edx={edx:#010x}")
@@ -346,21 +406,63 @@ def cmd_cpuid(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acrn-hsm-emu", description=__doc__)
-    sub = p.add_subparsers(dest="subcommand", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, naming the (sub)command's own usage; exit 2."""
 
-    s = sub.add_parser(
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (usage: {usage})\n")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("acrn-hsm-emu")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown (not installed)"
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        rows = control_call(args.control, {"cmd": "vm-list"}, node=args.node)
+        if args.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+        elif not rows:
+            print("no VMs")
+        for r in rows if not args.json else ():
+            pid = f"  pid {r['owner_pid']}" if r["owner_pid"] else ""
+            print(f"VM {r['vmid']}: {r['state']}  vcpus {r['vcpus']}  {r['owner']}{pid}  name {r['name']!r}")
+        return 0
+    control_call(args.control, {"cmd": f"vm-{args.action}", "vm": args.vmid}, node=args.node)
+    print(f"VM {args.vmid} {'paused' if args.action == 'pause' else 'destroyed'}")
+    return 0
+
+
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
+    """The parser and each subcommand's own parser, by name."""
+    p = Parser(prog="acrn-hsm-emu", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    subs: dict[str, Parser] = {}
+
+    def add(name: str, **kw: Any) -> Parser:
+        sp: Parser = sub.add_parser(name, **kw)
+        subs[name] = sp
+        return sp
+
+    s = add(
         "serve",
         help="serve /dev/acrn_hsm in the foreground",
         description="Serve the node. Settings come from the configuration file, then the flags. "
         "With a COMMAND, run it once the node is ready and exit with its status.",
     )
     config.add_flags(s)
-    s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="run, then stop")
+    s.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+        help="run it once the node is ready, then stop (default: serve until SIGINT/SIGTERM)",
+    )
     s.set_defaults(func=cmd_serve)
 
-    r = sub.add_parser(
+    r = add(
         "run",
         help="run a device model whose value-argument ioctls (SET_IRQLINE) must reach a FUSE node",
         description="Run COMMAND under a seccomp filter that hands its SET_IRQLINE (and ACRN's "
@@ -369,16 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
         "untouched. Exit status: COMMAND's (128+N for a signal N), 127 not found, 126 not "
         "executable, 125 the launcher failed.",
     )
-    r.add_argument("--config", metavar="FILE", default=None, help="take the node path from this configuration")
-    r.add_argument("--node", default=None, help="the node (default: the configuration's, /dev/acrn_hsm)")
-    r.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
-    r.add_argument("--log-level", choices=logs.LEVELS, default="warning")
-    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the program and its arguments")
+    r.add_argument(
+        "--config", metavar="FILE", default=None,
+        help=f"take the node path from this configuration (default {config.DEFAULT_CONFIG}, which may be missing)",
+    )
+    r.add_argument("--node", metavar="PATH", default=None, help="the node (default: the configuration's, /dev/acrn_hsm)")
+    r.add_argument(
+        "--log-format", choices=("auto", "console", "json"), default="auto",
+        help="the launcher's own log lines: auto (default: console on a terminal, else json), console or json",
+    )
+    r.add_argument(
+        "--log-level", choices=logs.LEVELS, default="warning",
+        help="the launcher's log level (default warning)",
+    )
+    r.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+        help="the program and its arguments (required)",
+    )
     r.set_defaults(func=cmd_run)
 
-    cc = sub.add_parser(
+    cc = add(
         "check-config",
         help="validate the configuration (file and flags) without starting; print the result",
+        description="Validate the configuration (file and flags) without starting; print the result.",
     )
     config.add_flags(cc)
     cc.set_defaults(func=cmd_check_config)
@@ -387,52 +502,107 @@ def build_parser() -> argparse.ArgumentParser:
         ("publish", cmd_publish, "attach a sandboxed daemon's FUSE node in this mount namespace"),
         ("unpublish", cmd_unpublish, "after the daemon stopped, remove what it left at the node path"),
     ):
-        pp = sub.add_parser(name, help=text, description=text + " (systemd: ExecStartPost=+/ExecStopPost=+)")
+        pp = add(name, help=text, description=text + " (systemd: ExecStartPost=+/ExecStopPost=+)")
         config.add_flags(pp)
         pp.set_defaults(func=func)
 
-    def control_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--control", default=None, help="daemon control socket")
+    def control_opt(sp: Parser) -> None:
         sp.add_argument(
-            "--config", default=None, metavar="FILE", help="find the control socket in this configuration"
+            "--node", metavar="PATH", default=None,
+            help="reach the daemon serving this node (default: the configuration's node, /dev/acrn_hsm)",
+        )
+        sp.add_argument(
+            "--run-dir", metavar="DIR", default=None,
+            help=f"the daemon's run_dir, where its control socket is (default: the configuration's, "
+            f"{config.DEFAULT_RUN_DIR})",
+        )
+        sp.add_argument(
+            "--control", metavar="PATH", default=None,
+            help="the daemon's control socket (default: the node's, RUN_DIR/<node escaped>.sock, "
+            "or $ACRN_HSM_EMU_CONTROL)",
+        )
+        sp.add_argument(
+            "--config", default=None, metavar="FILE",
+            help=f"find the node and run_dir in this configuration (default {config.DEFAULT_CONFIG}, "
+            "which may be missing)",
         )
 
-    st = sub.add_parser("status", help="VMs, vCPUs, clients and counters of a running daemon")
+    st = add(
+        "status", help="VMs, vCPUs, clients and counters of a running daemon",
+        description="VMs, vCPUs, clients and counters of the daemon serving the node.",
+    )
     control_opt(st)
-    st.add_argument("--json", action="store_true", help="the raw status as JSON")
+    st.add_argument("--json", action="store_true", help="the raw status as JSON (default: a summary)")
     st.set_defaults(func=cmd_status)
 
-    inj = sub.add_parser(
+    inj = add(
         "inject",
         help="have a vCPU perform a guest access",
-        description="ACCESS: pio-read ADDR SIZE | pio-write ADDR SIZE VALUE | mmio-read ADDR SIZE | "
+        description="Have a vCPU perform a guest access; print what a read returned. "
+        "ACCESS: pio-read ADDR SIZE | pio-write ADDR SIZE VALUE | mmio-read ADDR SIZE | "
         "mmio-write ADDR SIZE VALUE | pci-read BUS:DEV.FN REG SIZE | "
-        "pci-write BUS:DEV.FN REG SIZE VALUE (numbers in C syntax)",
+        "pci-write BUS:DEV.FN REG SIZE VALUE (numbers in C syntax). Options may come anywhere.",
     )
     control_opt(inj)
-    inj.add_argument("--vm", type=c_int, required=True)
-    inj.add_argument("--vcpu", type=c_int, default=0)
-    inj.add_argument("--timeout", type=float, default=30.0)
-    inj.add_argument("access", nargs=argparse.REMAINDER)
+    inj.add_argument("--vm", type=vmid, required=True, metavar="VMID", help="the User VM (required; vmid 1 or above)")
+    inj.add_argument("--vcpu", type=vcpu_index, default=0, metavar="N", help="the vCPU that performs it (default 0)")
+    inj.add_argument(
+        "--timeout", type=seconds, default=30.0, metavar="SECONDS",
+        help="give up when no device model has answered by then (default 30)",
+    )
+    inj.add_argument("access", nargs="+", metavar="ACCESS", help="the access and its operands (required)")
     inj.set_defaults(func=cmd_inject)
 
-    cp = sub.add_parser("cpuid", help="CPUID as the guest sees it")
+    vm = add(
+        "vm",
+        help="list, pause or destroy the daemon's User VMs (root or the daemon's user)",
+        description="vm list: every User VM the hypervisor holds, its state and owner (owned: "
+        "a device model's open file; orphaned: its file is closed or lost it; unclaimed: a "
+        "failed CREATE_VM's leftover). vm pause VMID, vm destroy VMID: as the device model "
+        "would, for any of them; destroy pauses first. Orphaned VMs are also destroyed by "
+        "themselves once their owner process is gone.",
+    )
+    control_opt(vm)
+    vm.add_argument("action", choices=("list", "pause", "destroy"), metavar="ACTION",
+                    help="list, pause or destroy (required)")
+    vm.add_argument("vmid", type=vmid, nargs="?", default=None, metavar="VMID",
+                    help="the User VM to pause or destroy (required for those; default: none)")
+    vm.add_argument("--json", action="store_true", help="vm list as JSON (default: a summary)")
+    vm.set_defaults(func=cmd_vm)
+
+    cp = add("cpuid", help="CPUID as the guest sees it", description="CPUID as a guest sees it.")
     control_opt(cp)
-    cp.add_argument("leaf", type=c_int)
-    cp.add_argument("subleaf", type=c_int, nargs="?", default=0)
-    cp.add_argument("--vm", type=c_int, default=None, help="a User VM's view (default: Service VM)")
+    cp.add_argument("leaf", type=u32, metavar="LEAF", help="EAX (required)")
+    cp.add_argument("subleaf", type=u32, nargs="?", default=0, metavar="SUBLEAF", help="ECX (default 0)")
+    cp.add_argument("--vm", type=vmid, default=None, metavar="VMID", help="a User VM's view (default: the Service VM's)")
     cp.set_defaults(func=cmd_cpuid)
-    return p
+    return p, subs
 
 
-_CONTROL_CLIENTS = ("status", "inject", "cpuid")
+# Commands whose options may come anywhere among their operands (parse_intermixed_args).
+_INTERMIXED = ("status", "inject", "cpuid", "vm")
+_CONTROL_CLIENTS = ("status", "inject", "cpuid", "vm")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser, subs = build_parser()
+    if argv and argv[0] in _INTERMIXED:
+        args = subs[argv[0]].parse_intermixed_args(argv[1:])
+        args.subcommand = argv[0]
+        if argv[0] == "vm" and (args.action == "list") != (args.vmid is None):
+            subs["vm"].error("vm list takes no VMID" if args.vmid is not None else f"vm {args.action} needs a VMID")
+        return args
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage, not the top level's
+        subs[args.subcommand].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        if args.subcommand in _CONTROL_CLIENTS and args.control is None:
-            args.control = default_control(args.config)
+        if args.subcommand in _CONTROL_CLIENTS:
+            args.control, args.node = find_daemon(args.config, args.node, args.run_dir, args.control)
         return int(args.func(args))
     except CliError as e:
         print(f"acrn-hsm-emu: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import grp
+import hashlib
 import os
 import pwd
 import tomllib
@@ -53,7 +54,7 @@ class Settings:
     scenario_file: str | None = None
     workload_file: str | None = None
     run_dir: str = DEFAULT_RUN_DIR
-    control: str | None = None  # default: <run_dir>/control.sock
+    control: str | None = None  # default: control_socket(run_dir, node)
     node_mode: int = 0o600
     node_uid: int = 0
     node_gid: int = 0
@@ -70,7 +71,35 @@ class Settings:
 
     @property
     def control_path(self) -> str:
-        return self.control or os.path.join(self.run_dir, "control.sock")
+        return self.control or control_socket(self.run_dir, self.node)
+
+
+def escape_path(path: str) -> str:
+    """``systemd-escape --path``: ``/dev/acrn_hsm`` -> ``dev-acrn_hsm``, ``/a-b`` -> ``a\\x2db``."""
+    p = os.path.normpath(path).strip("/")
+    if not p:
+        return "-"
+    out = []
+    for i, ch in enumerate(p):
+        if ch == "/":
+            out.append("-")
+        elif ch.isascii() and (ch.isalnum() or ch in "_:" or (ch == "." and i > 0)):
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def control_socket(run_dir: str, node: str) -> str:
+    """The default control socket of the daemon serving ``node``: one per node (docs/configuration.md).
+
+    ``RUN_DIR/<node escaped as systemd-escape --path does>.sock``; where that is longer than a
+    unix socket path may be, ``RUN_DIR/node-<16 hex digits of the path's SHA-256>.sock``."""
+    path = os.path.join(run_dir, escape_path(node) + ".sock")
+    if len(path.encode()) <= SUN_PATH_MAX:
+        return path
+    digest = hashlib.sha256(os.path.normpath(node).encode()).hexdigest()[:16]
+    return os.path.join(run_dir, f"node-{digest}.sock")
 
 
 # -- value checkers: (value, base directory for relative paths) -> value; ValueError(reason) --
@@ -231,18 +260,19 @@ KEYS: dict[str, Key] = {
         Key("node_owner", _id("user", pwd.getpwnam), "owner of the node (default: the daemon's user)", "USER"),
         Key("node_group", _id("group", grp.getgrnam), "group of the node (default: the daemon's group)", "GROUP"),
         Key("node_mode", _mode, "permissions of the node, octal (default 0600)", "MODE"),
-        Key("transport", _choice("auto", "fuse", "cuse"), "auto (cuse where /dev/cuse exists), fuse or cuse", "NAME"),
+        Key("transport", _choice("auto", "fuse", "cuse"), "auto (default: cuse where /dev/cuse exists, else fuse), fuse or cuse", "NAME"),
         Key(
             "backend",
             _choice("auto", *BACKENDS),
-            f"vCPU backend: auto (kvm where /dev/kvm works, else scripted) or one of {', '.join(BACKENDS)}",
+            f"vCPU backend: auto (default: kvm where /dev/kvm works, else scripted) or one of {', '.join(BACKENDS)}",
             "NAME",
         ),
         Key("scenario", _file, "scenario TOML file (default: the built-in one)", "FILE"),
-        Key("workload", _file, "workload file for the scripted backend", "FILE"),
+        Key("workload", _file, "workload file for the scripted backend (default: none)", "FILE"),
         Key("run_dir", _absolute, f"run-time directory (default {DEFAULT_RUN_DIR})", "DIR"),
-        Key("control", _socket_path, "control socket path (default RUN_DIR/control.sock)", "PATH"),
-        Key("log_format", _choice("auto", "console", "json"), "auto (console on a terminal, else json)", "NAME"),
+        Key("control", _socket_path, "control socket path (default: one per node, RUN_DIR/<node escaped>.sock, e.g. "
+            "/run/acrn-hsm-emu/dev-acrn_hsm.sock)", "PATH"),
+        Key("log_format", _choice("auto", "console", "json"), "auto (default: console on a terminal, else json), console or json", "NAME"),
         Key("log_level", _choice(*logs.LEVELS), "debug, info (default), warning, error or critical", "NAME"),
         Key(
             "ioeventfd_mismatch",

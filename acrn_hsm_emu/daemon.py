@@ -28,6 +28,7 @@ import trio
 
 from acrn_hsm_emu import launcher, publish
 from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
+from acrn_hsm_emu.hsm import admin
 from acrn_hsm_emu.hsm.hsm import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
@@ -113,6 +114,7 @@ class Daemon:
             )
         self.device: HsmDevice | None = None
         self.server: Server | None = None
+        self._made_dirs: list[pathlib.Path] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Installed first, so a signal during start-up also stops us cleanly.
@@ -130,6 +132,9 @@ class Daemon:
                 if self.device is not None:
                     self.device.close()
                 self.hypervisor.shutdown()
+                for d in self._made_dirs:
+                    with contextlib.suppress(OSError):  # kept when not empty
+                        d.rmdir()
             log.info("stopped")
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
@@ -142,6 +147,9 @@ class Daemon:
             express_poll_us=self.settings.express_poll_us,
             profile=self.settings.abi,
         )
+        # The control socket first: a second daemon for this node stops here, before serving it.
+        control = await self._listen(s.control_path, s.node)
+        served = False
         try:
             self.server = Server(
                 self.device,
@@ -155,6 +163,7 @@ class Daemon:
             await nursery.start(self.server.serve)
             if self.server.transport == "cuse":
                 self._own_device_node()
+            served = True
         # The server's errors may come wrapped in the groups of its own nursery.
         except* ServeError as group:
             raise StartError(str(first_exception(group))) from None
@@ -162,7 +171,12 @@ class Daemon:
             e = first_exception(group)
             reason = f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)
             raise StartError(f"cannot serve {s.node}: {reason}") from None
-        await nursery.start(self._control_server)
+        finally:
+            if not served:
+                control.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(s.control_path)
+        await nursery.start(self._control_server, control)
         status = self._status_line()
         self.notifier.notify("READY=1", status)
         nursery.start_soon(self._status_loop, status)
@@ -172,7 +186,7 @@ class Daemon:
             transport=self.server.transport,
             backend=s.backend,
             control=s.control_path,
-            config=s.config_file,
+            config=s.config_file or "none (built-in defaults)",
             scenario=s.scenario_file or "built-in",
             abi=s.abi,
             pid=os.getpid(),
@@ -246,13 +260,9 @@ class Daemon:
     # -- control socket -------------------------------------------------
 
     async def _control_server(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, sock: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         path = self.settings.control_path
-        try:
-            sock = await self._listen(path)
-        except OSError as e:
-            raise StartError(f"cannot listen on the control socket {path}: {e.strerror or e}") from None
         listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:
@@ -262,27 +272,36 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    @staticmethod
-    async def _listen(path: str) -> trio.socket.SocketType:
-        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
-                    # Accepted, or a full backlog (EAGAIN): someone listens. Refused: a crashed run's.
-                    if probe.connect_ex(path) in (0, errno.EAGAIN):
-                        raise StartError(
-                            f"control socket {path} is in use by another running daemon; "
-                            "stop it or give this one another --control"
-                        )
-                    os.unlink(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is created 0600
+    async def _listen(self, path: str, node: str) -> trio.socket.SocketType:
+        """Bind and listen (accepting starts once the node is served); StartError if taken."""
         try:
-            await sock.bind(path)
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+            parent = pathlib.Path(path).parent
+            if not parent.is_dir():
+                parent.mkdir(mode=0o755, parents=True)
+                self._made_dirs.append(parent)  # removed at the stop, as cdev removes its own
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+                        # Accepted, or a full backlog (EAGAIN): someone listens. Refused: a crashed run's.
+                        if probe.connect_ex(path) in (0, errno.EAGAIN):
+                            raise StartError(
+                                f"control socket {path} is in use by another running daemon "
+                                f"(is {node} served already?); stop it or give this one another --control"
+                            )
+                        os.unlink(path)
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)  # the socket is created 0600
+            try:
+                await sock.bind(path)
+            except OSError:
+                sock.close()
+                raise
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            sock.listen(16)
+        except OSError as e:
+            raise StartError(f"cannot listen on the control socket {path}: {e.strerror or e}") from None
         return sock
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
@@ -326,6 +345,9 @@ class Daemon:
             if not isinstance(req, dict):
                 raise ValueError("a request is a JSON object")
             cmd = req.get("cmd")
+            want = req.get("node")  # the node the client means (the CLI's --node); None: any
+            if want is not None and want != self.settings.node:
+                return {"ok": False, "error": f"this daemon serves {self.settings.node}, not {want}"}, None
             if cmd == "status":
                 return {"ok": True, "result": self.status()}, None
             if cmd == "cpuid":
@@ -342,6 +364,8 @@ class Daemon:
                 return {"ok": True, "result": value}, None
             if cmd == "node-tree":
                 return self._node_tree()
+            if cmd in ("vm-list", "vm-pause", "vm-destroy"):
+                return {"ok": True, "result": self._vm_command(cmd, req)}, None
             return {"ok": False, "error": f"unknown command {cmd!r}"}, None
         except trio.TooSlowError:
             return {"ok": False, "error": "the access did not complete (is a client serving the VM?)"}, None
@@ -352,6 +376,19 @@ class Daemon:
         except Exception as e:
             log.exception("control request failed")
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
+
+    def _vm_command(self, cmd: str, req: dict[str, Any]) -> Any:
+        """``acrn-hsm-emu vm``: list, pause or destroy any User VM (hsm/admin.py)."""
+        assert self.device is not None
+        if cmd == "vm-list":
+            return admin.vm_list(self.device)
+        vmid = int(req["vm"])
+        log.info("control.vm_command", command=cmd, vmid=vmid)
+        if cmd == "vm-pause":
+            admin.pause(self.device, vmid)
+        else:
+            admin.destroy(self.device, vmid)
+        return None
 
     def _node_tree(self) -> tuple[dict[str, Any], int | None]:
         """For ``publish``: a detached clone of the node's mount (FUSE), and where it belongs."""
@@ -372,6 +409,7 @@ class Daemon:
         return {
             "pid": os.getpid(),
             "node": self.settings.node,
+            "control": self.settings.control_path,
             "transport": self.server.transport if self.server else None,
             "reader": self.server.session.reader_snapshot() if self.server else {"native": False},
             "backend": self.settings.backend,

@@ -43,3 +43,29 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
+
+
+class LibraryLogger:
+    """A library's structlog logger that is quiet unless the program asked for logs.
+
+    Unconfigured structlog prints every level on stdout; a program using the client
+    library would find debug lines in its own output. Until the program configures
+    structlog (``structlog.configure`` or :func:`configure`), this drops debug and info
+    and writes warnings and above to stderr; afterwards it is ``structlog.get_logger(name)``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._quiet = structlog.wrap_logger(
+            structlog.PrintLogger(sys.stderr),
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.dev.ConsoleRenderer(colors=False),
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        )
+
+    def __getattr__(self, method: str) -> Any:
+        if structlog.is_configured():
+            return getattr(structlog.get_logger(self.name), method)
+        return getattr(self._quiet, method)

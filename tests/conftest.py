@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from acrn_hsm_emu.config import control_socket
+
 _serial = itertools.count()
 # Hang guards only (never a bound on speed): under emulation (`make test-vm`, TCG) a Python
 # start takes seconds, so the VM run scales them (ACRN_HSM_TEST_SLOW=4).
@@ -180,13 +182,18 @@ class Daemon:
         env: dict[str, str] | None = None,
         notify: NotifyListener | None = None,
         transport: str = "fuse",
+        name: str = "acrn_hsm",
     ) -> None:
         self.tmp = tmp
         self.transport = transport
-        self.node = node_path(tmp, transport, "acrn_hsm")
+        self.node = node_path(tmp, transport, name)
         self.run_dir = tmp / "run"
-        self.control = self.run_dir / "control.sock"
-        self.log_path = tmp / "daemon.log"
+        # the daemon's default: one control socket per node (docs/configuration.md)
+        self.control = pathlib.Path(
+            extra[extra.index("--control") + 1] if "--control" in extra
+            else control_socket(str(self.run_dir), str(self.node))
+        )
+        self.log_path = tmp / ("daemon.log" if name == "acrn_hsm" else f"daemon-{name}.log")
         self.notify = notify or NotifyListener(tmp / f"notify-{next(_serial)}.sock")
         self.args = [
             str(VENV_BIN / "acrn-hsm-emu"),
@@ -220,7 +227,7 @@ class Daemon:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60 * SLOW) -> subprocess.CompletedProcess[str]:
         cmd = [str(VENV_BIN / "acrn-hsm-emu"), *args]
-        if args and args[0] in ("status", "inject", "cpuid"):
+        if args and args[0] in ("status", "inject", "cpuid", "vm"):
             cmd[2:2] = ["--control", str(self.control)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
@@ -250,8 +257,9 @@ def daemon_factory(tmp_path: pathlib.Path, transport: str) -> Iterator[Any]:
         start: bool = True,
         env: dict[str, str] | None = None,
         notify: NotifyListener | None = None,
+        name: str = "acrn_hsm",
     ) -> Daemon:
-        d = Daemon(tmp_path, *extra, env=env, notify=notify, transport=transport)
+        d = Daemon(tmp_path, *extra, env=env, notify=notify, transport=transport, name=name)
         made.append(d)
         return d.start() if start else d
 

@@ -7,6 +7,7 @@ thread (the inject waits for the answer, which the serve tasks give).
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -188,3 +189,53 @@ async def test_library_errors_carry_the_ioctl_errno(hsm_daemon):
             vm.node.start_vm()
         assert e.value.errno == errno.EINVAL
     assert os.path.exists(hsm_daemon.node)
+
+
+QUIET_PROGRAM = """
+import sys
+from acrn_hsm_emu.client import Vm
+with Vm.create(sys.argv[1], cpu_affinity=0x1, name="quiet") as vm:
+    print(f"vmid={vm.vmid}")
+"""
+
+
+def test_the_library_is_quiet_unless_the_program_configures_logs(hsm_daemon):
+    """A program that never configured structlog sees only its own output (the library's
+    debug lines, e.g. client.vm_created, are dropped; warnings would go to stderr)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    p = subprocess.run([sys.executable, "-c", QUIET_PROGRAM, str(hsm_daemon.node)], capture_output=True,
+                       text=True, timeout=120, check=False, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("vmid=") and p.stdout.count("\n") == 1, p.stdout
+    assert p.stderr == ""
+
+
+def test_the_example_in_client_md_runs(hsm_daemon, tmp_path):
+    """docs/client.md's first block, as written (only the node path changed): it creates a VM,
+    serves it, stops at the guest's `out 0x80` (injected here: the scripted backend runs no
+    guest code) and destroys the VM on the way out."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    doc = (REPO / "docs" / "client.md").read_text()
+    block = re.search(r"```python\n(.*?)```", doc, re.S)
+    assert block is not None
+    program = tmp_path / "hello_vm.py"
+    program.write_text(block.group(1).replace('"/dev/acrn_hsm"', repr(str(hsm_daemon.node))))
+    p = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=REPO)
+    assert p.stdout is not None
+    vmid = p.stdout.readline().strip().removeprefix("vmid=")
+    inj = hsm_daemon.cli("inject", "--vm", vmid, "pio-write", "0x80", "1", "0x41", check=False)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert inj.returncode == 0, inj.stderr
+    assert "0x80" in out and err == "", (out, err)
+    assert json.loads(hsm_daemon.cli("status", "--json").stdout)["hsm"]["vms"] == []

@@ -131,9 +131,9 @@ def test_flags_win_over_the_file(tmp_path):
 
 
 def test_every_key_is_a_flag_and_back():
-    parser = cli.build_parser()
+    _parser, subs = cli.build_parser()
     for sub in ("serve", "check-config"):
-        sp = parser._subparsers._group_actions[0].choices[sub]  # type: ignore[union-attr]
+        sp = subs[sub]
         flags = {o for a in sp._actions for o in a.option_strings} - {"-h", "--help", "--config"}
         assert flags == {k.flag for k in KEYS.values()}
 

@@ -55,7 +55,7 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 """ + PRIVATE_TMP + r"""
 exec "$ACRN_HSM_EMU" serve --node /dev/acrn_hsm --run-dir /run/acrn-hsm-emu --log-format json \
     -- sh -c "$CLIENT && echo PID1=\$(cat /proc/1/comm) && grep ' /dev/acrn_hsm ' /proc/self/mountinfo \
-              && \"$ACRN_HSM_EMU\" status --control /run/acrn-hsm-emu/control.sock"
+              && \"$ACRN_HSM_EMU\" status"
 """
 
 
@@ -196,6 +196,6 @@ def test_the_image_serves_a_client_in_its_container(image_root):
     assert "daemon pid 1  node /dev/acrn_hsm (fuse)  backend scripted" in proc.stdout
     serving = next(json.loads(line) for line in out.splitlines() if '"event": "serving"' in line)
     assert serving["config"] == "/etc/acrn-hsm-emu/config.toml"
-    assert serving["control"] == "/run/acrn-hsm-emu/control.sock"
+    assert serving["control"] == "/run/acrn-hsm-emu/dev-acrn_hsm.sock"  # one socket per node
     assert "Traceback" not in out
     assert snapshot() == before

@@ -78,13 +78,22 @@ def test_a_file_that_is_not_ours_is_left_in_place(daemon_factory):
     d.node.unlink()
 
 
-def test_second_daemon_on_a_busy_node_refuses(daemon_factory):
+def test_second_daemon_on_a_busy_node_refuses(daemon_factory, tmp_path):
     first = daemon_factory()
     second = daemon_factory(start=False)
     proc = subprocess.run(second.args, capture_output=True, text=True, timeout=60, env=second.env)
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]  # not the JSON log
+    # the node's control socket is taken: refused before the node is looked at
+    assert lines == [f"acrn-hsm-emu: control socket {first.control} is in use by another running daemon "
+                     f"(is {first.node} served already?); stop it or give this one another --control"]
+    # with a socket of its own, the node itself is found busy
+    proc = subprocess.run([*second.args, "--control", str(tmp_path / "second.sock")],
+                          capture_output=True, text=True, timeout=60, env=second.env)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]
     assert len(lines) == 1 and lines[0].startswith(f"acrn-hsm-emu: node path {first.node} is busy"), proc.stderr
+    assert not (tmp_path / "second.sock").exists()
     assert "Traceback" not in proc.stderr
     # The first one still serves.
     assert "ACRNACRNACRN" in first.cli("cpuid", "0x40000000").stdout
@@ -163,7 +172,7 @@ def test_cli_errors_are_readable(hsm_daemon, tmp_path):
     p = hsm_daemon.cli("inject", "--vm", "1", "pio-read", "0x3f8", "3", check=False)
     assert p.returncode == 2 and "size must be one of" in p.stderr
     p = hsm_daemon.cli("inject", "--vm", "9", "pio-read", "0x3f8", "1", check=False)
-    assert p.returncode == 1 and "no vCPU" in p.stderr
+    assert p.returncode == 1 and p.stderr == "acrn-hsm-emu: daemon: no VM with vmid 9\n"
 
 
 def test_inject_through_a_served_vm(hsm_daemon):

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import pathlib
 import random
 import re
+import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -600,3 +604,32 @@ def test_errno_driver_quirks(daemon_factory, express):
     }
     problems += compare_rows(rows, expected)
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
+
+
+def verdict(node: str) -> int:
+    """``.venv/bin/python -m tests.test_hsm_errno [NODE]`` (README): build hsm_errno, run its
+    default groups on NODE (default /dev/acrn_hsm) and compare every row with the driver's
+    errno table (a FUSE node: with its documented overrides). One line per difference, then
+    the verdict; exit status 0 when every row is as the driver answers."""
+    mode = "cuse" if stat.S_ISCHR(os.stat(node).st_mode) else "fuse"  # a device: CUSE or the driver
+    rows, problems, _out = run_client(node, "default")
+    problems += compare_rows(rows, expected_table(mode))
+    for line in problems:
+        print(line)
+    outcome = f"{len(problems)} differ from the driver" if problems else "every errno as the ACRN driver answers"
+    print(f"hsm_errno {node} ({mode}): {len(rows)} rows, {outcome}")
+    return 1 if problems else 0
+
+
+@pytest.mark.needs_fuse
+def test_the_verdict_the_readme_shows(hsm_daemon):
+    p = subprocess.run([sys.executable, "-m", "tests.test_hsm_errno", str(hsm_daemon.node)], capture_output=True,
+                       text=True, timeout=600, check=False, cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0, p.stdout + p.stderr
+    last = p.stdout.splitlines()[-1]
+    assert last.startswith(f"hsm_errno {hsm_daemon.node} ({hsm_daemon.transport}): ")
+    assert last.endswith(" rows, every errno as the ACRN driver answers"), p.stdout
+
+
+if __name__ == "__main__":
+    sys.exit(verdict(sys.argv[1] if len(sys.argv) > 1 else "/dev/acrn_hsm"))

@@ -39,6 +39,23 @@ async def test_vms_per_process_eagain(hv):
     assert hv.real.snapshot()["vms"].__len__() == 2  # no hypercall was made for the third
 
 
+async def test_vms_per_process_counts_a_vm_lost_by_a_second_create(hv):
+    """A VM the second-CREATE_VM quirk took from its file still belongs to its process
+    (until the process is gone and the VM is reclaimed): it counts against the limit."""
+    dev = limited(hv, vms_per_process=2)
+    s = VmSetup(dev, hv, vcpus=1)
+    page = Buf()
+    assert s.ioctl(abi.ACRN_IOCTL_CREATE_VM, page.addr, creation(page.addr, cpu_affinity=1), out_size=48) \
+        == -errno.EINVAL  # the quirk: the file lost its VM
+    assert s.vm.lost_vmid is not None
+    VmSetup(dev, hv, vcpus=1)  # the second of this process
+    f = dev.open(ctx())
+    with structlog.testing.capture_logs() as logs:
+        r = ioctl(dev, f, abi.ACRN_IOCTL_CREATE_VM, 0, creation(Buf().addr, cpu_affinity=1), out_size=48)
+    assert result(r) == -errno.EAGAIN
+    assert any(e["event"] == "hsm.limit" and e["limit"] == "vms_per_process" for e in logs)
+
+
 async def test_mmio_segments_per_vm_enomem_and_unset_frees_one(hv):
     dev = limited(hv, mmio_segments_per_vm=2)
     s = VmSetup(dev, hv, vcpus=1)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from acrn_hsm_emu.config import control_socket
 from tests.conftest import REPO, VENV_BIN, Installed, mounted_under
 from tests.support.cbuild import build_c
 from tests.test_kvm_daemon import guests  # noqa: F401 (a fixture, for the strace run)
@@ -98,6 +99,23 @@ def test_installed_copy_runs_on_the_system_python(installed: Installed):
     assert 'node = "/dev/acrn_hsm"' in p.stdout and 'node_mode = "0600"' in p.stdout
     assert (installed.prefix / "share/doc/acrn-hsm-emu/README.md").is_file()
     assert (installed.prefix / "share/doc/acrn-hsm-emu/troubleshooting.md").is_file()
+
+
+def test_the_examples_and_c_clients_are_installed_where_the_docs_say(installed: Installed, tmp_path):
+    doc = installed.prefix / "share/doc/acrn-hsm-emu"
+    lib = installed.prefix / "lib/acrn-hsm-emu"
+    for name in ("examples/launch.py", "examples/uart.py", "examples/hello.S", "clients/dm_loop.c",
+                 "clients/hsm_errno.c"):
+        assert (doc / name).is_file(), name
+    # the examples run on the system Python with the installed package (configuration.md)
+    for example in ("launch.py", "uart.py"):
+        p = subprocess.run(["/usr/bin/python3", str(doc / "examples" / example), "--help"], capture_output=True,
+                           text=True, timeout=120, check=False, env={**os.environ, "PYTHONPATH": str(lib)})
+        assert p.returncode == 0 and p.stdout.startswith("usage: "), p.stderr
+    # the C clients build with system headers only
+    p = subprocess.run(["cc", "-O2", "-pthread", "-o", str(tmp_path / "dm_loop"), str(doc / "clients/dm_loop.c")],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
 
 
 def files_under(root: pathlib.Path) -> list[str]:
@@ -188,7 +206,7 @@ def test_syscall_filter_allows_every_call_the_daemon_makes(tmp_path, request):
     try:
         notify.wait_for("READY=1", timeout=120)
         cli = [str(VENV_BIN / "acrn-hsm-emu")]
-        ctl = ["--control", str(tmp_path / "run" / "control.sock")]
+        ctl = ["--control", control_socket(str(tmp_path / "run"), str(node))]
         status = subprocess.run([*cli, "status", "--json", *ctl], check=True, capture_output=True,
                                 text=True, timeout=120)
         daemon_pid = json.loads(status.stdout)["pid"]  # strace's child: signals go to it, not strace

@@ -639,6 +639,174 @@ def t_inject_arguments(s: Scene) -> str:
     return "\n".join(cli("inject", *none, *c) for c in cases)
 
 
+def t_cli_validation(s: Scene) -> str:
+    none = ["--control", str(s.tmp / "no-daemon.sock")]
+    return "\n".join([
+        cli("inject", *none, "--vm", "-1", "pio-read", "0x3f8", "1"),
+        cli("inject", *none, "--vm", "1", "--vcpu", "-2", "pio-read", "0x3f8", "1"),
+        cli("inject", *none, "--vm", "1", "--timeout", "nan", "pio-read", "0x3f8", "1"),
+        cli("cpuid", *none, "0x100000000"),
+        cli("status", "--node", "relative/acrn_hsm"),
+    ])
+
+
+def t_wrong_node(s: Scene) -> str:
+    # A --control naming another node's daemon: refused, nothing done.
+    return ctl(s, "status", "--node", str(s.tmp / "another" / "acrn_hsm"))
+
+
+def t_vm_refusals(s: Scene) -> str:
+    return "\n".join([
+        ctl(s, "vm", "destroy", "9"),
+        ctl(s, "vm", "pause", "0"),
+        ctl(s, "inject", "--vm", "0", "pio-read", "0x3f8", "1"),
+    ])
+
+
+def t_vm_admin(s: Scene) -> str:
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(s.daemon.node), "0x1"], stdout=subprocess.PIPE, text=True)
+    assert dm.stdout is not None
+    try:
+        vmid = dm.stdout.readline().split()[0].split("=")[1]
+        out = ctl(s, "vm", "pause", vmid) + ctl(s, "vm", "destroy", vmid)
+    finally:
+        dm.kill()
+        dm.wait()
+    return out + s.daemon.log()
+
+
+def t_no_such_vcpu(s: Scene) -> str:
+    hold = subprocess.Popen([str(build_c("hsm_hold")), str(s.daemon.node), "hang"],
+                            stdout=subprocess.PIPE, text=True)
+    assert hold.stdout is not None
+    try:
+        vmid = hold.stdout.readline().split()[0].split("=")[1]
+        return ctl(s, "inject", "--vm", vmid, "--vcpu", "5", "pio-read", "0x3f8", "1")
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+class _RefusingHypervisor:
+    """A hypervisor holding VM 3 that refuses ``refuse`` (pause_vm or destroy_vm) with -1."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse = refuse
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"vms": [{"vmid": 3, "state": "RUNNING", "vcpus": []}]}
+
+    def vm_ids(self) -> list[int]:
+        return [3]
+
+    def pause_vm(self, vmid: int) -> int:
+        return -1 if self.refuse == "pause_vm" else 0
+
+    def destroy_vm(self, vmid: int) -> int:
+        return -1 if self.refuse == "destroy_vm" else 0
+
+
+def _fake_device(refuse: str, *vms: Any) -> Any:
+    import types
+
+    return types.SimpleNamespace(hv=_RefusingHypervisor(refuse), dispatcher=types.SimpleNamespace(vms=vms))
+
+
+def t_vm_hypervisor_refuses(s: Scene) -> str:
+    from acrn_hsm_emu.hsm import admin
+
+    out = []
+    for refuse, call in (("pause_vm", admin.pause), ("destroy_vm", admin.destroy)):
+        try:
+            call(_fake_device(refuse), 3)
+        except admin.AdminError as e:
+            out.append(f"{PREFIX}daemon: {e}")
+    return "\n".join(out)
+
+
+def t_orphan_reclaimed(s: Scene) -> str:
+    from tests.test_cli import quirk_client
+
+    client, lost = quirk_client(s.daemon.node)
+    client.communicate("\n", timeout=60)
+    for _ in range(100000):  # hang guard only: until the daemon has reclaimed it
+        if '"hsm.orphan_reclaimed"' in s.daemon.log():
+            break
+    return s.daemon.log()
+
+
+def t_orphan_not_reclaimed(s: Scene) -> str:
+    from acrn_hsm_emu.hsm import admin
+    from acrn_hsm_emu.hsm.vm import Vm
+
+    vm = Vm(4242)
+    vm.orphaned, vm.lost_vmid = True, 3
+    reaper = admin.Reaper(_fake_device("pause_vm", vm), lambda _fn: None)
+    with structlog.testing.capture_logs() as logs:
+        reaper.reclaim(4242)
+    return "\n".join(json.dumps({"event": e["event"]}) for e in logs)
+
+
+def t_reaper_cannot_watch(s: Scene) -> str:
+    from acrn_hsm_emu.hsm import admin
+
+    reaper = admin.Reaper(_fake_device("none"), lambda _fn: None)
+    with structlog.testing.capture_logs() as logs:
+        trio.run(reaper._when_gone, -5)  # pidfd_open refuses it (EINVAL)
+    return "\n".join(json.dumps({"event": e["event"]}) for e in logs)
+
+
+def _in_hsm(scene: Callable[[Any, Any], None]) -> str:
+    """Run ``scene(device, hypervisor)`` on an in-process HSM (tests/test_hsm_harness.py);
+    the log events it produced."""
+    from test_hsm_harness import hypervisor, make_device
+
+    events: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        hv = hypervisor()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                scene(make_device(hv), hv)
+            events.extend(logs)
+        finally:
+            hv.real.shutdown()
+
+    trio.run(main)
+    return "\n".join(json.dumps({"event": e["event"]}) for e in events)
+
+
+def t_destroy_running_vm(s: Scene) -> str:
+    from test_hsm_harness import VmSetup
+
+    from acrn_hsm_emu import abi
+
+    def scene(dev: Any, hv: Any) -> None:
+        vm = VmSetup(dev, hv, vcpus=1)
+        assert vm.ioctl(abi.ACRN_IOCTL_START_VM) == 0
+        assert vm.ioctl(abi.ACRN_IOCTL_DESTROY_VM) < 0  # ACRN destroys only a paused VM
+
+    return _in_hsm(scene)
+
+
+def t_memseg_slots_exhausted(s: Scene) -> str:
+    import struct
+
+    from test_hsm_harness import Buf, VmSetup
+
+    from acrn_hsm_emu import abi
+    from acrn_hsm_emu.hsm.mm import MAPPING_MAX
+
+    def scene(dev: Any, hv: Any) -> None:
+        vm = VmSetup(dev, hv, vcpus=1)
+        vm.vm.regions_mapping_count = MAPPING_MAX  # as after 256 RAM SET_MEMSEGs (never reset)
+        ram = Buf(4096)
+        arg = struct.pack("<IIQQQ", abi.ACRN_MEMMAP_RAM, 7, 0x10_0000, ram.addr, 4096)
+        assert vm.ioctl(abi.ACRN_IOCTL_SET_MEMSEG, 0, arg) == -errno.ENOMEM
+
+    return _in_hsm(scene)
+
+
 # publish / unpublish --------------------------------------------------------------------------
 
 FAKE_DAEMON = r"""
@@ -862,8 +1030,8 @@ MESSAGES = {
     "node lost": "node_lost",
     "unknown transport <name> (auto, fuse or cuse)": "unknown_transport",
     "cannot serve <node>: <reason>": "cannot_serve",
-    "control socket <path> is in use by another running daemon; stop it or give this one another --control":
-        "control_in_use",
+    "control socket <path> is in use by another running daemon (is <node> served already?); stop it or give "
+    "this one another --control": "control_in_use",
     "cannot listen on the control socket <path>: <reason>": "cannot_listen",
     "no daemon control socket at <path> (is acrn-hsm-emu serve running?)": "no_socket",
     "permission denied on <path>: the control socket is for root": "socket_denied",
@@ -889,6 +1057,25 @@ MESSAGES = {
     "port <port> is outside 0..0xffff": "inject_arguments",
     "address <address> is outside 64 bits": "inject_arguments",
     "acrn-hsm-emu <command>: error: <reason>": "inject_arguments",
+    "<command>: error: argument <option>: not a VM id (0 to 65534): <text>": "cli_validation",
+    "<command>: error: argument <option>: not a vCPU index (0 to 65534): <text>": "cli_validation",
+    "<command>: error: argument <option>: not a 32-bit value: <text>": "cli_validation",
+    "<command>: error: argument <option>: not a positive number of seconds: <text>": "cli_validation",
+    "daemon: this daemon serves <node>, not <node>": "wrong_node",
+    "daemon: no VM with vmid <n>": "vm_refusals",
+    "daemon: VM <n> has no vCPU <n>": "no_such_vcpu",
+    "daemon: VM 0 is the Service VM, whose accesses are not trapped: inject into a User VM": "vm_refusals",
+    "daemon: VM 0 is the Service VM: only User VMs can be paused or destroyed": "vm_refusals",
+    "daemon: the hypervisor refused to pause VM <n> (error <ret>)": "vm_hypervisor_refuses",
+    "daemon: the hypervisor refused to destroy VM <n> (error <ret>)": "vm_hypervisor_refuses",
+    "hsm.orphan_reclaimed": "orphan_reclaimed",
+    "control.vm_command": "vm_admin",
+    "hsm.admin.vm_paused": "vm_admin",
+    "hsm.admin.vm_destroyed": "vm_admin",
+    "hsm.destroy_vm_refused": "destroy_running_vm",
+    "hsm.memseg_slots_exhausted": "memseg_slots_exhausted",
+    "hsm.orphan_not_reclaimed": "orphan_not_reclaimed",
+    "hsm.reaper.cannot_watch": "reaper_cannot_watch",
     "the daemon sent no mount to publish": "publish_no_fd",
     "cannot publish <node>: the daemon's node file is not visible here (its directory must be shared with "
     "the daemon: no PrivateDevices=/PrivateTmp= there)": "publish_not_visible",
@@ -919,7 +1106,7 @@ MESSAGES = {
 # text, so each is checked against this exact line too.
 SPECIFIC = {
     "<file>: <key>: <reason>": re.compile(r".*/scenario\.toml: platform\.pcpus: .*"),
-    "daemon: <reason>": re.compile(r"daemon: no vCPU 0 in .*VM 9"),
+    "daemon: <reason>": re.compile(r"daemon: no VM with vmid 9"),
     "daemon: <exception>: <reason>": re.compile(r"daemon: RuntimeError: boom"),
     "cannot publish <node>: <reason>": re.compile(r"cannot publish .*: Invalid argument"),
     "cannot serve <node>: <reason>": re.compile(r"cannot serve /proc/acrn_hsm: /proc/acrn_hsm: .*"),
@@ -969,9 +1156,10 @@ def test_message_is_produced(produced, message):
 # -- the reverse: every message in the code is on the page ------------------------------------
 
 SOURCES = ["acrn_hsm_emu/cli.py", "acrn_hsm_emu/daemon.py", "acrn_hsm_emu/config.py",
-           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py", "acrn_hsm_emu/launcher.py"]
+           "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py", "acrn_hsm_emu/launcher.py",
+           "acrn_hsm_emu/hsm/admin.py"]
 RAISED = {"CliError", "ServeError", "SessionEnded", "StartError", "ValueError", "ConfigError",
-          "ArgumentTypeError", "CuseNameError", "LaunchError"}
+          "ArgumentTypeError", "CuseNameError", "LaunchError", "AdminError"}
 
 
 def template(node: ast.AST) -> str | None:
@@ -1035,7 +1223,7 @@ def test_every_message_in_the_code_is_on_the_page():
     page = {normalise(m) for m in page_messages()}
     missing = []
     for tm, where in sorted(code_messages().items()):
-        forms = {tm, "{}: {}: " + tm, "daemon: " + tm}
+        forms = {tm, "{}: {}: " + tm, "daemon: " + tm, "{}: error: argument {}: " + tm}
         if not forms & page:
             missing.append(f"{where}: {tm!r}")
     assert not missing, "not on docs/troubleshooting.md:\n" + "\n".join(missing)

@@ -17,15 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
 import trio
 
-from acrn_hsm_emu import abi
+from acrn_hsm_emu import abi, logs
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.client.node import NodeFile, Page
 
-log = structlog.get_logger("acrn_hsm_emu.client")
+log = logs.LibraryLogger("acrn_hsm_emu.client")  # quiet unless the program configures logs
 
 PIO = abi.ACRN_IOREQ_TYPE_PORTIO
 MMIO = abi.ACRN_IOREQ_TYPE_MMIO
@@ -139,10 +138,12 @@ class Server:
 
     async def _attach(self) -> None:
         done = threading.Event()
+        began = threading.Event()
         self._attach_done = done
         node = self.node
 
         def blocking() -> None:
+            began.set()
             try:
                 node.attach_ioreq_client()
             finally:
@@ -150,7 +151,12 @@ class Server:
 
         # A cancelled wait leaves the thread in ATTACH: it ends when a request
         # comes or the client is destroyed (close() does that).
-        await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
+        except trio.Cancelled:
+            if not began.is_set():  # cancelled before the thread ran (a handler cancelled serve)
+                self._attach_done = None  # nothing to reap; a late start meets a destroyed client
+            raise
         self._attach_done = None
 
     def _reap_attach(self, timeout: float = 5.0) -> None:

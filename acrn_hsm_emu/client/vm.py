@@ -14,15 +14,14 @@ import errno
 import os
 from collections.abc import Iterable
 
-import structlog
 import trio
 
-from acrn_hsm_emu import abi
+from acrn_hsm_emu import abi, logs
 from acrn_hsm_emu.client import extension as ext
 from acrn_hsm_emu.client.ioreq import Handler, RequestPage, Server
 from acrn_hsm_emu.client.node import DEFAULT_NODE, NodeFile, Page
 
-log = structlog.get_logger("acrn_hsm_emu.client")
+log = logs.LibraryLogger("acrn_hsm_emu.client")  # quiet unless the program configures logs
 
 
 class GuestMemory:

@@ -10,6 +10,7 @@ must probe before replying (CREATE_VM) goes through the caller's memory.
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import trio
 from acrn_hsm_emu import abi
 from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.client import extension as ext
-from acrn_hsm_emu.hsm import acrn_kernel, ioeventfd, irqfd, mm
+from acrn_hsm_emu.hsm import acrn_kernel, admin, ioeventfd, irqfd, mm
 from acrn_hsm_emu.hsm.acrn_drv import INVALID_VMID, Handler, HsmFile, MemoryFactory, Vm
 from acrn_hsm_emu.hsm.acrn_kernel import PROFILES, AcrnKernel
 from acrn_hsm_emu.hsm.express import Express
@@ -177,6 +178,8 @@ class HsmDevice(BaseDevice):
         )  # fmt: skip
         hypervisor.set_upcall(self.dispatcher.upcall)
         self._spawn(self.dispatcher.serve_upcalls)
+        # orphaned VMs go when their owner process does (not the driver's: hsm/admin.py)
+        self.reaper = admin.Reaper(self, self._spawn)
 
     # -- cdev Device ------------------------------------------------------------
 
@@ -207,13 +210,19 @@ class HsmDevice(BaseDevice):
             # ACRN destroys only PAUSED VMs, so the kernel would leave a VM whose
             # owner died running in the hypervisor with nobody to serve it. We
             # pause it first, as the device model's own teardown does (docs/hsm.md).
-            log.warning(
-                "hsm.release_paused_running_vm",
-                vmid=vm.vmid,
-                note="the kernel would leave this VM running, orphaned",
-            )
-            if self.hv.pause_vm(vm.vmid) == 0:
+            vmid = vm.vmid
+            if self.hv.pause_vm(vmid) == 0:
                 ret = vm_destroy(self.dispatcher, vm)
+            # one line for what happened and what it did (the driver would leave the VM running)
+            log.log(
+                logging.INFO if ret == 0 else logging.WARNING,
+                "hsm.release_paused_running_vm",
+                pid=vm.owner_pid or handle.ctx.pid,
+                vmid=vmid,
+                outcome="paused and destroyed" if ret == 0 else f"pause or destroy refused ({ret})",
+                note="its device model exited or closed the node with the VM running; "
+                "the kernel would leave the VM running, orphaned",
+            )
         if any(v is vm for v in self.dispatcher.vms):
             # The driver frees the object while it is still listed; we keep the VM.
             vm.orphaned = True
@@ -228,6 +237,7 @@ class HsmDevice(BaseDevice):
                 reason=reason,
                 ret=ret,
             )
+        self.reaper.released(vm, handle.ctx.pid)
 
     def precheck(self, handle: object, cmd: int, compat: bool) -> int:
         """The driver's answers that come before it copies any argument: no
@@ -350,7 +360,8 @@ class HsmDevice(BaseDevice):
         if r0 | r1:
             return -errno.EINVAL
         pid = call.ctx.pid
-        mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and v.live)
+        # a VM lost by a second CREATE_VM is still this process's until reclaimed (hsm/admin.py)
+        mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and (v.live or v.lost_vmid is not None))
         if mine >= self.limits.vms_per_process:
             return refuse("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
         ret = vm_create(self.dispatcher, vm, param, pid, self.quirks, call.ctx.uid)

@@ -231,5 +231,8 @@ class Hypercalls(Protocol):
     def snapshot(self) -> dict[str, object]:
         """State for ``acrn-hsm-emu status``."""
 
+    def vm_ids(self) -> list[int]:
+        """The post-launched VMs that exist (not POWERED_OFF): the HSM's reaper asks."""
+
     def shutdown(self) -> None:
         """Stop every vCPU thread (daemon exit)."""

@@ -996,7 +996,7 @@ class Hypervisor:
     ) -> tuple[int, int, int, int]:
         """CPUID in the Service VM (``vmid`` None) or in VM ``vmid`` (relative)."""
         service = True
-        if vmid is not None:
+        if vmid is not None and vmid != 0:  # relative vmid 0: the Service VM
             slot = self._target(vmid)
             if isinstance(slot, int) or slot.vm is None:
                 raise ValueError(f"no VM with vmid {vmid}")
@@ -1018,13 +1018,30 @@ class Hypervisor:
         with self._lock:
             slot = self._target(vmid)
             vm = None if isinstance(slot, int) else slot.vm
-            if vm is None or not vm.vcpus or not 0 <= vcpu < vm.vcpu_num:
-                future.set_exception(ValueError(f"no vCPU {vcpu} in a post-launched VM {vmid}"))
+            # one wording per case, the same as cpuid's (the control socket's errors)
+            if vmid & 0xFFFF == 0:
+                future.set_exception(
+                    ValueError("VM 0 is the Service VM, whose accesses are not trapped: inject into a User VM")
+                )
+            elif vm is None:
+                future.set_exception(ValueError(f"no VM with vmid {vmid}"))
+            elif not vm.vcpus or not 0 <= vcpu < vm.vcpu_num:
+                future.set_exception(ValueError(f"VM {vmid} has no vCPU {vcpu}"))
             elif vm.fault is not None:
                 future.set_exception(AccessAborted(f"VM faulted: {vm.fault}"))
             else:
                 vm.vcpus[vcpu].inject(access, future)
         return future
+
+    def vm_ids(self) -> list[int]:
+        """The vmids of the post-launched VMs that exist (not POWERED_OFF); cheap, unlike
+        :meth:`snapshot` (the HSM's reaper asks at every release, hsm/admin.py)."""
+        with self._lock:
+            return [
+                self._rel(i)
+                for i, s in enumerate(self._slots)
+                if s.vm is not None and s.config.load_order == "post" and s.vm.state != VmState.POWERED_OFF
+            ]
 
     def snapshot(self) -> dict[str, Any]:
         """State for ``acrn-hsm-emu status`` (JSON-serialisable; format in docs/scenario.md)."""
