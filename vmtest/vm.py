@@ -13,11 +13,13 @@ Facts behind the choices: shared/notes/cuse-vm.md.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import pathlib
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -37,6 +39,7 @@ INITRAMFS_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 BUSYBOX = pathlib.Path("/bin/busybox")
 QEMU = "qemu-system-x86_64"
 MEMORY = "4G"
+SLOW = 4  # a Python start under TCG takes 4-7 s, 20 times the host's
 CPUS = 2
 
 
@@ -253,6 +256,12 @@ def qemu_missing() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In qemu's child, before exec: a killed test run takes its VM with it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclasses.dataclass
 class Boot:
     """One boot's outcome: the results folder and the serial console."""
@@ -288,6 +297,8 @@ def boot(mode: str, timeout: float) -> Boot:
         f"vmtest.mode={mode}", f"vmtest.repo={REPO}", f"vmtest.kver={kernel.version}",
         f"vmtest.modules={kernel.modules}", f"vmtest.wheels={wheels}", f"vmtest.preload={preload}",
     ]
+    # The suite's hang guards scale with ACRN_HSM_TEST_SLOW (tests/conftest.py).
+    cmdline.append(f"vmtest.slow={os.environ.get('ACRN_HSM_TEST_SLOW') or SLOW}")
     if os.environ.get("VMTEST_FILES"):  # a narrower suite run, by hand
         cmdline.append("vmtest.files=" + ",".join(os.environ["VMTEST_FILES"].split()))
     if mode == "systemd":
@@ -306,7 +317,7 @@ def boot(mode: str, timeout: float) -> Boot:
     print(f"vmtest: booting {kernel.version} ({mode}), console in {console}", flush=True)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
     timed_out = False
     try:
         qemu_out, _ = proc.communicate(timeout=timeout)

@@ -23,6 +23,8 @@ export HOME=/root LANG=C.UTF-8 TERM=dumb
 # The guest has no network: pip (make install in the service tests) takes the prepared wheels.
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=$VMTEST_WHEELS
 export ACRN_HSM_TEST_TRANSPORTS=cuse
+# Hang guards (tests/conftest.py) scaled: a Python start takes seconds under TCG.
+export ACRN_HSM_TEST_SLOW=$VMTEST_SLOW
 
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /dev/shm /dev/pts
