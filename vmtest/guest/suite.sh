@@ -16,7 +16,7 @@ power_off() {
     echo o >/proc/sysrq-trigger
     sleep 60
 }
-trap 'echo "suite.sh: failed at line $LINENO" | tee -a "$out/error"; power_off' EXIT
+trap 'echo "suite.sh: stopped early (exit $?) at: $BASH_COMMAND" | tee -a "$out/error"; power_off' EXIT
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
@@ -30,6 +30,11 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /dev/shm /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t devpts devpts /dev/pts
+# What udev or systemd would add to devtmpfs (bash's <(...) needs /dev/fd).
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
 hostname vmtest
 
 cd "$VMTEST_REPO"
