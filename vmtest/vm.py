@@ -61,8 +61,8 @@ class Kernel:
         return self.root / "lib" / "modules" / self.version
 
 
-def _run(cmd: list[str], what: str, **kw: object) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+def _run(cmd: list[str], what: str, cwd: pathlib.Path | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise VmError(f"{what}: {' '.join(cmd)} exited {proc.returncode}: {detail[-1] if detail else ''}")
@@ -76,7 +76,7 @@ def kernel_package() -> str:
                               text=True, check=False)
         found = re.findall(r"Depends: (linux-image-[0-9][^\s]*)", proc.stdout)
         if found:
-            return found[0]
+            return str(found[0])
         if attempt == 0 and os.geteuid() == 0:  # a fresh machine: no package lists yet
             _run(["apt-get", "update", "-qq"], "updating the package lists")
     raise VmError(f"apt-cache depends {KERNEL_META} names no kernel image (apt-get update as root)")
