@@ -205,7 +205,8 @@ def ensure_wheels() -> pathlib.Path:
     return wheels
 
 
-# Parts of the Python trees the runs never import: left on the 9p root.
+# Parts of the standard libraries the runs never import (the venv has its own site-packages):
+# left on the 9p root.
 PRELOAD_SKIP = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
                 "lib2to3", "ensurepip", "__phello__"}
 
@@ -228,11 +229,11 @@ def build_preload() -> pathlib.Path:
     and 6 s from guest memory. The files are the same, at the same paths.
     """
     out = CACHE / "preload.tar"
-    skip = {REPO / ".git", CACHE}
+    trees = preload_trees()
+    skip = {REPO / ".git", CACHE} | {t / name for t in trees[1:] for name in PRELOAD_SKIP}
 
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        path = pathlib.Path("/" + info.name)
-        if path in skip or (path.name in PRELOAD_SKIP and path.parent.name.startswith("python")):
+        if pathlib.Path("/" + info.name) in skip:
             return None
         if not (info.isfile() or info.isdir() or info.issym()):
             return None  # sockets, fifos, devices: nothing a run reads
@@ -241,7 +242,7 @@ def build_preload() -> pathlib.Path:
         return info
 
     with tarfile.open(out, "w") as tar:
-        for tree in preload_trees():
+        for tree in trees:
             tar.add(tree, arcname=str(tree).lstrip("/"), filter=keep)
     return out
 
