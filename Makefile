@@ -6,6 +6,9 @@ VPY := $(VENV)/bin/python
 APT_PKGS := fuse3 libfuse3-dev pkg-config gcc libc6-dev binutils make util-linux
 # Only the tests need these: systemd-analyze verifies the unit, strace checks its system call filter.
 TEST_APT_PKGS := systemd strace
+# make test-vm: qemu (TCG), depmod for the unpacked kernel, a static busybox for the initramfs.
+VM_APT_PKGS := qemu-system-x86 kmod busybox-static
+APT_INSTALL_OPTS ?=
 ARGS ?=
 
 # make install: the package and its dependencies in a private directory (nothing goes
@@ -25,7 +28,7 @@ UNIT_SED := -e 's|/usr/local/bin/|$(BINDIR)/|g' -e 's|/usr/local/share/doc/acrn-
 	-e 's|/etc/acrn-hsm-emu/|$(SYSCONFDIR)/acrn-hsm-emu/|g'
 SYSTEMD_RUNNING = [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]
 
-.PHONY: setup run test lint sanitize bench soak fuzz clean apt apt-test venv install uninstall
+.PHONY: setup run test test-vm lint sanitize bench soak fuzz clean apt apt-test apt-vm venv install uninstall
 
 setup: apt venv
 
@@ -36,11 +39,15 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  echo "setup: installing$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "setup: need root to apt-get install$$missing" >&2; exit 1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_INSTALL_OPTS) $$missing; \
 	fi
 
 apt-test:
 	@$(MAKE) --no-print-directory apt APT_PKGS="$(TEST_APT_PKGS)"
+
+# Without recommends: qemu's would bring a GUI, firmware and block drivers the VM never uses.
+apt-vm:
+	@$(MAKE) --no-print-directory apt APT_PKGS="$(VM_APT_PKGS)" APT_INSTALL_OPTS=--no-install-recommends
 
 # The virtualenv, rebuilt when the package definition, a cffi build script or declaration,
 # or a C file changes.
@@ -59,7 +66,7 @@ run: setup
 	$(VENV)/bin/acrn-hsm-emu serve $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check cdev acrn_hsm_emu tests bench examples _cffi_src
+	$(VENV)/bin/ruff check cdev acrn_hsm_emu tests bench examples _cffi_src vmtest
 	$(VENV)/bin/mypy
 
 test: setup apt-test lint
@@ -87,6 +94,11 @@ sanitize: setup
 	cd $(CURDIR); if [ -n "$$(ls -A $(SANITIZE_DIR)/reports)" ]; then \
 	  echo "sanitize: reports in $(SANITIZE_DIR)/reports:" >&2; head -n 60 $(SANITIZE_DIR)/reports/* >&2; exit 1; \
 	fi; echo "sanitize: no ASan or UBSan report"; exit $$status
+
+# Debian's stock kernel (CUSE) under qemu: the CUSE half of the suite, then the installed
+# service under systemd as PID 1 (vmtest/, README "VM tests"). Caches in VMTEST_CACHE (.vmtest/).
+test-vm: setup apt-test apt-vm lint
+	$(VENV)/bin/pytest -s -p no:cacheprovider vmtest/test_vm.py $(ARGS)
 
 # Benchmarks (not tests): figures next to floors measured in the same run; plotting needs matplotlib.
 bench: setup $(VENV)/.bench
