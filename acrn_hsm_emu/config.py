@@ -260,7 +260,7 @@ KEYS: dict[str, Key] = {
         Key("node_owner", _id("user", pwd.getpwnam), "owner of the node (default: the daemon's user)", "USER"),
         Key("node_group", _id("group", grp.getgrnam), "group of the node (default: the daemon's group)", "GROUP"),
         Key("node_mode", _mode, "permissions of the node, octal (default 0600)", "MODE"),
-        Key("transport", _choice("auto", "fuse", "cuse"), "auto (default: cuse where /dev/cuse exists, else fuse), fuse or cuse", "NAME"),
+        Key("transport", _choice("auto", "fuse", "cuse"), "auto (default: cuse where /dev/cuse exists and the node is under /dev, else fuse), fuse or cuse", "NAME"),
         Key(
             "backend",
             _choice("auto", *BACKENDS),
@@ -367,8 +367,8 @@ def _unknown(name: str) -> str:
 
 def _node_for_transport(values: Mapping[str, Any], where: Mapping[str, str]) -> list[str]:
     """A node path the transport cannot serve (CUSE: only below /dev), as a problem of ``node``."""
-    transport = cuse.available_transport(values.get("transport", Settings.transport))
-    if transport != "cuse" or "node" not in values:
+    # auto serves a path outside /dev over FUSE: only an explicit cuse can be wrong
+    if values.get("transport") != "cuse" or "node" not in values:
         return []
     try:
         cuse.device_name(values["node"])

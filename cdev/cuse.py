@@ -50,8 +50,16 @@ def registered_devt(name: str) -> int | None:
     return os.makedev(int(major), int(minor))
 
 
-def available_transport(requested: str) -> str:
-    """Resolve ``auto`` to ``cuse`` where the kernel has it, else ``fuse``."""
-    if requested == "auto":
-        return "cuse" if os.path.exists(CUSE_DEVICE) else "fuse"
-    return requested
+def available_transport(requested: str, node: str | os.PathLike[str] | None = None) -> str:
+    """Resolve ``auto``: ``cuse`` where the kernel has it and CUSE can make ``node`` (a path
+    under /dev), else ``fuse``, which serves any path."""
+    if requested != "auto":
+        return requested
+    if not os.path.exists(CUSE_DEVICE):
+        return "fuse"
+    if node is not None:
+        try:
+            device_name(node)
+        except CuseNameError:
+            return "fuse"
+    return "cuse"

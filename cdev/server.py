@@ -114,7 +114,7 @@ class Server:
     ) -> None:
         self.device = device
         self.node = pathlib.Path(node)
-        self.transport = available_transport(transport)
+        self.transport = available_transport(transport, node)
         if self.transport not in ("fuse", "cuse"):
             raise ServeError(f"unknown transport {transport!r} (auto, fuse or cuse)")
         self.run_dir = pathlib.Path(run_dir)
