@@ -13,7 +13,7 @@ import pytest
 
 from acrn_hsm_emu import cli, config
 from acrn_hsm_emu.config import KEYS, ConfigError
-from tests.conftest import VENV_BIN, mounted_under
+from tests.conftest import VENV_BIN, mounted_under, node_path
 
 EXE = str(VENV_BIN / "acrn-hsm-emu")
 
@@ -190,13 +190,14 @@ def test_socket_path_length_is_checked():
 
 
 @pytest.mark.needs_fuse
-def test_daemon_applies_owner_group_mode_from_the_file(daemon_factory, tmp_path):
+def test_daemon_applies_owner_group_mode_from_the_file(daemon_factory, tmp_path, transport):
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     # A directory every user can traverse (pytest's tmp_path is root's alone).
     shared = pathlib.Path(tempfile.mkdtemp(prefix="acrn-hsm-cfg-"))
     shared.chmod(0o755)
-    node = shared / "acrn_hsm"
+    # CUSE makes its node under /dev (the fixture's path there is one per test)
+    node = shared / "acrn_hsm" if transport == "fuse" else node_path(tmp_path, transport, "cfg")
     try:
         cfg = write(tmp_path, f'node = "{node}"\nnode_owner = "nobody"\nnode_group = "{group}"\n'
                     'node_mode = "0640"\n')
@@ -211,7 +212,8 @@ def test_daemon_applies_owner_group_mode_from_the_file(daemon_factory, tmp_path)
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (nobody.pw_uid, nobody.pw_gid, 0o640)
         as_nobody = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
         probe = "import os, sys; os.close(os.open(sys.argv[1], getattr(os, sys.argv[2])))"
-        # The kernel enforces what the FUSE file reports (default_permissions): the owner
+        # The kernel enforces what the FUSE file reports (default_permissions), or the CUSE
+        # device's own owner and mode: the owner
         # may read and write; a user outside owner and group may not even read.
         ok = subprocess.run([*as_nobody, "/usr/bin/python3", "-c", probe, str(node), "O_RDWR"],
                             capture_output=True, text=True, check=False)

@@ -58,8 +58,10 @@ for d in ("/home", "/root", "/run/user"):             # ProtectHome=yes
         mount("-t", "tmpfs", "-o", "ro,mode=0755", "tmpfs", d)
 for d in ("/tmp", "/var/tmp"):                        # PrivateTmp=yes
     mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", d)
-if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0:      # PR_SET_MDWE: MemoryDenyWriteExecute=yes
-    sys.exit("PR_SET_MDWE failed")
+libc = ctypes.CDLL(None, use_errno=True)               # PR_SET_MDWE: MemoryDenyWriteExecute=yes
+if libc.prctl(65, 1, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
+    sys.exit("PR_SET_MDWE failed")                    # EINVAL: a kernel before 6.3, where systemd
+                                                      # uses a seccomp filter instead (not built here)
 os.umask(umask)
 os.execvp("setpriv", ["setpriv", "--no-new-privs", "--inh-caps=-all", f"--bounding-set=-all,{caps}", *cmd])
 """
