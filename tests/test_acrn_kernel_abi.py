@@ -36,22 +36,14 @@ def test_layouts() -> None:
     assert ak.S5_WRITE == 0x3400
 
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
 SRC = os.environ.get("ACRN_DM_SRC")
 
 
 @pytest.mark.skipif(not SRC, reason="set ACRN_DM_SRC=<acrn-hypervisor v3.3 tree> to compile against its headers")
 def test_against_acrn_dm_headers(tmp_path: pathlib.Path) -> None:
     inc = pathlib.Path(SRC or "") / "devicemodel" / "include"
-    prog = tmp_path / "sizes.c"
-    prog.write_text(
-        "#include <stdio.h>\n#include <stdint.h>\n#include <stdbool.h>\n#include <sys/ioctl.h>\n#include <linux/types.h>\n#include \"acrn_common.h\"\n"
-        "#include \"hsm_ioctl_defs.h\"\n"
-        "int main(void) { printf(\"%lu %lu %lu %lu %lu %lu %lu\\n\",\n"
-        " (unsigned long)ACRN_IOCTL_SETUP_ASYNCIO, (unsigned long)ACRN_IOCTL_SETUP_VM_EVENT_RING,\n"
-        " (unsigned long)ACRN_IOCTL_SETUP_VM_EVENT_FD, (unsigned long)ACRN_IOCTL_ASSIGN_PIO_REGION,\n"
-        " (unsigned long)sizeof(struct acrn_asyncio_info), (unsigned long)sizeof(struct shared_buf),\n"
-        " (unsigned long)sizeof(struct vm_event)); return 0; }\n"
-    )
+    prog = REPO / "tests" / "clients" / "acrn_dm_sizes.c"
     exe = tmp_path / "sizes"
     subprocess.run(["cc", "-I", str(inc / "public"), "-I", str(inc), "-o", str(exe), str(prog)],
                    check=True, capture_output=True)  # fmt: skip
