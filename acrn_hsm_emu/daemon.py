@@ -199,8 +199,10 @@ class Daemon:
         (A FUSE node carries them in its attributes: cdev's session answers getattr with them.)
         """
         s = self.settings
-        os.chown(s.node, s.node_uid, s.node_gid)
+        # the mode while root still owns it: after the chown, chmod would need CAP_FOWNER,
+        # which the unit does not grant
         os.chmod(s.node, s.node_mode)
+        os.chown(s.node, s.node_uid, s.node_gid)
 
     def _status_line(self) -> str:
         # the count only: a full snapshot summarises every vCPU's cycle ring, which
