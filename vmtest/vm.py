@@ -327,7 +327,10 @@ def boot(mode: str, timeout: float) -> Boot:
         qemu_out, _ = proc.communicate()
         timed_out = True
     seconds = time.monotonic() - start
-    if proc.returncode not in (0, -9) and not timed_out:
+    if proc.returncode < 0 and not timed_out:
+        raise VmError(f"qemu was killed by {signal.Signals(-proc.returncode).name} from outside "
+                      f"after {seconds:.0f} s (console: {console})")
+    if proc.returncode > 0:
         raise VmError(f"qemu exited {proc.returncode}: {qemu_out.strip()[-300:]}")
     print(f"vmtest: {mode} VM ran {seconds:.0f} s{' (timed out, killed)' if timed_out else ''}",
           flush=True)
