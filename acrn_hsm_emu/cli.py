@@ -248,11 +248,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except* SessionEnded as group:  # the kernel took the node away while we served it
         lost = first_exception(group)
     if error is not None:
-        structlog.get_logger("acrn_hsm_emu").error("cannot start", reason=str(error))
+        structlog.get_logger("acrn_hsm_emu").error("daemon.cannot_start", reason=str(error))
         print(f"acrn-hsm-emu: {error}", file=sys.stderr)
         return 1
     if lost is not None:
-        structlog.get_logger("acrn_hsm_emu").error("node lost", reason=str(lost))
+        structlog.get_logger("acrn_hsm_emu").error("daemon.node_lost", reason=str(lost))
         print(f"acrn-hsm-emu: {lost}", file=sys.stderr)
         return 1
     return daemon.exit_code

@@ -135,7 +135,7 @@ class Daemon:
                 for d in self._made_dirs:
                     with contextlib.suppress(OSError):  # kept when not empty
                         d.rmdir()
-            log.info("stopped")
+            log.info("daemon.stopped")
 
     async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
         s = self.settings
@@ -181,7 +181,7 @@ class Daemon:
         self.notifier.notify("READY=1", status)
         nursery.start_soon(self._status_loop, status)
         log.info(
-            "serving",
+            "daemon.serving",
             node=s.node,
             transport=self.server.transport,
             backend=s.backend,
@@ -214,7 +214,7 @@ class Daemon:
 
     async def _signals(self, signals: Any, scope: trio.CancelScope) -> None:
         async for signum in signals:
-            log.info("shutting down", signal=signal.Signals(signum).name)
+            log.info("daemon.shutting_down", signal=signal.Signals(signum).name)
             scope.cancel()
             return
 
@@ -242,7 +242,7 @@ class Daemon:
         own, so that its value-argument ioctls (SET_IRQLINE) reach a FUSE node too."""
         env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
         s = self.settings
-        log.info("running command", argv=self.command)
+        log.info("daemon.command_started", argv=self.command)
         try:
             launcher.resolve(self.command[0])
             argv = launcher.argv_for(s.node, self.command, s.log_format, s.log_level)
@@ -251,12 +251,12 @@ class Daemon:
             proc = await trio.run_process(argv, check=False, stdin=None, env=env)
         except (OSError, launcher.LaunchError) as e:
             error = e.strerror or str(e) if isinstance(e, OSError) else str(e)
-            log.error("cannot run the command", argv=self.command, error=error)
+            log.error("daemon.command_not_started", argv=self.command, error=error)
             self.exit_code = 127
         else:
             rc = proc.returncode
             self.exit_code = rc if rc >= 0 else 128 - rc
-            log.info("command exited", argv=self.command, status=self.exit_code)
+            log.info("daemon.command_exited", argv=self.command, status=self.exit_code)
         scope.cancel()
 
     # -- control socket -------------------------------------------------
@@ -311,7 +311,7 @@ class Daemon:
         creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         peer_uid = int.from_bytes(creds[4:8], "little")
         if peer_uid not in (0, os.geteuid()):
-            log.warning("control connection refused", uid=peer_uid)
+            log.warning("control.connection_refused", uid=peer_uid)
             await stream.aclose()
             return
         buf = b""
@@ -376,7 +376,7 @@ class Daemon:
         except (ValueError, KeyError, TypeError, OverflowError, json.JSONDecodeError) as e:
             return {"ok": False, "error": str(e) or type(e).__name__}, None
         except Exception as e:
-            log.exception("control request failed")
+            log.exception("control.request_failed")
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
 
     def _vm_command(self, cmd: str, req: dict[str, Any]) -> Any:

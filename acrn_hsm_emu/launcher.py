@@ -169,7 +169,7 @@ class Launcher:
         finally:
             self._finish()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        log.info("the command exited", argv=self.command, status=status, **self.stats)
+        log.info("launcher.command_exited", argv=self.command, status=status, **self.stats)
         return status
 
     def _spawn(self, path: str, cmds: list[int]) -> None:
@@ -182,7 +182,7 @@ class Launcher:
             raise self._spawn_error(path, out.step, out.err)
         self.pid = out.pid
         log.info(
-            "running the command", argv=self.command, pid=self.pid, node=self.node,
+            "launcher.command_started", argv=self.command, pid=self.pid, node=self.node,
             filter=bool(cmds), trapped=[ext.VALUE_CALLS[c] for c in cmds],
             no_new_privs=bool(out.no_new_privs), killable_wait=bool(out.killable),
         )  # fmt: skip
@@ -192,7 +192,7 @@ class Launcher:
                                  int(self.thread_pidfd))  # fmt: skip
         if sup == ffi.NULL:
             os.close(out.listener)  # CMD's trapped calls fail with ENOSYS from now on
-            log.error("the supervisor stopped", step=STEPS[lib.LAUNCH_STEP_MEMORY],
+            log.error("launcher.supervisor_stopped", step=STEPS[lib.LAUNCH_STEP_MEMORY],
                       error=os.strerror(ffi.errno))  # fmt: skip
             return
         for cmd in ext.FD_VALUE_CALLS:
@@ -217,7 +217,7 @@ class Launcher:
                 if kind in (lib.LAUNCH_EV_STOP, lib.LAUNCH_EV_HUP):
                     return
                 if kind == lib.LAUNCH_EV_ERROR:
-                    log.error("the supervisor stopped", step=STEPS.get(ev.step, ev.step),
+                    log.error("launcher.supervisor_stopped", step=STEPS.get(ev.step, ev.step),
                               error=os.strerror(ev.err),
                               note="the command's trapped ioctls fail with ENOSYS from now on")  # fmt: skip
                     return
@@ -230,11 +230,11 @@ class Launcher:
         first = (kind, ev.step, ev.err) not in self._logged
         self._logged.add((kind, ev.step, ev.err))
         if kind == lib.LAUNCH_EV_REFUSED and first:
-            log.warning("the node refused to carry a value-argument ioctl", error=_errno_name(ev.err),
+            log.warning("launcher.value_ioctl_refused", error=_errno_name(ev.err),
                         node=self.node, note="the kernel answers these calls itself (EFAULT under FUSE)",
                         **fields)  # fmt: skip
         elif kind == lib.LAUNCH_EV_FAILED and first:
-            log.warning("cannot take the caller's file descriptor", step=STEPS.get(ev.step, ev.step),
+            log.warning("launcher.caller_fd_not_taken", step=STEPS.get(ev.step, ev.step),
                         error=_errno_name(ev.err), note="the kernel answers these calls itself", **fields)
         else:
             log.debug("launcher.call", outcome=EVENTS.get(kind, kind), result=ev.result, **fields)

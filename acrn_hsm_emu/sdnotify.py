@@ -27,7 +27,7 @@ class Notifier:
         elif address.startswith("/"):
             self._addr = address
         else:
-            log.warning("NOTIFY_SOCKET is neither a path nor abstract; ignored", value=address)
+            log.warning("sdnotify.bad_socket_address", value=address)
             return
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.setblocking(False)
@@ -44,7 +44,7 @@ class Notifier:
             self._sock.sendto("\n".join(fields).encode(), self._addr)
         except OSError as e:
             if not self._failing:
-                log.warning("sd_notify failed", error=e.strerror or str(e), socket=self.address)
+                log.warning("sdnotify.send_failed", error=e.strerror or str(e), socket=self.address)
             self._failing = True
         else:
             self._failing = False
@@ -65,7 +65,7 @@ class Notifier:
         if not usec or (pid and pid != str(os.getpid())):
             return None
         if not usec.isdigit() or int(usec) == 0:
-            log.warning("WATCHDOG_USEC is not a positive number; no watchdog pings", value=usec)
+            log.warning("sdnotify.bad_watchdog_usec", value=usec)
             return None
         return int(usec) / 2e6
 

@@ -180,7 +180,7 @@ class Server:
             if m.mount_point not in ours:
                 continue
             if m.fs_type == FS_TYPE and is_stale(m.mount_point):
-                log.warning("removing stale mount from an earlier run", path=m.mount_point)
+                log.warning("cdev.stale_mount_removed", path=m.mount_point)
                 detach(m.mount_point)
             elif m.mount_point == str(self.node):
                 what = "another cdev server" if m.fs_type == FS_TYPE else m.fs_type
@@ -206,7 +206,7 @@ class Server:
             if self._recorded(record) != self._identity(self.node):
                 return  # somebody else's file: bound over, and left as it was
             # An earlier run was killed before it could remove its placeholder.
-            log.info("taking over the node file of an earlier run", path=str(self.node))
+            log.info("cdev.stale_node_taken_over", path=str(self.node))
         else:
             fd = os.open(self.node, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.close(fd)
@@ -322,7 +322,7 @@ class Server:
                 else:
                     await trio.to_thread.run_sync(self._bind)
                     await self._check_bound()
-                log.info("node ready", node=str(self.node), transport=self.transport)
+                log.info("cdev.node_ready", node=str(self.node), transport=self.transport)
                 task_status.started()
             raise SessionEnded(f"the kernel ended the session serving {self.node}; the node is gone")
         finally:

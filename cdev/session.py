@@ -219,7 +219,7 @@ class Session:
             rx = lib.cdev_rx_start(self.se, fn, ctx, int(getattr(self._prefilter, "poll_max_ns", 0)))
             if rx == _NULL:
                 self._rx_failed = True
-                log.warning("native reader not started: requests stay on the trio thread")
+                log.warning("cdev.native_reader_unavailable")
             return rx
         lib.cdev_rx_stop(rx)
         while lib.cdev_rx_process(self.se, rx, 1 << 20) > 0:
@@ -339,7 +339,7 @@ class Session:
             try:
                 self.device.release(handle)
             except Exception:
-                log.exception("release failed", fh=fi.fh)
+                log.exception("cdev.release_failed", fh=fi.fh)
         lib.fuse_reply_err(req, 0)
 
     def op_ioctl(
@@ -462,7 +462,7 @@ class Session:
 
     def _refuse_waiting(self, req: Any, pid: int, mine: int) -> None:
         log.warning(
-            "waiting request refused: limit reached",
+            "cdev.waiting_request_refused",
             pid=pid,
             waiting=len(self._waiting),
             waiting_for_pid=mine,
@@ -507,7 +507,7 @@ class Session:
             with w.scope:
                 result = await coro
         except Exception:
-            log.exception("ioctl handler failed", cmd=hex(w.call.cmd))
+            log.exception("cdev.ioctl_handler_failed", cmd=hex(w.call.cmd))
             result = -errno.EIO
         finally:
             if inspect.iscoroutine(coro):
@@ -531,11 +531,11 @@ class Session:
                 try:
                     d.on_cancel(d)
                 except Exception:
-                    log.exception("on_cancel failed", cmd=hex(w.call.cmd))
+                    log.exception("cdev.on_cancel_failed", cmd=hex(w.call.cmd))
         try:
             result = self.device.interrupted(w.handle, w.call)
         except Exception:
-            log.exception("interrupt handler failed", cmd=hex(w.call.cmd))
+            log.exception("cdev.interrupt_handler_failed", cmd=hex(w.call.cmd))
             result = -errno.EINTR
         self._reply_ioctl(w.req, result, w.out_size)
         if w.scope is not None:
@@ -581,7 +581,7 @@ def _guarded(req: Any, fn: Callable[[], None]) -> None:
     try:
         fn()
     except Exception:
-        log.exception("request handler failed")
+        log.exception("cdev.request_handler_failed")
         lib.fuse_reply_err(req, errno.EIO)
 
 
@@ -645,7 +645,7 @@ def cdev_ll_ioctl(
     try:
         _session(req).op_ioctl(req, cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz)
     except Exception:
-        log.exception("ioctl dispatch failed", cmd=hex(cmd))
+        log.exception("cdev.ioctl_dispatch_failed", cmd=hex(cmd))
         lib.fuse_reply_err(req, errno.EIO)
 
 
@@ -667,7 +667,7 @@ def cdev_interrupt(req: Any, data: Any) -> None:
     try:
         _session(req).on_interrupt(w)
     except Exception:
-        log.exception("interrupt handling failed")
+        log.exception("cdev.interrupt_failed")
 
 
 _FUSE_LEVELS = ["critical", "critical", "critical", "error", "warning", "info", "info", "debug"]

@@ -123,3 +123,23 @@ def test_uart_example_prints_hello_from_a_kvm_guest(daemon_factory):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.communicate(timeout=60)
+
+
+@pytest.mark.needs_kvm
+@pytest.mark.skipif("kvm" not in BACKENDS, reason="the KVM vCPU backend is not available yet")
+def test_hello_without_a_uart_is_logged_by_the_launcher(daemon_factory):
+    """docs/kvm.md: `launch.py examples/hello.S --start` with nobody on COM1: the launcher, the
+    default client, logs the guest's port accesses (the LSR polls at 0x3fd) on stderr."""
+    daemon = daemon_factory("--backend", "kvm")
+    launch, _vmid = start_launch(daemon.node, str(EXAMPLES / "hello.S"), "--start")
+    try:
+        assert launch.stderr is not None
+        seen = []
+        for line in launch.stderr:
+            seen.append(line)
+            if line.startswith("launch: unclaimed") and "0x3fd" in line:
+                break
+        else:
+            raise AssertionError("".join(seen))
+    finally:
+        stop(launch, "launch.py")

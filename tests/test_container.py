@@ -99,7 +99,7 @@ def test_client_in_a_namespace_container_uses_the_fixed_path(tmp_path):
     assert " /dev/acrn_hsm " in proc.stdout and "fuse.cdev" in proc.stdout
     # ... and `status` inside saw the VM come and go.
     assert "daemon pid 1  node /dev/acrn_hsm (fuse)" in proc.stdout
-    assert '"event": "serving"' in proc.stderr or '"event": "serving"' in proc.stdout
+    assert '"event": "daemon.serving"' in proc.stderr or '"event": "daemon.serving"' in proc.stdout
     assert "Traceback" not in out
     # The host: no /dev/acrn_hsm made or changed, nothing mounted, no run directory.
     assert snapshot() == before
@@ -194,7 +194,7 @@ def test_the_image_serves_a_client_in_its_container(image_root):
     # The default config of the image: the node at /dev/acrn_hsm, the scripted backend
     # (no /dev/kvm passed), JSON logs (no terminal), the default control socket.
     assert "daemon pid 1  node /dev/acrn_hsm (fuse)  backend scripted" in proc.stdout
-    serving = next(json.loads(line) for line in out.splitlines() if '"event": "serving"' in line)
+    serving = next(json.loads(line) for line in out.splitlines() if '"event": "daemon.serving"' in line)
     assert serving["config"] == "/etc/acrn-hsm-emu/config.toml"
     assert serving["control"] == "/run/acrn-hsm-emu/dev-acrn_hsm.sock"  # one socket per node
     assert "Traceback" not in out

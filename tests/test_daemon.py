@@ -48,8 +48,21 @@ def test_sigint_also_stops_cleanly(daemon_factory, tmp_path):
 
 
 def test_restart_after_sigkill_needs_no_manual_cleanup(daemon_factory, tmp_path):
+    """SIGKILL while a device model has a running VM: the device model's next ioctls and a new
+    open get ENOTCONN or ENOENT (never ENOTTY); the restarted daemon leaves nothing behind and
+    serves a new device model."""
     d = daemon_factory()
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(d.node), "0x1"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    assert dm.stdout is not None and dm.stdout.readline().startswith("vmid=1 ")
     assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    dm.terminate()  # its teardown ioctls now reach a dead daemon
+    _, dm_err = dm.communicate(timeout=60)
+    assert "ENOTTY" not in dm_err and ("ENOTCONN" in dm_err or "ENODEV" in dm_err), dm_err
+    opened = subprocess.run([str(build_c("hsm_open")), str(d.node)], capture_output=True, text=True,
+                            timeout=60, check=True).stdout.strip()
+    assert opened in ("open=Transport endpoint is not connected create=-",
+                      "open=No such file or directory create=-"), opened
     if d.transport == "fuse":
         assert mounted_under(tmp_path), "SIGKILL leaves stale mounts behind"
         assert d.node.is_file(), "and the placeholder file"
@@ -57,12 +70,18 @@ def test_restart_after_sigkill_needs_no_manual_cleanup(daemon_factory, tmp_path)
         assert not d.node.exists(), "the kernel removes a CUSE device with its server"
     d2 = daemon_factory()
     if d.transport == "fuse":
-        assert "stale mount" in d2.log()
-        assert "taking over the node file of an earlier run" in d2.log()
+        assert "cdev.stale_mount_removed" in d2.log()
+        assert "cdev.stale_node_taken_over" in d2.log()
     out = d2.cli("cpuid", "0x40000000").stdout
     assert "ACRNACRNACRN" in out
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(d2.node), "0x1"], stdout=subprocess.PIPE, text=True)
+    assert dm.stdout is not None and dm.stdout.readline().startswith("vmid=1 "), "a new device model works"
+    assert d2.cli("inject", "--vm", "1", "pio-read", "0x3f8", "1").stdout.strip()
+    dm.terminate()
+    assert dm.wait(timeout=60) == 0
     assert d2.stop() == 0
     assert not d2.node.exists(), "the taken-over placeholder goes with the clean stop"
+    assert not mounted_under(tmp_path)
 
 
 @pytest.mark.transports("fuse")
@@ -147,7 +166,7 @@ def test_a_session_the_kernel_ends_stops_the_daemon(daemon_factory):
     rc = d.proc.wait(timeout=60)
     assert rc == 1, d.log()
     lines = [json.loads(ln) for ln in d.log().splitlines() if ln.startswith("{")]
-    lost = [ln for ln in lines if ln["event"] == "node lost"]
+    lost = [ln for ln in lines if ln["event"] == "daemon.node_lost"]
     assert len(lost) == 1 and lost[0]["level"] == "error", lines
     assert lost[0]["reason"] == f"the kernel ended the session serving {d.node}; the node is gone"
     assert f"acrn-hsm-emu: {lost[0]['reason']}" in d.log().splitlines()

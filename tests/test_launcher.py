@@ -247,7 +247,7 @@ def test_the_launcher_carries_set_irqline_on_the_callers_vm(hsm_daemon, clients)
     calls = events(err, "launcher.call")
     assert [e["outcome"] for e in calls] == ["carried"] * 6 + ["passed"] * 3
     assert calls[0]["tid"] == a.pid and calls[1]["tid"] != a.pid  # the second thread's own id
-    done = events(err, "the command exited")[0]
+    done = events(err, "launcher.command_exited")[0]
     assert done["carried"] == 6 and done["passed"] == 3 and done["status"] == 0
 
 
@@ -282,9 +282,9 @@ def test_many_threads_and_signals_each_call_carried_once(hsm_daemon, clients):
     calls = irqline_calls(hsm_daemon, c.vmid) - 1200
     rc, err = c.close()
     assert rc == 0, err
-    killable = events(err, "running the command")[0]["killable_wait"]
+    killable = events(err, "launcher.command_started")[0]["killable_wait"]
     assert calls == ok if killable else calls >= ok
-    assert events(err, "the command exited")[0]["carried"] == 1200 + calls
+    assert events(err, "launcher.command_exited")[0]["carried"] == 1200 + calls
 
 
 @pytest.mark.transports("fuse")
@@ -408,9 +408,9 @@ def test_a_daemon_without_value_calls_gets_the_kernels_answer(cdev_server):
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(errno.EFAULT), str(errno.EFAULT)]  # FUSE's answer, both times
-    refused = events(p.stderr, "the node refused to carry a value-argument ioctl")
+    refused = events(p.stderr, "launcher.value_ioctl_refused")
     assert len(refused) == 1 and refused[0]["error"] == "ENOTTY"  # once, not per call
-    assert events(p.stderr, "the command exited")[0]["refused"] == 2
+    assert events(p.stderr, "launcher.command_exited")[0]["refused"] == 2
 
 
 # Two SET_IRQLINE calls on a node (value arguments that are not addresses).
@@ -541,7 +541,7 @@ def test_serve_runs_its_command_through_the_launcher(daemon_factory, guests, tmp
     assert d.proc.wait(timeout=HANG_GUARD_S) == 0, d.log()
     log = d.log()
     assert "op 0 raise ret=0 vectors=0x44" in log and "op 1 fall ret=0 vectors=0x44" in log
-    assert events(log, "the command exited")[0]["carried"] == 4  # two ops, two fences
+    assert events(log, "launcher.command_exited")[0]["carried"] == 4  # two ops, two fences
 
 
 # -- fuzzing the trapped path -----------------------------------------------------------

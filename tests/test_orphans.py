@@ -132,6 +132,9 @@ def test_a_device_model_that_dies_is_one_info_line(hsm_daemon):
     assert len(released) == 1, events
     assert (released[0]["level"], released[0]["pid"], released[0]["vmid"], released[0]["outcome"]) == (
         "info", dm.pid, vmid, "paused and destroyed")
+    assert released[0]["summary"] == (
+        f"device model pid {dm.pid} exited with VM {vmid} running: VM {vmid} paused and destroyed")
+    assert not [e for e in events if e["event"] == "hsm.destroy_vm_refused"], "the release's own first try"
     assert [e for e in events if e["level"] not in ("info", "debug")] == []
-    serving = next(json.loads(ln) for ln in d.log().splitlines() if '"serving"' in ln)
+    serving = next(json.loads(ln) for ln in d.log().splitlines() if '"daemon.serving"' in ln)
     assert serving["config"] == "none (built-in defaults)"  # never null

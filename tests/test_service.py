@@ -277,3 +277,38 @@ def test_publish_has_nothing_to_do_for_a_cuse_node(tmp_path):
         fake.wait()
     assert (p.returncode, p.stderr) == (0, "")
     assert p.stdout == "/dev/acrn_hsm is a cuse device node, visible everywhere: nothing to publish\n"
+
+
+# -- an installed copy, without the repository: the docs' lines for it -------------------
+
+
+@pytest.mark.needs_fuse
+def test_the_installed_examples_and_clients_run_as_documented(installed: Installed, hsm_daemon, tmp_path):
+    """docs/configuration.md's two lines for an installed copy, with its prefix and the test's node:
+    the installed launch.py (on the installed package, run by the system python3, outside the
+    repository) creates and starts VM 1; the installed dm_loop.c builds and serves the next VM."""
+    from tests.test_docs_commands import documented_shell_lines
+
+    lines = [c for _, c in documented_shell_lines() if "/usr/local/share/doc/acrn-hsm-emu/" in c]
+    assert len(lines) == 2, lines
+    node = str(hsm_daemon.node)
+    launch = lines[0].replace("/usr/local", str(installed.prefix)) + f" --node {node}"
+    env_word, *argv = launch.split()
+    env = {**os.environ, env_word.split("=")[0]: env_word.split("=")[1]}
+    p = subprocess.Popen(argv, cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "vmid=1", p.stderr.read() if p.stderr else ""
+        build = lines[1].replace("/usr/local", str(installed.prefix)).replace("/dev/acrn_hsm", node)
+        dm = subprocess.Popen(build, shell=True, cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+        try:
+            assert dm.stdout is not None
+            assert dm.stdout.readline().strip() == "vmid=2 vcpu_num=1"
+        finally:
+            os.killpg(dm.pid, signal.SIGTERM)
+            dm.communicate(timeout=60)
+    finally:
+        p.terminate()
+        p.communicate(timeout=60)

@@ -1027,7 +1027,7 @@ MESSAGES = {
     "node path <node> is busy: the kernel refused CUSE device <name> (another daemon registered that "
     "name first)": "cuse_name_refused",
     "the kernel ended the session serving <node>; the node is gone": "node_lost",
-    "node lost": "node_lost",
+    "daemon.node_lost": "node_lost",
     "unknown transport <name> (auto, fuse or cuse)": "unknown_transport",
     "cannot serve <node>: <reason>": "cannot_serve",
     "control socket <path> is in use by another running daemon (is <node> served already?); stop it or give "
@@ -1089,17 +1089,17 @@ MESSAGES = {
     "seccomp user notification and pidfd_getfd (Linux 5.6 or later); run the command without it "
     "(value-argument ioctls then fail with EFAULT under FUSE), or serve the node with CUSE": "run_no_seccomp",
     "cannot start <command> under the seccomp filter: <step>: <reason>": "run_filter_refused",
-    "the node refused to carry a value-argument ioctl": "run_refused",
-    "cannot take the caller's file descriptor": "run_cannot_take_fd",
-    "the supervisor stopped": "run_supervisor_stopped",
-    "cannot start": "cannot_serve",
-    "removing stale mount from an earlier run": "stale_mount",
-    "control connection refused": "other_user",
-    "control request failed": "internal_error",
-    "cannot run the command": "command_missing",
-    "sd_notify failed": "notify_socket",
-    "NOTIFY_SOCKET is neither a path nor abstract; ignored": "notify_socket",
-    "WATCHDOG_USEC is not a positive number; no watchdog pings": "notify_socket",
+    "launcher.value_ioctl_refused": "run_refused",
+    "launcher.caller_fd_not_taken": "run_cannot_take_fd",
+    "launcher.supervisor_stopped": "run_supervisor_stopped",
+    "daemon.cannot_start": "cannot_serve",
+    "cdev.stale_mount_removed": "stale_mount",
+    "control.connection_refused": "other_user",
+    "control.request_failed": "internal_error",
+    "daemon.command_not_started": "command_missing",
+    "sdnotify.send_failed": "notify_socket",
+    "sdnotify.bad_socket_address": "notify_socket",
+    "sdnotify.bad_watchdog_usec": "notify_socket",
 }
 
 # Messages whose generic form would also match other entries: the trigger must show the specific
@@ -1150,7 +1150,7 @@ def test_message_is_produced(produced, message):
     assert any(as_regex(message).fullmatch(line) for line in lines), f"{message!r} not in:\n{output}"
     if message in SPECIFIC:
         assert any(SPECIFIC[message].fullmatch(line) for line in lines), output
-    assert "Traceback" not in output or message in ("control request failed",), output
+    assert "Traceback" not in output or message in ("control.request_failed",), output
 
 
 # -- the reverse: every message in the code is on the page ------------------------------------
@@ -1234,4 +1234,4 @@ def test_the_reverse_check_can_fail():
     assert "the daemon closed the control connection" in code_messages()
     assert "daemon: the access did not complete (is a client serving the VM?)" in code_messages()
     assert "must be an absolute path, not {}" in code_messages()
-    assert "cannot start" in code_messages()
+    assert "daemon.cannot_start" in code_messages()

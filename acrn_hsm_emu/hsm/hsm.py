@@ -37,6 +37,19 @@ from cdev.device import ArgSpec, BaseDevice, Deferred, IoctlCall, IoctlResult, R
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit
+
+
+def process_exiting(pid: int) -> bool:
+    """Whether ``pid`` is gone, a zombie, or in do_exit (closing its files on the way out)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) "
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+
 CREATE_VM = abi.ACRN_IOCTL_CREATE_VM
 ATTACH_IOREQ_CLIENT = abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT
 CLEAR_VM_IOREQ = abi.ACRN_IOCTL_CLEAR_VM_IOREQ
@@ -205,7 +218,7 @@ class HsmDevice(BaseDevice):
         if handle.binding is not None:
             self.extension.unbind(handle, "file closed")
         vm = handle.vm
-        ret = vm_destroy(self.dispatcher, vm)
+        ret = vm_destroy(self.dispatcher, vm, quiet=self.release_pauses)
         if ret < 0 and self.release_pauses and vm.live:
             # ACRN destroys only PAUSED VMs, so the kernel would leave a VM whose
             # owner died running in the hypervisor with nobody to serve it. We
@@ -214,12 +227,16 @@ class HsmDevice(BaseDevice):
             if self.hv.pause_vm(vmid) == 0:
                 ret = vm_destroy(self.dispatcher, vm)
             # one line for what happened and what it did (the driver would leave the VM running)
+            pid = vm.owner_pid or handle.ctx.pid
+            how = "exited" if process_exiting(pid) else "closed the node"
+            outcome = "paused and destroyed" if ret == 0 else f"pause or destroy refused ({ret})"
             log.log(
                 logging.INFO if ret == 0 else logging.WARNING,
                 "hsm.release_paused_running_vm",
-                pid=vm.owner_pid or handle.ctx.pid,
+                summary=f"device model pid {pid} {how} with VM {vmid} running: VM {vmid} {outcome}",
+                pid=pid,
                 vmid=vmid,
-                outcome="paused and destroyed" if ret == 0 else f"pause or destroy refused ({ret})",
+                outcome=outcome,
                 note="its device model exited or closed the node with the VM running; "
                 "the kernel would leave the VM running, orphaned",
             )

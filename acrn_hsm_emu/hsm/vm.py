@@ -84,15 +84,20 @@ def vm_create(
     return 0
 
 
-def vm_destroy(d: Dispatcher, vm: Vm) -> int:
-    """acrn_vm_destroy, newer order: the hypercall first, teardown only on success."""
+def vm_destroy(d: Dispatcher, vm: Vm, *, quiet: bool = False) -> int:
+    """acrn_vm_destroy, newer order: the hypercall first, teardown only on success.
+
+    ``quiet``: a refusal the caller handles itself (a release pauses the VM and
+    tries again, and logs the outcome as one line) is not logged here.
+    """
     if not vm.live or vm.destroyed:
         return 0
     vm.destroyed = True
     ret = d.hv.destroy_vm(vm.vmid)
     if ret < 0:
         vm.destroyed = False
-        log.info("hsm.destroy_vm_refused", vmid=vm.vmid, ret=ret)
+        if not quiet:
+            log.info("hsm.destroy_vm_refused", vmid=vm.vmid, ret=ret)
         return ret
     d.list_del(vm)
     ioeventfd.ioeventfd_deinit(d, vm)

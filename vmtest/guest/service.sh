@@ -56,13 +56,13 @@ step_install() {
 
 step_start() {
     local rc=0
-    timeout 300 systemctl start "$unit" || rc=$?
+    timeout 300 systemctl enable --now "$unit" || rc=$?
     if [ "$rc" != 0 ]; then
         systemctl status "$unit" --no-pager -l || true
         journal_tail
-        fail "systemctl start $unit exited $rc"
+        fail "systemctl enable --now $unit exited $rc"
     fi
-    echo "systemctl start $unit: ok"
+    echo "systemctl enable --now $unit: ok"
     echo "cuse module loaded: $(grep -q '^cuse ' /proc/modules && echo yes || echo no)"
 }
 
@@ -112,8 +112,8 @@ print(f"{len(lines)} lines, {len(lines) - len(bad)} JSON objects with event, lev
 print("events:", " ".join(events))
 for line in bad:
     print("NOT JSON:", line)
-sys.exit(1 if bad or "serving" not in events else 0)
-' || fail "the journal does not hold the daemon's JSON lines (with a \"serving\" event)"
+sys.exit(1 if bad or "daemon.serving" not in events else 0)
+' || fail "the journal does not hold the daemon's JSON lines (with a \"daemon.serving\" event)"
 }
 
 step_stop() {

@@ -55,11 +55,11 @@ smoke() {
         --log-format json >"$log" 2>&1 &
     pid=$!
     for i in $(seq 120); do
-        grep -q '"serving"' "$log" && break
+        grep -q '"daemon.serving"' "$log" && break
         kill -0 "$pid" || { cat "$log"; echo "the daemon exited"; return 1; }
         sleep 0.5
     done
-    grep -q '"serving"' "$log" || { cat "$log"; echo "the daemon did not log serving in 60 s"; return 1; }
+    grep -q '"daemon.serving"' "$log" || { cat "$log"; echo "the daemon did not log serving in 60 s"; return 1; }
     echo "node: $(stat -c '%F, major %t minor %T, mode %a, %U:%G' "$node")"
     [ -c "$node" ] || { echo "$node is not a character device"; return 1; }
     "$client" || { cat "$log"; return 1; }
