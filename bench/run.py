@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from acrn_hsm_emu.config import control_socket
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = HERE / "bin"
@@ -119,7 +121,8 @@ def daemon(tmp: pathlib.Path, *extra: str, cpus: str | None = None) -> Iterator[
                 pass
             if proc.poll() is not None:  # it refused to start: say why
                 raise RuntimeError(f"daemon exited {proc.returncode}: {(d / 'daemon.log').read_text()[-2000:]}")
-        yield {"node": d / "acrn_hsm", "control": d / "run" / "control.sock", "pid": proc.pid}
+        yield {"node": d / "acrn_hsm", "control": pathlib.Path(control_socket(str(d / "run"), str(d / "acrn_hsm"))),
+               "pid": proc.pid}
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -214,15 +217,41 @@ def summarize(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Our null ioctl and the C server's, alternated round by round."""
-    c_rounds: list[dict[str, float]] = []
-    our_rounds: list[dict[str, float]] = []
-    with c_null_server(tmp) as c_node, daemon(tmp) as d:
-        for _ in range(args.rounds):
-            c_rounds.append(ioctl_loop(c_node, args.calls))
-            our_rounds.append(ioctl_loop(d["node"], args.calls))
-    c, ours = summarize(c_rounds), summarize(our_rounds)
-    return {"c_libfuse_us": c, "daemon_us": ours, "ratio_p50": ours["p50"] / c["p50"]}
+    """Our null ioctl and the C server's, like for like: in each placement both servers are
+    pinned alike and so is the client, and their rounds alternate.
+
+    ``free``: nothing pinned (the scheduler's choice, which differs run to run);
+    ``same_cpu``: servers and client on the first CPU; ``cross_cpu``: servers on the first,
+    the client on the second. ``{placement}_ratio_p50`` is the median over rounds of
+    ours / C, each round's two figures taken back to back.
+    """
+    cpu_list = sorted(os.sched_getaffinity(0))
+    placements: list[tuple[str, str | None, str | None]] = [("free", None, None)]
+    if len(cpu_list) >= 2:
+        c0, c1 = str(cpu_list[0]), str(cpu_list[1])
+        placements += [("same_cpu", c0, c0), ("cross_cpu", c0, c1)]
+    out: dict[str, Any] = {}
+    for name, server_cpus, client_cpus in placements:
+        c_rounds: list[dict[str, float]] = []
+        our_rounds: list[dict[str, float]] = []
+        ratios_: list[float] = []
+        calls = args.calls if name == "free" else args.calls // 2
+        with c_null_server(tmp, server_cpus) as c_node, daemon(tmp, cpus=server_cpus) as d:
+            for _ in range(args.rounds):
+                c_rounds.append(ioctl_loop(c_node, calls, cpus=client_cpus))
+                our_rounds.append(ioctl_loop(d["node"], calls, cpus=client_cpus))
+                ratios_.append(our_rounds[-1]["p50"] / c_rounds[-1]["p50"])
+        c, ours = summarize(c_rounds), summarize(our_rounds)
+        out[f"{name}_c_libfuse_us"] = c
+        out[f"{name}_daemon_us"] = ours
+        out[f"{name}_ratio_p50"] = statistics.median(ratios_)
+        out[f"{name}_ratio_p50_rounds"] = ratios_
+        print(f"  null ioctl {name}: C {fmt(c)}; ours {fmt(ours)}; ratio p50 {statistics.median(ratios_):.2f} "
+              f"(rounds {', '.join(f'{r:.2f}' for r in ratios_)})", flush=True)
+    # the names of earlier runs (free placement), for the plot and older readers
+    out["c_libfuse_us"], out["daemon_us"], out["ratio_p50"] = (
+        out["free_c_libfuse_us"], out["free_daemon_us"], out["free_ratio_p50"])
+    return out
 
 
 def write_workload(path: pathlib.Path, kind: str, vcpus: int) -> None:
@@ -477,7 +506,9 @@ def cycles_with(tmp: pathlib.Path, workload: pathlib.Path, setup: Callable[[path
 
 
 def range_client(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The cycle when a range client in another process serves the accesses."""
+    """The cycle when a range client in another process serves the accesses, next to the
+    default client (dm_loop) serving the same workload, rounds alternating, nothing pinned
+    for either: ``ratio_p50`` is the median over rounds of range / default cycle p50."""
     wl = tmp / "range.json"
     write_workload(wl, "pio", 1)
 
@@ -487,8 +518,19 @@ def range_client(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         assert p.stdout is not None and p.stdout.readline().startswith("ready")
         return [p]
 
-    res = cycles_with(tmp, wl, setup, args.seconds)
-    print(f"  range client: {fmt(res)}", flush=True)
+    ranged: list[dict[str, float]] = []
+    default: list[dict[str, float]] = []
+    ratios_: list[float] = []
+    for _ in range(args.rounds):
+        ranged.append(cycles_with(tmp, wl, setup, args.seconds))
+        _serve, client = scripted_setup(tmp, "pio", 1)
+        default.append(run_cycles(tmp, ["--backend", "scripted", "--workload", str(wl)], [client], args.seconds))
+        ratios_.append(ranged[-1]["cycle_p50_us"] / default[-1]["cycle_p50_us"])
+    res = {k: statistics.median(r[k] for r in ranged) for k in ranged[0]}
+    res["default_client_cycle_p50_us"] = statistics.median(r["cycle_p50_us"] for r in default)
+    res["default_client_requests_per_s"] = statistics.median(r["requests_per_s"] for r in default)
+    res["ratio_p50"] = statistics.median(ratios_)
+    print(f"  range client: {fmt(res)} (rounds {', '.join(f'{r:.2f}' for r in ratios_)})", flush=True)
     return res
 
 
@@ -616,8 +658,12 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     fl = results.get("floors", {})
     rt = fl.get("c_libfuse_null_ioctl_us", {}).get("p50")
-    if "null_ioctl" in results:
-        out["null_ioctl_vs_c_libfuse"] = results["null_ioctl"]["ratio_p50"]
+    ni = results.get("null_ioctl", {})
+    for placement in ("same_cpu", "cross_cpu", "free"):
+        if f"{placement}_ratio_p50" in ni:
+            out[f"null_ioctl_vs_c_libfuse_{placement}"] = ni[f"{placement}_ratio_p50"]
+    if "ratio_p50" in results.get("range_client", {}):
+        out["range_client_cycle_vs_default_client_free"] = results["range_client"]["ratio_p50"]
     cs = results.get("cycle_scripted", {})
     if rt and cs:
         for key in ("pio_1vm_1vcpu", "pio_1vm_2vcpu"):
