@@ -280,6 +280,28 @@ def daemon_factory(tmp_path: pathlib.Path, transport: str) -> Iterator[Any]:
 
 
 @pytest.fixture
+def fds() -> Iterator[Any]:
+    """``fds()`` makes a non-blocking eventfd, ``fds("pipe")`` a pipe's read end; all closed after."""
+    opened: list[int] = []
+
+    def make(kind: str = "eventfd") -> int:
+        if kind == "eventfd":
+            fd = os.eventfd(0, os.EFD_NONBLOCK)
+            opened.append(fd)
+            return fd
+        r, w = os.pipe()
+        opened.extend((r, w))
+        return r
+
+    yield make
+    for fd in opened:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.fixture
 def hsm_daemon(daemon_factory: Any) -> Daemon:
     """The daemon with its defaults (scripted backend, built-in scenario)."""
     return daemon_factory()

@@ -45,27 +45,6 @@ NEW = (
 F_ASYNCIO = ak.ACRN_IOEVENTFD_FLAG_ASYNCIO
 
 
-@pytest.fixture
-def fds():
-    opened: list[int] = []
-
-    def make(kind: str = "eventfd") -> int:
-        if kind == "eventfd":
-            fd = os.eventfd(0, os.EFD_NONBLOCK)
-            opened.append(fd)
-            return fd
-        r, w = os.pipe()
-        opened.extend((r, w))
-        return r
-
-    yield make
-    for fd in opened:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def ring_page(ele_size: int, magic: int = ak.SBUF_MAGIC, size: int | None = None) -> Buf:
     """A ring page as acrn-dm prepares it (vm_init_asyncio, sbuf_init)."""
     b = Buf()

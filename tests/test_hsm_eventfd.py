@@ -28,27 +28,6 @@ F_DATA = abi.ACRN_IOEVENTFD_FLAG_DATAMATCH
 F_DEASSIGN = abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
 
 
-@pytest.fixture
-def fds():
-    opened: list[int] = []
-
-    def make(kind: str = "eventfd") -> int:
-        if kind == "eventfd":
-            fd = os.eventfd(0, os.EFD_NONBLOCK)
-            opened.append(fd)
-            return fd
-        r, w = os.pipe()
-        opened.extend((r, w))
-        return r
-
-    yield make
-    for fd in opened:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def setup(hv: HvProxy, vcpus: int = 4) -> tuple[HvProxy, VmSetup]:
     s = VmSetup(make_device(hv), hv, vcpus=vcpus)
     s.create_client()
