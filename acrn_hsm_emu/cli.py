@@ -282,9 +282,10 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     out = pathlib.Path(args.output)
-    if not os.access(out.parent, os.W_OK):
-        raise CliError(f"cannot write the recording to {out}: {out.parent} is not a writable directory",
-                       EXIT_USAGE)  # fmt: skip
+    problem = "it is a directory" if out.is_dir() else (
+        None if os.access(out.parent, os.W_OK) else f"{out.parent} is not a writable directory")
+    if problem:
+        raise CliError(f"cannot write the recording to {out}: {problem}", EXIT_USAGE)
 
     def call(action: str, **fields: Any) -> Any:
         return control_call(args.control, {"cmd": "record", "action": action, "vm": args.vm, **fields},

@@ -135,16 +135,16 @@ class ScriptedVcpu:
 
     def _log_progress(self) -> None:
         """The run that ends (reset, close) into the replay log, if it ran."""
-        progress = self.progress()
+        progress = self.progress() if self._started else None
         if progress is not None:
             log = self._backend.replay
             with log.lock:
                 log.ended.append(progress)
 
     def progress(self) -> dict[str, Any] | None:
-        """How far this vCPU got since its last reset (None: it has no program or did
-        not start): accesses replayed of the program's total, ``complete``."""
-        if self._program is None or not self._started:
+        """How far this vCPU got since its last reset (None: it has no program):
+        accesses replayed of the program's total, ``complete``."""
+        if self._program is None:
             return None
         prog = self._program
         total = prog.accesses_per_run * prog.repeat if prog.repeat else None
