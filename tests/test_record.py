@@ -392,3 +392,60 @@ def test_help_names_every_default() -> None:
     out = " ".join(cli("record", "--help").stdout.split())
     for flag in ("--count N", "--duration SECONDS", "-o FILE, --output FILE", "--vm VMID"):
         assert flag in out
+
+
+# ----- through the daemon, without KVM ----------------------------------------------------------
+
+
+@pytest.mark.needs_fuse
+@pytest.mark.transports("fuse")
+def test_record_injected_accesses_until_ctrl_c_then_replay_them(hsm_daemon, tmp_path: pathlib.Path) -> None:
+    """dm_loop serves VM 1 of a scripted daemon; `record` (no command) records the
+    accesses `inject` makes, `status` shows it, Ctrl-C ends it and writes the file;
+    `replay` runs a fresh dm_loop against it, which serves on for ever: stopped after the
+    grace time, no differences."""
+    import signal
+
+    from tests.support.cbuild import build_c
+
+    dm = subprocess.Popen([str(build_c("dm_loop")), str(hsm_daemon.node), "0x1"], stdout=subprocess.PIPE,
+                          text=True)  # fmt: skip
+    rec_file = tmp_path / "rec.toml"
+    try:
+        assert dm.stdout is not None and dm.stdout.readline().startswith("vmid=1 ")
+        rec = subprocess.Popen([EXE, "record", "--control", str(hsm_daemon.control), "--vm", "1", "-o",
+                                str(rec_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: "record VM 1: recording, 0 accesses" in hsm_daemon.cli("status").stdout, "recording")
+        values = [hsm_daemon.cli("inject", "--vm", "1", *a).stdout.strip() for a in (
+            ("pio-read", "0x3f8", "1"), ("pio-read", "0x3f8", "1"), ("mmio-read", "0xd0000000", "8"),
+            ("pci-read", "00:03.0", "0x10", "4"), ("pio-write", "0x80", "1", "0x55"),
+        )]  # fmt: skip
+        assert "record VM 1: recording, 5 accesses" in hsm_daemon.cli("status").stdout
+        rec.send_signal(signal.SIGINT)
+        out, err = rec.communicate(timeout=60)
+        assert rec.returncode == 0, err
+        assert "recording ended: stopped by request" in out
+    finally:
+        dm.terminate()
+        dm.communicate(timeout=60)
+    steps = [s.to_dict() for s in Workload.load(rec_file).programs[0].steps]
+    assert steps == [
+        {"op": "pio", "port": 0x3F8, "size": 1, "expect": int(values[0], 16), "repeat": 2},
+        {"op": "mmio", "addr": 0xD0000000, "size": 8, "expect": int(values[2], 16)},
+        {"op": "pci", "bus": 0, "dev": 3, "func": 0, "reg": 0x10, "size": 4, "expect": int(values[3], 16)},
+        {"op": "pio", "port": 0x80, "size": 1, "write": True, "value": 0x55},
+    ]
+
+    node = tmp_path / "replay" / "acrn_hsm"
+    node.parent.mkdir()
+    p = subprocess.run([EXE, "replay", "--node", str(node), "--run-dir", str(node.parent / "run"),
+                        "--transport", "fuse", "--log-format", "json", "--grace", "0.3", str(rec_file),
+                        "--", str(build_c("dm_loop")), str(node), "0x1"],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines()[-4:] == [
+        f"replay of {rec_file}:",
+        "  VM 1 vCPU 0: 5 of 5 accesses replayed, complete",
+        "  (the device model still ran 0.3 s after the end: stopped)",
+        "replay: no differences",
+    ]
