@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import math
 import os
+import pathlib
 import re
 import socket
 import stat
@@ -71,6 +72,13 @@ def u32(text: str) -> int:
     v = c_int(text)
     if not 0 <= v <= 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"not a 32-bit value: {text!r}")
+    return v
+
+
+def positive(text: str) -> int:
+    v = c_int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return v
 
 
@@ -226,18 +234,24 @@ def control_call(path: str, request: dict[str, Any], timeout: float = 60.0, node
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = config.load(args.config, config.flags(args))
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return serve(settings, command)[0]
+
+
+def serve(settings: config.Settings, command: list[str], tasks: tuple[Any, ...] = ()) -> tuple[int, Any]:
+    """Run the daemon to its end: the exit status, and the daemon (None if it did not start)."""
     import trio
 
     from acrn_hsm_emu.daemon import Daemon, SessionEnded, StartError, first_exception
 
-    settings = config.load(args.config, config.flags(args))
     logs.configure(settings.log_format, settings.log_level)
     settings.backend = resolve_backend(settings.backend)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     error: StartError | None = None
     lost: SessionEnded | None = None
+    daemon = None
     try:
-        daemon = Daemon(settings, command)
+        daemon = Daemon(settings, command, tasks)
         if settings.service_cpus:
             # Before trio starts: every thread the daemon makes from here inherits it;
             # vCPU threads set their own (vm.Placement.host_cpus).
@@ -250,12 +264,99 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if error is not None:
         structlog.get_logger("acrn_hsm_emu").error("daemon.cannot_start", reason=str(error))
         print(f"acrn-hsm-emu: {error}", file=sys.stderr)
-        return 1
+        return 1, None
     if lost is not None:
         structlog.get_logger("acrn_hsm_emu").error("daemon.node_lost", reason=str(lost))
         print(f"acrn-hsm-emu: {lost}", file=sys.stderr)
-        return 1
-    return daemon.exit_code
+        return 1, daemon
+    assert daemon is not None
+    return daemon.exit_code, daemon
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Record a VM's requests into a workload file (docs/record-replay.md)."""
+    import subprocess
+    import time
+
+    from acrn_hsm_emu import launcher, recording
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    out = pathlib.Path(args.output)
+    problem = "it is a directory" if out.is_dir() else (
+        None if os.access(out.parent, os.W_OK) else f"{out.parent} is not a writable directory")
+    if problem:
+        raise CliError(f"cannot write the recording to {out}: {problem}", EXIT_USAGE)
+
+    def call(action: str, **fields: Any) -> Any:
+        return control_call(args.control, {"cmd": "record", "action": action, "vm": args.vm, **fields},
+                            node=args.node)  # fmt: skip
+
+    started = call("start", count=args.count)
+    what = f"VM {args.vm}" + ("" if started["state"] == "recording" else " (from its CREATE_VM)")
+    print(f"recording {what}", file=sys.stderr)
+    proc = None
+    status = 0
+    try:
+        if command:
+            node = args.node or started["node"]
+            proc = subprocess.Popen(launcher.argv_for(node, command))
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        result = None
+        while True:
+            if proc is not None and proc.poll() is not None:
+                break
+            if result is None and (
+                call("status")["state"] == "stopped"
+                or (deadline is not None and time.monotonic() >= deadline)
+            ):
+                result = call("stop")
+                if proc is None:
+                    break
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # Ctrl-C: the end of the recording (the command got it too)
+        result = None
+    if proc is not None:
+        status = proc.wait()
+        status = status if status >= 0 else 128 - status
+    if result is None:
+        result = call("stop")
+    runs = result["workloads"]
+    if not runs:
+        raise CliError(f"nothing was recorded from VM {args.vm} ({result['reason']}): did it run any I/O?")
+    header = (f"acrn-hsm-emu record --vm {args.vm}: {result['accesses']} accesses; "
+              f"recording ended: {result['reason']}\nreplay: acrn-hsm-emu replay FILE -- DEVICE-MODEL...")
+    for path, wl in zip(recording.run_paths(out, len(runs)), runs, strict=True):
+        try:
+            recording.write_workload(path, wl, header)
+        except OSError as e:
+            raise CliError(f"cannot write the recording to {path}: {e.strerror}") from None
+        vcpus = ", ".join(f"vCPU {v['id']}: {sum(s.get('repeat', 1) for s in v['steps'])} accesses"
+                          for v in wl["vcpu"])  # fmt: skip
+        print(f"{path}: {wl['name']}; {vcpus}")
+    print(f"recording ended: {result['reason']}")
+    return status
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Serve with the scripted backend replaying RECORDING, run COMMAND, report the differences."""
+    from acrn_hsm_emu import recording
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("usage: acrn-hsm-emu replay [options] RECORDING -- COMMAND [ARGS...]", EXIT_USAGE)
+    overrides = {**config.flags(args), "backend": "scripted", "workload": args.recording}
+    settings = config.load(args.config, overrides)
+    watch = recording.ReplayWatch(args.grace)
+    code, daemon = serve(settings, command, (watch,))
+    if daemon is None:
+        return code
+    lines, agreed = recording.replay_report(daemon.hypervisor.replay_summary(), args.recording)
+    if watch.stopped_command:
+        lines.insert(-1, f"  (the device model still ran {args.grace:g} s after the end: stopped)")
+    print("\n".join(lines))
+    if code != 0 and not watch.stopped_command:
+        return code  # the device model failed: its status, as serve -- COMMAND
+    return 0 if agreed else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -372,6 +473,13 @@ def _fmt_status(st: dict[str, Any]) -> str:
                 lines.append(f"  {key}: {json.dumps(vm[key], sort_keys=True)}")
         for v in hvv.get("vcpus", []):
             lines.append(f"  vcpu: {json.dumps(v, sort_keys=True)}")
+    for r in hv.get("recordings") or ():
+        reason = f" ({r['reason']})" if r["reason"] else ""
+        lines.append(f"record VM {r['vm']}: {r['state']}{reason}, {r['accesses']} accesses, {r['runs']} run(s)")
+    if hv.get("replay"):
+        from acrn_hsm_emu import recording
+
+        lines += recording.replay_report(hv["replay"], "the workload")[0]
     return "\n".join(lines)
 
 
@@ -570,6 +678,49 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     vm.add_argument("--json", action="store_true", help="vm list as JSON (default: a summary)")
     vm.set_defaults(func=cmd_vm)
 
+    rec = add(
+        "record",
+        help="record a VM's I/O requests and the device model's answers into a workload file",
+        description="Record VM VMID's I/O requests as they reach the HSM, with the device model's "
+        "answers, into a workload file (docs/record-replay.md) that `acrn-hsm-emu replay` replays. "
+        "The VM may not exist yet: recording then starts at its CREATE_VM. Recording ends with "
+        "COMMAND (run through the launcher, as `run` does), --duration, --count, the VM's "
+        "destruction or Ctrl-C. Each RESET_VM starts a new run, written to FILE.runN beside FILE.",
+    )
+    control_opt(rec)
+    rec.add_argument("--vm", type=vmid, required=True, metavar="VMID", help="the User VM (required)")
+    rec.add_argument("-o", "--output", required=True, metavar="FILE",
+                     help="the workload file: FILE.json is JSON, anything else TOML (required)")
+    rec.add_argument("--count", type=positive, default=None, metavar="N",
+                     help="stop after N accesses (default: no limit but 1,000,000)")
+    rec.add_argument("--duration", type=seconds, default=None, metavar="SECONDS",
+                     help="stop after this long (default: until COMMAND exits, the VM is destroyed or Ctrl-C)")
+    rec.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="run this device model, and record until it exits (default: none)")
+    rec.set_defaults(func=cmd_record)
+
+    rp = add(
+        "replay",
+        help="replay a recording against a device model and report every answer that differs",
+        description="Serve the node (as `serve`) with the scripted backend replaying RECORDING, "
+        "run COMMAND (the device model) and print every read whose answer differs from the "
+        "recorded one (vCPU, step, access, expected, got) and how far each vCPU got. Exit "
+        "status: COMMAND's if it failed, else 1 if an answer differed or the replay did not "
+        "complete, else 0. No KVM and no guest needed.",
+    )
+    for key in config.KEYS.values():  # serve's flags, but the backend and the workload are ours
+        if key.name not in ("backend", "workload"):
+            rp.add_argument(key.flag, dest=key.name, metavar=key.metavar, default=None, help=key.help)
+    rp.add_argument("--config", metavar="FILE", default=None,
+                    help=f"configuration file (default {config.DEFAULT_CONFIG}, which may be missing)")
+    rp.add_argument("--grace", type=seconds, default=2.0, metavar="SECONDS",
+                    help="once the recording is replayed to its end, stop COMMAND if it still runs "
+                    "after this long (default 2)")  # fmt: skip
+    rp.add_argument("recording", metavar="RECORDING", help="the workload file `record` wrote (required)")
+    rp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                    help="the device model and its arguments (required)")
+    rp.set_defaults(func=cmd_replay)
+
     cp = add("cpuid", help="CPUID as the guest sees it", description="CPUID as a guest sees it.")
     control_opt(cp)
     cp.add_argument("leaf", type=u32, metavar="LEAF", help="EAX (required)")
@@ -581,7 +732,7 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
 # Commands whose options may come anywhere among their operands (parse_intermixed_args).
 _INTERMIXED = ("status", "inject", "cpuid", "vm")
-_CONTROL_CLIENTS = ("status", "inject", "cpuid", "vm")
+_CONTROL_CLIENTS = ("status", "inject", "cpuid", "vm", "record")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

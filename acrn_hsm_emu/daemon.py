@@ -20,13 +20,13 @@ import pathlib
 import signal
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
 import trio
 
-from acrn_hsm_emu import launcher, publish
+from acrn_hsm_emu import launcher, publish, recording
 from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
 from acrn_hsm_emu.hsm import admin
 from acrn_hsm_emu.hsm.hsm import HsmDevice
@@ -85,9 +85,15 @@ def parse_access(spec: dict[str, Any]) -> Access:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, command: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        command: Sequence[str] = (),
+        tasks: Sequence[Callable[[Daemon, trio.CancelScope], Awaitable[None]]] = (),
+    ) -> None:
         self.settings = settings
         self.command = list(command)
+        self.tasks = list(tasks)  # started once serving, with the root scope (replay's watch)
         self.exit_code = 0  # the command's exit status, when there is one
         self.notifier = Notifier()
         try:
@@ -126,6 +132,8 @@ class Daemon:
                     await self._serve(nursery, task_status)
                     if self.command:
                         nursery.start_soon(self._run_command, root)
+                    for task in self.tasks:
+                        nursery.start_soon(task, self, root)
         finally:
             self.notifier.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
@@ -366,6 +374,9 @@ class Daemon:
                 return {"ok": True, "result": value}, None
             if cmd == "node-tree":
                 return self._node_tree()
+            if cmd == "record":  # hypervisor/record.py, recording.py
+                result = {**recording.control(self.hypervisor, req), "node": self.settings.node}
+                return {"ok": True, "result": result}, None
             if cmd in ("vm-list", "vm-pause", "vm-destroy"):
                 return {"ok": True, "result": self._vm_command(cmd, req)}, None
             return {"ok": False, "error": f"unknown command {cmd!r}"}, None

@@ -650,6 +650,41 @@ def t_cli_validation(s: Scene) -> str:
     ])
 
 
+def _control_ok(s: Scene, request: dict[str, Any]) -> None:
+    from acrn_hsm_emu.cli import control_call
+
+    control_call(str(s.daemon.control), request)
+
+
+def t_record(s: Scene) -> str:
+    d = s.dir()
+    out = str(d / "rec.toml")
+    first = ctl(s, "record", "--vm", "0", "-o", out)
+    _control_ok(s, {"cmd": "record", "action": "start", "vm": 3})
+    try:
+        return "\n".join([
+            first,
+            ctl(s, "record", "--vm", "500", "-o", out),
+            ctl(s, "record", "--vm", "3", "-o", out),
+            raw_request(s, b'{"cmd": "record", "action": "status", "vm": 4}'),
+            raw_request(s, b'{"cmd": "record", "action": "go", "vm": 3}'),
+            ctl(s, "record", "--vm", "2", "-o", out, "--duration", "0.2"),  # no VM 2 meanwhile
+        ])
+    finally:
+        _control_ok(s, {"cmd": "record", "action": "stop", "vm": 3})
+
+
+def t_record_cli(s: Scene) -> str:
+    d = s.dir()
+    none = ["--control", str(s.tmp / "no-daemon.sock")]
+    return "\n".join([
+        cli("record", *none, "--vm", "1", "-o", str(d)),
+        cli("record", *none, "--vm", "1", "-o", str(d / "no" / "rec.toml")),
+        cli("record", *none, "--vm", "1", "-o", str(d / "rec.toml"), "--count", "0"),
+        cli("replay", str(d / "rec.toml")),
+    ])
+
+
 def t_wrong_node(s: Scene) -> str:
     # A --control naming another node's daemon: refused, nothing done.
     return ctl(s, "status", "--node", str(s.tmp / "another" / "acrn_hsm"))
@@ -1062,6 +1097,15 @@ MESSAGES = {
     "<command>: error: argument <option>: not a 32-bit value: <text>": "cli_validation",
     "<command>: error: argument <option>: not a positive number of seconds: <text>": "cli_validation",
     "daemon: this daemon serves <node>, not <node>": "wrong_node",
+    "daemon: VM 0 is the Service VM, whose accesses are not trapped: record a User VM": "record",
+    "daemon: vmid <n> is not a post-launched VM slot of this scenario": "record",
+    "daemon: VM <n> is being recorded already (state <state>); stop that recording first": "record",
+    "daemon: VM <n> is not being recorded": "record",
+    "daemon: unknown record action <action> (start, status or stop)": "record",
+    "nothing was recorded from VM <n> (<reason>): did it run any I/O?": "record",
+    "cannot write the recording to <file>: <reason>": "record_cli",
+    "<command>: error: argument <option>: not a positive number: <text>": "record_cli",
+    "usage: acrn-hsm-emu replay [options] RECORDING -- COMMAND [ARGS...]": "record_cli",
     "daemon: no VM with vmid <n>": "vm_refusals",
     "daemon: VM <n> has no vCPU <n>": "no_such_vcpu",
     "daemon: VM 0 is the Service VM, whose accesses are not trapped: inject into a User VM": "vm_refusals",
@@ -1112,6 +1156,8 @@ SPECIFIC = {
     "cannot serve <node>: <reason>": re.compile(r"cannot serve /proc/acrn_hsm: /proc/acrn_hsm: .*"),
     "cannot unpublish <node>: <reason>": re.compile(r"cannot unpublish .*: Device or resource busy"),
     "cannot run <command>: <reason>": re.compile(r"cannot run no-such-device-model: command not found"),
+    "cannot write the recording to <file>: <reason>": re.compile(r"cannot write the recording to .*/no/rec\.toml: "
+                                                                 r".*/no is not a writable directory"),
     "cannot start <command> under the seccomp filter: <step>: <reason>":
         re.compile(r"cannot start true under the seccomp filter: seccomp\(SECCOMP_SET_MODE_FILTER, .*\): "
                    r"Operation not permitted"),
@@ -1157,7 +1203,7 @@ def test_message_is_produced(produced, message):
 
 SOURCES = ["acrn_hsm_emu/cli.py", "acrn_hsm_emu/daemon.py", "acrn_hsm_emu/config.py",
            "acrn_hsm_emu/sdnotify.py", "cdev/server.py", "cdev/cuse.py", "acrn_hsm_emu/launcher.py",
-           "acrn_hsm_emu/hsm/admin.py"]
+           "acrn_hsm_emu/hsm/admin.py", "acrn_hsm_emu/recording.py"]
 RAISED = {"CliError", "ServeError", "SessionEnded", "StartError", "ValueError", "ConfigError",
           "ArgumentTypeError", "CuseNameError", "LaunchError", "AdminError"}
 

@@ -29,6 +29,8 @@ from acrn_hsm_emu import acrn_kernel_abi as ak
 from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp, NativeUpcall
 from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, VcpuBackend, make_backend
+from acrn_hsm_emu.hypervisor.backends.scripted import ReplayLog
+from acrn_hsm_emu.hypervisor.record import Recorder
 from acrn_hsm_emu.hypervisor.scenario import (
     MAX_VCPUS_PER_VM,
     VIOAPIC_GSI_COUNT,
@@ -128,6 +130,7 @@ class Hypervisor:
             if workload is not None:
                 self.set_workload(None, workload)
         self._lock = threading.RLock()
+        self._recorders: dict[int, Recorder] = {}  # by relative vmid, until collected
         self._upcall: Callable[[], None] | None = None
         self._sid = scenario.service_vm_id
         self._max = scenario.max_vm_num
@@ -293,6 +296,9 @@ class Hypervisor:
             return None
         vm.vcpus = [Vcpu(vm, i, p, b) for i, (p, b) in enumerate(zip(pcpus, made, strict=True))]
         slot.vm = vm
+        rec = self._recorders.get(rel)
+        if rec is not None:
+            rec.attach(vm)  # armed by `acrn-hsm-emu record` before the VM existed
         for v in vm.vcpus:
             v.start_thread()
         _log.info(
@@ -325,6 +331,8 @@ class Hypervisor:
             for v in vm.vcpus:
                 if not v.join(max(0.0, deadline - time.monotonic())):
                     _log.warning("vm.vcpu_thread_lingers", vmid=vm.vmid, vcpu=v.vcpu_id)
+            if vm.recorder is not None:  # after the threads: their last accesses are in
+                vm.recorder.stop("VM destroyed")
             if slot.config.load_order == "post":
                 self.backend.vm_destroyed(vm.vmid)
             self._release_devices(vm)
@@ -389,6 +397,8 @@ class Hypervisor:
             vm = slot.vm
             if vm is None or vm.state != VmState.PAUSED:
                 return _FAIL
+            if vm.recorder is not None:
+                vm.recorder.new_run()  # the vCPUs are paused: no access is being recorded
             with vm.lock:
                 vm.unreset = {v.vcpu_id for v in vm.vcpus}
                 for v in vm.vcpus:
@@ -1033,6 +1043,48 @@ class Hypervisor:
                 vm.vcpus[vcpu].inject(access, future)
         return future
 
+    # ----- record and replay (record.py, docs/record-replay.md) -------------------------
+
+    def record_start(self, vmid: int, count: int | None = None) -> Recorder:
+        """Record VM ``vmid``'s requests: now if it exists, else from its CREATE_VM."""
+        with self._lock:
+            slot = self._target(vmid)
+            if vmid & 0xFFFF == 0:
+                raise ValueError("VM 0 is the Service VM, whose accesses are not trapped: record a User VM")
+            if isinstance(slot, int) or slot.config.load_order != "post":
+                raise ValueError(f"vmid {vmid} is not a post-launched VM slot of this scenario")
+            old = self._recorders.get(vmid)
+            if old is not None:
+                raise ValueError(f"VM {vmid} is being recorded already (state {old.state}); "
+                                 "stop that recording first")  # fmt: skip
+            rec = Recorder(vmid, count=count, backend=self.backend.name)
+            self._recorders[vmid] = rec
+            _log.info("record.started", vmid=vmid, count=count, vm_exists=slot.vm is not None)
+            if slot.vm is not None and slot.vm.state != VmState.POWERED_OFF:
+                rec.attach(slot.vm)
+            return rec
+
+    def record_stop(self, vmid: int) -> Recorder:
+        """Stop recording VM ``vmid`` (if it still records) and hand the recording over."""
+        with self._lock:
+            rec = self._recorders.pop(vmid, None)
+            if rec is None:
+                raise ValueError(f"VM {vmid} is not being recorded")
+            rec.stop("stopped by request")
+            return rec
+
+    def recording(self, vmid: int) -> Recorder | None:
+        with self._lock:
+            return self._recorders.get(vmid)
+
+    def replay_summary(self) -> dict[str, Any] | None:
+        """What replaying the workload found so far (scripted backend with a workload)."""
+        log = getattr(self.backend, "replay", None)
+        if not isinstance(log, ReplayLog):
+            return None
+        summary = log.summary()
+        return summary if summary["vcpus"] or summary["differences"] else None
+
     def vm_ids(self) -> list[int]:
         """The vmids of the post-launched VMs that exist (not POWERED_OFF); cheap, unlike
         :meth:`snapshot` (the HSM's reaper asks at every release, hsm/admin.py)."""
@@ -1084,6 +1136,8 @@ class Hypervisor:
                     for s in self._slots
                     if s.vm is not None and s.config.load_order == "post"
                 ],
+                "recordings": [r.summary() for r in self._recorders.values()],
+                "replay": self.replay_summary(),
             }
 
     def shutdown(self) -> None:

@@ -41,6 +41,7 @@ from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor.api import Access, EventFd, FdUpcall, NativeUpcall
 from acrn_hsm_emu.hypervisor.backends.base import Regs, VcpuBackend
+from acrn_hsm_emu.hypervisor.record import Recorder
 from acrn_hsm_emu.hypervisor.vm import (
     PCI_CONFIG_ADDR,
     PCI_CONFIG_DATA,
@@ -172,7 +173,12 @@ class AccessAborted(Exception):
 
 
 class _Abort(Exception):
-    """Internal: leave the current access (reason in args[0])."""
+    """Internal: leave the current access (reason in args[0]); ``posted``: its request
+    had reached the slot (or the HSM) already."""
+
+    def __init__(self, reason: str, posted: bool = False) -> None:
+        super().__init__(reason)
+        self.posted = posted
 
 
 class Vcpu:
@@ -197,6 +203,9 @@ class Vcpu:
         self.injected = 0
         self.asyncio = 0  # accesses pushed into the asyncio ring instead of sent
         self.triple_faults = 0
+        # record.Recorder while this VM is recorded (record.py): the only thing vCPU
+        # threads look at for it, once per access and per native-loop entry
+        self.recorder: Recorder | None = None
         self._wake = EventFd()  # notify, kicks and control changes all set it; closed at thread end
         self._native = _ffi.new("struct hsm_vcpu_wait *")  # hsm_slot_cycle's view
         self._native.wake_fd = self._wake.fd
@@ -298,7 +307,13 @@ class Vcpu:
 
     def native_cycle(self) -> NativeCycle | None:
         """The native request cycle, if it applies now: notification mode, the
-        page in a client process, an eventfd upcall (the daemon's case)."""
+        page in a client process, an eventfd upcall (the daemon's case). Not while
+        the VM is recorded: a backend's native loop would complete requests unseen."""
+        if self.recorder is not None:
+            return None
+        return self._native_cycle()
+
+    def _native_cycle(self) -> NativeCycle | None:
         vm = self.vm
         page = vm.page
         if page is None or vm.polling or type(page.memory) is not RemoteMemory:
@@ -356,6 +371,9 @@ class Vcpu:
             **details,
         )
         vm.send_vm_event(ak.VM_EVENT_TRIPLE_FAULT)
+        rec = self.recorder
+        if rec is not None:
+            rec.triple_fault(self.vcpu_id)
         return Access("pio", True, ak.VIRTUAL_PM1A_CNT_ADDR, 2, ak.S5_WRITE)
 
     def mismatch(self, what: str, expected: object, got: object) -> None:
@@ -428,9 +446,14 @@ class Vcpu:
                 access = self.backend.run(self)
                 if access is not None:
                     try:
-                        value = self._perform(access)
-                    except _Abort:
-                        continue  # paused/reset/stopped mid-access: no completion
+                        if self.recorder is None:
+                            value = self._perform(access)
+                        else:
+                            value = self._perform_recorded(access)
+                    except _Abort as e:
+                        if e.posted:  # paused/reset/stopped mid-access: no completion
+                            self.backend.abandoned()
+                        continue
                     except MemoryFault as e:
                         self._fault(e)
                         continue
@@ -455,7 +478,7 @@ class Vcpu:
             return
         self.injected += 1
         try:
-            value = self._perform(access)
+            value = self._perform(access) if self.recorder is None else self._perform_recorded(access)
         except _Abort as e:
             future.set_exception(AccessAborted(e.args[0]))
         except MemoryFault as e:
@@ -482,6 +505,24 @@ class Vcpu:
         self.state = "faulted"
 
     # ----- one access ---------------------------------------------------------------
+
+    def _perform_recorded(self, access: Access) -> int:
+        """:meth:`_perform`, and the access handed to the VM's recorder if it reached the
+        HSM: posted (a request counted) or put into the asyncio ring."""
+        before = self.requests
+        asyncio = self.asyncio
+        try:
+            value = self._perform(access)
+        except _Abort:
+            rec = self.recorder
+            if rec is not None and self.requests != before:
+                rec.access(self.vcpu_id, access, None)  # no answer came back
+            raise
+        rec = self.recorder
+        if rec is not None and (self.requests != before or self.asyncio != asyncio):
+            answered = self.asyncio == asyncio and not access.write
+            rec.access(self.vcpu_id, access, value if answered else None)
+        return value
 
     def _perform(self, access: Access) -> int:
         kind = access.kind
@@ -558,7 +599,7 @@ class Vcpu:
         return value
 
     def _post_wait(self, write: bool, mmio: bool) -> int:
-        native = self.native_cycle()
+        native = self._native_cycle()
         if native is not None:
             return self._post_wait_native(native, write, mmio)
         vm = self.vm
@@ -590,7 +631,7 @@ class Vcpu:
                     continue
                 ev.take()
                 if self._stop or self._reset_gen != gen:
-                    raise _Abort("VM reset" if not self._stop else "vCPU stopped")
+                    raise _Abort("VM reset" if not self._stop else "vCPU stopped", True)
                 raw = page.read(off + _OFF_VALUE, _VALUE_TO_STATE)
                 if _U32.unpack_from(raw, _VALUE_TO_STATE - 4)[0] == _COMPLETE:
                     break
@@ -605,7 +646,7 @@ class Vcpu:
         page.store_u32(off + _OFF_STATE, _FREE)
         self.state = "running"
         if vm.state != _RUNNING:  # zombie vCPU: the slot is only freed
-            raise _Abort("VM paused")
+            raise _Abort("VM paused", True)
         return value
 
     def _post_wait_native(self, native: NativeCycle, write: bool, mmio: bool) -> int:
@@ -620,7 +661,7 @@ class Vcpu:
             if rc == _lib.HSM_SC_CLOSED:
                 raise _Abort("VM not running")
             if rc == _lib.HSM_SC_ABANDONED:
-                raise _Abort("VM reset" if not self._stop else "vCPU stopped")
+                raise _Abort("VM reset" if not self._stop else "vCPU stopped", True)
             err = -rc
             raise MemoryFault(
                 err,
@@ -629,7 +670,7 @@ class Vcpu:
             )
         self.state = "running"
         if vm.state != _RUNNING:  # zombie vCPU: the slot was only freed
-            raise _Abort("VM paused")
+            raise _Abort("VM paused", True)
         if write:
             return 0
         value: int = self._value[0]
@@ -653,7 +694,7 @@ class Vcpu:
         spins = 0
         while load(off) != _COMPLETE:
             if self._stop or self._reset_gen != gen:
-                raise _Abort("VM reset" if not self._stop else "vCPU stopped")
+                raise _Abort("VM reset" if not self._stop else "vCPU stopped", True)
             spins += 1
             if spins < _SPINS:
                 time.sleep(0)  # give the GIL away: the HSM runs in this process

@@ -29,6 +29,7 @@ from acrn_hsm_emu.sbuf import SharedRing
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.hypervisor.api import MemoryRegionOp, NativeUpcall
+    from acrn_hsm_emu.hypervisor.record import Recorder
     from acrn_hsm_emu.hypervisor.vcpu import Vcpu
 
 _log = structlog.get_logger(__name__)
@@ -310,6 +311,7 @@ class Vm:
             guest_flags & abi.GUEST_FLAG_IO_COMPLETION_POLLING
         )  # vm.c: post-launched only
         self.vcpus: list[Vcpu] = []
+        self.recorder: Recorder | None = None  # while recorded (record.py); also on each vCPU
         self.lapic_ids: tuple[int, ...] = ()  # of vCPU 0, 1, ...: the LAPIC ids of their pCPUs
         self.unreset: set[int] = set()  # vCPUs yet to apply a RESET_VM (see Vcpu._loop)
         self.vcpu_num = 0  # vCPUs created (post-launched: len(vcpus))

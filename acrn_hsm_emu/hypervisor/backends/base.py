@@ -121,6 +121,12 @@ class VcpuBackend(Protocol):
         a read got (after the width mask), 0 for a write."""
         ...
 
+    def abandoned(self) -> None:
+        """The access returned by the last :meth:`run` reached the device model but
+        was abandoned (PAUSE_VM, RESET_VM, stop): no :meth:`complete` follows; the next
+        :meth:`run` may return it again."""
+        ...
+
     def reset(self) -> None:
         """Cold reset (RESET_VM): start over from the beginning at the next run.
         An access abandoned by PAUSE_VM gets no :meth:`complete`; a reset follows

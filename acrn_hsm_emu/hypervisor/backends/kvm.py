@@ -875,6 +875,10 @@ class KvmVcpu:
             self.run_mm[k.RUN_MMIO_DATA : k.RUN_MMIO_DATA + n] = value.to_bytes(n, "little")
             self._mmio_read = 0
 
+    def abandoned(self) -> None:
+        if self._mode == "scripted":
+            self._scripted.abandoned()
+
     def reset(self) -> None:
         """RESET_VM (vCPU thread): back to the state KVM created the vCPU in."""
         self._scripted.reset()

@@ -6,17 +6,58 @@ step is answered by the hypervisor's CPUID model, a sleep step waits
 (interruptibly). Expected values are compared as results come back; every
 mismatch is counted on the vCPU and logged. RESET_VM rewinds to the start;
 a VM whose vCPU has no program idles and performs only injected accesses.
+
+Replaying a recording (docs/record-replay.md) reads :class:`ReplayLog`: every
+difference with where it happened, and how far each vCPU got, kept beyond the
+VM's life.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
 from acrn_hsm_emu.hypervisor.backends.base import VcpuHost
-from acrn_hsm_emu.hypervisor.workload import CPUID_REGS, Step, VcpuProgram, Workload
+from acrn_hsm_emu.hypervisor.workload import CPUID_REGS, Step, VcpuProgram, Workload, pci_reg
+
+
+class ReplayLog:
+    """What replaying workloads found, for ``acrn-hsm-emu replay`` and ``status``: each
+    difference (the first :attr:`LIMIT` listed) and each vCPU's progress, its runs that
+    ended (the last :attr:`RUNS`) as well as the live ones."""
+
+    LIMIT = 1000
+    RUNS = 256
+
+    def __init__(self) -> None:
+        self.differences: list[dict[str, Any]] = []
+        self.count = 0
+        self.ended: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.RUNS)
+        self.live: set[ScriptedVcpu] = set()
+        self.lock = threading.Lock()
+
+    def difference(self, d: dict[str, Any]) -> None:
+        with self.lock:
+            self.count += 1
+            if len(self.differences) < self.LIMIT:
+                self.differences.append(d)
+
+    def summary(self) -> dict[str, Any]:
+        """``differences`` (count), ``listed`` (the first ones), ``vcpus`` (progress of each
+        vCPU run: ended ones first), ``complete`` (every one ran its program to the end)."""
+        with self.lock:
+            live = [v.progress() for v in self.live]
+            vcpus = [*self.ended, *(p for p in live if p is not None)]
+            return {
+                "differences": self.count,
+                "listed": list(self.differences),
+                "vcpus": vcpus,
+                "complete": bool(vcpus) and all(p["complete"] for p in vcpus),
+            }
 
 
 class ScriptedBackend:
@@ -28,6 +69,7 @@ class ScriptedBackend:
         self.workload = workload
         self._per_vm: dict[int, Workload | None] = {}
         self._lock = threading.Lock()
+        self.replay = ReplayLog()
 
     def set_workload(self, vmid: int | None, workload: Workload | None) -> None:
         """Workload for VM ``vmid`` (None: the default for all VMs); used from the next reset/start."""
@@ -85,9 +127,42 @@ class ScriptedVcpu:
         self._vmid = vmid
         self._vcpu_id = vcpu_id
         self._host: VcpuHost | None = None
+        self._program: VcpuProgram | None = None
+        self._started = False
         self.reset()
+        with backend.replay.lock:
+            backend.replay.live.add(self)
+
+    def _log_progress(self) -> None:
+        """The run that ends (reset, close) into the replay log, if it ran."""
+        progress = self.progress() if self._started else None
+        if progress is not None:
+            log = self._backend.replay
+            with log.lock:
+                log.ended.append(progress)
+
+    def progress(self) -> dict[str, Any] | None:
+        """How far this vCPU got since its last reset (None: it has no program):
+        accesses replayed of the program's total, ``complete``."""
+        if self._program is None:
+            return None
+        prog = self._program
+        total = prog.accesses_per_run * prog.repeat if prog.repeat else None
+        replayed = self._replayed + self._posted  # an access posted then abandoned reached the DM
+        return {
+            "vm": self._vmid,
+            "vcpu": self._vcpu_id,
+            "replayed": replayed,
+            "total": total,
+            "complete": self._done or (total is not None and replayed >= total),
+            "position": self.position,
+        }
 
     def reset(self) -> None:
+        self._log_progress()
+        self._started = False
+        self._replayed = 0  # accesses completed since the reset
+        self._posted = 0  # 1: the current access reached the device model, then was abandoned
         self._program = self._backend.program_for(self._vmid, self._vcpu_id)
         self._steps: tuple[Step, ...] = self._program.steps if self._program else ()
         self._run = 0  # completed passes over the steps
@@ -115,6 +190,7 @@ class ScriptedVcpu:
 
     def run(self, host: VcpuHost) -> Access | None:
         self._host = host
+        self._started = True
         steps = self._steps
         while not self._done:
             if host.interrupted:
@@ -132,7 +208,7 @@ class ScriptedVcpu:
                 if step.expect_regs is not None:
                     for reg, want, have in zip(CPUID_REGS, step.expect_regs, got, strict=True):
                         if want is not None and want != have:
-                            host.mismatch(self._describe(step, reg), want, have)
+                            self._differs(host, step, want, have, reg)
             else:  # sleep
                 if self._sleep_until is None:
                     self._sleep_until = time.monotonic() + step.seconds
@@ -147,15 +223,42 @@ class ScriptedVcpu:
             self._s5 = False  # the hypervisor's own write: nothing to compare or advance
             return
         step = self._steps[self._index]
+        self._replayed += 1
+        self._posted = 0
         if step.expect is not None and value != step.expect and self._host is not None:
-            self._host.mismatch(self._describe(step), step.expect, value)
+            self._differs(self._host, step, step.expect, value)
         self._advance()
+
+    def abandoned(self) -> None:
+        if self._s5:
+            return  # the hypervisor's own write, not a step
+        self._posted = 1
 
     def kick(self) -> None:
         pass  # run() never blocks except in host.sleep_until, which the host wakes
 
     def close(self) -> None:
         self._host = None
+        log = self._backend.replay
+        with log.lock:
+            log.live.discard(self)
+        self._log_progress()
+        self._program = None  # logged once
+
+    def _differs(self, host: VcpuHost, step: Step, expected: int, got: int, reg: str = "") -> None:
+        host.mismatch(self._describe(step, reg), expected, got)
+        a = step.access
+        if a is None:
+            what = f"cpuid {step.leaf:#x}.{step.subleaf} {reg}"
+        elif a.kind == "pci":
+            what = (f"pci read {a.addr >> 16 & 0xFF:02x}:{a.addr >> 11 & 0x1F:02x}.{a.addr >> 8 & 7} "
+                    f"reg {pci_reg(a.addr):#x} size {a.size}")
+        else:
+            what = f"{a.kind} read {a.addr:#x} size {a.size}"
+        self._backend.replay.difference({
+            "vm": self._vmid, "vcpu": self._vcpu_id, "step": self._index, "pass": self._run,
+            "rep": self._rep, "access": what, "expected": expected, "got": got,
+        })  # fmt: skip
 
     def _advance(self) -> None:
         self._rep += 1
