@@ -84,6 +84,9 @@ def parse_access(spec: dict[str, Any]) -> Access:
     )
 
 
+RECORD_LEASE_S = 10.0  # a recording nobody asked about for this long is dropped
+
+
 class Daemon:
     def __init__(
         self,
@@ -94,6 +97,7 @@ class Daemon:
         self.settings = settings
         self.command = list(command)
         self.tasks = list(tasks)  # started once serving, with the root scope (replay's watch)
+        self._record_leases: dict[int, tuple[float, float]] = {}  # vmid -> (deadline, lease)
         self.exit_code = 0  # the command's exit status, when there is one
         self.notifier = Notifier()
         try:
@@ -188,6 +192,7 @@ class Daemon:
         status = self._status_line()
         self.notifier.notify("READY=1", status)
         nursery.start_soon(self._status_loop, status)
+        nursery.start_soon(self._record_leases_loop)
         log.info(
             "daemon.serving",
             node=s.node,
@@ -376,6 +381,7 @@ class Daemon:
                 return self._node_tree()
             if cmd == "record":  # hypervisor/record.py, recording.py
                 result = {**recording.control(self.hypervisor, req), "node": self.settings.node}
+                self._record_lease(req)
                 return {"ok": True, "result": result}, None
             if cmd in ("vm-list", "vm-pause", "vm-destroy"):
                 return {"ok": True, "result": self._vm_command(cmd, req)}, None
@@ -389,6 +395,33 @@ class Daemon:
         except Exception as e:
             log.exception("control.request_failed")
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
+
+    def _record_lease(self, req: dict[str, Any]) -> None:
+        """A recording lives while its ``record`` asks about it: each request renews its lease
+        (``lease`` seconds, set at start; the CLI polls every 0.1 s); stop ends it."""
+        vmid = int(req["vm"])
+        if req.get("action") == "stop":
+            self._record_leases.pop(vmid, None)
+            return
+        lease = self._record_leases.get(vmid, (0.0, float(req.get("lease") or RECORD_LEASE_S)))[1]
+        if req.get("action") == "start":
+            lease = float(req.get("lease") or RECORD_LEASE_S)
+        self._record_leases[vmid] = (trio.current_time() + lease, lease)
+
+    async def _record_leases_loop(self) -> None:
+        """Drop the recordings whose ``record`` went away without stopping them (SIGKILL):
+        nothing would ever collect them, and a recording grows with the VM's I/O."""
+        while True:
+            await trio.sleep(0.5)
+            now = trio.current_time()
+            for vmid, (deadline, lease) in list(self._record_leases.items()):
+                if now < deadline:
+                    continue
+                del self._record_leases[vmid]
+                if self.hypervisor.recording(vmid) is None:
+                    continue
+                rec = self.hypervisor.record_stop(vmid)
+                log.warning("record.abandoned", vmid=vmid, lease_s=lease, accesses=rec.summary().get("accesses"))
 
     def _vm_command(self, cmd: str, req: dict[str, Any]) -> Any:
         """``acrn-hsm-emu vm``: list, pause or destroy any User VM (hsm/admin.py)."""

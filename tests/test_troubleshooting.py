@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -674,6 +675,16 @@ def t_record(s: Scene) -> str:
         _control_ok(s, {"cmd": "record", "action": "stop", "vm": 3})
 
 
+def t_record_abandoned(s: Scene) -> str:
+    """A raw client starts a recording with a 1 s lease and never asks again."""
+    _control_ok(s, {"cmd": "record", "action": "start", "vm": 5, "lease": 1})
+    for _ in range(100000):  # hang guard only: until the daemon has dropped it
+        if '"record.abandoned"' in s.daemon.log():
+            break
+        time.sleep(0.05)
+    return s.daemon.log()
+
+
 def t_record_cli(s: Scene) -> str:
     d = s.dir()
     none = ["--control", str(s.tmp / "no-daemon.sock")]
@@ -1101,6 +1112,7 @@ MESSAGES = {
     "daemon: vmid <n> is not a post-launched VM slot of this scenario": "record",
     "daemon: VM <n> is being recorded already (state <state>); stop that recording first": "record",
     "daemon: VM <n> is not being recorded": "record",
+    "record.abandoned": "record_abandoned",
     "daemon: unknown record action <action> (start, status or stop)": "record",
     "nothing was recorded from VM <n> (<reason>): did it run any I/O?": "record",
     "cannot write the recording to <file>: <reason>": "record_cli",
