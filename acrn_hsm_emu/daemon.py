@@ -27,7 +27,7 @@ import structlog
 import trio
 
 from acrn_hsm_emu import launcher, publish, recording
-from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
+from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings, format_listen
 from acrn_hsm_emu.hsm import admin
 from acrn_hsm_emu.hsm.hsm import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
@@ -218,7 +218,8 @@ class Daemon:
         try:
             await nursery.start(endpoint.serve, host, port)
         except OSError as e:
-            raise StartError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
+            where = format_listen((host, port))
+            raise StartError(f"cannot serve metrics on {where}: {e.strerror or e}") from None
         self.metrics_endpoint = endpoint
         assert endpoint.address is not None
         log.info("metrics.serving", address=endpoint.address[0], port=endpoint.address[1])

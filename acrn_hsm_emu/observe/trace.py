@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import struct
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -232,8 +233,10 @@ class Trace:
         self.requests = False  # anyone wants requests
         self.reason: tuple[str, tuple[object, ...]] | None = None
         self.subscribers: list[Subscriber] = []
-        self.hooks: list[Callable[[], None]] = []  # told when `active` changes
-        self.flushes: list[Callable[[], None]] = []  # drain native records (express path)
+        # told when `active` changes; draining native records (the express path): held weakly,
+        # so that a device (an HSM of a test) that goes away without closing is forgotten
+        self._hooks: list[weakref.WeakMethod[Callable[[], None]]] = []
+        self._flushes: list[weakref.WeakMethod[Callable[[], None]]] = []
         # (vmid, vcpu) -> the request handed to a client, until its completion
         self.inflight: dict[tuple[int, int], dict[str, Any]] = {}
 
@@ -261,13 +264,26 @@ class Trace:
             self.inflight.clear()
             self.reason = None
         if was != self.active:
-            for hook in list(self.hooks):
-                hook()
+            for ref in list(self._hooks):
+                hook = ref()
+                if hook is not None:
+                    hook()
+
+    def watch(self, on_change: Callable[[], None], flush: Callable[[], None]) -> None:
+        """A device's methods: ``on_change`` when `active` changes, ``flush`` to drain native records."""
+        self._hooks.append(weakref.WeakMethod(on_change))
+        self._flushes.append(weakref.WeakMethod(flush))
+
+    def unwatch(self, on_change: Callable[[], None], flush: Callable[[], None]) -> None:
+        self._hooks = [h for h in self._hooks if h() not in (None, on_change)]
+        self._flushes = [f for f in self._flushes if f() not in (None, flush)]
 
     def flush(self) -> None:
         """Bring in what native code recorded so far (before a Python record that may follow it)."""
-        for f in list(self.flushes):
-            f()
+        for ref in list(self._flushes):
+            f = ref()
+            if f is not None:
+                f()
 
     def emit(self, rec: dict[str, Any]) -> None:
         STATS.records += 1
