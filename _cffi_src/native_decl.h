@@ -70,6 +70,15 @@ struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handle
 #define HSM_XRANGE_IOEVENTFD ...
 struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
                         int wildcard; int fd; };
+#define HSM_XT_DEFAULT ...
+#define HSM_XT_IOEVENTFD ...
+#define HSM_XT_NOTIFY ...
+#define HSM_XT_ATTACH ...
+struct hsm_xtrace_rec { uint64_t t_ns; uint64_t addr; uint64_t size; uint64_t value;
+                        uint32_t kind; uint32_t vcpu; uint32_t type; uint32_t dir;
+                        int32_t result; uint32_t pad; };
+struct hsm_xtrace { uint64_t head; uint64_t tail; uint64_t lost; uint32_t size;
+                    struct hsm_xtrace_rec *buf; };
 struct hsm_xvm {
     int fd;
     uint64_t fh;
@@ -88,8 +97,12 @@ struct hsm_xvm {
     uint64_t refused;
     uint64_t in_kernel;
     int alert_fd;
+    struct hsm_xtrace *trace;
     ...;
 };
+void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t);
+uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32_t max,
+                           uint64_t *lost);
 void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n);
 struct hsm_express { uint32_t n; ...; };
 void hsm_x_table_init(struct hsm_express *e);

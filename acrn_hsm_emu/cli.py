@@ -14,6 +14,7 @@ import re
 import socket
 import stat
 import sys
+import time
 from typing import Any, NoReturn
 
 import structlog
@@ -451,41 +452,87 @@ def cmd_unpublish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_status(st: dict[str, Any]) -> str:
-    hsm = st["hsm"]
-    hv = st["hypervisor"]
-    lines = [
-        f"daemon pid {st['pid']}  node {st['node']} ({st['transport']})  backend {st['backend']}",
-        f"control {st.get('control')}",
-        f"open files {hsm['open_files']}  upcalls {hsm['upcalls']}  dispatch passes {hsm['dispatch_passes']}",
-    ]
-    hv_vms = {v.get("vmid"): v for v in hv.get("vms", [])}
-    if not hsm["vms"]:
-        lines.append("no VMs")
-    for vm in hsm["vms"]:
-        hvv = hv_vms.get(vm.get("vmid"), {})
-        lines.append(
-            f"VM {vm.get('vmid')}: state {vm.get('state')}  vcpus {vm.get('vcpu_num')}  "
-            f"owner pid {vm.get('owner_pid')}"
-        )
-        for key in ("clients", "counters"):
-            if key in vm:
-                lines.append(f"  {key}: {json.dumps(vm[key], sort_keys=True)}")
-        for v in hvv.get("vcpus", []):
-            lines.append(f"  vcpu: {json.dumps(v, sort_keys=True)}")
-    for r in hv.get("recordings") or ():
-        reason = f" ({r['reason']})" if r["reason"] else ""
-        lines.append(f"record VM {r['vm']}: {r['state']}{reason}, {r['accesses']} accesses, {r['runs']} run(s)")
-    if hv.get("replay"):
-        from acrn_hsm_emu import recording
-
-        lines += recording.replay_report(hv["replay"], "the workload")[0]
-    return "\n".join(lines)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    st = control_call(args.control, {"cmd": "status"}, node=args.node)
-    print(json.dumps(st, indent=2, sort_keys=True) if args.json else _fmt_status(st))
+    from acrn_hsm_emu.observe import render
+
+    if args.watch is None:
+        st = control_call(args.control, {"cmd": "status"}, node=args.node)
+        print(json.dumps(st, indent=2, sort_keys=True) if args.json else render.status(st))
+        return 0
+    tty = sys.stdout.isatty()
+    while True:  # until Ctrl-C (exit 130) or the daemon goes (exit 1)
+        st = control_call(args.control, {"cmd": "status"}, node=args.node)
+        if args.json:
+            print(json.dumps(st, sort_keys=True), flush=True)  # one line per refresh
+        else:
+            text = render.status(st)
+            stamp = time.strftime("%H:%M:%S")
+            # a terminal: redraw in place; a pipe: one block per refresh
+            print(("\x1b[H\x1b[2J" if tty else "") + f"every {args.watch:g} s, {stamp}\n" + text + "\n",
+                  flush=True)  # fmt: skip
+        time.sleep(args.watch)
+
+
+def _stream(args: argparse.Namespace, request: dict[str, Any]) -> socket.socket:
+    """Connect and ask for a stream; the socket, after the daemon's first (ok) line."""
+    if args.node is not None:
+        request = {**request, "node": args.node}
+    s = connect(args.control)
+    try:
+        s.sendall(json.dumps(request).encode() + b"\n")
+        f = s.makefile("rb")
+        line = f.readline()
+    except TimeoutError:
+        s.close()
+        raise CliError(f"the daemon did not answer within {s.gettimeout():g} s") from None
+    except ConnectionError:
+        s.close()
+        raise CliError("the daemon closed the control connection") from None
+    if not line:
+        s.close()
+        raise CliError("the daemon closed the control connection")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        s.close()
+        raise CliError(f"daemon: {reply.get('error')}")
+    s.settimeout(None)  # records come when they come
+    args._reader = f
+    return s
+
+
+def _follow(args: argparse.Namespace, s: socket.socket, show: Any) -> int:
+    """Print each record until Ctrl-C, the daemon's end, or --count records."""
+    n = 0
+    with s:
+        for line in args._reader:
+            rec = json.loads(line)
+            print(json.dumps(rec, sort_keys=True) if args.json_out else show(rec), flush=True)
+            n += 1
+            if args.count and n >= args.count:
+                return 0
+    raise CliError("the daemon closed the control connection")
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from acrn_hsm_emu.observe import render
+
+    if args.ioctls and args.requests:
+        raise CliError("--ioctls and --requests exclude each other (neither: both)", EXIT_USAGE)
+    what = "ioctls" if args.ioctls else "requests" if args.requests else "all"
+    args.json_out = args.json or (args.format == "auto" and not sys.stdout.isatty()) or args.format == "json"
+    s = _stream(args, {"cmd": "trace", "what": what, "vm": args.vm, "vcpu": args.vcpu, "errors": args.errors})
+    return _follow(args, s, render.record)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    args.json_out = True  # events are JSON lines, as QMP's
+    s = _stream(args, {"cmd": "events", "recent": args.recent})
+    return _follow(args, s, str)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    text = control_call(args.control, {"cmd": "metrics"}, node=args.node)
+    sys.stdout.write(text)
     return 0
 
 
@@ -636,12 +683,64 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
         )
 
     st = add(
-        "status", help="VMs, vCPUs, clients and counters of a running daemon",
-        description="VMs, vCPUs, clients and counters of the daemon serving the node.",
+        "status", help="VMs, vCPUs, clients, pending requests and counters of a running daemon",
+        description="VMs, vCPUs, clients, each VM's pending requests with their age, and the "
+        "request counters explained, of the daemon serving the node (docs/observability.md).",
     )
     control_opt(st)
-    st.add_argument("--json", action="store_true", help="the raw status as JSON (default: a summary)")
+    st.add_argument("--json", action="store_true",
+                    help="the status as JSON, fields in docs/observability.md (default: tables)")
+    st.add_argument(
+        "--watch", type=seconds, nargs="?", const=1.0, default=None, metavar="SECONDS",
+        help="refresh every SECONDS (1 when given alone) until Ctrl-C; with --json one line per "
+        "refresh (default: once)",
+    )
     st.set_defaults(func=cmd_status)
+
+    tr = add(
+        "trace",
+        help="a live decoded stream of ioctls (with the rule behind each refusal) and I/O requests",
+        description="Every ioctl on the node, decoded, with its answer and, for a refusal, the rule "
+        "that produced it; every I/O request with its vCPU, access, the client that got it, its "
+        "answer and its latency (the express path included). Until Ctrl-C. Human-readable on a "
+        "terminal, JSON lines otherwise (docs/observability.md).",
+    )
+    control_opt(tr)
+    tr.add_argument("--vm", type=vmid, default=None, metavar="VMID", help="only this VM (default: all)")
+    tr.add_argument("--vcpu", type=vcpu_index, default=None, metavar="N",
+                    help="only this vCPU's requests and NOTIFY calls (default: all)")
+    tr.add_argument("--ioctls", action="store_true", help="only ioctls (default: ioctls and requests)")
+    tr.add_argument("--requests", action="store_true", help="only I/O requests (default: ioctls and requests)")
+    tr.add_argument("--errors", action="store_true",
+                    help="only refused ioctls and requests that did not complete normally (default: all)")
+    tr.add_argument("--json", action="store_true", help="JSON lines even on a terminal (default: --format)")
+    tr.add_argument("--format", choices=("auto", "text", "json"), default="auto",
+                    help="auto (default: text on a terminal, else JSON lines), text or json")
+    tr.add_argument("--count", type=int, default=0, metavar="N",
+                    help="stop after N records (default 0: until Ctrl-C)")
+    tr.set_defaults(func=cmd_trace)
+
+    ev = add(
+        "events",
+        help="VM life cycle, clients, faults and limits as JSON lines (like QMP events)",
+        description="Stream the daemon's events, one JSON object per line: {event, timestamp, "
+        "data}. Each event and its fields: docs/observability.md. Until Ctrl-C.",
+    )
+    control_opt(ev)
+    ev.add_argument("--recent", action="store_true",
+                    help="first the last 256 events the daemon kept (default: only new ones)")
+    ev.add_argument("--count", type=int, default=0, metavar="N",
+                    help="stop after N events (default 0: until Ctrl-C)")
+    ev.set_defaults(func=cmd_events)
+
+    mt = add(
+        "metrics",
+        help="the Prometheus metrics, as a scrape of the metrics endpoint would get them",
+        description="Print the metrics in the Prometheus text format, through the control socket "
+        "(works with the HTTP endpoint off; docs/observability.md).",
+    )
+    control_opt(mt)
+    mt.set_defaults(func=cmd_metrics)
 
     inj = add(
         "inject",
@@ -731,8 +830,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
 
 
 # Commands whose options may come anywhere among their operands (parse_intermixed_args).
-_INTERMIXED = ("status", "inject", "cpuid", "vm")
-_CONTROL_CLIENTS = ("status", "inject", "cpuid", "vm", "record")
+_INTERMIXED = ("status", "inject", "cpuid", "vm", "trace", "events", "metrics")
+_CONTROL_CLIENTS = ("status", "inject", "cpuid", "vm", "record", "trace", "events", "metrics")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

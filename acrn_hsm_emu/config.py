@@ -67,6 +67,7 @@ class Settings:
     service_cpus: tuple[int, ...] = ()  # (): wherever the scheduler puts the daemon
     vcpu_cpus: tuple[int, ...] = ()  # (): vCPU threads run on any CPU
     vcpu_poll_us: int = 200
+    metrics_listen: tuple[str, int] | None = None  # None: no metrics endpoint
     config_file: str | None = None  # the file that was read, if any
 
     @property
@@ -241,6 +242,29 @@ def _id(kind: str, lookup: Callable[[str], Any]) -> Callable[[Any, Path], int]:
     return check
 
 
+def _listen(value: Any, _base: Path) -> tuple[str, int] | None:
+    """``off``, a port (on the loopback address) or ``HOST:PORT`` (``[::1]:PORT`` for IPv6)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    v = _string(value)
+    if v == "off":
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", v
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'must be "off", a port, or HOST:PORT (like "127.0.0.1:9464"), not {v!r}')
+    return host, int(port)
+
+
+def format_listen(listen: tuple[str, int] | None) -> str:
+    if listen is None:
+        return "off"
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
     name: str
@@ -323,6 +347,13 @@ KEYS: dict[str, Key] = {
             "with vcpu_cpus, the most microseconds a vCPU waiting for its request's "
             "completion polls before it sleeps (as KVM's halt_poll_ns): 0 never; default 200",
             "N",
+        ),
+        Key(
+            "metrics_listen",
+            _listen,
+            "serve Prometheus metrics over HTTP: off (default), a port (on 127.0.0.1) or "
+            "HOST:PORT; unauthenticated, keep it on a trusted address (docs/configuration.md)",
+            "ADDR",
         ),
     )
 }
@@ -414,7 +445,7 @@ def load(path: str | None = None, overrides: Mapping[str, str] | None = None) ->
     for name in (
         "node", "transport", "backend", "run_dir", "control", "node_mode", "log_format", "log_level",
         "ioeventfd_mismatch", "abi", "express", "express_poll_us", "service_cpus", "vcpu_cpus",
-        "vcpu_poll_us",
+        "vcpu_poll_us", "metrics_listen",
     ):  # fmt: skip
         if name in values:
             setattr(settings, name, values[name])
@@ -463,4 +494,5 @@ def render(settings: Settings) -> str:
         cpus: tuple[int, ...] = getattr(settings, name)
         lines.append(f"{name} = {q(format_cpus(cpus))}" if cpus else f"# {name}: any")
     lines.append(f"vcpu_poll_us = {settings.vcpu_poll_us}")
+    lines.append(f"metrics_listen = {q(format_listen(settings.metrics_listen))}")
     return "\n".join(lines)

@@ -27,13 +27,17 @@ import structlog
 import trio
 
 from acrn_hsm_emu import launcher, publish, recording
-from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings
+from acrn_hsm_emu.config import DEFAULT_NODE, DEFAULT_RUN_DIR, Settings, format_listen
 from acrn_hsm_emu.hsm import admin
 from acrn_hsm_emu.hsm.hsm import HsmDevice
 from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
 from acrn_hsm_emu.hypervisor.vcpu import AccessAborted
 from acrn_hsm_emu.memory import MemoryFault
+from acrn_hsm_emu.observe import metrics
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.pending import PendingAges
+from acrn_hsm_emu.observe.trace import TRACE, Filter
 from acrn_hsm_emu.sdnotify import Notifier
 from cdev.server import ServeError, Server, SessionEnded
 
@@ -44,7 +48,9 @@ __all__ = [
     "DEFAULT_NODE", "DEFAULT_RUN_DIR", "Daemon", "SessionEnded", "Settings", "StartError", "first_exception",
 ]
 
-STATUS_POLL_S = 1.0  # how often the VM count is compared for STATUS=
+STATUS_POLL_S = 1.0  # how often the VM count is compared for STATUS= (and pending requests sampled)
+STREAMS = ("trace", "events")  # control commands that stream until the client hangs up
+STREAM_BATCH = 256  # records sent in one write at most
 # The service manager's variables are the daemon's, not its command's.
 _SERVICE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
@@ -125,6 +131,9 @@ class Daemon:
         self.device: HsmDevice | None = None
         self.server: Server | None = None
         self._made_dirs: list[pathlib.Path] = []
+        self.pending = PendingAges()
+        self.metrics_registry: Any = None
+        self.metrics_endpoint: metrics.Endpoint | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Installed first, so a signal during start-up also stops us cleanly.
@@ -189,6 +198,9 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(s.control_path)
         await nursery.start(self._control_server, control)
+        self.metrics_registry = metrics.registry(metrics.HsmCollector(self.device, self.hypervisor))
+        if s.metrics_listen is not None:
+            await self._serve_metrics(nursery, *s.metrics_listen)
         status = self._status_line()
         self.notifier.notify("READY=1", status)
         nursery.start_soon(self._status_loop, status)
@@ -205,6 +217,17 @@ class Daemon:
             pid=os.getpid(),
         )
         task_status.started()
+
+    async def _serve_metrics(self, nursery: trio.Nursery, host: str, port: int) -> None:
+        endpoint = metrics.Endpoint(self.metrics_registry)
+        try:
+            await nursery.start(endpoint.serve, host, port)
+        except OSError as e:
+            where = format_listen((host, port))
+            raise StartError(f"cannot serve metrics on {where}: {e.strerror or e}") from None
+        self.metrics_endpoint = endpoint
+        assert endpoint.address is not None
+        log.info("metrics.serving", address=endpoint.address[0], port=endpoint.address[1])
 
     def _own_device_node(self) -> None:
         """CUSE: the kernel makes the node root's and 0600; apply the configured owner and mode.
@@ -243,6 +266,8 @@ class Daemon:
             if line != last:
                 self.notifier.notify(line)
                 last = line
+            if self.device is not None:
+                self.pending.sample(self.device, self.hypervisor)
             if watchdog is not None and trio.current_time() >= next_ping:
                 self.notifier.notify("WATCHDOG=1")
                 next_ping = trio.current_time() + watchdog
@@ -339,6 +364,10 @@ class Daemon:
                 buf += data
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
+                    stream_req = self._stream_request(line)
+                    if stream_req is not None:
+                        await self._stream(stream, stream_req)
+                        return
                     reply, fd = await self._control_request(line)
                     payload = json.dumps(reply).encode() + b"\n"
                     try:
@@ -352,6 +381,74 @@ class Daemon:
                     finally:
                         if fd is not None:
                             os.close(fd)
+
+    @staticmethod
+    def _stream_request(line: bytes) -> dict[str, Any] | None:
+        """The request, when it asks for a stream (trace, events); else None."""
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return None
+        return req if isinstance(req, dict) and req.get("cmd") in STREAMS else None
+
+    async def _stream(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+        """``trace`` or ``events``: a reply, then one JSON line per record until the client
+        hangs up (what it sends meanwhile is ignored). Records that do not fit in the
+        connection's queue are dropped and counted, never waited for."""
+        want = req.get("node")
+        reply: dict[str, Any]
+        if want is not None and want != self.settings.node:
+            reply = {"ok": False, "error": f"this daemon serves {self.settings.node}, not {want}"}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            return
+        if req["cmd"] == "trace":
+            try:
+                flt = Filter.from_request(req)
+            except ValueError as e:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(json.dumps({"ok": False, "error": str(e)}).encode() + b"\n")
+                return
+            sub = TRACE.subscribe(flt)
+            receive: trio.MemoryReceiveChannel[dict[str, Any]] = sub.receive
+            log.info("trace.client_attached", filter=req.get("what", "all"), vm=flt.vm, vcpu=flt.vcpu,
+                     errors=flt.errors, tracers=len(TRACE.subscribers))
+
+            def stop() -> None:
+                TRACE.unsubscribe(sub)
+                log.info("trace.client_detached", tracers=len(TRACE.subscribers))
+        else:
+            send, receive = BUS.listen(recent=bool(req.get("recent")))
+            log.info("events.client_attached", listeners=len(BUS.listeners))
+
+            def stop() -> None:
+                BUS.unlisten(send)
+                log.info("events.client_detached", listeners=len(BUS.listeners))
+
+        try:
+            await stream.send_all(json.dumps({"ok": True, "result": {"streaming": req["cmd"]}}).encode() + b"\n")
+            async with trio.open_nursery() as nursery:
+
+                async def hang_up() -> None:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        while await stream.receive_some(4096):
+                            pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(hang_up)
+                async for rec in receive:
+                    batch = [rec]
+                    while len(batch) < STREAM_BATCH:
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await stream.send_all(b"".join(json.dumps(r).encode() + b"\n" for r in batch))
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            stop()
 
     async def _control_request(self, line: bytes) -> tuple[dict[str, Any], int | None]:
         """The reply to one request line, and a descriptor to pass along with it (node-tree)."""
@@ -383,6 +480,8 @@ class Daemon:
                 result = {**recording.control(self.hypervisor, req), "node": self.settings.node}
                 self._record_lease(req)
                 return {"ok": True, "result": result}, None
+            if cmd == "metrics":
+                return {"ok": True, "result": metrics.exposition(self.metrics_registry).decode()}, None
             if cmd in ("vm-list", "vm-pause", "vm-destroy"):
                 return {"ok": True, "result": self._vm_command(cmd, req)}, None
             return {"ok": False, "error": f"unknown command {cmd!r}"}, None
@@ -466,4 +565,8 @@ class Daemon:
             },
             "hsm": self.device.snapshot(hv),
             "hypervisor": hv,
+            "pending": self.pending.sample(self.device, self.hypervisor),
+            "metrics": None if self.metrics_endpoint is None or self.metrics_endpoint.address is None
+            else {"address": self.metrics_endpoint.address[0], "port": self.metrics_endpoint.address[1]},
+            "observers": {"tracers": len(TRACE.subscribers), "event_listeners": len(BUS.listeners)},
         }

@@ -636,6 +636,80 @@ def memory_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"rss_idle_mib": idle, "rss_16_vms_mib": busy, "rss_per_vm_mib": (busy - idle) / 16}
 
 
+@contextmanager
+def tracing(ctl: pathlib.Path) -> Iterator[None]:
+    """A trace client attached for the duration (everything: ioctls and requests), reading
+    every record and throwing it away, as fast as a reader can."""
+    import threading
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(ctl))
+    s.sendall(b'{"cmd": "trace"}\n')
+    first = b""
+    while not first.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            raise RuntimeError("the daemon refused the trace")
+        first += chunk
+    assert json.loads(first)["ok"], first
+
+    def drain() -> None:
+        try:
+            while s.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+        reader.join(10)
+
+
+def trace_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The trace off and on (a reader attached that takes everything), alternated round by
+    round: a null ioctl (refused at the gate: its reason is formatted when on), and the
+    default client's request cycle (dm_loop, a scripted PIO write loop, the express path)."""
+    from contextlib import nullcontext
+
+    serve_args, client = scripted_setup(tmp, "pio", 1)
+    null: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    cyc: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    with daemon(tmp, *serve_args) as d:
+        for _ in range(args.rounds):
+            for on in (False, True):
+                with tracing(d["control"]) if on else nullcontext():
+                    null[on].append(ioctl_loop(d["node"], args.calls))
+        dm = subprocess.Popen([client[0], str(d["node"]), *client[1:]], stdout=subprocess.PIPE, text=True)
+        try:
+            assert dm.stdout is not None
+            dm.stdout.readline()  # vmid=.. : the VM runs
+            time.sleep(0.5)  # warm-up
+            for _ in range(args.rounds):
+                for on in (False, True):
+                    with tracing(d["control"]) if on else nullcontext():
+                        before, t0 = vcpus_of(d["control"]), time.monotonic()
+                        time.sleep(args.seconds)
+                        after, t1 = vcpus_of(d["control"]), time.monotonic()
+                    reqs = sum(a["requests"] for a in after) - sum(b["requests"] for b in before)
+                    cyc[on].append({"requests_per_s": reqs / (t1 - t0), "us_per_request": 1e6 * (t1 - t0) / max(reqs, 1)})
+        finally:
+            dm.send_signal(signal.SIGTERM)
+            dm.communicate(timeout=60)
+    off, on = summarize(null[False]), summarize(null[True])
+    c_off = {k: med(cyc[False], k) for k in ("requests_per_s", "us_per_request")}
+    c_on = {k: med(cyc[True], k) for k in ("requests_per_s", "us_per_request")}
+    return {
+        "null_ioctl_off_us": off, "null_ioctl_on_us": on, "null_ioctl_on_off_p50": on["p50"] / off["p50"],
+        "cycle_off": c_off, "cycle_on": c_on,
+        "cycle_on_off_us_per_request": c_on["us_per_request"] / c_off["us_per_request"],
+    }  # fmt: skip
+
+
 def fmt(res: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.2f}" for k, v in res.items())
 
@@ -650,6 +724,7 @@ BENCHES: dict[str, Callable[[pathlib.Path, argparse.Namespace], dict[str, Any]]]
     "ioeventfd": ioeventfd_path,
     "interrupts": interrupts,
     "memory": memory_cost,
+    "trace": trace_cost,
 }
 
 

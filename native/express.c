@@ -1,10 +1,12 @@
 /* The express path's state, as Python sets it (express.h). */
 #include <errno.h>
 #include <sched.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "express.h"
 #include "express_internal.h"
+#include "slot.h"
 
 void hsm_x_table_init(struct hsm_express *e)
 {
@@ -139,4 +141,57 @@ void hsm_x_close(struct hsm_xvm *x)
     x->nfds = 0;
     x->alert_fd = -1;  /* the session's (Express.alert_fd): not closed here */
     pthread_mutex_unlock(&x->lock);
+}
+
+void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t)
+{
+    pthread_mutex_lock(&x->lock);
+    x->trace = t;
+    pthread_mutex_unlock(&x->lock);
+}
+
+void hsm_x_trace_rec(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
+                     const unsigned char *head, uint64_t value, int32_t result)
+{
+    struct hsm_xtrace *t = x->trace;
+    struct hsm_xtrace_rec *r;
+    if (t->head - t->tail >= t->size) {
+        t->lost++;
+        return;
+    }
+    r = &t->buf[t->head % t->size];
+    memset(r, 0, sizeof *r);
+    r->t_ns = hsm_now_ns();
+    r->kind = kind;
+    r->vcpu = (uint32_t)vcpu;
+    r->value = value;
+    r->result = result;
+    if (head) {
+        memcpy(&r->type, head, 4);
+        memcpy(&r->dir, head + HSM_SLOT_DIRECTION, 4);
+        memcpy(&r->addr, head + HSM_SLOT_ADDRESS, 8);
+        memcpy(&r->size, head + HSM_SLOT_SIZE, 8);
+        memcpy(&r->value, head + HSM_SLOT_VALUE, 8);
+    }
+    t->head++;
+}
+
+uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32_t max,
+                           uint64_t *lost)
+{
+    uint32_t n = 0;
+    struct hsm_xtrace *t;
+    pthread_mutex_lock(&x->lock);
+    t = x->trace;
+    *lost = 0;
+    if (t) {
+        while (n < max && t->tail != t->head) {
+            out[n++] = t->buf[t->tail % t->size];
+            t->tail++;
+        }
+        *lost = t->lost;
+        t->lost = 0;
+    }
+    pthread_mutex_unlock(&x->lock);
+    return n;
 }

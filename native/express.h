@@ -44,6 +44,19 @@ struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handle
 struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
                         int wildcard; int fd; };
 
+/* The trace (acrn_hsm_emu/observe/trace.py): while a tracer listens, this
+   path records what it does into the VM's ring, under the VM's lock, and the
+   trio thread drains it. NULL (the default): nothing is recorded, one test. */
+#define HSM_XT_DEFAULT 1    /* a request dispatched to the default client */
+#define HSM_XT_IOEVENTFD 2  /* a request completed by the ioeventfd handler */
+#define HSM_XT_NOTIFY 3     /* NOTIFY_REQUEST_FINISH answered; value: the slot's */
+#define HSM_XT_ATTACH 4     /* ATTACH_IOREQ_CLIENT: result 0 answered, 1 parked, -EAGAIN */
+struct hsm_xtrace_rec { uint64_t t_ns; uint64_t addr; uint64_t size; uint64_t value;
+                        uint32_t kind; uint32_t vcpu; uint32_t type; uint32_t dir;
+                        int32_t result; uint32_t pad; };
+struct hsm_xtrace { uint64_t head; uint64_t tail; uint64_t lost; uint32_t size;
+                    struct hsm_xtrace_rec *buf; };
+
 struct hsm_xvm {
     struct hsm_native_upcall up;  /* first: the hypervisor sees only this */
     pthread_mutex_t lock;
@@ -68,6 +81,7 @@ struct hsm_xvm {
     const struct hsm_xioeventfd *iofds;  /* the VM's ioeventfds, in order */
     uint32_t niofds;
     int busy;             /* deferred writes under way (express_out.c); close waits */
+    struct hsm_xtrace *trace;  /* while traced, else NULL */
 };
 
 /* The VMs the prefilter serves. Its lock is taken before a VM's. */
@@ -96,6 +110,11 @@ void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *r
                      uint32_t n);
 /* The VM or the session goes: answer the waiters, stop writing to the fd. */
 void hsm_x_close(struct hsm_xvm *x);
+/* Start (t: the caller's, kept alive until replaced) or stop (NULL) recording. */
+void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t);
+/* Move up to max records into out; *lost: records dropped on a full ring since. */
+uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32_t max,
+                           uint64_t *lost);
 
 /* express_dispatch.c: the vCPU's upcall, flushed (what the post path does,
    in one call: tests). */

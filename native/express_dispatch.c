@@ -109,6 +109,8 @@ static int hsm_x_ioeventfd(struct hsm_xvm *x, int pid, uint64_t slot, uint64_t i
         }
     }
     x->in_kernel++;
+    if (x->trace)
+        hsm_x_trace_rec(x, HSM_XT_IOEVENTFD, i, head, 0, 0);
     hsm_x_completed(x, i, polling);
     return 1;
 }
@@ -134,6 +136,8 @@ static int hsm_x_dispatch(struct hsm_xvm *x, int pid, uint64_t slot, const unsig
         if (r == 0) {
             x->defaults++;
             x->bitmap |= (uint64_t)1 << i;
+            if (x->trace)
+                hsm_x_trace_rec(x, HSM_XT_DEFAULT, i, head, 0, 0);
             for (uint32_t k = 0; k < x->nparked; k++)
                 hsm_x_reply_later(x, x->parked[k]);  /* after the gate: flush() */
             x->nparked = 0;

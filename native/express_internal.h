@@ -21,6 +21,10 @@ void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling);
 /* Unlocked: write what this thread put off, then let hsm_x_close go on. */
 void hsm_x_flush_out(void);
 
+/* express.c: locked, x->trace set: one record (head: the request's, or NULL). */
+void hsm_x_trace_rec(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
+                     const unsigned char *head, uint64_t value, int32_t result);
+
 /* express_dispatch.c: the VM's struct hsm_native_upcall. */
 int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,
                  const unsigned char *head);

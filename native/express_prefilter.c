@@ -21,6 +21,9 @@ static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
         return 0;  /* Python: ENODEV, or the session is closing */
     }
     x->attaches++;
+    if (x->trace)
+        hsm_x_trace_rec(x, HSM_XT_ATTACH, 0, NULL, 0,
+                        x->bitmap ? 0 : x->nparked >= HSM_X_PARKED_MAX ? -EAGAIN : 1);
     if (x->bitmap) {
         hsm_x_reply_later(x, unique);
     } else if (x->nparked >= HSM_X_PARKED_MAX) {
@@ -46,7 +49,7 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
     struct acrn_ioreq_notify n;
     uint32_t polling;
     const uint32_t complete = HSM_STATE_COMPLETE;
-    uint64_t slot;
+    uint64_t slot, traced = 0;
     memcpy(&n, arg, sizeof n);
     if (n.reserved)
         return 0;
@@ -57,10 +60,18 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
     slot = x->page + ((uint64_t)n.vcpu << 8);
     if (hsm_remote_read(x->pid, slot + HSM_SLOT_POLLING, &polling, 4) != 4)
         goto python;
+    if (x->trace) {  /* the answer, before the vCPU may free the slot */
+        uint64_t value = 0;
+        if (hsm_remote_read(x->pid, slot + HSM_SLOT_VALUE, &value, 8) != 8)
+            goto python;
+        traced = value;
+    }
     if (hsm_remote_write(x->pid, slot + HSM_SLOT_STATE, &complete, 4) != 4)
         goto python;
     x->bitmap &= ~((uint64_t)1 << n.vcpu);
     x->notified++;
+    if (x->trace)
+        hsm_x_trace_rec(x, HSM_XT_NOTIFY, n.vcpu, NULL, traced, 0);
     hsm_x_completed(x, n.vcpu, polling);
     hsm_x_reply_later(x, unique);
     pthread_mutex_unlock(&x->lock);

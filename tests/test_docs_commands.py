@@ -86,6 +86,8 @@ def runnable_control_commands() -> list[tuple[str, list[str]]]:
         if {"--node", "--run-dir", "--control", "--config"} & set(argv) or argv[:2] in (["vm", "pause"],
                                                                                       ["vm", "destroy"]):
             continue  # another daemon's, or one that ends VM 1
+        if "--watch" in argv:
+            continue  # runs until Ctrl-C: tests/test_observe.py runs it and stops it
         out.append((where, argv))
     return out
 

@@ -138,7 +138,7 @@ def t_config(s: Scene) -> str:
     """))
     cfg2 = d / "config2.toml"
     cfg2.write_text('node = "relative"\nnode_mode = 660\nnode_owner = "no-such-user-here"\n'
-                    'express_poll_us = "soon"\n')
+                    'express_poll_us = "soon"\nmetrics_listen = "localhost:http"\n')
     cfg3 = d / "config3.toml"
     cfg3.write_text('express_poll_us = 5000\nservice_cpus = "3-1"\nvcpu_cpus = "4095"\n')
     cfg4 = d / "config4.toml"
@@ -317,6 +317,13 @@ def t_cannot_listen(s: Scene) -> str:
     d = s.dir()
     (d / "control.sock").write_text("not a socket\n")
     return serve(d, "--control", str(d / "control.sock"))
+
+
+def t_metrics_taken(s: Scene) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        return serve(s.dir(), "--metrics-listen", f"127.0.0.1:{taken.getsockname()[1]}")
 
 
 def t_stale_mount(s: Scene) -> str:
@@ -619,6 +626,14 @@ def t_raw_protocol(s: Scene) -> str:
         raw_request(s, b'{"cmd": "reboot"}'),
         raw_request(s, b"[1, 2]"),
         raw_request(s, b'{"cmd": "inject", "vm": 1, "vcpu": 0, "access": {"kind": "msr"}}'),
+    ])
+
+
+def t_trace_arguments(s: Scene) -> str:
+    return "\n".join([
+        cli("trace", "--ioctls", "--requests", "--control", str(s.tmp / "no-daemon.sock")),
+        raw_request(s, b'{"cmd": "trace", "vm": -1}'),
+        raw_request(s, b'{"cmd": "trace", "what": "everything"}'),
     ])
 
 
@@ -1079,6 +1094,11 @@ MESSAGES = {
     "control socket <path> is in use by another running daemon (is <node> served already?); stop it or give "
     "this one another --control": "control_in_use",
     "cannot listen on the control socket <path>: <reason>": "cannot_listen",
+    "cannot serve metrics on <address>: <reason>": "metrics_taken",
+    "<source>: <key>: must be \"off\", a port, or HOST:PORT (like \"127.0.0.1:9464\"), not <value>": "config",
+    "--ioctls and --requests exclude each other (neither: both)": "trace_arguments",
+    "daemon: trace: <name> must be a number from 0 to 65534, not <value>": "trace_arguments",
+    "daemon: trace: what must be all, ioctls or requests, not <value>": "trace_arguments",
     "no daemon control socket at <path> (is acrn-hsm-emu serve running?)": "no_socket",
     "permission denied on <path>: the control socket is for root": "socket_denied",
     "cannot reach the daemon at <path>: <reason>": "socket_refused",

@@ -44,6 +44,7 @@ HEAD_LEN = abi.SLOT_PCI_REG + 4  # a slot's head, read up to PCICFG reg (a fold 
 # fields first and the state word last (spec: hsm 6).
 SLOT_POLLING = abi.SLOT_COMPLETION_POLLING
 SLOT_VALUE = abi.SLOT_VALUE
+SLOT_ADDRESS = abi.SLOT_ADDRESS
 SLOT_KH = abi.SLOT_KERNEL_HANDLED
 SLOT_STATE = abi.SLOT_PROCESSED
 U32 = struct.Struct("<I")

@@ -29,6 +29,7 @@ import trio
 from acrn_hsm_emu.hsm import ioeventfd, irqfd
 from acrn_hsm_emu.hsm.acrn_drv import INVALID_VMID, Vm
 from acrn_hsm_emu.hsm.vm import vm_destroy
+from acrn_hsm_emu.observe.events import BUS
 
 if TYPE_CHECKING:
     from acrn_hsm_emu.hsm.ioreq import Dispatcher
@@ -102,6 +103,8 @@ def pause(dev: HsmDevice, vmid: int) -> None:
     if ret < 0:
         raise AdminError(f"the hypervisor refused to pause VM {vmid} (error {ret})")
     log.info("hsm.admin.vm_paused", vmid=vmid)
+    if BUS.listeners:
+        BUS.emit("vm.paused", vmid=vmid, by="admin")
 
 
 def destroy(dev: HsmDevice, vmid: int) -> None:
@@ -115,11 +118,13 @@ def destroy(dev: HsmDevice, vmid: int) -> None:
     if ret < 0:
         raise AdminError(f"the hypervisor refused to pause VM {vmid} (error {ret})")
     if rec is not None and owner == "owned" and not rec.destroyed:
-        ret = vm_destroy(dev.dispatcher, rec)
+        ret = vm_destroy(dev.dispatcher, rec, by="admin")
     else:
         ret = dev.hv.destroy_vm(vmid)
         if ret == 0 and rec is not None:
             forget(dev, rec)
+        if ret == 0 and BUS.listeners:
+            BUS.emit("vm.destroyed", vmid=vmid, by="admin")
     if ret < 0:
         raise AdminError(f"the hypervisor refused to destroy VM {vmid} (error {ret})")
     log.info("hsm.admin.vm_destroyed", vmid=vmid, owner=owner)

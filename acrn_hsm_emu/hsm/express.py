@@ -30,6 +30,7 @@ dispatcher holds the VM's lock for a pass, so both sides see one state.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import structlog
@@ -39,10 +40,15 @@ from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
 from acrn_hsm_emu.hsm.acrn_drv import Vm
 from acrn_hsm_emu.hypervisor.api import Hypercalls
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.trace import TRACE
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
 _PLAIN_TYPES = (abi.ACRN_IOREQ_TYPE_PORTIO, abi.ACRN_IOREQ_TYPE_MMIO)
+_KINDS = {abi.ACRN_IOREQ_TYPE_PORTIO: "pio", abi.ACRN_IOREQ_TYPE_MMIO: "mmio"}
+TRACE_RING = 4096  # records per VM between two drains (20 ms apart): more are counted as lost
+_DRAIN = 256
 
 
 class _Upcall:
@@ -75,6 +81,10 @@ class Express:
         # Python path logs its own.
         self.alert_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._refused_logged: dict[int, int] = {}  # vmid -> refusals logged
+        self.tracing = False
+        self._rings: dict[int, Any] = {}  # id(vm) -> (struct hsm_xtrace, its records), while tracing
+        self._out = ffi.new("struct hsm_xtrace_rec[]", _DRAIN)
+        self._lost = ffi.new("uint64_t *")
 
     @property
     def threaded(self) -> bool:
@@ -104,6 +114,8 @@ class Express:
         vm.express = x
         vm.counters.express = x
         self._vms.append(vm)
+        if self.tracing:
+            self._trace_vm(vm, True)
         if vm.default_client is not None:
             vm.default_client.adopt_express(x)
         sync(vm)
@@ -115,6 +127,9 @@ class Express:
             return
         self.hv.set_native_upcall(vm.vmid if vmid is None else vmid, None)
         lib.hsm_x_unregister(self.table, x)  # the prefilter no longer finds it
+        if self.tracing:
+            self._drain_vm(vm, vm.vmid if vmid is None else vmid)
+            self._trace_vm(vm, False)
         if vm.default_client is not None:
             vm.default_client.leave_express()
         lib.hsm_x_close(x)
@@ -139,6 +154,55 @@ class Express:
         except RuntimeError:
             pass  # not in a trio run: nobody waits on it
         os.close(self.alert_fd)
+
+    # -- the trace ------------------------------------------------------------
+
+    def set_tracing(self, on: bool) -> None:
+        """Record (or stop recording) what C does for every VM on this path."""
+        if on == self.tracing:
+            return
+        if not on:
+            self.drain()
+        self.tracing = on
+        for vm in self._vms:
+            self._trace_vm(vm, on)
+
+    def _trace_vm(self, vm: Vm, on: bool) -> None:
+        x = vm.express
+        if x is None:
+            return
+        if on:
+            t = ffi.new("struct hsm_xtrace *")
+            buf = ffi.new("struct hsm_xtrace_rec[]", TRACE_RING)
+            t.size = TRACE_RING
+            t.buf = buf
+            self._rings[id(vm)] = (t, buf)
+            lib.hsm_x_set_trace(x, t)
+        else:
+            lib.hsm_x_set_trace(x, ffi.NULL)  # under the VM's lock: C holds no pointer after this
+            self._rings.pop(id(vm), None)
+
+    def drain(self) -> None:
+        """Turn what C recorded into trace records (the trio thread, while tracing)."""
+        if not self.tracing:
+            return
+        for vm in list(self._vms):
+            self._drain_vm(vm, vm.vmid)
+
+    def _drain_vm(self, vm: Vm, vmid: int) -> None:
+        x = vm.express
+        if x is None or id(vm) not in self._rings:
+            return
+        out = self._out
+        while True:
+            n = lib.hsm_x_trace_drain(x, out, _DRAIN, self._lost)
+            if self._lost[0]:
+                TRACE.emit({"type": "lost", "vm": vmid, "count": int(self._lost[0]),
+                            "where": "express path ring"})  # fmt: skip
+            for k in range(n):
+                _express_record(vmid, out[k])
+            if n < _DRAIN:
+                return
 
     async def watch_refusals(self) -> None:
         """Log, from the trio thread, the ATTACH calls C refused with EAGAIN
@@ -170,6 +234,34 @@ class Express:
                 limit=lib.HSM_X_PARKED_MAX,
                 note="ATTACH_IOREQ_CLIENT failed with EAGAIN: that many callers were blocked in it",
             )
+            if BUS.listeners:
+                BUS.emit("attach.refused", vmid=vm.vmid, refused=total - seen, limit=lib.HSM_X_PARKED_MAX)
+
+
+def _express_record(vmid: int, r: Any) -> None:
+    """One C record as the trace's (requests, or the ioctl C answered)."""
+    kind = r.kind
+    if kind == lib.HSM_XT_DEFAULT:
+        if TRACE.requests:
+            TRACE.dispatched(vmid, r.vcpu, _KINDS.get(r.type, str(r.type)), r.dir == abi.ACRN_IOREQ_DIR_WRITE,
+                             r.addr, r.size, r.value, "acrndm", path="express", t_ns=r.t_ns)
+    elif kind == lib.HSM_XT_IOEVENTFD:
+        if TRACE.requests:
+            TRACE.immediate(vmid, r.vcpu, _KINDS.get(r.type, str(r.type)), r.dir == abi.ACRN_IOREQ_DIR_WRITE,
+                            r.addr, r.size, r.value, 0, "ioeventfd", path="express", t_ns=r.t_ns)
+    elif kind == lib.HSM_XT_NOTIFY:
+        if TRACE.requests:
+            TRACE.completed(vmid, r.vcpu, r.value, path="express", t_ns=r.t_ns)
+        if TRACE.ioctls:
+            t = time.time() - (time.monotonic_ns() - r.t_ns) / 1e9
+            TRACE.ioctl(vm=vmid, pid=0, cmd=abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH,
+                        args={"vmid": vmid, "vcpu": r.vcpu}, result=0, path="express", t=t)
+    elif kind == lib.HSM_XT_ATTACH and TRACE.ioctls:
+        t = time.time() - (time.monotonic_ns() - r.t_ns) / 1e9
+        res = r.result
+        TRACE.ioctl(vm=vmid, pid=0, cmd=abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT, args={},
+                    result="waits" if res == 1 else res, path="express", t=t,
+                    reason=f"more than {lib.HSM_X_PARKED_MAX} callers blocked in it" if res < 0 else None)
 
 
 def sync(vm: Vm) -> None:

@@ -28,11 +28,14 @@ from acrn_hsm_emu.hsm.express import Express
 from acrn_hsm_emu.hsm.extension import BOUND_ALLOWED, Extension
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hsm.ioreq import ClearOp, Dispatcher, notify_vcpu
-from acrn_hsm_emu.hsm.limits import Limits, refuse
+from acrn_hsm_emu.hsm.limits import Limits
+from acrn_hsm_emu.hsm.limits import refuse as refuse_limit
 from acrn_hsm_emu.hsm.ranges import BindPolicy
 from acrn_hsm_emu.hsm.vm import vm_create, vm_destroy
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory, SharedPage
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.trace import TRACE, decode_args, decode_out, refuse
 from cdev.device import ArgSpec, BaseDevice, Deferred, IoctlCall, IoctlResult, RequestContext
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
@@ -62,6 +65,10 @@ _IOEVENTFD_HEAD = struct.Struct("<IIQ")  # fd, flags, addr
 # Byte ranges of acrn_vcpu_regs that must be zero: reserved[3], gdt.reserved,
 # idt.reserved, reserved_64[4], reserved_32[3] (spec: hsm 11).
 _VCPU_REGS_RESERVED = ((2, 8), (146, 152), (162, 168), (224, 256), (264, 276))
+# ACRN's own kernel's ioctls, which the upstream profile does not know (a reason says so)
+_ACRN_KERNEL_CMDS = frozenset(
+    v for k, v in vars(ak).items() if k.startswith("ACRN_IOCTL_") and k != "ACRN_IOCTL_TYPE" and isinstance(v, int)
+)
 _PM_RESULT_SIZE = {
     abi.ACRN_PMCMD_GET_PX_CNT: 8,
     abi.ACRN_PMCMD_GET_CX_CNT: 8,
@@ -142,9 +149,9 @@ class HsmDevice(BaseDevice):
         self._table: dict[int, Handler] = {
             abi.ACRN_IOCTL_CREATE_VM: self._create_vm,
             abi.ACRN_IOCTL_DESTROY_VM: self._destroy_vm,
-            abi.ACRN_IOCTL_START_VM: lambda vm, call: self.hv.start_vm(vm.vmid),
-            abi.ACRN_IOCTL_PAUSE_VM: lambda vm, call: self.hv.pause_vm(vm.vmid),
-            abi.ACRN_IOCTL_RESET_VM: lambda vm, call: self.hv.reset_vm(vm.vmid),
+            abi.ACRN_IOCTL_START_VM: self._state_call("start_vm", "vm.started"),
+            abi.ACRN_IOCTL_PAUSE_VM: self._state_call("pause_vm", "vm.paused"),
+            abi.ACRN_IOCTL_RESET_VM: self._state_call("reset_vm", "vm.reset"),
             abi.ACRN_IOCTL_SET_VCPU_REGS: self._set_vcpu_regs,
             abi.ACRN_IOCTL_INJECT_MSI: self._pass("inject_msi", 16),
             abi.ACRN_IOCTL_VM_INTR_MONITOR: self._vm_intr_monitor,
@@ -189,6 +196,10 @@ class HsmDevice(BaseDevice):
             self.dispatcher, self.limits, bind_policy, self.ioctl, self._table,
             self._ioeventfd, self._irqfd,
         )  # fmt: skip
+        # ioctls refused, by (command, errno): the metrics' errors (observe/metrics.py)
+        self.ioctl_errors: dict[tuple[int, int], int] = {}
+        self._express_drain: trio.CancelScope | None = None
+        TRACE.watch(self._trace_changed, self._drain_express)
         hypervisor.set_upcall(self.dispatcher.upcall)
         self._spawn(self.dispatcher.serve_upcalls)
         # orphaned VMs go when their owner process does (not the driver's: hsm/admin.py)
@@ -199,6 +210,8 @@ class HsmDevice(BaseDevice):
     def open(self, ctx: RequestContext) -> HsmFile:
         f = HsmFile(ctx)
         self.files.add(f)
+        if BUS.listeners:
+            BUS.emit("file.opened", pid=ctx.pid, uid=ctx.uid)
         return f
 
     def native_prefilter(self, fd: int) -> Express | None:
@@ -210,22 +223,26 @@ class HsmDevice(BaseDevice):
             self.dispatcher.express.close()
         path = self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
         self._spawn(path.watch_refusals)
+        if TRACE.active:
+            self._trace_changed()
         return path
 
     def release(self, handle: object) -> None:
         assert isinstance(handle, HsmFile)
         self.files.discard(handle)
+        if BUS.listeners:
+            BUS.emit("file.closed", pid=handle.ctx.pid, vmid=handle.vm.vmid if handle.vm.live else None)
         if handle.binding is not None:
             self.extension.unbind(handle, "file closed")
         vm = handle.vm
-        ret = vm_destroy(self.dispatcher, vm, quiet=self.release_pauses)
+        ret = vm_destroy(self.dispatcher, vm, quiet=self.release_pauses, by="release")
         if ret < 0 and self.release_pauses and vm.live:
             # ACRN destroys only PAUSED VMs, so the kernel would leave a VM whose
             # owner died running in the hypervisor with nobody to serve it. We
             # pause it first, as the device model's own teardown does (docs/hsm.md).
             vmid = vm.vmid
             if self.hv.pause_vm(vmid) == 0:
-                ret = vm_destroy(self.dispatcher, vm)
+                ret = vm_destroy(self.dispatcher, vm, by="release")
             # one line for what happened and what it did (the driver would leave the VM running)
             pid = vm.owner_pid or handle.ctx.pid
             how = "exited" if process_exiting(pid) else "closed the node"
@@ -254,6 +271,8 @@ class HsmDevice(BaseDevice):
                 reason=reason,
                 ret=ret,
             )
+            if BUS.listeners:
+                BUS.emit("vm.orphaned", vmid=vm.vmid if vm.live else vm.lost_vmid, reason=reason)
         self.reaper.released(vm, handle.ctx.pid)
 
     def precheck(self, handle: object, cmd: int, compat: bool) -> int:
@@ -261,21 +280,77 @@ class HsmDevice(BaseDevice):
         compat_ioctl, the VM state gate, an unknown command (spec: hsm ioctl
         dispatch). cdev asks this first under CUSE; :meth:`ioctl` starts with it."""
         if compat:
-            return -errno.ENOTTY  # no compat_ioctl in the driver
+            return refuse(errno.ENOTTY, "a 32-bit caller: the driver has no compat_ioctl")
         assert isinstance(handle, HsmFile)
         if (cmd >> 8) & 0xFF == ext.ACRN_EMU_IOCTL_TYPE:
-            return 0 if cmd in self.extension.table else -errno.ENOTTY
+            if cmd in self.extension.table:
+                return 0
+            return refuse(errno.ENOTTY, "not an ioctl of the extension ABI")
         if handle.binding is not None:
             if cmd in BOUND_ALLOWED:
                 return 0
-            if cmd == CREATE_VM:
-                return -errno.EBUSY  # the file serves another VM
-            return -errno.EPERM if cmd in self._table else -errno.ENOTTY
+            if cmd == CREATE_VM:  # the file serves another VM
+                return refuse(errno.EBUSY, "this file is bound to VM {} (extension ABI)", handle.binding.vmid)
+            if cmd in self._table:
+                return refuse(errno.EPERM, "a file bound to VM {} may not do this (extension ABI)",
+                              handle.binding.vmid)
+            return refuse(errno.ENOTTY, "not an ioctl of the HSM")
         if handle.vm.vmid == INVALID_VMID and cmd != CREATE_VM:
-            return -errno.EINVAL
-        return 0 if cmd in self._table else -errno.ENOTTY
+            return refuse(errno.EINVAL, "no VM on this file: CREATE_VM first (or it was destroyed)")
+        if cmd in self._table:
+            return 0
+        if self.profile == "upstream" and cmd in _ACRN_KERNEL_CMDS:
+            return refuse(errno.ENOTTY, "an ioctl of ACRN's own kernel; this daemon serves the upstream ABI")
+        return refuse(errno.ENOTTY, "not an ioctl of the HSM")
 
     def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
+        if TRACE.active:
+            return self._traced_ioctl(handle, call)
+        result = self._ioctl(handle, call)
+        if type(result) is int and result < 0:
+            key = (call.cmd, -result)
+            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
+        return result
+
+    def _traced_ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
+        """:meth:`ioctl` while a tracer listens: the same answer, and its record."""
+        TRACE.flush()  # what the express path did comes first
+        TRACE.reason = None
+        result = self._ioctl(handle, call)
+        if type(result) is int and result < 0:
+            key = (call.cmd, -result)
+            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
+        reason = TRACE.take_reason()
+        if not TRACE.ioctls:
+            return result
+        assert isinstance(handle, HsmFile)
+        vm = handle.binding.vm if handle.binding is not None else handle.vm
+        vmid = vm.vmid if vm.live else None
+        args = decode_args(call.cmd, call.arg, call.in_data)
+        if isinstance(result, int):
+            TRACE.ioctl(vm=vmid, pid=call.ctx.pid, cmd=call.cmd, args=args, result=result, reason=reason)
+            return result
+        if isinstance(result, tuple):
+            out = decode_out(call.cmd, result[1])
+            TRACE.ioctl(vm=out.get("vmid", vmid), pid=call.ctx.pid, cmd=call.cmd, args=args,
+                        result=result[0], reason=reason, out=out)
+            return result
+        if isinstance(result, Deferred):
+            TRACE.ioctl(vm=vmid, pid=call.ctx.pid, cmd=call.cmd, args=args, result="waits")
+            return result
+        return self._traced_wait(result, vmid, call, args)
+
+    async def _traced_wait(
+        self, waiting: Awaitable[IoctlResult], vmid: int | None, call: IoctlCall, args: dict[str, Any]
+    ) -> IoctlResult:
+        result = await waiting
+        if TRACE.ioctls:
+            value = result[0] if isinstance(result, tuple) else result
+            TRACE.ioctl(vm=vmid, pid=call.ctx.pid, cmd=call.cmd, args=args, result=value,
+                        reason=TRACE.take_reason())
+        return result
+
+    def _ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         err = self.precheck(handle, call.cmd, call.compat)
         if err < 0:
             return err
@@ -336,12 +411,46 @@ class HsmDevice(BaseDevice):
     def close(self) -> None:
         """Daemon exit: drop the upcall, end the dispatcher's task (in ``nursery``,
         which therefore waits for this call), and drop every eventfd this device holds."""
+        TRACE.unwatch(self._trace_changed, self._drain_express)
+        if self._express_drain is not None:
+            self._express_drain.cancel()
         self.hv.set_upcall(None)
         self.dispatcher.close()
         for vm in self.dispatcher.vms:
             irqfd.irqfd_deinit(vm)
             ioeventfd.close_all(vm)
             acrn_kernel.deinit(vm, self.quirks)
+
+    # -- the trace's view of the express path ---------------------------------------
+
+    def _trace_changed(self) -> None:
+        """A tracer came or the last one went: the express path records, or stops."""
+        path = self.dispatcher.express
+        if path is not None and not path.closed:
+            path.set_tracing(TRACE.active)
+        if TRACE.active and self._express_drain is None and path is not None:
+            try:
+                self._spawn(self._drain_loop)
+            except RuntimeError:  # not in a trio run (a device of a finished test)
+                pass
+        elif not TRACE.active and self._express_drain is not None:
+            self._express_drain.cancel()
+
+    def _drain_express(self) -> None:
+        path = self.dispatcher.express
+        if path is not None and not path.closed:
+            path.drain()
+
+    async def _drain_loop(self) -> None:
+        """While traced: bring the express path's records in, every 20 ms."""
+        with trio.CancelScope() as scope:
+            self._express_drain = scope
+            try:
+                while TRACE.active:
+                    self._drain_express()
+                    await trio.sleep(0.02)
+            finally:
+                self._express_drain = None
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         if self._nursery is not None:
@@ -356,31 +465,54 @@ class HsmDevice(BaseDevice):
 
         def handler(vm: Vm, call: IoctlCall) -> IoctlResult:
             if len(call.in_data) < size:
-                return -errno.EFAULT
+                return refuse(errno.EFAULT, "the argument could not be read ({} of {} bytes)",
+                              len(call.in_data), size)
             data = bytes(call.in_data[:size])
             ret: int = getattr(self.hv, name)(vm.vmid, data)
             vm.hypercalls.record(name, ret, **decode(name, data))
+            if ret < 0:
+                return refuse(-ret, "the hypervisor refused {} ({})", name, decode(name, data))
             return ret
 
         return handler
 
+    def _state_call(self, name: str, event: str) -> Handler:
+        """START_VM, PAUSE_VM, RESET_VM: the hypercall's answer is the ioctl's."""
+
+        def handler(vm: Vm, call: IoctlCall) -> IoctlResult:
+            ret: int = getattr(self.hv, name)(vm.vmid)
+            if ret < 0:
+                return refuse(-ret, "the hypervisor refused {} for VM {} in state {}", name, vm.vmid,
+                              self.hv_state(vm.vmid))
+            if BUS.listeners:
+                BUS.emit(event, vmid=vm.vmid, **({"by": "ioctl"} if event == "vm.paused" else {}))
+            return ret
+
+        return handler
+
+    def hv_state(self, vmid: int) -> str:
+        """The VM's state in the hypervisor, for a reason (only formatted while tracing)."""
+        return str(self._hv_vms(None).get(vmid, {}).get("state", "unknown"))
+
     def _set_irqline(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         ret = self.hv.set_irqline(vm.vmid, call.arg)
         vm.hypercalls.record("set_irqline", ret, **decode("set_irqline", call.arg))
+        if ret < 0:
+            return refuse(-ret, "the hypervisor refused set_irqline ({})", decode("set_irqline", call.arg))
         return ret
 
     def _create_vm(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < _CREATION_SIZE:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         param = bytearray(call.in_data[:_CREATION_SIZE])
         r0, r1 = _RESERVED_CREATION.unpack_from(param)
         if r0 | r1:
-            return -errno.EINVAL
+            return refuse(errno.EINVAL, "reserved0={:#x}, reserved1={:#x}: both must be 0", r0, r1)
         pid = call.ctx.pid
         # a VM lost by a second CREATE_VM is still this process's until reclaimed (hsm/admin.py)
         mine = sum(1 for v in self.dispatcher.vms if v.owner_pid == pid and (v.live or v.lost_vmid is not None))
         if mine >= self.limits.vms_per_process:
-            return refuse("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
+            return refuse_limit("vms_per_process", self.limits.vms_per_process, errno.EAGAIN, pid=pid)
         ret = vm_create(self.dispatcher, vm, param, pid, self.quirks, call.ctx.uid)
         if ret < 0:
             return ret
@@ -391,7 +523,8 @@ class HsmDevice(BaseDevice):
         except MemoryFault as e:
             log.debug("hsm.create_vm_copy_out_failed", vmid=vm.vmid, error=str(e))
             vm_destroy(self.dispatcher, vm)
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the result could not be written back to {:#x}: the VM was destroyed",
+                          call.arg)
         return 0, bytes(param)
 
     def _destroy_vm(self, vm: Vm, call: IoctlCall) -> IoctlResult:
@@ -400,18 +533,23 @@ class HsmDevice(BaseDevice):
     def _set_vcpu_regs(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         data = call.in_data
         if len(data) < 296:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         for lo, hi in _VCPU_REGS_RESERVED:
             if any(data[lo:hi]):
-                return -errno.EINVAL
-        return self.hv.set_vcpu_regs(vm.vmid, bytes(data[:296]))
+                return refuse(errno.EINVAL, "reserved bytes {}..{} of acrn_vcpu_regs are {}: must be 0",
+                              lo, hi - 1, bytes(data[lo:hi]).hex())
+        ret = self.hv.set_vcpu_regs(vm.vmid, bytes(data[:296]))
+        if ret < 0:
+            return refuse(-ret, "the hypervisor refused set_vcpu_regs for VM {} (state {})", vm.vmid,
+                          self.hv_state(vm.vmid))
+        return ret
 
     def _vm_intr_monitor(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         pid = call.ctx.pid
         try:
             self.dispatcher.memory(pid).check_writable(call.arg & ~(PAGE_SIZE - 1), PAGE_SIZE)
         except MemoryFault:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the page at {:#x} is not writable in pid {}", call.arg, pid)
         page = SharedPage(self.dispatcher.memory(pid), call.arg)
         ret = self.hv.vm_intr_monitor(vm.vmid, page)
         fields = decode("vm_intr_monitor", page.base)
@@ -433,18 +571,18 @@ class HsmDevice(BaseDevice):
             return self.dispatcher.default_complete(vm, vcpu)
         except MemoryFault as e:
             self.dispatcher.fail_vm(vm, e)
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the request page is unreachable: {}", e)
 
     def _create_ioreq_client(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if vm.default_client is not None:
-            return -errno.EEXIST
-        self.dispatcher.client_create(vm, "acrndm", True)
+            return refuse(errno.EEXIST, "VM {} has a default client already", vm.vmid)
+        self.dispatcher.client_create(vm, "acrndm", True, pid=call.ctx.pid)
         return 0
 
     def _attach_ioreq_client(self, vm: Vm, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         client = vm.default_client
         if client is None:
-            return -errno.ENODEV
+            return refuse(errno.ENODEV, "VM {} has no default client: CREATE_IOREQ_CLIENT first", vm.vmid)
         return client.attach()
 
     def _destroy_ioreq_client(self, vm: Vm, call: IoctlCall) -> IoctlResult:
@@ -467,10 +605,10 @@ class HsmDevice(BaseDevice):
 
     def _set_memseg(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < 32:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         mmio = _U32.unpack_from(call.in_data)[0] == abi.ACRN_MEMMAP_MMIO
         if mmio and vm.mmio_segments >= self.limits.mmio_segments_per_vm:
-            return refuse("mmio_segments_per_vm", self.limits.mmio_segments_per_vm,
+            return refuse_limit("mmio_segments_per_vm", self.limits.mmio_segments_per_vm,
                            errno.ENOMEM, vmid=vm.vmid)
         ret = mm.memseg_map(self.dispatcher, vm, call.ctx.pid, self.fake_pa, call.in_data)
         if mmio and ret == 0:
@@ -479,7 +617,7 @@ class HsmDevice(BaseDevice):
 
     def _unset_memseg(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < 32:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         ret = mm.memseg_unmap(self.dispatcher, vm, call.in_data)
         if ret == 0 and vm.mmio_segments:
             vm.mmio_segments -= 1
@@ -487,7 +625,7 @@ class HsmDevice(BaseDevice):
 
     def _pm_get_cpu_state(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < 8:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         (cmd,) = _U64.unpack_from(call.in_data)
         n = _PM_RESULT_SIZE.get(cmd & abi.PMCMD_TYPE_MASK)
         if n is None:
@@ -499,41 +637,41 @@ class HsmDevice(BaseDevice):
             fields["result"] = _U64.unpack_from(out)[0] if n == 8 else out[:n].hex()
         vm.hypercalls.record("get_cpu_state", ret, **fields)
         if ret < 0:
-            return ret
+            return refuse(-ret, "the hypervisor refused get_cpu_state ({})", fields)
         result = bytes(out[:n])
         # The encoded size is 8; the driver writes up to 48 bytes to the same address.
         try:
             self.dispatcher.memory(call.ctx.pid).write(call.arg, result)
         except MemoryFault:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the result could not be written to {:#x}", call.arg)
         k = min(n, call.out_size)
         return (ret, result[:k]) if k > 0 else ret
 
     def _ioeventfd(self, vm: Vm, call: IoctlCall, owner: object = None) -> IoctlResult:
         data = call.in_data
         if len(data) < 32:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         if data[20:24] != b"\0\0\0\0":
-            return -errno.EINVAL
+            return refuse(errno.EINVAL, "reserved={:#x}, must be 0", int.from_bytes(data[20:24], "little"))
         fd, flags, addr = _IOEVENTFD_HEAD.unpack_from(data)
         if self.acrn_kernel is not None and flags & ak.ACRN_IOEVENTFD_FLAG_ASYNCIO:
             st = self.acrn_kernel.state(vm)
             if len(st.asyncio_fds) >= self.limits.ioeventfds_per_vm:
-                return refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
+                return refuse_limit("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
                                vmid=vm.vmid)
             return self.acrn_kernel.ioeventfd_asyncio(vm, call.ctx.pid, fd, flags, addr)
         assigning = not flags & abi.ACRN_IOEVENTFD_FLAG_DEASSIGN
         if assigning and len(vm.ioeventfds) >= self.limits.ioeventfds_per_vm:
-            return refuse("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
+            return refuse_limit("ioeventfds_per_vm", self.limits.ioeventfds_per_vm, errno.ENOSPC,
                            vmid=vm.vmid)
         return ioeventfd.ioeventfd_config(vm, call.ctx.pid, data, owner)
 
     def _irqfd(self, vm: Vm, call: IoctlCall, owner: object = None) -> IoctlResult:
         if len(call.in_data) < 24:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument could not be read")
         assigning = not _U32.unpack_from(call.in_data, 4)[0] & abi.ACRN_IRQFD_FLAG_DEASSIGN
         if assigning and len(vm.irqfds) >= self.limits.irqfds_per_vm:
-            return refuse("irqfds_per_vm", self.limits.irqfds_per_vm, errno.ENOSPC, vmid=vm.vmid)
+            return refuse_limit("irqfds_per_vm", self.limits.irqfds_per_vm, errno.ENOSPC, vmid=vm.vmid)
         return irqfd.irqfd_config(vm, self.hv, self._spawn, call.ctx.pid, call.in_data, owner)
 
     # -- ACRN's own kernel (abi = "acrn-kernel") -----------------------------------

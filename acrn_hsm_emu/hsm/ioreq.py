@@ -47,6 +47,8 @@ from acrn_hsm_emu.hsm.acrn_drv import (
 )
 from acrn_hsm_emu.hypervisor.api import FdUpcall, Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, SharedPage
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.trace import TRACE, refuse
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -59,6 +61,7 @@ _PCI = struct.Struct("<IIII")  # bus, dev, func, reg
 _PCI3 = struct.Struct("<III")  # bus, dev, func
 _NOTIFY = struct.Struct("<HHI")  # struct acrn_ioreq_notify: vmid, reserved, vcpu
 _U64_MASK = (1 << 64) - 1
+_KINDS = {PORTIO: "pio", MMIO: "mmio", PCICFG: "pci"}
 
 PCI_CONF_ADDR = 0xCF8
 PCI_CONF_DATA = 0xCFC
@@ -166,6 +169,8 @@ class Dispatcher:
                     error=str(exc),
                     note="request page unreachable; VM no longer dispatched",
                 )
+            if BUS.listeners:
+                BUS.emit("vm.failed", vmid=vm.vmid, pid=vm.owner_pid, error=str(exc))
             express.sync(vm)
 
     # -- the per-VM scan (hot path) ----------------------------------------
@@ -194,6 +199,7 @@ class Dispatcher:
         data = scanner.scan()
         span = scanner.span
         counters = vm.counters
+        tr = TRACE.requests  # once per pass: nothing more while nobody traces
         for i in range(scanner.nslots):
             if U32.unpack_from(data, (i << 8) + SLOT_STATE)[0] != PENDING:
                 continue
@@ -205,6 +211,8 @@ class Dispatcher:
                 counters.cleared += 1
                 self._count_type(counters, typ)
                 self.complete_slot(vm, i, off, polling, None)
+                if tr:
+                    _traced(vm, i, typ, direction, addr, size, value, "(clearing)", None, "cleared")
                 continue
 
             client: IoreqClient | None = None
@@ -220,11 +228,16 @@ class Dispatcher:
                         self.complete_slot(vm, i, off, polling, None)
                     else:
                         self.complete_slot(vm, i, off, polling, U32.pack(conf))
+                    if tr:
+                        _traced(vm, i, typ, direction, addr, size, value, "(cf8)", conf, "completed")
                     continue
                 if not conf & CONF1_ENABLE:
                     counters.pio += 1
                     counters.cf8 += 1
                     self.complete_slot(vm, i, off, polling, ALL_ONES_32 if direction == DIR_READ else None)
+                    if tr:
+                        _traced(vm, i, typ, direction, addr, size, value, "(cfc, cf8 disabled)",
+                                0xFFFFFFFF, "completed")
                     continue
                 folded = bytearray(data[head : head + HEAD_LEN])
                 U32.pack_into(folded, 0, PCICFG)
@@ -272,10 +285,15 @@ class Dispatcher:
                 client = vm.default_client
                 if client is None:
                     counters.stalled += 1
+                    if tr:
+                        _traced(vm, i, typ, direction, addr, size, value, "(none)", None, "stalled")
                     return  # no client: abort this VM's scan, the request stays PENDING
                 counters.default += 1
                 mem.write_then(off + SLOT_KH, KH0_U32, off + SLOT_STATE, PROCESSING_U32)
                 client.set_bit(i)
+                if tr:
+                    TRACE.dispatched(vm.vmid, i, _KINDS.get(typ, str(typ)), direction == DIR_WRITE, addr,
+                                     size, value, client.name)
                 client.wake()
                 continue
 
@@ -291,6 +309,9 @@ class Dispatcher:
                     continue
                 mem.write_then(off + SLOT_KH, KH1_U32, off + SLOT_STATE, PROCESSING_U32)
                 client.set_bit(i)
+                if tr:
+                    TRACE.dispatched(vm.vmid, i, _KINDS.get(typ, str(typ)), direction == DIR_WRITE, addr,
+                                     size, value, client.name)
                 client.wake()
                 continue
             # In-daemon client: its handler runs here rather than in a thread, so
@@ -306,11 +327,16 @@ class Dispatcher:
                 mem.write_then(off + SLOT_KH, KH1_U32, off + SLOT_STATE, PROCESSING_U32)
                 client.set_bit(i)
                 log.debug("hsm.ioreq_handler_failed", client=client.name, vcpu=i, err=result)
+                if tr:
+                    _traced(vm, i, typ, direction, addr, size, value, client.name, None, "handler_failed")
                 continue
             counters.in_kernel += 1
             if isinstance(result, bytes):
                 mem.write(off + SLOT_VALUE, result)
             mem.write_then(off + SLOT_KH, KH1_U32, off + SLOT_STATE, COMPLETE_U32)
+            if tr:
+                _traced(vm, i, typ, direction, addr, size, value, client.name,
+                        int.from_bytes(result, "little") if isinstance(result, bytes) else 0, "completed")
             if not polling:
                 self.notify(vm, i)
 
@@ -340,6 +366,10 @@ class Dispatcher:
         vm.counters.default += 1
         vm.mem.write_then(off + SLOT_KH, KH0_U32, off + SLOT_STATE, PROCESSING_U32)
         client.set_bit(vcpu)
+        if TRACE.requests:
+            TRACE.dispatched(vm.vmid, vcpu, _KINDS.get(typ, str(typ)), direction == DIR_WRITE, addr, size,
+                             int.from_bytes(data[head + abi.SLOT_VALUE : head + abi.SLOT_VALUE + 8], "little"),
+                             client.name)
         client.wake()
 
     @staticmethod
@@ -371,16 +401,22 @@ class Dispatcher:
             # the first failure of a VM is an error; repeating it per request would flood
             level = log.error if vm.counters.notify_failed == 1 else log.debug
             level("hsm.notify_failed", vmid=vm.vmid, vcpu=vcpu, ret=ret)
+            if BUS.listeners:
+                BUS.emit("notify.failed", vmid=vm.vmid, vcpu=vcpu, ret=ret)
         return ret
 
     # -- completion ---------------------------------------------------------
 
     def complete(self, vm: Vm, vcpu: int) -> int:
         """ioreq_complete_request: polling read first, COMPLETE, notify unless polling."""
-        if vcpu >= SLOTS or vm.page_base is None or vm.mem is None:
-            return -errno.EINVAL  # the kernel would index past the page here
+        if vcpu >= SLOTS:  # the kernel would index past the page here
+            return refuse(errno.EINVAL, "vcpu={} is past the request page's {} slots", vcpu, SLOTS)
+        if vm.page_base is None or vm.mem is None:
+            return refuse(errno.EINVAL, "VM {} has no request page", vm.vmid)
         off = vm.page_base + (vcpu << 8)
         polling = vm.mem.load_u32(off + SLOT_POLLING)
+        if TRACE.requests:  # the answer, before the vCPU may free the slot
+            TRACE.completed(vm.vmid, vcpu, int.from_bytes(vm.mem.read(off + SLOT_VALUE, 8), "little"))
         vm.mem.store_u32(off + SLOT_STATE, COMPLETE)
         if polling:
             return 0
@@ -390,7 +426,7 @@ class Dispatcher:
         """acrn_ioreq_complete_request."""
         vm = client.vm
         if vcpu >= vm.vcpu_num:
-            return -errno.EINVAL
+            return refuse(errno.EINVAL, "vcpu={}, but VM {} has {} vCPU(s)", vcpu, vm.vmid, vm.vcpu_num)
         client.clear_bit(vcpu)
         return self.complete(vm, vcpu)
 
@@ -405,7 +441,8 @@ class Dispatcher:
     # -- clients ------------------------------------------------------------
 
     def client_create(
-        self, vm: Vm, name: str, is_default: bool, handler: IoreqHandler | None = None
+        self, vm: Vm, name: str, is_default: bool, handler: IoreqHandler | None = None,
+        pid: int | None = None,
     ) -> IoreqClient:
         """acrn_ioreq_client_create (no pass is queued: the driver does not rescan)."""
         client = IoreqClient(vm, name, is_default, handler)
@@ -417,6 +454,9 @@ class Dispatcher:
             vm.range_clients.insert(0, client)
         express.sync(vm)
         log.debug("hsm.client_created", vmid=vm.vmid, client=client.name)
+        if BUS.listeners:
+            BUS.emit("client.created", vmid=vm.vmid, client=client.name,
+                     kind="default" if is_default else "in-daemon", pid=pid)
         return client
 
     def client_destroy(self, client: IoreqClient, reason: str = "destroyed", *, vm_gone: bool = False) -> None:
@@ -442,6 +482,9 @@ class Dispatcher:
             remote.gone(self, client, reason, vm_gone)
         else:
             log.debug("hsm.client_destroyed", vmid=vm.vmid, client=client.name)
+        if BUS.listeners:
+            kind = "default" if client.is_default else "range" if client.remote is not None else "in-daemon"
+            BUS.emit("client.destroyed", vmid=vm.vmid, client=client.name, kind=kind, reason=reason)
         self.resume()
 
     # -- request page ---------------------------------------------------------
@@ -449,14 +492,14 @@ class Dispatcher:
     def ioreq_init(self, vm: Vm, pid: int, buf: int) -> int:
         """acrn_ioreq_init: "pin" the caller's page containing ``buf`` and hand it over."""
         if vm.page_base is not None:
-            return -errno.EEXIST
+            return refuse(errno.EEXIST, "VM {} has a request page already", vm.vmid)
         base = buf & ~(PAGE_SIZE - 1)
         mem = self.memory(pid)
         try:
             mem.check_writable(base, PAGE_SIZE)
         except MemoryFault as e:
             log.debug("hsm.ioreq_pin_failed", vmid=vm.vmid, pid=pid, error=str(e))
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "ioreq_buf={:#x}: its page is not writable in pid {} ({})", buf, pid, e)
         # The hypervisor gets an accessor of its own: nothing of the trio thread's
         # is shared with its vCPU threads.
         page = SharedPage(self.memory(pid), base)
@@ -502,12 +545,21 @@ class Dispatcher:
 def notify_vcpu(arg: bytes) -> int:
     """The vCPU of an ``acrn_ioreq_notify`` argument, or -EFAULT/-EINVAL as the driver."""
     if len(arg) < _NOTIFY.size:
-        return -errno.EFAULT
+        return refuse(errno.EFAULT, "the argument could not be read")
     vcpu: int
     _vmid, reserved, vcpu = _NOTIFY.unpack_from(arg)
     if reserved:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "reserved={:#x}, must be 0", reserved)
     return vcpu & 0xFFFF
+
+
+def _traced(
+    vm: Vm, vcpu: int, typ: int, direction: int, addr: int, size: int, value: int, client: str,
+    answer: int | None, outcome: str,
+) -> None:  # fmt: skip
+    """A request answered where it was dispatched, for the trace (only called while tracing)."""
+    TRACE.immediate(vm.vmid, vcpu, _KINDS.get(typ, str(typ)), direction == DIR_WRITE, addr, size, value,
+                    answer, client, outcome)
 
 
 def range_add(
@@ -516,7 +568,7 @@ def range_add(
     """acrn_ioreq_range_add: an inclusive range (the driver's list_add puts it first;
     a remote client's list keeps the order it was given in)."""
     if end < start:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "range {:#x}..{:#x} ends before it starts", start, end)
     if newest_first:
         client.ranges.insert(0, (type, start, end))
     else:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.trace import refuse as trace_refuse
+
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
 
@@ -27,6 +30,9 @@ class Limits:
 
 
 def refuse(limit: str, value: int, err: int, **kw: object) -> int:
-    """Log a refusal (``hsm.limit``) and answer -err."""
+    """Log a refusal (``hsm.limit``), tell the events' listeners (``limit.reached``) and the
+    trace (the limit as the reason), and answer -err."""
     log.warning("hsm.limit", limit=limit, value=value, **kw)
-    return -err
+    if BUS.listeners:
+        BUS.emit("limit.reached", limit=limit, value=value, vmid=kw.get("vmid"), pid=kw.get("pid"))
+    return trace_refuse(err, "the daemon's limit {} ({}) is reached", limit, value)

@@ -11,6 +11,7 @@ ioctls that make them are in ranges.py.
 from __future__ import annotations
 
 import errno
+import struct
 from typing import Protocol
 
 import structlog
@@ -30,6 +31,7 @@ from acrn_hsm_emu.hsm.acrn_drv import (
     PORTIO,
     PROCESSING_U32,
     RANGE_KINDS,
+    SLOT_ADDRESS,
     SLOT_KH,
     SLOT_POLLING,
     SLOT_STATE,
@@ -40,6 +42,8 @@ from acrn_hsm_emu.hsm.acrn_drv import (
     Vm,
 )
 from acrn_hsm_emu.memory import MemoryFault
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.trace import TRACE, refuse
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -74,6 +78,8 @@ def create(vm: Vm, name: str, remote: RemotePage) -> IoreqClient:
         "hsm.range_client_created",
         vmid=vm.vmid, client=client.name, pid=remote.pid, uid=remote.uid,
     )  # fmt: skip
+    if BUS.listeners:
+        BUS.emit("client.created", vmid=vm.vmid, client=client.name, kind="range", pid=remote.pid)
     return client
 
 
@@ -100,13 +106,30 @@ def hand_over(
         vm.counters.orphaned += 1
         client.orphaned += 1
         d.complete_slot(vm, vcpu, off, polling, all_ones(typ) if direction == DIR_READ else None)
+        if BUS.listeners:
+            BUS.emit("client.fault", vmid=vm.vmid, client=client.name, pid=remote.pid, vcpu=vcpu, error=str(e))
+        if TRACE.requests:
+            _traced(vm, vcpu, typ, direction, head, client.name, "client_fault")
         drop(d, client, "request page unreachable")
         return
     vm.mem.write_then(off + SLOT_KH, KH1_U32, off + SLOT_STATE, PROCESSING_U32)
     client.set_bit(vcpu)
     client.inflight[vcpu] = (typ, direction)
     vm.counters.remote += 1
+    if TRACE.requests:
+        _traced(vm, vcpu, typ, direction, head, client.name, None)
     client.wake()
+
+
+def _traced(vm: Vm, vcpu: int, typ: int, direction: int, head: bytes, client: str, outcome: str | None) -> None:
+    """The trace's view of a hand-over (only called while tracing)."""
+    addr, size, value = struct.unpack_from("<QQQ", head, SLOT_ADDRESS)
+    kind = RANGE_KINDS.get(typ, str(typ))
+    if outcome is None:
+        TRACE.dispatched(vm.vmid, vcpu, kind, direction == DIR_WRITE, addr, size, value, client)
+    else:
+        TRACE.immediate(vm.vmid, vcpu, kind, direction == DIR_WRITE, addr, size, value,
+                        int.from_bytes(all_ones(typ), "little"), client, outcome)
 
 
 def complete(d: Completer, client: IoreqClient, vcpu: int) -> int:
@@ -120,8 +143,10 @@ def complete(d: Completer, client: IoreqClient, vcpu: int) -> int:
     vm = client.vm
     remote = client.remote
     assert remote is not None
-    if vcpu >= vm.vcpu_num or vcpu >= SLOTS or not client.bitmap >> vcpu & 1:
-        return -errno.EINVAL
+    if vcpu >= vm.vcpu_num or vcpu >= SLOTS:
+        return refuse(errno.EINVAL, "vcpu={}, but VM {} has {} vCPU(s)", vcpu, vm.vmid, vm.vcpu_num)
+    if not client.bitmap >> vcpu & 1:
+        return refuse(errno.EINVAL, "range client {} holds no request of vcpu {}", client.name, vcpu)
     held = client.inflight[vcpu]
     typ, direction = held if held is not None else (PORTIO, DIR_WRITE)
     coff = remote.base + (vcpu << 8)
@@ -132,7 +157,8 @@ def complete(d: Completer, client: IoreqClient, vcpu: int) -> int:
         remote.mem.store_u32(coff + SLOT_STATE, FREE)
     except MemoryFault as e:
         log.debug("hsm.range_client_page_fault", client=client.name, vcpu=vcpu, error=str(e))
-        return -errno.EFAULT  # the request stays with the client
+        # the request stays with the client
+        return refuse(errno.EFAULT, "the client's request page is unreachable: {}", e)
     client.clear_bit(vcpu)
     client.inflight[vcpu] = None
     client.served += 1
@@ -140,12 +166,17 @@ def complete(d: Completer, client: IoreqClient, vcpu: int) -> int:
     return _complete_value(d, vm, vcpu, value)
 
 
-def _complete_value(d: Completer, vm: Vm, vcpu: int, value: bytes | None) -> int:
+def _complete_value(
+    d: Completer, vm: Vm, vcpu: int, value: bytes | None, outcome: str = "completed"
+) -> int:
     """Complete a slot with an optional read value: polling first, COMPLETE, notify."""
-    if vm.page_base is None or vm.mem is None:
-        return -errno.ENODEV  # the VM was destroyed meanwhile
+    if vm.page_base is None or vm.mem is None:  # the VM was destroyed meanwhile
+        return refuse(errno.ENODEV, "the VM was destroyed meanwhile")
     off = vm.page_base + (vcpu << 8)
     polling = vm.mem.load_u32(off + SLOT_POLLING)
+    if TRACE.requests:
+        TRACE.completed(vm.vmid, vcpu, int.from_bytes(value, "little") if value is not None else None,
+                        outcome=outcome)
     if value is None:
         vm.mem.store_u32(off + SLOT_STATE, COMPLETE)
     else:
@@ -170,7 +201,7 @@ def _complete_orphans(d: Completer, client: IoreqClient) -> list[dict[str, objec
         typ, direction = held
         read = direction == DIR_READ
         try:
-            ret = _complete_value(d, vm, vcpu, all_ones(typ) if read else None)
+            ret = _complete_value(d, vm, vcpu, all_ones(typ) if read else None, "orphaned")
         except MemoryFault as e:
             d.fail_vm(vm, e)
             ret = -errno.EFAULT

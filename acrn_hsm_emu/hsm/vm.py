@@ -17,6 +17,8 @@ from acrn_hsm_emu.hsm import acrn_kernel, ioeventfd, irqfd
 from acrn_hsm_emu.hsm.acrn_drv import INVALID_VMID, SLOTS, SlotScanner, Vm
 from acrn_hsm_emu.hsm.hypercall_log import HypercallLog
 from acrn_hsm_emu.hsm.ioreq import Dispatcher
+from acrn_hsm_emu.observe.events import BUS
+from acrn_hsm_emu.observe.trace import TRACE, refuse
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -28,13 +30,14 @@ def vm_create(
     d: Dispatcher, vm: Vm, param: bytearray, pid: int, quirks: bool, uid: int = 0
 ) -> int:
     """acrn_vm_create; 0, or -EINVAL for every failure (the driver hides the errno)."""
-    if not quirks and vm.live:
-        return -errno.EINVAL  # refuse a second VM on a live file up front
+    if not quirks and vm.live:  # refuse a second VM on a live file up front
+        return refuse(errno.EINVAL, "this file has VM {} already (quirks off)", vm.vmid)
     ret = d.hv.create_vm(param)
     vmid, vcpu_num = _CREATION_IDS.unpack_from(param)
     if ret < 0 or vmid == INVALID_VMID:
         log.debug("hsm.create_vm_refused", ret=ret, vmid=vmid)
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "the hypervisor refused create_vm ({}): the driver answers EINVAL",
+                      errno.errorcode.get(-ret, ret) if ret < 0 else "no vmid")
     had_page = vm.page_base is not None
     if vm.destroyed:
         if quirks:
@@ -71,7 +74,8 @@ def vm_create(
                 "which stays in the hypervisor and the dispatch list (kernel behaviour)",
             )
         log.debug("hsm.create_vm_failed", vmid=vmid, err=ret)
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "the request page could not be set up ({}): the driver answers EINVAL",
+                      errno.errorcode.get(-ret, ret))
     vm.owner_uid = uid
     vm.generation += 1
     vm.mmio_segments = 0  # a new VM in the hypervisor: no MMIO regions yet
@@ -81,14 +85,17 @@ def vm_create(
     ioeventfd.ioeventfd_init(d, vm)
     irqfd.irqfd_init(vm)
     log.info("hsm.vm_created", vmid=vmid, vcpu_num=vcpu_num, pid=pid)
+    if BUS.listeners:
+        BUS.emit("vm.created", vmid=vmid, vcpu_num=vcpu_num, pid=pid)
     return 0
 
 
-def vm_destroy(d: Dispatcher, vm: Vm, *, quiet: bool = False) -> int:
+def vm_destroy(d: Dispatcher, vm: Vm, *, quiet: bool = False, by: str = "ioctl") -> int:
     """acrn_vm_destroy, newer order: the hypercall first, teardown only on success.
 
     ``quiet``: a refusal the caller handles itself (a release pauses the VM and
-    tries again, and logs the outcome as one line) is not logged here.
+    tries again, and logs the outcome as one line) is not logged here. ``by``: who
+    destroys it, for the ``vm.destroyed`` event (ioctl, release, admin).
     """
     if not vm.live or vm.destroyed:
         return 0
@@ -98,17 +105,22 @@ def vm_destroy(d: Dispatcher, vm: Vm, *, quiet: bool = False) -> int:
         vm.destroyed = False
         if not quiet:
             log.info("hsm.destroy_vm_refused", vmid=vm.vmid, ret=ret)
-        return ret
+        return refuse(-ret, "the hypervisor refused destroy_vm for VM {} (ACRN destroys only a paused VM)",
+                      vm.vmid)
     d.list_del(vm)
     ioeventfd.ioeventfd_deinit(d, vm)
     irqfd.irqfd_deinit(vm)
-    d.ioreq_deinit(vm)
+    d.ioreq_deinit(vm)  # the express path's trace records are drained here
+    if TRACE.requests:
+        TRACE.abandon(vm.vmid)
     rings = _ring_counts(vm)
     acrn_kernel.deinit(vm, d.quirks)
     vm.monitor_page = None
     vm.ram_mappings = []  # unpin; regions_mapping_count is left as is
     vm.bindings = []  # bound files now answer ENODEV (their generation is gone)
     log.info("hsm.vm_destroyed", vmid=vm.vmid, **rings)
+    if BUS.listeners:
+        BUS.emit("vm.destroyed", vmid=vm.vmid, by=by)
     vm.vmid = INVALID_VMID
     return 0
 

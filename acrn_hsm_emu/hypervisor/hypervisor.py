@@ -1095,6 +1095,16 @@ class Hypervisor:
                 if s.vm is not None and s.config.load_order == "post" and s.vm.state != VmState.POWERED_OFF
             ]
 
+    def vcpu_cycles(self) -> list[tuple[int, str, list[tuple[int, Any]]]]:
+        """Each User VM's vmid, state and vCPUs' request cycle rings (``vcpu.CycleRing``):
+        what the metrics read at scrape time (observe/metrics.py), cheaper than a snapshot."""
+        with self._lock:
+            return [
+                (self._rel(i), s.vm.state.name, [(v.vcpu_id, v.cycles) for v in s.vm.vcpus])
+                for i, s in enumerate(self._slots)
+                if s.vm is not None and s.config.load_order == "post" and s.vm.state != VmState.POWERED_OFF
+            ]
+
     def snapshot(self) -> dict[str, Any]:
         """State for ``acrn-hsm-emu status`` (JSON-serialisable; format in docs/scenario.md)."""
         with self._lock:

@@ -27,6 +27,10 @@
  *   -d PORT          stop after a write to PORT (default 0x1f)
  *   -n N             stop after N requests
  *   -q               quiet: no request lines (benchmarks)
+ *   -R VAL           put VAL in acrn_ioreq_notify.reserved, as the kernel's vm-sample.c
+ *                    does by accident (it never initialises the field: stack garbage, 0x2f2f
+ *                    in the runs of issue 20); the driver then answers EINVAL to every
+ *                    NOTIFY_REQUEST_FINISH and this exits 1 naming it
  *   -x PORT:N:ACTION after the Nth write to PORT was completed (N = 0: every one), do:
  *        peek:GPA       print the u32 at RAM[GPA] (what this process sees)
  *        poke:GPA:VAL   write the u32 VAL at RAM[GPA] (before completing the write)
@@ -82,6 +86,7 @@ static struct { uint64_t port, count; } writes[MAX_ITEMS];
 static int n_writes;
 static int stop;
 static int quiet;
+static uint16_t notify_reserved;	/* -R */
 #define MAX_SAMPLES (1 << 20)
 static uint64_t samples[MAX_SAMPLES];
 static long n_samples;
@@ -337,7 +342,7 @@ int main(int argc, char **argv)
 	int n_aliases = 0;
 
 	set_regs_mode("real");
-	while ((opt = getopt(argc, argv, "C:m:fHA:g:r:e:s:c:G:I:a:M:P:d:n:x:q")) != -1) {
+	while ((opt = getopt(argc, argv, "C:m:fHA:g:r:e:s:c:G:I:a:M:P:d:n:x:qR:")) != -1) {
 		struct acrn_regs *r = &regs.vcpu_regs;
 		uint64_t a, b;
 		switch (opt) {
@@ -377,6 +382,7 @@ int main(int argc, char **argv)
 		case 'd': done_port = num(optarg); break;
 		case 'n': limit = num(optarg); break;
 		case 'q': quiet = 1; break;
+		case 'R': notify_reserved = (uint16_t)num(optarg); break;
 		case 'x': {
 			const char *c = strchr(optarg, ':');
 			const char *c2 = c ? strchr(c + 1, ':') : NULL;
@@ -471,7 +477,7 @@ int main(int argc, char **argv)
 			uint64_t nth = write ? count_write(port) : 0;
 			if (write)
 				pre_action(port, nth);
-			struct acrn_ioreq_notify notify = { .vmid = vmid, .vcpu = i };
+			struct acrn_ioreq_notify notify = { .vmid = vmid, .reserved = notify_reserved, .vcpu = i };
 			hsm(ACRN_IOCTL_NOTIFY_REQUEST_FINISH, (unsigned long)&notify, "NOTIFY");
 			handled++;
 			uint64_t t = now_ns();
