@@ -106,4 +106,4 @@ def test_waiting_requests_are_bounded_per_process(cdev_server, client):
     assert run(client, cdev_server.node, "wake").strip() == "ret=3"
     out, _ = p.communicate(timeout=30)
     assert out.strip().splitlines() == ["ret=1 errno=0"] * 3
-    assert "limit reached" in cdev_server.log_path.read_text()
+    assert "cdev.waiting_request_refused" in cdev_server.log_path.read_text()

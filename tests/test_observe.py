@@ -362,3 +362,19 @@ def test_trace_usage_errors_are_one_line_with_exit_2():
 def test_observability_page_is_linked_from_the_readme():
     assert "docs/observability.md" in (REPO / "README.md").read_text()
     assert pathlib.Path(REPO / "docs" / "observability.md").exists()
+
+
+def test_every_refusal_of_the_hsm_gives_its_rule():
+    """No handler answers a bare ``-errno``: each refusal goes through ``refuse(errno, why, ...)``
+    (or a limit's ``refuse_limit``), so the trace can say why. The one exception is EINTR,
+    the answer to a signal, which no rule produces."""
+    import re
+
+    from tests.conftest import REPO
+
+    bare = []
+    for path in sorted((REPO / "acrn_hsm_emu" / "hsm").glob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"return -errno\.E(?!INTR\b)", line):
+                bare.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not bare, "\n".join(bare)

@@ -34,6 +34,7 @@ from acrn_hsm_emu.hsm import eventfd
 from acrn_hsm_emu.hsm.acrn_drv import Memory, Vm
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, SharedPage
+from acrn_hsm_emu.observe.trace import refuse
 from acrn_hsm_emu.sbuf import SharedRing, header
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
@@ -105,17 +106,18 @@ class AcrnKernel:
         try:
             mem.check_writable(base, PAGE_SIZE)
             h = header(SharedPage(mem, base))
-        except MemoryFault:
-            return -errno.EFAULT
+        except MemoryFault as e:
+            return refuse(errno.EFAULT, "the ring page at {:#x} is not writable ({})", base, e)
         if h.magic != ak.SBUF_MAGIC or h.size + ak.SBUF_HEAD_SIZE > ak.SBUF_MAX_SIZE:
-            return -errno.EINVAL
+            return refuse(errno.EINVAL, "ring header magic={:#x} size={:#x}: not an sbuf of at most {:#x} bytes",
+                          h.magic, h.size, ak.SBUF_MAX_SIZE)
         return SharedPage(mem, base)
 
     def setup_asyncio(self, vm: Vm, mem: Memory, addr: int) -> int:
         """SETUP_ASYNCIO (``acrn_asyncio_setup``)."""
         st = self.state(vm)
         if st.asyncio is not None or st.asyncio_page_pinned:
-            return -errno.EEXIST
+            return refuse(errno.EEXIST, "the VM has an asyncio ring already")
         page = self._pin_ring(mem, addr)
         if isinstance(page, int):
             vm.hypercalls.record("setup_asyncio", page, page_addr=addr)
@@ -133,7 +135,7 @@ class AcrnKernel:
         """SETUP_VM_EVENT_RING: as SETUP_ASYNCIO, for the VM event ring."""
         st = self.state(vm)
         if st.vm_event is not None:
-            return -errno.EEXIST
+            return refuse(errno.EEXIST, "the VM has a VM event ring already")
         page = self._pin_ring(mem, addr)
         if isinstance(page, int):
             vm.hypercalls.record("setup_vm_event_ring", page, page_addr=addr)
@@ -151,7 +153,7 @@ class AcrnKernel:
         eventfd, EEXIST: one is set already)."""
         st = self.state(vm)
         if st.vm_event_fd is not None:
-            return -errno.EEXIST
+            return refuse(errno.EEXIST, "the VM has a VM event eventfd already")
         try:
             dup = eventfd.fdget(pid, fd)
         except eventfd.EventfdError as e:
@@ -167,7 +169,7 @@ class AcrnKernel:
         ENODEV without a ring; the descriptor carries no data match and no length."""
         st = self.state(vm)
         if st.asyncio is None:
-            return -errno.ENODEV
+            return refuse(errno.ENODEV, "an asyncio ioeventfd needs SETUP_ASYNCIO first")
         try:
             dup = eventfd.fdget(pid, fd)
         except eventfd.EventfdError as e:
@@ -197,7 +199,7 @@ class AcrnKernel:
     def pio_region(self, vm: Vm, data: bytes, assign: bool) -> int:
         """ASSIGN/DEASSIGN_PIO_REGION: memdup_user of the region, then the hypercall."""
         if len(data) < _PIO_REGION_SIZE:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the region argument is not readable")
         raw = bytes(data[:_PIO_REGION_SIZE])
         ret = (self.hv.assign_pio_region if assign else self.hv.deassign_pio_region)(vm.vmid, raw)
         r = ak.AcrnPioRegion.from_buffer_copy(raw)

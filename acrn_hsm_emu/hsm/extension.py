@@ -15,9 +15,11 @@ from acrn_hsm_emu.client import extension as ext
 from acrn_hsm_emu.hsm import ioeventfd, irqfd, ranges, remote
 from acrn_hsm_emu.hsm.acrn_drv import Binding, Handler, HsmFile, Vm
 from acrn_hsm_emu.hsm.ioreq import Dispatcher, notify_vcpu
-from acrn_hsm_emu.hsm.limits import Limits, refuse
+from acrn_hsm_emu.hsm.limits import Limits
+from acrn_hsm_emu.hsm.limits import refuse as refuse_limit
 from acrn_hsm_emu.hsm.ranges import BindPolicy
 from acrn_hsm_emu.memory import MemoryFault
+from acrn_hsm_emu.observe.trace import refuse
 from cdev.device import Deferred, IoctlCall, IoctlResult
 
 ATTACH_IOREQ_CLIENT = abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT
@@ -76,12 +78,12 @@ class Extension:
         if cmd == abi.ACRN_IOCTL_DESTROY_IOREQ_CLIENT:
             return self.destroy_client(f, call)  # 0 even when there is nothing left
         if not binding.valid:
-            return -errno.ENODEV  # the VM it was bound to is gone
+            return refuse(errno.ENODEV, "the VM this file was bound to is gone")
         vm = binding.vm
         if cmd == ATTACH_IOREQ_CLIENT:
             client = binding.live_client
             if client is None:
-                return -errno.ENODEV
+                return refuse(errno.ENODEV, "this file has no range client (CREATE_RANGE_CLIENT first)")
             return client.attach()
         if cmd == abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH:
             vcpu = notify_vcpu(call.in_data)
@@ -89,12 +91,12 @@ class Extension:
                 return vcpu
             client = binding.live_client
             if client is None:
-                return -errno.ENODEV
+                return refuse(errno.ENODEV, "this file has no range client (CREATE_RANGE_CLIENT first)")
             try:
                 return remote.complete(self.dispatcher, client, vcpu)
             except MemoryFault as e:
                 self.dispatcher.fail_vm(vm, e)
-                return -errno.EFAULT
+                return refuse(errno.EFAULT, "the client's request page is unreachable ({})", e)
         if cmd == abi.ACRN_IOCTL_IOEVENTFD:
             return self.acrn_ioeventfd(vm, call, binding)
         if cmd == abi.ACRN_IOCTL_IRQFD:
@@ -115,10 +117,11 @@ class Extension:
         it): the same call on this file, its answer in ``result`` (docs/extension-abi.md)."""
         size = ctypes.sizeof(ext.AcrnEmuValueCall)
         if len(call.in_data) < size:
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument is not readable")
         vc = ext.AcrnEmuValueCall.from_buffer_copy(call.in_data[:size])
         if vc.reserved or vc.cmd not in ext.VALUE_CALLS:
-            return -errno.EINVAL
+            return refuse(errno.EINVAL, "cmd={:#x} reserved={:#x}: a value-argument ACRN ioctl, reserved 0",
+                          vc.cmd, vc.reserved)
         carried = IoctlCall(cmd=vc.cmd, arg=vc.arg, in_data=b"", out_size=0, ctx=call.ctx,
                             compat=call.compat)  # fmt: skip
         ret = self.acrn_ioctl(f, carried)
@@ -135,12 +138,12 @@ class Extension:
 
     def bind(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
         if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuBind):
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument is not readable")
         if f.vm.live:
-            return -errno.EBUSY  # this file owns a VM
+            return refuse(errno.EBUSY, "this file owns VM {}: bind another file", f.vm.vmid)
         if f.binding is not None:
             if f.binding.valid:
-                return -errno.EBUSY
+                return refuse(errno.EBUSY, "this file is bound to VM {} already", f.binding.vm.vmid)
             self.unbind(f, "rebinding")
         ret, binding, out = ranges.bind(self.dispatcher, self.bind_policy, call.ctx, call.in_data)
         if ret < 0:
@@ -150,9 +153,9 @@ class Extension:
 
     def _bound(self, f: HsmFile) -> Binding | int:
         if f.binding is None:
-            return -errno.EINVAL  # not bound: as the driver's gate for a file without a VM
+            return refuse(errno.EINVAL, "this file is not bound to a VM (BIND_VM first)")
         if not f.binding.valid:
-            return -errno.ENODEV
+            return refuse(errno.ENODEV, "the VM this file was bound to is gone")
         return f.binding
 
     def create_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
@@ -160,17 +163,17 @@ class Extension:
         if isinstance(b, int):
             return b
         if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuRangeClient):
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument is not readable")
         remote = sum(1 for c in b.vm.range_clients if c.remote is not None)
         if remote >= self.limits.range_clients_per_vm:
-            return refuse("range_clients_per_vm", self.limits.range_clients_per_vm, errno.ENOSPC,
+            return refuse_limit("range_clients_per_vm", self.limits.range_clients_per_vm, errno.ENOSPC,
                            vmid=b.vm.vmid)
         return ranges.create_client(self.dispatcher, b, call.ctx, call.in_data)
 
     def destroy_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
         b = f.binding
         if b is None:
-            return -errno.EINVAL
+            return refuse(errno.EINVAL, "this file is not bound to a VM (BIND_VM first)")
         client = b.live_client
         if client is not None:
             self.dispatcher.client_destroy(client, "destroyed by its file")
@@ -189,5 +192,5 @@ class Extension:
         if isinstance(b, int):
             return b
         if len(call.in_data) < ctypes.sizeof(ext.AcrnEmuRange):
-            return -errno.EFAULT
+            return refuse(errno.EFAULT, "the argument is not readable")
         return op(b, call.in_data)

@@ -18,6 +18,7 @@ from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import eventfd, express
 from acrn_hsm_emu.hsm.acrn_drv import MMIO, PORTIO, Ioeventfd, Vm
 from acrn_hsm_emu.hsm.ioreq import Dispatcher, range_add, range_del
+from acrn_hsm_emu.observe.trace import refuse
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -126,9 +127,9 @@ def _assign(
     vm: Vm, pid: int, fd: int, flags: int, addr: int, length: int, data: int, owner: object = None
 ) -> int:
     if addr + length > 0xFFFFFFFFFFFFFFFF:
-        return -errno.EINVAL  # the range wraps
+        return refuse(errno.EINVAL, "addr={:#x} len={}: the range wraps", addr, length)
     if length not in (1, 2, 4, 8):
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "len={}: must be 1, 2, 4 or 8", length)
     try:
         dup = eventfd.fdget(pid, fd)
     except eventfd.EventfdError as e:
@@ -144,7 +145,8 @@ def _assign(
             and eventfd.same(q.fd, dup)
         ):
             p.close()
-            return -errno.EEXIST
+            return refuse(errno.EEXIST, "fd {} already signals addr={:#x} len={} with this data match",
+                          fd, addr, length)
     client = vm.ioeventfd_client
     assert client is not None
     vm.ioeventfds.append(p)  # before its range: C never sees the range without the entry

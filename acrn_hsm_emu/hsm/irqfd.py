@@ -21,6 +21,7 @@ from acrn_hsm_emu.hsm import eventfd
 from acrn_hsm_emu.hsm.acrn_drv import Irqfd, Vm
 from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hypervisor.api import Hypercalls
+from acrn_hsm_emu.observe.trace import refuse
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -120,7 +121,7 @@ def _assign(
     for other in vm.irqfds:
         if eventfd.same(other.fd, dup):
             os.close(dup)
-            return -errno.EBUSY
+            return refuse(errno.EBUSY, "that eventfd is an irqfd of this VM already")
     irqfd = Irqfd(vm, hv, dup, msi, owner)
     vm.irqfds.append(irqfd)
     # The driver polls once: an eventfd already signalled gets one MSI now.

@@ -19,6 +19,7 @@ from acrn_hsm_emu.hsm.acrn_drv import Memory, RamMapping, Vm
 from acrn_hsm_emu.hsm.ioreq import Dispatcher
 from acrn_hsm_emu.hypervisor.api import MR_ADD, MR_DEL, MemoryRegionOp
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault, RemoteMemory
+from acrn_hsm_emu.observe.trace import refuse
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
 
@@ -80,7 +81,7 @@ def memseg_map(d: Dispatcher, vm: Vm, pid: int, pa: FakePhysAllocator, args: byt
     if typ == abi.ACRN_MEMMAP_RAM:
         return _ram_map(d, vm, pid, pa, attr, user_vm_pa, host, length)
     if typ != abi.ACRN_MEMMAP_MMIO:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "type={}: neither ACRN_MEMMAP_RAM nor ACRN_MEMMAP_MMIO", typ)
     op = MemoryRegionOp(
         type=MR_ADD,
         attr=abi.ACRN_MEM_TYPE_UC | (attr & abi.ACRN_MEM_ACCESS_RIGHT_MASK),
@@ -95,7 +96,7 @@ def memseg_unmap(d: Dispatcher, vm: Vm, args: bytes) -> int:
     """acrn_vm_memseg_unmap: MMIO only; RAM cannot be unmapped."""
     typ, _attr, user_vm_pa, _host, length = _MEMMAP.unpack_from(args)
     if typ != abi.ACRN_MEMMAP_MMIO:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "type={}: only MMIO can be unmapped", typ)
     op = MemoryRegionOp(type=MR_DEL, attr=0, user_vm_pa=user_vm_pa, service_vm_pa=0, size=length)
     return d.hv.set_memory_regions(vm.vmid, [op])
 
@@ -109,19 +110,20 @@ def _ram_map(
     if nr_pages >= 1 << 31:
         nr_pages -= 1 << 32
     if nr_pages == 0:
-        return -errno.EINVAL
-    if nr_pages < 0:
-        return -errno.ENOMEM  # the page array allocation fails
+        return refuse(errno.EINVAL, "len={:#x}: less than one page", length)
+    if nr_pages < 0:  # the page array allocation fails
+        return refuse(errno.ENOMEM, "len={:#x}: the page count does not fit the driver's int", length)
     start = vma_base & ~(PAGE_SIZE - 1)
     mem = d.memory(pid)
     try:
         check_range_writable(mem, start, nr_pages << PAGE_SHIFT)
     except MemoryFault as e:
         log.debug("hsm.ram_pin_failed", vmid=vm.vmid, pid=pid, error=str(e))
-        return -errno.EFAULT
+        return refuse(errno.EFAULT, "vma_base={:#x} len={:#x}: cannot pin the pages ({})",
+                      start, nr_pages << PAGE_SHIFT, e)
     if vm.regions_mapping_count >= MAPPING_MAX:
         log.warning("hsm.memseg_slots_exhausted", vmid=vm.vmid, max=MAPPING_MAX)
-        return -errno.ENOMEM
+        return refuse(errno.ENOMEM, "the VM has {} RAM mappings, the driver's most", MAPPING_MAX)
     service_vm_pa = pa.alloc(nr_pages)
     mapping = RamMapping(user_vm_pa, length, start, nr_pages, service_vm_pa, mem)
     vm.ram_mappings.append(mapping)

@@ -34,6 +34,7 @@ from acrn_hsm_emu.hsm.acrn_drv import (
 )
 from acrn_hsm_emu.hsm.ioreq import Dispatcher, range_add, range_del
 from acrn_hsm_emu.memory import PAGE_SIZE, MemoryFault
+from acrn_hsm_emu.observe.trace import refuse
 from cdev.device import RequestContext
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
@@ -72,17 +73,18 @@ def bind(
     """ACRN_EMU_IOCTL_BIND_VM: (result, binding, bytes to copy back)."""
     req = ext.AcrnEmuBind.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuBind)])
     if req.flags or req.reserved:
-        return -errno.EINVAL, None, b""
+        return refuse(errno.EINVAL, "flags={:#x} reserved={:#x}: must be 0", req.flags, req.reserved), None, b""
     vm = find_vm(d, req.vmid)
     if vm is None:
-        return -errno.ENOENT, None, b""
+        return refuse(errno.ENOENT, "no VM with vmid {}", req.vmid), None, b""
     if not may_bind(policy, ctx, vm):
         log.warning(
             "hsm.bind_refused",
             vmid=vm.vmid, uid=ctx.uid, pid=ctx.pid, owner_uid=vm.owner_uid,
             policy=policy if isinstance(policy, str) else "custom",
         )  # fmt: skip
-        return -errno.EPERM, None, b""
+        return refuse(errno.EPERM, "the bind policy refuses uid {} (the VM's owner is uid {})", ctx.uid,
+                      vm.owner_uid), None, b""
     binding = Binding(vm, ctx)
     vm.bindings.append(binding)
     req.vcpu_num = vm.vcpu_num
@@ -97,20 +99,20 @@ def create_client(
     """ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT."""
     req = ext.AcrnEmuRangeClient.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuRangeClient)])
     if req.flags or req.reserved:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "flags={:#x} reserved={:#x}: must be 0", req.flags, req.reserved)
     raw = bytes(req)[: ext.ACRN_EMU_NAME_LEN]
     if b"\0" not in raw:
-        return -errno.EINVAL  # not terminated within 16 bytes
+        return refuse(errno.EINVAL, "the name is not NUL-terminated within {} bytes", ext.ACRN_EMU_NAME_LEN)
     name_b = raw.split(b"\0", 1)[0]
     if not 1 <= len(name_b) <= CLIENT_NAME_MAX or not name_b.isascii() or not name_b.decode().isprintable():
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "name {!r}: 1 to {} printable ASCII characters", name_b, CLIENT_NAME_MAX)
     name = name_b.decode()
     if binding.live_client is not None:
-        return -errno.EEXIST
+        return refuse(errno.EEXIST, "this file has a range client already")
     vm = binding.vm
     for c in vm.range_clients:
         if c.name == name:
-            return -errno.EEXIST
+            return refuse(errno.EEXIST, "VM {} has a client named {!r} already", vm.vmid, name)
     base = req.ioreq_buf & ~(PAGE_SIZE - 1)
     mem = d.memory(ctx.pid)
     try:
@@ -119,7 +121,7 @@ def create_client(
             mem.write(base + i * 256 + _STATE_OFF, _FREE_STATE)
     except MemoryFault as e:
         log.debug("hsm.range_page_pin_failed", vmid=vm.vmid, pid=ctx.pid, error=str(e))
-        return -errno.EFAULT
+        return refuse(errno.EFAULT, "the client's request page is not writable ({})", e)
     binding.client = remote.create(vm, name, RemotePage(mem, base, ctx.pid, ctx.uid))
     return 0
 
@@ -127,11 +129,12 @@ def create_client(
 def _parse_range(args: bytes) -> tuple[int, int, int] | int:
     r = ext.AcrnEmuRange.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuRange)])
     if r.reserved or r.type not in (PORTIO, MMIO, PCICFG) or r.end < r.start:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "type={} start={:#x} end={:#x} reserved={:#x}: a PIO, MMIO or PCI range, "
+                      "start <= end, reserved 0", r.type, r.start, r.end, r.reserved)
     if r.type == PORTIO and r.end > _PIO_MAX:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "end={:#x}: ports stop at {:#x}", r.end, _PIO_MAX)
     if r.type == PCICFG and r.end > _BDF_MAX:
-        return -errno.EINVAL
+        return refuse(errno.EINVAL, "end={:#x}: BDFs stop at {:#x}", r.end, _BDF_MAX)
     return r.type, r.start, r.end
 
 
@@ -148,7 +151,7 @@ def _client_range(binding: Binding, args: bytes) -> tuple[IoreqClient, tuple[int
     """The bound range client and the parsed range of an ADD/DEL_RANGE, or -errno."""
     client = binding.live_client
     if client is None:
-        return -errno.ENODEV
+        return refuse(errno.ENODEV, "this file has no range client (CREATE_RANGE_CLIENT first)")
     parsed = _parse_range(args)
     if isinstance(parsed, int):
         return parsed
@@ -177,9 +180,10 @@ def add_range(binding: Binding, args: bytes) -> int:
                     owner_pid=other.remote.pid,
                     owner_range=_describe(otyp, ostart, oend),
                 )
-                return -errno.EBUSY
+                return refuse(errno.EBUSY, "{} overlaps {} of client {!r}", _describe(typ, start, end),
+                              _describe(otyp, ostart, oend), other.name)
     if len(client.ranges) >= ext.ACRN_EMU_MAX_RANGES:
-        return -errno.ENOSPC
+        return refuse(errno.ENOSPC, "the client has {} ranges, the most", ext.ACRN_EMU_MAX_RANGES)
     range_add(client, typ, start, end, newest_first=False)
     log.info("hsm.range_added", vmid=vm.vmid, client=client.name, range=_describe(typ, start, end))
     return 0
@@ -192,7 +196,7 @@ def del_range(binding: Binding, args: bytes) -> int:
         return got
     client, parsed = got
     if not range_del(client, *parsed):
-        return -errno.ENOENT
+        return refuse(errno.ENOENT, "the client has no range {}", _describe(*parsed))
     log.info("hsm.range_deleted", vmid=binding.vm.vmid, client=client.name, range=_describe(*parsed))
     return 0
 
