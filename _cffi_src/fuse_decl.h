@@ -120,6 +120,10 @@ void cdev_req_interrupt_func(fuse_req_t req, void *data);
 void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable);
 int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
                        void *prefilter, void *ctx);
+struct cdev_poll { uint64_t window_ns; uint64_t max_ns; uint64_t answered_at; uint64_t hits;
+                   uint64_t misses; int also_fd; };
+int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
+                      void *prefilter, void *ctx, struct cdev_poll *pl);
 
 /* The native receiver thread (native/fuse_glue.c). */
 struct cdev_rx { int notify_fd; int ended; uint64_t taken; uint64_t forwarded;

@@ -242,6 +242,12 @@ class BaseDevice:
         """A C fast path for some requests of a session on ``fd`` (none by default)."""
         return None
 
+    def reader_poll(self) -> tuple[int, int]:
+        """How long the session's reader keeps reading after a request before it waits
+        (the bound, in ns, of an adaptive window: 0, the default, never polls), and an fd
+        whose readiness ends the poll early (the device's other work; -1: none)."""
+        return 0, -1
+
     def release(self, handle: object) -> None:
         return None
 

@@ -27,6 +27,11 @@ log = structlog.get_logger("cdev")
 ROOT_INO = 1
 NODE_INO = 2
 _NULL = ffi.NULL
+# looked up once: the per-request path reads these (lib's attributes are not free)
+_UNRESTRICTED = lib.FUSE_IOCTL_UNRESTRICTED
+_COMPAT = lib.FUSE_IOCTL_COMPAT
+_CHAR_P = ffi.typeof("char *")
+_UINTPTR = ffi.typeof("uintptr_t")
 
 
 class _Waiting:
@@ -131,6 +136,8 @@ class Session:
         self._rx_failed = False  # the native reader could not start: do not retry
         self._prefilter: Any = None
         self._rx: Any = _NULL  # the native reader while it runs (cdev_rx)
+        self._poll: Any = ffi.new("struct cdev_poll *")  # this thread's reader's polling
+        self._poll.also_fd = -1
 
     # -- plumbing --------------------------------------------------------
 
@@ -184,7 +191,14 @@ class Session:
         prefilter = self._prefilter = offer(fd) if offer is not None else None
         fn = prefilter.fn if prefilter is not None else _NULL
         ctx = prefilter.ctx if prefilter is not None else _NULL
+        # Polling after each request (cdev_receive_poll), bounded by what the device says,
+        # ended early by its other work's fd: Device.reader_poll() -> (bound in ns, fd or -1).
+        pl = self._poll
+        offer_poll = getattr(self.device, "reader_poll", None)  # BaseDevice's: never poll
+        pl.max_ns, pl.also_fd = offer_poll() if offer_poll is not None else (0, -1)
         rx: Any = _NULL
+        more = False
+        checkpoint = trio.lowlevel.checkpoint
         try:
             while True:
                 if prefilter is not None and bool(prefilter.threaded) != (rx != _NULL):
@@ -192,8 +206,16 @@ class Session:
                 if rx == _NULL:
                     if lib.fuse_session_exited(se):
                         return
-                    await wait_readable(fd)
-                    res = lib.cdev_receive_batch(se, buf, batch, fn, ctx)
+                    if more:  # the batch ran out with requests still there: let the other tasks run
+                        await checkpoint()
+                    else:
+                        await wait_readable(fd)
+                    _CURRENT[0] = self  # the callbacks of this call are this session's (_session)
+                    try:
+                        res = lib.cdev_receive_poll(se, buf, batch, fn, ctx, pl)
+                    finally:
+                        _CURRENT[0] = None
+                    more = res == 1
                     if res == 0:  # unmounted (ENODEV) or an aborted request
                         if lib.fuse_session_exited(se):
                             return
@@ -231,7 +253,14 @@ class Session:
         """Who reads the node now, and the native reader's counters while it does."""
         rx = self._rx
         if rx == _NULL:
-            return {"native": False}
+            pl = self._poll
+            return {
+                "native": False,
+                "poll_max_us": int(pl.max_ns) // 1000,
+                "poll_window_us": int(pl.window_ns) // 1000,
+                "poll_hits": int(pl.hits),
+                "poll_misses": int(pl.misses),
+            }
         return {
             "native": True,
             "answered": int(rx.taken),  # by the prefilter, in that thread
@@ -357,11 +386,11 @@ class Session:
         if handle is None:
             lib.fuse_reply_err(req, errno.EBADF)
             return
-        if flags & lib.FUSE_IOCTL_UNRESTRICTED:
+        if flags & _UNRESTRICTED:
             transfer = transfer_for(cmd, self.arg_specs.get(cmd))
             if needs_retry(transfer, in_bufsz, out_bufsz):
                 # What the device answers before fetching the argument comes first.
-                err = self._precheck(handle, cmd, bool(flags & lib.FUSE_IOCTL_COMPAT))
+                err = self._precheck(handle, cmd, bool(flags & _COMPAT))
                 if err < 0:
                     lib.fuse_reply_err(req, -err)
                 else:
@@ -370,15 +399,10 @@ class Session:
             out_size = transfer.out_size
         else:
             out_size = out_bufsz
-        in_data = ffi.unpack(ffi.cast("char *", in_buf), in_bufsz) if in_bufsz else b""
-        call = IoctlCall(
-            cmd=cmd,
-            arg=int(ffi.cast("uintptr_t", arg)),
-            in_data=in_data,
-            out_size=out_size,
-            ctx=self.context(req),
-            compat=bool(flags & lib.FUSE_IOCTL_COMPAT),
-        )
+        in_data = ffi.unpack(ffi.cast(_CHAR_P, in_buf), in_bufsz) if in_bufsz else b""
+        c = lib.fuse_req_ctx(req)
+        call = IoctlCall(cmd, int(ffi.cast(_UINTPTR, arg)), in_data, out_size,
+                         RequestContext(c.uid, c.gid, None, c.pid, self._resolve), bool(flags & _COMPAT))
         try:
             result = self.device.ioctl(handle, call)
         except DeviceError as e:
@@ -572,8 +596,15 @@ class Session:
 # -- the C entry points ------------------------------------------------------
 
 
+# The session whose receive call is running in this (the trio) thread: libfuse calls the
+# operations below from inside it, so they need not look the session up from the request.
+_CURRENT: list[Session | None] = [None]
+
+
 def _session(req: Any) -> Session:
-    session: Session = ffi.from_handle(lib.fuse_req_userdata(req))
+    session = _CURRENT[0]
+    if session is None:
+        session = ffi.from_handle(lib.fuse_req_userdata(req))
     return session
 
 

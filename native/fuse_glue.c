@@ -125,6 +125,69 @@ int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
     return 1;
 }
 
+static uint64_t cdev_now_ns(void);
+static void cdev_adapt(uint64_t *window_ns, uint64_t max_ns, uint64_t gap_ns);
+
+/* Whether `fd` (the device's other work: an upcall eventfd) is readable now. */
+static int cdev_other_ready(int fd)
+{
+    struct pollfd p = { fd, POLLIN, 0 };
+    return fd >= 0 && poll(&p, 1, 0) > 0;
+}
+
+/* cdev_receive_batch with adaptive polling, for the reader in the caller's (trio)
+ * thread. After a request is processed the thread keeps reading for pl->window_ns
+ * (yielding its CPU at each turn) before it returns -EAGAIN, so that a client's
+ * next call, made as soon as it has its answer, does not pay for a trip through
+ * the event loop and a wake-up. The window adapts as the native reader's does
+ * (cdev_rx_adapt, below), and the poll ends early when pl->also_fd becomes
+ * readable: the device has other work for this thread. Returns as
+ * cdev_receive_batch does; the cffi call releases the GIL while it polls. */
+int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
+                      void *prefilter, void *ctx, struct cdev_poll *pl)
+{
+    cdev_prefilter_fn pf = (cdev_prefilter_fn)prefilter;
+    int fd = fuse_session_fd(se);
+    uint64_t last = 0, poll_until = 0;
+    int polled = 0;
+    if (pl->answered_at && pl->max_ns) {
+        cdev_adapt(&pl->window_ns, pl->max_ns, cdev_now_ns() - pl->answered_at);
+        pl->answered_at = 0;
+    }
+    for (int i = 0; i < batch;) {
+        int res = fuse_session_receive_buf(se, buf);
+        if (res == -EAGAIN && poll_until) {
+            uint64_t now = cdev_now_ns();
+            if (now < poll_until && !cdev_other_ready(pl->also_fd)) {
+                polled = 1;
+                sched_yield();  /* polling, behind anything else runnable here */
+                continue;
+            }
+            if (now >= poll_until)
+                pl->misses++;
+        }
+        if (res <= 0) {
+            if (res == -EAGAIN && last)
+                pl->answered_at = last;  /* the gap to the next request adapts the window */
+            return res;
+        }
+        if (polled) {
+            pl->hits++;
+            polled = 0;
+        }
+        if (!cdev_prefiltered(pf, ctx, fd, buf, res))
+            fuse_session_process_buf(se, buf);
+        i++;
+        if ((i & 15) == 0 && cdev_other_ready(pl->also_fd))
+            return 1;  /* the device has other work for this thread: let it run */
+        if (pl->max_ns) {
+            last = cdev_now_ns();
+            poll_until = pl->window_ns ? last + pl->window_ns : 0;
+        }
+    }
+    return 1;
+}
+
 /* The native receiver: a thread that reads the session's requests and gives
  * each to the prefilter first, so that what the prefilter answers never waits
  * for the trio thread. What it leaves is queued for the trio thread (which
@@ -173,19 +236,24 @@ static uint64_t cdev_now_ns(void)
  * one) runs before the next read. */
 #define CDEV_POLL_GROW_START_NS 10000u
 
-static void cdev_rx_adapt(struct cdev_rx *rx, uint64_t gap_ns)
+static void cdev_adapt(uint64_t *window_ns, uint64_t max_ns, uint64_t gap_ns)
 {
-    uint64_t w = rx->poll_window_ns;
-    if (gap_ns <= rx->poll_max_ns && w < rx->poll_max_ns) {
+    uint64_t w = __atomic_load_n(window_ns, __ATOMIC_RELAXED);
+    if (gap_ns <= max_ns && w < max_ns) {
         w = w ? w * 2 : CDEV_POLL_GROW_START_NS;
-        if (w > rx->poll_max_ns)
-            w = rx->poll_max_ns;
-    } else if (gap_ns > rx->poll_max_ns) {
+        if (w > max_ns)
+            w = max_ns;
+    } else if (gap_ns > max_ns) {
         w /= 2;
         if (w < CDEV_POLL_GROW_START_NS)
             w = 0;
     }
-    __atomic_store_n(&rx->poll_window_ns, w, __ATOMIC_RELAXED);
+    __atomic_store_n(window_ns, w, __ATOMIC_RELAXED);
+}
+
+static void cdev_rx_adapt(struct cdev_rx *rx, uint64_t gap_ns)
+{
+    cdev_adapt(&rx->poll_window_ns, rx->poll_max_ns, gap_ns);
 }
 
 /* The thread: wait for requests (or the stop), then read until EAGAIN, polling

@@ -48,6 +48,20 @@ typedef int (*cdev_prefilter_fn)(void *ctx, int fd, const void *req, size_t len)
 int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
                        void *prefilter, void *ctx);
 
+/* The reader in the caller's thread, polling adaptively after each request
+ * (cdev_receive_poll, in fuse_glue.c); the caller keeps this between calls. */
+struct cdev_poll {
+    uint64_t window_ns;         /* now: after a request, keep reading this long */
+    uint64_t max_ns;            /* the bound of window_ns; 0: never poll */
+    uint64_t answered_at;       /* the last request before a return, 0: none */
+    uint64_t hits;              /* requests found by polling */
+    uint64_t misses;            /* windows that ran out */
+    int also_fd;                /* readable: the device has other work; -1: none */
+};
+
+int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
+                      void *prefilter, void *ctx, struct cdev_poll *pl);
+
 /* The native receiver thread (fuse_glue.c). */
 struct cdev_rx_item;
 struct cdev_rx {

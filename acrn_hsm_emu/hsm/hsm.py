@@ -214,6 +214,12 @@ class HsmDevice(BaseDevice):
             BUS.emit("file.opened", pid=ctx.pid, uid=ctx.uid)
         return f
 
+    def reader_poll(self) -> tuple[int, int]:
+        """cdev's reader in the trio thread polls for the next request up to
+        ``express_poll_us`` after each one (adaptively), and stops at once when a vCPU
+        raises the upcall: (bound in ns, the upcall's eventfd)."""
+        return self.express_poll_us * 1000, self.dispatcher.upcall.fd
+
     def native_prefilter(self, fd: int) -> Express | None:
         """cdev's session on ``fd`` starts: the express path answers ATTACH and
         NOTIFY_REQUEST_FINISH of the VMs created from now on (hsm/express.py)."""
