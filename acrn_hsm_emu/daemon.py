@@ -345,6 +345,13 @@ class Daemon:
         return sock
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
+        """One control connection; whatever goes wrong in it ends it, never the daemon."""
+        try:
+            await self._control_connection(stream)
+        except Exception:  # an exception group of them too (a stream's nursery)
+            log.exception("control.connection_failed")
+
+    async def _control_connection(self, stream: trio.SocketStream) -> None:
         # Only root or the daemon's own user may talk to it, whatever the mode says.
         creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         peer_uid = int.from_bytes(creds[4:8], "little")
@@ -443,7 +450,10 @@ class Daemon:
                             batch.append(receive.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await stream.send_all(b"".join(json.dumps(r).encode() + b"\n" for r in batch))
+                    try:
+                        await stream.send_all(b"".join(json.dumps(r).encode() + b"\n" for r in batch))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        break  # the client went away (killed, Ctrl-C): the end of its stream
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass

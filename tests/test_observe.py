@@ -235,6 +235,28 @@ def test_trace_requests_of_one_vm_through_the_express_path(daemon_factory):
         stop(dm)
 
 
+def test_a_trace_client_killed_mid_stream_ends_only_its_stream(daemon_factory, tmp_path):
+    """A tracer killed (SIGKILL) while the daemon streams a VM's every request to it: its
+    connection breaks under a send, and the daemon serves on (found by the trace bench)."""
+    wl = tmp_path / "loop.json"
+    steps = [{"op": "pio", "port": 0x500, "size": 4, "write": True, "value": 1}]
+    wl.write_text(json.dumps({"vcpu": [{"id": 0, "repeat": 0, "steps": steps}]}))
+    d = daemon_factory("--backend", "scripted", "--workload", str(wl))
+    dm = dm_loop(d)
+    try:
+        for _ in range(3):
+            tracer = follow(d, "trace", "--requests", "--json")
+            assert tracer.stdout is not None and tracer.stdout.readline().startswith("{")
+            tracer.kill()
+            tracer.communicate(timeout=60 * SLOW)
+            wait_for("the tracer gone", lambda: status(d)["observers"]["tracers"] == 0)
+        assert d.proc is not None and d.proc.poll() is None, d.log()
+        assert '"control.connection_failed"' not in d.log()
+        assert status(d)["hsm"]["vms"][0]["counters"]["default"] > 0
+    finally:
+        stop(dm)
+
+
 def test_events_follow_a_vms_life(daemon_factory):
     d = daemon_factory("--backend", "scripted")
     ev = follow(d, "events", "--count", "9")

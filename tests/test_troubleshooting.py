@@ -504,6 +504,20 @@ def t_internal_error(s: Scene) -> str:
     return "\n".join([f"{PREFIX}daemon: {reply['error']}", *(json.dumps({"event": e["event"]}) for e in logs)])
 
 
+def t_connection_failed(s: Scene) -> str:
+    """A control connection whose handling breaks: logged, the daemon object goes on."""
+    daemon = _daemon_object(s)
+
+    async def broken(stream: Any) -> None:
+        raise RuntimeError("boom")
+
+    daemon._control_connection = broken  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        trio.run(daemon._control_client, None)
+    daemon.hypervisor.shutdown()
+    return "\n".join(json.dumps({"event": e["event"]}) for e in logs)
+
+
 def t_node_tree(s: Scene) -> str:
     daemon = _daemon_object(s)
     daemon.server = type("FakeServer", (), {"transport": "fuse"})()
@@ -1172,6 +1186,7 @@ MESSAGES = {
     "cdev.stale_mount_removed": "stale_mount",
     "control.connection_refused": "other_user",
     "control.request_failed": "internal_error",
+    "control.connection_failed": "connection_failed",
     "daemon.command_not_started": "command_missing",
     "sdnotify.send_failed": "notify_socket",
     "sdnotify.bad_socket_address": "notify_socket",
