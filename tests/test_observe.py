@@ -17,7 +17,6 @@ import pathlib
 import re
 import signal
 import subprocess
-import time
 import urllib.request
 from typing import Any
 
@@ -33,6 +32,7 @@ from acrn_hsm_emu.observe.trace import STATS, TRACE, Filter
 from tests.conftest import REPO, SLOW, VENV_BIN
 from tests.support.answers import pio_answer
 from tests.support.cbuild import build_c
+from tests.support.poll import HANG_GUARD_S, wait_until
 
 EXE = str(VENV_BIN / "acrn-hsm-emu")
 
@@ -149,16 +149,9 @@ def status(d: Any) -> dict[str, Any]:
     return result
 
 
-def wait_for(what: str, cond: Any, timeout: float = 30 * SLOW) -> Any:
-    """Hang guard only: returns as soon as ``cond()`` is true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
+def wait_for(what: str, cond: Any) -> Any:
+    """tests/support/poll.py's hang guard, polling the daemon's status at a gentler pace."""
+    return wait_until(cond, what, HANG_GUARD_S * SLOW, step=0.05)
 
 
 def follow(d: Any, command: str, *args: str) -> subprocess.Popen[str]:

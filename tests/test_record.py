@@ -19,29 +19,13 @@ from acrn_hsm_emu.hypervisor.api import Access
 from acrn_hsm_emu.hypervisor.hypervisor import Hypervisor
 from acrn_hsm_emu.hypervisor.record import MAX_ACCESSES, Recorder, fold_pci
 from acrn_hsm_emu.hypervisor.workload import Step, Workload, pci_address
+from tests import test_hypervisor_vcpu
 from tests.conftest import VENV_BIN
 from tests.support.poll import wait_until
-from tests.test_hypervisor_vcpu import HANG_GUARD_S, MMIO, Rig, answer, expected
+from tests.test_hypervisor_vcpu import MMIO, Rig, answer, expected, inject
 
 EXE = str(VENV_BIN / "acrn-hsm-emu")
-
-
-@pytest.fixture(params=["python", "native"])
-def rigs(request):
-    made: list[Rig] = []
-
-    def make(*a: object, **kw: object) -> Rig:
-        r = Rig(*a, native=request.param == "native", **kw)
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close()
-
-
-def inject(rig: Rig, access: Access, vcpu: int = 0) -> int:
-    return rig.hv.inject(rig.vmid, vcpu, access).result(HANG_GUARD_S)
+rigs = test_hypervisor_vcpu.rigs  # the same fixture: hypervisors with the Python and the native cycle
 
 
 def record(rig: Rig, **kw: object) -> Recorder:
