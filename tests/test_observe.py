@@ -393,3 +393,32 @@ def test_every_refusal_of_the_hsm_gives_its_rule():
             if re.search(r"return -errno\.E(?!INTR\b)", line):
                 bare.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not bare, "\n".join(bare)
+
+
+async def test_a_scrape_that_breaks_ends_only_that_scrape():
+    """A collector that raises: the scrape's connection closes, the endpoint serves the next."""
+    import trio
+    from prometheus_client import CollectorRegistry
+
+    from acrn_hsm_emu.observe.metrics import Endpoint
+
+    class Broken:
+        calls = 0
+
+        def collect(self) -> Any:
+            Broken.calls += 1
+            raise RuntimeError("boom")
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Broken())  # type: ignore[arg-type]
+    endpoint = Endpoint(reg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.serve, "127.0.0.1", 0)
+        assert endpoint.address is not None
+        for _ in range(2):
+            stream = await trio.open_tcp_stream(*endpoint.address)
+            await stream.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert await stream.receive_some(4096) == b""  # closed, no answer
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert Broken.calls == 2

@@ -267,3 +267,5 @@ class Endpoint:
                     await stream.send_all(head.encode() + body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
+            except Exception:  # a scrape that breaks ends that scrape, never the daemon
+                log.exception("metrics.scrape_failed")
