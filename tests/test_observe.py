@@ -422,3 +422,23 @@ async def test_a_scrape_that_breaks_ends_only_that_scrape():
             await stream.aclose()
         nursery.cancel_scope.cancel()
     assert Broken.calls == 2
+
+
+def test_a_refusal_before_the_argument_is_fetched_is_traced_and_counted(daemon_factory):
+    """NOTIFY_REQUEST_FINISH on a file without a VM: under CUSE the gate answers before cdev
+    asks the kernel for the argument (precheck), under FUSE after; the trace and the
+    metrics show it either way."""
+    d = daemon_factory("--backend", "scripted")
+    tracer = follow(d, "trace", "--ioctls", "--errors", "--count", "1", "--json")
+    fd = os.open(d.node, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            fcntl.ioctl(fd, abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH, bytes(8))
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    rec = json.loads(finish(tracer)[0])
+    assert (rec["ioctl"], rec["errno"], rec["reason"]) == (
+        "NOTIFY_REQUEST_FINISH", "EINVAL", "no VM on this file: CREATE_VM first (or it was destroyed)")
+    text = cli(d, "metrics").stdout
+    assert 'acrn_hsm_ioctl_errors_total{errno="EINVAL",ioctl="NOTIFY_REQUEST_FINISH"} 1.0' in text, text

@@ -282,9 +282,32 @@ class HsmDevice(BaseDevice):
         self.reaper.released(vm, handle.ctx.pid)
 
     def precheck(self, handle: object, cmd: int, compat: bool) -> int:
+        """What cdev asks under CUSE before it fetches the argument (:meth:`gate`): a
+        refusal here is the ioctl's answer, so it is counted and traced as one."""
+        if not TRACE.active:
+            err = self.gate(handle, cmd, compat)
+            if err < 0:
+                key = (cmd, -err)
+                self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
+            return err
+        TRACE.flush()
+        TRACE.reason = None
+        err = self.gate(handle, cmd, compat)
+        reason = TRACE.take_reason()
+        if err < 0:
+            key = (cmd, -err)
+            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
+            if TRACE.ioctls:
+                assert isinstance(handle, HsmFile)
+                vm = handle.binding.vm if handle.binding is not None else handle.vm
+                TRACE.ioctl(vm=vm.vmid if vm.live else None, pid=handle.ctx.pid, cmd=cmd, args={}, result=err,
+                            reason=reason)
+        return err
+
+    def gate(self, handle: object, cmd: int, compat: bool) -> int:
         """The driver's answers that come before it copies any argument: no
         compat_ioctl, the VM state gate, an unknown command (spec: hsm ioctl
-        dispatch). cdev asks this first under CUSE; :meth:`ioctl` starts with it."""
+        dispatch). :meth:`precheck` (what cdev asks first under CUSE) and :meth:`ioctl` start with it."""
         if compat:
             return refuse(errno.ENOTTY, "a 32-bit caller: the driver has no compat_ioctl")
         assert isinstance(handle, HsmFile)
@@ -357,7 +380,7 @@ class HsmDevice(BaseDevice):
         return result
 
     def _ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
-        err = self.precheck(handle, call.cmd, call.compat)
+        err = self.gate(handle, call.cmd, call.compat)
         if err < 0:
             return err
         assert isinstance(handle, HsmFile)
