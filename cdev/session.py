@@ -223,7 +223,12 @@ class Session:
                         raise OSError(-res, f"reading the FUSE device: {os.strerror(-res)}")
                 else:
                     await wait_readable(rx.notify_fd)
-                    if lib.cdev_rx_process(se, rx, batch) < 0:
+                    _CURRENT[0] = self
+                    try:
+                        ended = lib.cdev_rx_process_poll(se, rx, batch, pl) < 0
+                    finally:
+                        _CURRENT[0] = None
+                    if ended:
                         return  # the session ended
         finally:
             self._rx = _NULL

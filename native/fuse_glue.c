@@ -365,9 +365,23 @@ void cdev_rx_stop(struct cdev_rx *rx)
  * Returns how many, or -1 once the queue is empty and the session has ended. */
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch)
 {
-    uint64_t n;
-    int done = 0;
+    return cdev_rx_process_poll(se, rx, batch, NULL);
+}
+
+/* cdev_rx_process, then, when it emptied the queue and `pl` has a window open,
+ * keeps looking at the queue for the window (yielding, ended early by
+ * pl->also_fd), as cdev_receive_poll does for the node: a request the native
+ * reader forwards right after (a range client's NOTIFY after its ATTACH was
+ * answered) then needs no wake-up of this thread. */
+int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl)
+{
+    uint64_t n, last = 0, poll_until = 0;
+    int done = 0, polled = 0;
     if (read(rx->notify_fd, &n, sizeof n) < 0) { /* EAGAIN: nothing new announced */ }
+    if (pl && pl->answered_at && pl->max_ns) {
+        cdev_adapt(&pl->window_ns, pl->max_ns, cdev_now_ns() - pl->answered_at);
+        pl->answered_at = 0;
+    }
     while (done < batch) {
         struct cdev_rx_item *item;
         pthread_mutex_lock(&rx->lock);
@@ -378,14 +392,35 @@ int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch)
                 rx->tail = &rx->head;
         }
         pthread_mutex_unlock(&rx->lock);
-        if (!item)
+        if (!item) {
+            if (poll_until && !__atomic_load_n(&rx->ended, __ATOMIC_ACQUIRE)) {
+                uint64_t now = cdev_now_ns();
+                if (now < poll_until && !cdev_other_ready(pl->also_fd)) {
+                    polled = 1;
+                    sched_yield();
+                    continue;
+                }
+                if (now >= poll_until)
+                    pl->misses++;
+            }
+            if (pl && last)
+                pl->answered_at = last;
             break;
+        }
+        if (polled) {
+            pl->hits++;
+            polled = 0;
+        }
         {
             struct fuse_buf buf = { .size = item->size, .flags = 0, .mem = item->mem, .fd = -1, .pos = 0 };
             fuse_session_process_buf(se, &buf);
         }
         free(item);
         done++;
+        if (pl && pl->max_ns) {
+            last = cdev_now_ns();
+            poll_until = pl->window_ns ? last + pl->window_ns : 0;
+        }
     }
     if (done == batch) {  /* more may be queued: look again after the next checkpoint */
         uint64_t one = 1;

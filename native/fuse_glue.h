@@ -87,6 +87,8 @@ struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ct
                               uint64_t poll_max_ns);
 void cdev_rx_stop(struct cdev_rx *rx);
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch);
+int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch,
+                         struct cdev_poll *pl);
 void cdev_rx_free(struct cdev_rx *rx, int err);
 
 #endif
