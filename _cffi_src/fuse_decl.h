@@ -118,8 +118,6 @@ struct cuse_lowlevel_ops *cdev_new_cuse_ops(void);
 void cdev_install_log(void);
 void cdev_req_interrupt_func(fuse_req_t req, void *data);
 void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable);
-int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
-                       void *prefilter, void *ctx);
 struct cdev_poll { uint64_t window_ns; uint64_t max_ns; uint64_t answered_at; uint64_t hits;
                    uint64_t misses; int also_fd; };
 int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
@@ -132,9 +130,7 @@ struct cdev_rx { int notify_fd; int ended; uint64_t taken; uint64_t forwarded;
 struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
                               uint64_t poll_max_ns);
 void cdev_rx_stop(struct cdev_rx *rx);
-int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch);
-int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch,
-                         struct cdev_poll *pl);
+int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl);
 void cdev_rx_free(struct cdev_rx *rx, int err);
 
 /* Callbacks, defined in Python (cdev/session.py); "+C": fuse_glue.c, its own

@@ -225,7 +225,7 @@ class Session:
                     await wait_readable(rx.notify_fd)
                     _CURRENT[0] = self
                     try:
-                        ended = lib.cdev_rx_process_poll(se, rx, batch, pl) < 0
+                        ended = lib.cdev_rx_process(se, rx, batch, pl) < 0
                     finally:
                         _CURRENT[0] = None
                     if ended:
@@ -249,7 +249,7 @@ class Session:
                 log.warning("cdev.native_reader_unavailable")
             return rx
         lib.cdev_rx_stop(rx)
-        while lib.cdev_rx_process(self.se, rx, 1 << 20) > 0:
+        while lib.cdev_rx_process(self.se, rx, 1 << 20, _NULL) > 0:
             pass
         lib.cdev_rx_free(rx, 0)  # empty by now
         return _NULL

@@ -121,7 +121,7 @@ uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32
 int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head);
 
 /* express_prefilter.c: cdev's prefilter (its receiver thread, or
-   cdev_receive_batch in the trio thread); ctx is a struct hsm_express. */
+   cdev_receive_poll in the trio thread); ctx is a struct hsm_express. */
 int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len);
 
 #endif

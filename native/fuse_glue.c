@@ -103,28 +103,6 @@ static int cdev_prefiltered(cdev_prefilter_fn pf, void *ctx, int fd, const struc
     return pf && !(buf->flags & FUSE_BUF_IS_FD) && pf(ctx, fd, buf->mem, (size_t)res);
 }
 
-/* Receive up to `batch` requests and process each. A device may offer a
- * prefilter: a C function that sees every raw request first (fuse_in_header
- * and body, as read from the kernel) and returns nonzero if it answered or kept
- * it, writing its replies to `fd` itself; libfuse and Python never see those.
- * Returns 1 when the batch was used up, else what fuse_session_receive_buf
- * returned (0: session ended or request aborted; -errno). */
-int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
-                       void *prefilter, void *ctx)
-{
-    cdev_prefilter_fn pf = (cdev_prefilter_fn)prefilter;
-    int fd = fuse_session_fd(se);
-    for (int i = 0; i < batch; i++) {
-        int res = fuse_session_receive_buf(se, buf);
-        if (res <= 0)
-            return res;
-        if (cdev_prefiltered(pf, ctx, fd, buf, res))
-            continue;
-        fuse_session_process_buf(se, buf);
-    }
-    return 1;
-}
-
 static uint64_t cdev_now_ns(void);
 static void cdev_adapt(uint64_t *window_ns, uint64_t max_ns, uint64_t gap_ns);
 
@@ -135,14 +113,55 @@ static int cdev_other_ready(int fd)
     return fd >= 0 && poll(&p, 1, 0) > 0;
 }
 
-/* cdev_receive_batch with adaptive polling, for the reader in the caller's (trio)
- * thread. After a request is processed the thread keeps reading for pl->window_ns
- * (yielding its CPU at each turn) before it returns -EAGAIN, so that a client's
- * next call, made as soon as it has its answer, does not pay for a trip through
- * the event loop and a wake-up. The window adapts as the native reader's does
- * (cdev_rx_adapt, below), and the poll ends early when pl->also_fd becomes
- * readable: the device has other work for this thread. Returns as
- * cdev_receive_batch does; the cffi call releases the GIL while it polls. */
+/* The polling both readers of the caller's thread share (cdev_receive_poll,
+ * cdev_rx_process). At the start of a call, the gap since the last request
+ * before the previous call returned adapts the window (cdev_adapt, below). */
+static void cdev_poll_begin(struct cdev_poll *pl)
+{
+    if (pl && pl->answered_at && pl->max_ns) {
+        cdev_adapt(&pl->window_ns, pl->max_ns, cdev_now_ns() - pl->answered_at);
+        pl->answered_at = 0;
+    }
+}
+
+/* After a request: until when to keep looking for the next one (0: not at all);
+ * `last` is when that request was done. */
+static uint64_t cdev_poll_after(const struct cdev_poll *pl, uint64_t *last)
+{
+    if (!pl || !pl->max_ns)
+        return 0;
+    *last = cdev_now_ns();
+    return pl->window_ns ? *last + pl->window_ns : 0;
+}
+
+/* Nothing there yet: 1 to look again (after yielding the CPU, behind anything
+ * else runnable here), 0 to stop (the window ran out, counted as a miss, or the
+ * device has other work for this thread). */
+static int cdev_poll_turn(struct cdev_poll *pl, uint64_t poll_until)
+{
+    uint64_t now = cdev_now_ns();
+    if (now < poll_until && !cdev_other_ready(pl->also_fd)) {
+        sched_yield();
+        return 1;
+    }
+    if (now >= poll_until)
+        pl->misses++;
+    return 0;
+}
+
+/* Receive up to `batch` requests and process each, for the reader in the
+ * caller's (trio) thread. A device may offer a prefilter: a C function that
+ * sees every raw request first (fuse_in_header and body, as read from the
+ * kernel) and returns nonzero if it answered or kept it, writing its replies to
+ * `fd` itself; libfuse and Python never see those.
+ *
+ * After a request the thread keeps reading for pl->window_ns (pl->max_ns 0:
+ * never), so that a client's next call, made as soon as it has its answer, does
+ * not pay for a trip through the event loop and a wake-up; the poll ends early
+ * when pl->also_fd becomes readable. The cffi call releases the GIL meanwhile.
+ * Returns 1 when the batch was used up (or the device has other work), else
+ * what fuse_session_receive_buf returned (0: session ended or request aborted;
+ * -errno). */
 int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
                       void *prefilter, void *ctx, struct cdev_poll *pl)
 {
@@ -150,21 +169,12 @@ int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
     int fd = fuse_session_fd(se);
     uint64_t last = 0, poll_until = 0;
     int polled = 0;
-    if (pl->answered_at && pl->max_ns) {
-        cdev_adapt(&pl->window_ns, pl->max_ns, cdev_now_ns() - pl->answered_at);
-        pl->answered_at = 0;
-    }
+    cdev_poll_begin(pl);
     for (int i = 0; i < batch;) {
         int res = fuse_session_receive_buf(se, buf);
-        if (res == -EAGAIN && poll_until) {
-            uint64_t now = cdev_now_ns();
-            if (now < poll_until && !cdev_other_ready(pl->also_fd)) {
-                polled = 1;
-                sched_yield();  /* polling, behind anything else runnable here */
-                continue;
-            }
-            if (now >= poll_until)
-                pl->misses++;
+        if (res == -EAGAIN && poll_until && cdev_poll_turn(pl, poll_until)) {
+            polled = 1;
+            continue;
         }
         if (res <= 0) {
             if (res == -EAGAIN && last)
@@ -180,10 +190,7 @@ int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
         i++;
         if ((i & 15) == 0 && cdev_other_ready(pl->also_fd))
             return 1;  /* the device has other work for this thread: let it run */
-        if (pl->max_ns) {
-            last = cdev_now_ns();
-            poll_until = pl->window_ns ? last + pl->window_ns : 0;
-        }
+        poll_until = cdev_poll_after(pl, &last);
     }
     return 1;
 }
@@ -362,26 +369,17 @@ void cdev_rx_stop(struct cdev_rx *rx)
 }
 
 /* Processes up to `batch` queued requests with libfuse (in the caller's thread).
+ * When it emptied the queue and `pl` (NULL: never) has a window open, it keeps
+ * looking at the queue for that window, as cdev_receive_poll does at the node:
+ * a request the native reader forwards right after (a range client's NOTIFY
+ * after its ATTACH was answered) then needs no wake-up of this thread.
  * Returns how many, or -1 once the queue is empty and the session has ended. */
-int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch)
-{
-    return cdev_rx_process_poll(se, rx, batch, NULL);
-}
-
-/* cdev_rx_process, then, when it emptied the queue and `pl` has a window open,
- * keeps looking at the queue for the window (yielding, ended early by
- * pl->also_fd), as cdev_receive_poll does for the node: a request the native
- * reader forwards right after (a range client's NOTIFY after its ATTACH was
- * answered) then needs no wake-up of this thread. */
-int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl)
+int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl)
 {
     uint64_t n, last = 0, poll_until = 0;
     int done = 0, polled = 0;
     if (read(rx->notify_fd, &n, sizeof n) < 0) { /* EAGAIN: nothing new announced */ }
-    if (pl && pl->answered_at && pl->max_ns) {
-        cdev_adapt(&pl->window_ns, pl->max_ns, cdev_now_ns() - pl->answered_at);
-        pl->answered_at = 0;
-    }
+    cdev_poll_begin(pl);
     while (done < batch) {
         struct cdev_rx_item *item;
         pthread_mutex_lock(&rx->lock);
@@ -393,15 +391,9 @@ int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch,
         }
         pthread_mutex_unlock(&rx->lock);
         if (!item) {
-            if (poll_until && !__atomic_load_n(&rx->ended, __ATOMIC_ACQUIRE)) {
-                uint64_t now = cdev_now_ns();
-                if (now < poll_until && !cdev_other_ready(pl->also_fd)) {
-                    polled = 1;
-                    sched_yield();
-                    continue;
-                }
-                if (now >= poll_until)
-                    pl->misses++;
+            if (poll_until && !__atomic_load_n(&rx->ended, __ATOMIC_ACQUIRE) && cdev_poll_turn(pl, poll_until)) {
+                polled = 1;
+                continue;
             }
             if (pl && last)
                 pl->answered_at = last;
@@ -417,10 +409,7 @@ int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch,
         }
         free(item);
         done++;
-        if (pl && pl->max_ns) {
-            last = cdev_now_ns();
-            poll_until = pl->window_ns ? last + pl->window_ns : 0;
-        }
+        poll_until = cdev_poll_after(pl, &last);
     }
     if (done == batch) {  /* more may be queued: look again after the next checkpoint */
         uint64_t one = 1;

@@ -42,11 +42,9 @@ void cdev_req_interrupt_func(fuse_req_t req, void *data);
 void cdev_fi_setup(struct fuse_file_info *fi, int direct_io, int nonseekable);
 
 /* A device's prefilter: sees each raw request (fuse_in_header and body) first;
- * nonzero when it answered or kept it (cdev_receive_batch, in fuse_glue.c). */
+ * nonzero when it answered or kept it (cdev_receive_poll, in fuse_glue.c). */
 typedef int (*cdev_prefilter_fn)(void *ctx, int fd, const void *req, size_t len);
 
-int cdev_receive_batch(struct fuse_session *se, struct fuse_buf *buf, int batch,
-                       void *prefilter, void *ctx);
 
 /* The reader in the caller's thread, polling adaptively after each request
  * (cdev_receive_poll, in fuse_glue.c); the caller keeps this between calls. */
@@ -86,9 +84,7 @@ struct cdev_rx {
 struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
                               uint64_t poll_max_ns);
 void cdev_rx_stop(struct cdev_rx *rx);
-int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch);
-int cdev_rx_process_poll(struct fuse_session *se, struct cdev_rx *rx, int batch,
-                         struct cdev_poll *pl);
+int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl);
 void cdev_rx_free(struct cdev_rx *rx, int err);
 
 #endif
