@@ -113,22 +113,30 @@ class AcrnKernel:
                           h.magic, h.size, ak.SBUF_MAX_SIZE)
         return SharedPage(mem, base)
 
+    def _setup_ring(self, vm: Vm, mem: Memory, addr: int, sbuf_id: int, ring: str, ioctl: str) -> SharedRing | int:
+        """Pin the caller's ring page and hand it to the hypervisor (HC_SETUP_SBUF), as
+        SETUP_ASYNCIO and SETUP_VM_EVENT_RING both do: the ring, or -errno."""
+        page = self._pin_ring(mem, addr)
+        if isinstance(page, int):
+            vm.hypercalls.record(ioctl, page, page_addr=addr)
+            return page
+        ret = self.hv.setup_sbuf(vm.vmid, sbuf_id, page, ak.ACRN_INVALID_CPUID)
+        vm.hypercalls.record("setup_sbuf", ret, ring=ring, page_addr=page.base)
+        if ret < 0:
+            return ret
+        return SharedRing(page)
+
     def setup_asyncio(self, vm: Vm, mem: Memory, addr: int) -> int:
         """SETUP_ASYNCIO (``acrn_asyncio_setup``)."""
         st = self.state(vm)
         if st.asyncio is not None or st.asyncio_page_pinned:
             return refuse(errno.EEXIST, "the VM has an asyncio ring already")
-        page = self._pin_ring(mem, addr)
-        if isinstance(page, int):
-            vm.hypercalls.record("setup_asyncio", page, page_addr=addr)
-            return page
-        ret = self.hv.setup_sbuf(vm.vmid, ak.ACRN_ASYNCIO, page, ak.ACRN_INVALID_CPUID)
-        vm.hypercalls.record("setup_sbuf", ret, ring="asyncio", page_addr=page.base)
-        if ret < 0:
-            return ret
-        st.asyncio = SharedRing(page)
+        ring = self._setup_ring(vm, mem, addr, ak.ACRN_ASYNCIO, "asyncio", "setup_asyncio")
+        if isinstance(ring, int):
+            return ring
+        st.asyncio = ring
         st.asyncio_page_pinned = True
-        log.info("hsm.asyncio_ring", vmid=vm.vmid, page=hex(page.base))
+        log.info("hsm.asyncio_ring", vmid=vm.vmid, page=hex(ring.page.base))
         return 0
 
     def setup_vm_event_ring(self, vm: Vm, mem: Memory, addr: int) -> int:
@@ -136,16 +144,11 @@ class AcrnKernel:
         st = self.state(vm)
         if st.vm_event is not None:
             return refuse(errno.EEXIST, "the VM has a VM event ring already")
-        page = self._pin_ring(mem, addr)
-        if isinstance(page, int):
-            vm.hypercalls.record("setup_vm_event_ring", page, page_addr=addr)
-            return page
-        ret = self.hv.setup_sbuf(vm.vmid, ak.ACRN_VM_EVENT, page, ak.ACRN_INVALID_CPUID)
-        vm.hypercalls.record("setup_sbuf", ret, ring="vm_event", page_addr=page.base)
-        if ret < 0:
-            return ret
-        st.vm_event = SharedRing(page)
-        log.info("hsm.vm_event_ring", vmid=vm.vmid, page=hex(page.base))
+        ring = self._setup_ring(vm, mem, addr, ak.ACRN_VM_EVENT, "vm_event", "setup_vm_event_ring")
+        if isinstance(ring, int):
+            return ring
+        st.vm_event = ring
+        log.info("hsm.vm_event_ring", vmid=vm.vmid, page=hex(ring.page.base))
         return 0
 
     def setup_vm_event_fd(self, vm: Vm, pid: int, fd: int) -> int:
