@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 
 import pytest
 import trio
@@ -21,8 +20,10 @@ from test_hsm_harness import (
     HvProxy,
     VmSetup,
     call,
+    count,
     creation,
     ctx,
+    ioeventfd,
     make_device,
     pause_then_destroy,
     result,
@@ -61,16 +62,6 @@ def kernel(hv: HvProxy, vcpus: int = 1, **kw: object) -> VmSetup:
     return s
 
 
-def ioeventfd(s: VmSetup, fd: int, addr: int, flags: int, length: int = 2, reserved: int = 0) -> int:
-    args = struct.pack("<IIQIIQ", fd & 0xFFFFFFFF, flags, addr, length, reserved, 0)
-    return s.ioctl(abi.ACRN_IOCTL_IOEVENTFD, 0, args)
-
-
-def count(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 async def readable(fd: int) -> None:
@@ -148,16 +139,16 @@ async def test_asyncio_page_mark_outlives_destroy(hv, quirks, again) -> None:
 async def test_asyncio_ioeventfd_checks(hv, fds) -> None:
     s = kernel(hv)
     efd = fds()
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1) == -errno.ENODEV  # no ring yet
+    assert ioeventfd(s, efd, 0xC010, 2, F_ASYNCIO | 1) == -errno.ENODEV  # no ring yet
     page = ring_page(8)
     assert s.ioctl(ak.ACRN_IOCTL_SETUP_ASYNCIO, page.addr) == 0
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1, reserved=1) == -errno.EINVAL
-    assert ioeventfd(s, 999, 0xC010, F_ASYNCIO | 1) == -errno.EBADF
-    assert ioeventfd(s, fds("pipe"), 0xC010, F_ASYNCIO | 1) == -errno.EINVAL
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1, length=3) == 0  # no length check
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1) == 0  # a conflict: refused, still 0
+    assert ioeventfd(s, efd, 0xC010, 2, F_ASYNCIO | 1, reserved=1) == -errno.EINVAL
+    assert ioeventfd(s, 999, 0xC010, 2, F_ASYNCIO | 1) == -errno.EBADF
+    assert ioeventfd(s, fds("pipe"), 0xC010, 2, F_ASYNCIO | 1) == -errno.EINVAL
+    assert ioeventfd(s, efd, 0xC010, 3, F_ASYNCIO | 1) == 0  # no length check
+    assert ioeventfd(s, efd, 0xC010, 2, F_ASYNCIO | 1) == 0  # a conflict: refused, still 0
     dup = os.dup(efd)
-    assert ioeventfd(s, dup, 0xE0000000, F_ASYNCIO) == 0  # MMIO, the same eventfd
+    assert ioeventfd(s, dup, 0xE0000000, 2, F_ASYNCIO) == 0  # MMIO, the same eventfd
     os.close(dup)
     descs = hv.real.snapshot()["vms"][0]["asyncio"]["descriptors"]
     assert [(d["type"], d["addr"], d["match_data"]) for d in descs] == [
@@ -165,7 +156,7 @@ async def test_asyncio_ioeventfd_checks(hv, fds) -> None:
     ]  # fmt: skip  -- never a data match
     assert descs[0]["fd"] == descs[1]["fd"]  # one eventfd, one context
     assert s.vm.ioeventfds == []  # no kernel ioeventfd was made
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1 | 4) == 0  # DEASSIGN
+    assert ioeventfd(s, efd, 0xC010, 2, F_ASYNCIO | 1 | 4) == 0  # DEASSIGN
     assert len(hv.real.snapshot()["vms"][0]["asyncio"]["descriptors"]) == 1
     assert page.u32(16) == page.u32(20) == 0  # nothing pushed yet
 
@@ -173,7 +164,7 @@ async def test_asyncio_ioeventfd_checks(hv, fds) -> None:
 async def test_upstream_ignores_the_asyncio_flag(hv, fds) -> None:
     s = VmSetup(make_device(hv), hv, vcpus=1)
     efd = fds()
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1) == 0  # an ordinary ioeventfd
+    assert ioeventfd(s, efd, 0xC010, 2, F_ASYNCIO | 1) == 0  # an ordinary ioeventfd
     assert len(s.vm.ioeventfds) == 1
 
 
@@ -184,7 +175,7 @@ async def test_virtio_kicks_travel_through_the_asyncio_ring(hv, fds) -> None:
     efd = fds()
     page = ring_page(8)
     assert s.ioctl(ak.ACRN_IOCTL_SETUP_ASYNCIO, page.addr) == 0
-    assert ioeventfd(s, efd, 0xC010, F_ASYNCIO | 1) == 0
+    assert ioeventfd(s, efd, 0xC010, 2, F_ASYNCIO | 1) == 0
     assert s.ioctl(abi.ACRN_IOCTL_START_VM) == 0
     for i in range(5):
         fut = hv.real.inject(s.vmid, 0, Access("pio", True, 0xC010, 2, i))

@@ -17,6 +17,8 @@ from test_hsm_harness import (
     WR,
     HvProxy,
     VmSetup,
+    count,
+    ioeventfd,
     make_device,
     settle,
 )
@@ -34,16 +36,6 @@ def setup(hv: HvProxy, vcpus: int = 4) -> tuple[HvProxy, VmSetup]:
     return hv, s
 
 
-def ioeventfd(s: VmSetup, fd: int, addr: int, length: int, flags: int = 0, data: int = 0) -> int:
-    args = struct.pack("<IIQIIQ", fd & 0xFFFFFFFF, flags, addr, length, 0, data)
-    return s.ioctl(abi.ACRN_IOCTL_IOEVENTFD, 0, args)
-
-
-def count(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 def access(s: VmSetup, vcpu: int, typ: int, direction: int, addr: int, size: int, value: int = 0) -> None:

@@ -318,3 +318,17 @@ async def settle() -> None:
 
 def make_device(hv: HvProxy, **kw: Any) -> HsmDevice:
     return HsmDevice(hv, **kw)
+
+
+def ioeventfd(s: VmSetup, fd: int, addr: int, length: int, flags: int = 0, data: int = 0, reserved: int = 0) -> int:
+    """ACRN_IOCTL_IOEVENTFD on the VM's file (struct acrn_ioeventfd)."""
+    args = struct.pack("<IIQIIQ", fd & 0xFFFFFFFF, flags, addr, length, reserved, data)
+    return s.ioctl(abi.ACRN_IOCTL_IOEVENTFD, 0, args)
+
+
+def count(fd: int) -> int:
+    """An eventfd's counter, read (0 when it was not signalled)."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
