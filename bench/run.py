@@ -248,9 +248,6 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         out[f"{name}_ratio_p50_rounds"] = ratios_
         print(f"  null ioctl {name}: C {fmt(c)}; ours {fmt(ours)}; ratio p50 {statistics.median(ratios_):.2f} "
               f"(rounds {', '.join(f'{r:.2f}' for r in ratios_)})", flush=True)
-    # the names of earlier runs (free placement), for the plot and older readers
-    out["c_libfuse_us"], out["daemon_us"], out["ratio_p50"] = (
-        out["free_c_libfuse_us"], out["free_daemon_us"], out["free_ratio_p50"])
     return out
 
 
