@@ -13,7 +13,7 @@ import errno
 import logging
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 import trio
@@ -39,6 +39,8 @@ from acrn_hsm_emu.observe.trace import TRACE, decode_args, decode_out, refuse
 from cdev.device import ArgSpec, BaseDevice, Deferred, IoctlCall, IoctlResult, RequestContext
 
 log = structlog.get_logger("acrn_hsm_emu.hsm")
+
+_R = TypeVar("_R")
 
 PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit
 
@@ -285,24 +287,24 @@ class HsmDevice(BaseDevice):
         """What cdev asks under CUSE before it fetches the argument (:meth:`gate`): a
         refusal here is the ioctl's answer, so it is counted and traced as one."""
         if not TRACE.active:
-            err = self.gate(handle, cmd, compat)
-            if err < 0:
-                key = (cmd, -err)
-                self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
-            return err
+            return self._counted(cmd, self.gate(handle, cmd, compat))
         TRACE.flush()
         TRACE.reason = None
-        err = self.gate(handle, cmd, compat)
+        err = self._counted(cmd, self.gate(handle, cmd, compat))
         reason = TRACE.take_reason()
-        if err < 0:
-            key = (cmd, -err)
-            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
-            if TRACE.ioctls:
-                assert isinstance(handle, HsmFile)
-                vm = handle.binding.vm if handle.binding is not None else handle.vm
-                TRACE.ioctl(vm=vm.vmid if vm.live else None, pid=handle.ctx.pid, cmd=cmd, args={}, result=err,
-                            reason=reason)
+        if err < 0 and TRACE.ioctls:
+            assert isinstance(handle, HsmFile)
+            vm = handle.binding.vm if handle.binding is not None else handle.vm
+            TRACE.ioctl(vm=vm.vmid if vm.live else None, pid=handle.ctx.pid, cmd=cmd, args={}, result=err,
+                        reason=reason)
         return err
+
+    def _counted(self, cmd: int, result: _R) -> _R:
+        """``result``, an ioctl's answer; a refusal counted by (command, errno) for the metrics."""
+        if isinstance(result, int) and result < 0:
+            key = (cmd, -result)
+            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
+        return result
 
     def gate(self, handle: object, cmd: int, compat: bool) -> int:
         """The driver's answers that come before it copies any argument: no
@@ -335,20 +337,13 @@ class HsmDevice(BaseDevice):
     def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         if TRACE.active:
             return self._traced_ioctl(handle, call)
-        result = self._ioctl(handle, call)
-        if type(result) is int and result < 0:
-            key = (call.cmd, -result)
-            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
-        return result
+        return self._counted(call.cmd, self._ioctl(handle, call))
 
     def _traced_ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         """:meth:`ioctl` while a tracer listens: the same answer, and its record."""
         TRACE.flush()  # what the express path did comes first
         TRACE.reason = None
-        result = self._ioctl(handle, call)
-        if type(result) is int and result < 0:
-            key = (call.cmd, -result)
-            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
+        result = self._counted(call.cmd, self._ioctl(handle, call))
         reason = TRACE.take_reason()
         if not TRACE.ioctls:
             return result
