@@ -133,6 +133,9 @@ void cdev_rx_stop(struct cdev_rx *rx);
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl);
 void cdev_rx_free(struct cdev_rx *rx, int err);
 
+/* cdev_ll_ioctl's answer when Python replied itself, or keeps the request. */
+#define CDEV_ANSWERED ...
+
 /* Callbacks, defined in Python (cdev/session.py); "+C": fuse_glue.c, its own
  * translation unit, calls them. */
 extern "Python+C" {
@@ -148,9 +151,9 @@ extern "Python+C" {
                       struct fuse_file_info *fi);
     void cdev_ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
                        off_t off, struct fuse_file_info *fi);
-    void cdev_ll_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
-                       struct fuse_file_info *fi, unsigned flags, const void *in_buf,
-                       size_t in_bufsz, size_t out_bufsz);
+    int64_t cdev_ll_ioctl(fuse_req_t req, uint64_t fh, unsigned int cmd, uint64_t arg,
+                          unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz,
+                          uint32_t uid, uint32_t gid, int32_t tid);
     void cdev_ll_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
                       struct fuse_pollhandle *ph);
     void cdev_cuse_init_done(void *userdata);

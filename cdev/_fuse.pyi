@@ -7,6 +7,7 @@ from typing import Any
 from cdev._ffi import FFI
 
 class _Lib:
+    CDEV_ANSWERED: int
     CUSE_UNRESTRICTED_IOCTL: int
     FUSE_IOCTL_COMPAT: int
     FUSE_IOCTL_RETRY: int
@@ -23,16 +24,18 @@ class _Lib:
     def cdev_ll_ioctl(
         self,
         req: Any,
-        ino: int,
+        fh: int,
         cmd: int,
-        arg: Any,
-        fi: Any,
+        arg: int,
         flags: int,
         in_buf: Any,
         in_bufsz: int,
         out_bufsz: int,
+        uid: int,
+        gid: int,
+        tid: int,
         /,
-    ) -> None: ...
+    ) -> int: ...
     def cdev_ll_lookup(self, req: Any, parent: int, name: Any, /) -> None: ...
     def cdev_ll_open(self, req: Any, ino: int, fi: Any, /) -> None: ...
     def cdev_ll_opendir(self, req: Any, ino: int, fi: Any, /) -> None: ...

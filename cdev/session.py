@@ -20,7 +20,7 @@ import trio
 
 from cdev._fuse import ffi, lib
 from cdev.device import Deferred, Device, DeviceError, IoctlCall, IoctlResult, RequestContext
-from cdev.ioctl import needs_retry, transfer_for
+from cdev.ioctl import Transfer, needs_retry, transfer_for
 
 log = structlog.get_logger("cdev")
 
@@ -31,7 +31,8 @@ _NULL = ffi.NULL
 _UNRESTRICTED = lib.FUSE_IOCTL_UNRESTRICTED
 _COMPAT = lib.FUSE_IOCTL_COMPAT
 _CHAR_P = ffi.typeof("char *")
-_UINTPTR = ffi.typeof("uintptr_t")
+_VOID_P = ffi.typeof("void *")
+ANSWERED = lib.CDEV_ANSWERED  # op_ioctl: replied already, or the request waits
 
 
 class _Waiting:
@@ -121,6 +122,7 @@ class Session:
         self.uid = uid
         self.gid = gid
         self.arg_specs = dict(getattr(device, "arg_specs", {}) or {})
+        self._transfers: dict[int, Transfer] = {}  # per command, as transfer_for decides it
         self._precheck: Callable[[object, int, bool], int] = getattr(
             device, "precheck", lambda handle, cmd, compat: 0
         )
@@ -379,55 +381,59 @@ class Session:
     def op_ioctl(
         self,
         req: Any,
+        fh: int,
         cmd: int,
-        arg: Any,
-        fi: Any,
+        arg: int,
         flags: int,
         in_buf: Any,
         in_bufsz: int,
         out_bufsz: int,
-    ) -> None:
-        handle = self._files.get(fi.fh)
+        ctx: RequestContext,
+    ) -> int:
+        """The device's answer to the ioctl: a result or -errno for C to reply with
+        (fuse_glue.c), or ANSWERED when this replied itself or keeps the request."""
+        handle = self._files.get(fh)
         if handle is None:
-            lib.fuse_reply_err(req, errno.EBADF)
-            return
+            return -errno.EBADF
         if flags & _UNRESTRICTED:
-            transfer = transfer_for(cmd, self.arg_specs.get(cmd))
+            transfer = self._transfers.get(cmd)
+            if transfer is None:
+                transfer = self._transfers[cmd] = transfer_for(cmd, self.arg_specs.get(cmd))
             if needs_retry(transfer, in_bufsz, out_bufsz):
                 # What the device answers before fetching the argument comes first.
                 err = self._precheck(handle, cmd, bool(flags & _COMPAT))
                 if err < 0:
-                    lib.fuse_reply_err(req, -err)
-                else:
-                    self._retry(req, arg, transfer.in_size, transfer.out_size)
-                return
+                    return err
+                self._retry(req, arg, transfer.in_size, transfer.out_size)
+                return ANSWERED
             out_size = transfer.out_size
         else:
             out_size = out_bufsz
         in_data = ffi.unpack(ffi.cast(_CHAR_P, in_buf), in_bufsz) if in_bufsz else b""
-        c = lib.fuse_req_ctx(req)
-        call = IoctlCall(cmd, int(ffi.cast(_UINTPTR, arg)), in_data, out_size,
-                         RequestContext(c.uid, c.gid, None, c.pid, self._resolve), bool(flags & _COMPAT))
+        call = IoctlCall(cmd, arg, in_data, out_size, ctx, bool(flags & _COMPAT))
         try:
             result = self.device.ioctl(handle, call)
         except DeviceError as e:
-            lib.fuse_reply_err(req, e.errno)
-            return
-        if type(result) is int or type(result) is tuple:
-            self._reply_ioctl(req, result, out_size)
-        elif isinstance(result, Deferred):
+            return -e.errno
+        if type(result) is int:
+            return result
+        if type(result) is tuple:
+            return self._reply_ioctl(req, result, out_size)
+        if isinstance(result, Deferred):
             self._defer(req, handle, call, out_size, result)
         elif inspect.isawaitable(result):
             self._start_waiting(req, handle, call, out_size, result)
         else:
-            self._reply_ioctl(req, result, out_size)
+            return self._reply_ioctl(req, result, out_size)
+        return ANSWERED
 
-    def _retry(self, req: Any, arg: Any, in_size: int, out_size: int) -> None:
+    def _retry(self, req: Any, arg: int, in_size: int, out_size: int) -> None:
+        addr = ffi.cast(_VOID_P, arg)
         in_iov = ffi.new("struct iovec *")
-        in_iov.iov_base = arg
+        in_iov.iov_base = addr
         in_iov.iov_len = in_size
         out_iov = ffi.new("struct iovec *")
-        out_iov.iov_base = arg
+        out_iov.iov_base = addr
         out_iov.iov_len = out_size
         lib.fuse_reply_ioctl_retry(
             req,
@@ -438,20 +444,22 @@ class Session:
         )
 
     @staticmethod
-    def _reply_ioctl(req: Any, result: IoctlResult, out_size: int) -> None:
+    def _reply_ioctl(req: Any, result: IoctlResult, out_size: int) -> int:
+        """Reply to ``req`` with ``result`` now (from a task, or with data); ANSWERED."""
         if isinstance(result, tuple):
             value, data = result
         else:
             value, data = result, b""
         if value < 0:
             lib.fuse_reply_err(req, -value)
-            return
+            return ANSWERED
         if len(data) > out_size:
             data = data[:out_size]
         if data:
             lib.fuse_reply_ioctl(req, value, ffi.from_buffer(data), len(data))
         else:
             lib.fuse_reply_ioctl(req, value, _NULL, 0)
+        return ANSWERED
 
     def _defer(self, req: Any, handle: object, call: IoctlCall, out_size: int, d: Deferred) -> None:
         """Hold the request until the device calls ``d.reply`` (or the caller is interrupted)."""
@@ -669,20 +677,24 @@ def cdev_ll_write(req: Any, ino: int, buf: Any, size: int, off: int, fi: Any) ->
 @ffi.def_extern()
 def cdev_ll_ioctl(
     req: Any,
-    ino: int,
+    fh: int,
     cmd: int,
-    arg: Any,
-    fi: Any,
+    arg: int,
     flags: int,
     in_buf: Any,
     in_bufsz: int,
     out_bufsz: int,
-) -> None:
+    uid: int,
+    gid: int,
+    tid: int,
+) -> int:
     try:
-        _session(req).op_ioctl(req, cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz)
+        session = _CURRENT[0] or _session(req)
+        return session.op_ioctl(req, fh, cmd, arg, flags, in_buf, in_bufsz, out_bufsz,
+                                RequestContext(uid, gid, None, tid, session._resolve))
     except Exception:
         log.exception("cdev.ioctl_dispatch_failed", cmd=hex(cmd))
-        lib.fuse_reply_err(req, errno.EIO)
+        return -errno.EIO
 
 
 @ffi.def_extern()

@@ -20,6 +20,29 @@
 
 #include "fuse_glue.h"
 
+/* The one place an ioctl enters Python (cdev_ll_ioctl, in fuse_glue.h). */
+static void cdev_ioctl(fuse_req_t req, unsigned int cmd, void *arg, struct fuse_file_info *fi,
+                       unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
+{
+    const struct fuse_ctx *c = fuse_req_ctx(req);
+    int64_t r = cdev_ll_ioctl(req, fi->fh, cmd, (uint64_t)(uintptr_t)arg, flags, in_buf, in_bufsz,
+                              out_bufsz, (uint32_t)c->uid, (uint32_t)c->gid, (int32_t)c->pid);
+    if (r == CDEV_ANSWERED)
+        return;
+    if (r < 0)
+        fuse_reply_err(req, r < -4095 ? EIO : (int)-r);
+    else
+        fuse_reply_ioctl(req, r > INT32_MAX ? INT32_MAX : (int)r, NULL, 0);
+}
+
+static void fuse_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
+                       struct fuse_file_info *fi, unsigned flags, const void *in_buf,
+                       size_t in_bufsz, size_t out_bufsz)
+{
+    (void)ino;
+    cdev_ioctl(req, cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz);
+}
+
 struct fuse_lowlevel_ops *cdev_new_ops(void)
 {
     struct fuse_lowlevel_ops *ops = calloc(1, sizeof(*ops));
@@ -34,7 +57,7 @@ struct fuse_lowlevel_ops *cdev_new_ops(void)
     ops->readdir = cdev_ll_readdir;
     ops->read = cdev_ll_read;
     ops->write = cdev_ll_write;
-    ops->ioctl = cdev_ll_ioctl;
+    ops->ioctl = fuse_ioctl;
     ops->poll = cdev_ll_poll;
     return ops;
 }
@@ -49,7 +72,7 @@ static void cuse_write(fuse_req_t req, const char *buf, size_t size, off_t off,
 { cdev_ll_write(req, 0, buf, size, off, fi); }
 static void cuse_ioctl(fuse_req_t req, int cmd, void *arg, struct fuse_file_info *fi,
                        unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
-{ cdev_ll_ioctl(req, 0, (unsigned int)cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz); }
+{ cdev_ioctl(req, (unsigned int)cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz); }
 static void cuse_poll(fuse_req_t req, struct fuse_file_info *fi, struct fuse_pollhandle *ph)
 { cdev_ll_poll(req, 0, fi, ph); }
 

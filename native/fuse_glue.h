@@ -25,9 +25,16 @@ void cdev_ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                   struct fuse_file_info *fi);
 void cdev_ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
                    off_t off, struct fuse_file_info *fi);
-void cdev_ll_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
-                   struct fuse_file_info *fi, unsigned flags, const void *in_buf,
-                   size_t in_bufsz, size_t out_bufsz);
+/* An ioctl, as plain numbers (the file's fh, the argument's address, the caller's
+ * uid, gid and thread: fuse_req_ctx), so that the Python side builds no cdata for
+ * them and makes no call back into C to learn them. Its answer: a result >= 0 or a
+ * -errno that fuse_glue.c replies with (one call less through cffi, which would
+ * drop and retake the GIL around it), or CDEV_ANSWERED when Python replied itself
+ * (with data) or keeps the request (it waits). */
+#define CDEV_ANSWERED INT64_MIN
+int64_t cdev_ll_ioctl(fuse_req_t req, uint64_t fh, unsigned int cmd, uint64_t arg,
+                      unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz,
+                      uint32_t uid, uint32_t gid, int32_t tid);
 void cdev_ll_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
                   struct fuse_pollhandle *ph);
 void cdev_cuse_init_done(void *userdata);
