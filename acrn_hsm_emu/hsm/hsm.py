@@ -491,13 +491,15 @@ class HsmDevice(BaseDevice):
     def _pass(self, name: str, size: int) -> Handler:
         """An ioctl that copies ``size`` bytes and hands them to one hypercall (recorded)."""
 
+        hypercall = getattr(self.hv, name)
+
         def handler(vm: Vm, call: IoctlCall) -> IoctlResult:
             if len(call.in_data) < size:
                 return refuse(errno.EFAULT, "the argument could not be read ({} of {} bytes)",
                               len(call.in_data), size)
             data = bytes(call.in_data[:size])
-            ret: int = getattr(self.hv, name)(vm.vmid, data)
-            vm.hypercalls.record(name, ret, **decode(name, data))
+            ret: int = hypercall(vm.vmid, data)
+            vm.hypercalls.record_arg(name, ret, data)
             if ret < 0:
                 return refuse(-ret, "the hypervisor refused {} ({})", name, decode(name, data))
             return ret
@@ -524,7 +526,7 @@ class HsmDevice(BaseDevice):
 
     def _set_irqline(self, vm: Vm, call: IoctlCall) -> IoctlResult:
         ret = self.hv.set_irqline(vm.vmid, call.arg)
-        vm.hypercalls.record("set_irqline", ret, **decode("set_irqline", call.arg))
+        vm.hypercalls.record_arg("set_irqline", ret, call.arg)
         if ret < 0:
             return refuse(-ret, "the hypervisor refused set_irqline ({})", decode("set_irqline", call.arg))
         return ret

@@ -78,6 +78,11 @@ def decode(name: str, arg: bytes | int) -> dict[str, Any]:
     return {}
 
 
+# A call in the ring: its fields, or (seq, name, ret, source, arg) for decode() to read
+# when a snapshot asks (record_arg).
+_Entry = dict[str, Any] | tuple[int, str, int, str, "bytes | int"]
+
+
 class HypercallLog:
     """Counts per hypercall and a ring of the latest calls, for one VM."""
 
@@ -85,10 +90,10 @@ class HypercallLog:
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self.recent: collections.deque[_Entry] = collections.deque(maxlen=RECENT)
         self.seq = 0
 
-    def record(self, name: str, ret: int, source: str = "ioctl", /, **fields: Any) -> None:
+    def _count(self, name: str, ret: int) -> None:
         c = self.counts.get(name)
         if c is None:
             c = self.counts[name] = {"calls": 0, "failed": 0, "last_ret": 0}
@@ -97,7 +102,20 @@ class HypercallLog:
             c["failed"] += 1
         c["last_ret"] = ret
         self.seq += 1
+
+    def record(self, name: str, ret: int, source: str = "ioctl", /, **fields: Any) -> None:
+        self._count(name, ret)
         self.recent.append({"seq": self.seq, "call": name, "ret": ret, "source": source, **fields})
 
+    def record_arg(self, name: str, ret: int, arg: bytes | int, source: str = "ioctl") -> None:
+        """:meth:`record` with the fields :func:`decode` finds in ``arg``, decoded only when a
+        snapshot asks: the way of the calls a device model makes all the time (interrupts)."""
+        self._count(name, ret)
+        self.recent.append((self.seq, name, ret, source, arg))
+
     def snapshot(self) -> dict[str, Any]:
-        return {"counts": {k: dict(v) for k, v in self.counts.items()}, "recent": list(self.recent)}
+        recent = [
+            e if isinstance(e, dict) else {"seq": e[0], "call": e[1], "ret": e[2], "source": e[3], **decode(e[1], e[4])}
+            for e in self.recent
+        ]
+        return {"counts": {k: dict(v) for k, v in self.counts.items()}, "recent": recent}

@@ -19,7 +19,6 @@ import trio
 from acrn_hsm_emu import abi
 from acrn_hsm_emu.hsm import eventfd
 from acrn_hsm_emu.hsm.acrn_drv import Irqfd, Vm
-from acrn_hsm_emu.hsm.hypercall_log import decode
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.observe.trace import refuse
 
@@ -41,7 +40,7 @@ def _inject(irqfd: Irqfd) -> None:
     vm = irqfd.vm
     ret = irqfd.hv.inject_msi(vm.vmid, irqfd.msi)
     irqfd.injected += 1
-    vm.hypercalls.record("inject_msi", ret, "irqfd", **decode("inject_msi", irqfd.msi))
+    vm.hypercalls.record_arg("inject_msi", ret, irqfd.msi, "irqfd")
     if ret < 0:
         irqfd.failures += 1
         level = log.warning if irqfd.failures == 1 else log.debug

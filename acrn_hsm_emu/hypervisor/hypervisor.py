@@ -61,6 +61,8 @@ _U64 = struct.Struct("<Q")
 
 ENOTTY = -errno.ENOTTY  # dispatch: no such target (hv A.0)
 _FAIL = -1  # ACRN's generic failure
+_MSI = struct.Struct("<QQ")  # struct acrn_msi_entry: msi_addr, msi_data
+assert _MSI.size == ctypes.sizeof(abi.AcrnMsiEntry)
 
 _FREE = abi.ACRN_IOREQ_STATE_FREE
 _JOIN_BUDGET_S = 0.1  # total wait for stopped vCPU threads in one hypercall
@@ -572,15 +574,15 @@ class Hypervisor:
             if isinstance(slot, int):
                 return slot
             vm = slot.vm
-            if vm is None or not vm.severity_pass or len(msi) != ctypes.sizeof(abi.AcrnMsiEntry):
+            if vm is None or not vm.severity_pass or len(msi) != _MSI.size:
                 return _FAIL
-            m = abi.AcrnMsiEntry.from_buffer_copy(msi)
-            if (m.msi_addr >> 20) & 0xFFF != 0xFEE:
+            addr, data = _MSI.unpack(msi)  # struct acrn_msi_entry
+            if (addr >> 20) & 0xFFF != 0xFEE:
                 return _FAIL
             vm.msi_count += 1
-            vm.msi_recent.append((m.msi_addr, m.msi_data))
+            vm.msi_recent.append((addr, data))
             if slot.config.load_order == "post":
-                self.backend.inject_msi(vm.vmid, m.msi_addr, m.msi_data)
+                self.backend.inject_msi(vm.vmid, addr, data)
             return 0
 
     def set_irqline(self, vmid: int, value: int) -> int:
