@@ -52,6 +52,8 @@ from acrn_hsm_emu.hypervisor.vm import EptMapping, GuestMemoryMap
 from acrn_hsm_emu.hypervisor.workload import Workload
 
 _log = structlog.get_logger(__name__)
+_KVM_MSI = struct.Struct("<III20x")  # struct kvm_msi: address_lo, address_hi, data (flags, devid 0)
+assert _KVM_MSI.size == ctypes.sizeof(k.KvmMsi)
 
 KICK_SIGNAL = signal.SIGURG  # default action "ignore": a stray process-wide one is harmless
 DEVICE = "/dev/kvm"
@@ -580,13 +582,13 @@ class KvmVm:
             v.drop_regs()
 
     def inject_msi(self, addr: int, data: int) -> None:
-        msi = k.KvmMsi(address_lo=addr & 0xFFFFFFFF, address_hi=addr >> 32, data=data)
+        msi = bytearray(_KVM_MSI.pack(addr & 0xFFFFFFFF, addr >> 32, data & 0xFFFFFFFF))  # struct kvm_msi
         try:
             delivered = k.ioctl(self.fd, k.KVM_SIGNAL_MSI, msi)
         except OSError as e:
             _log.warning("kvm.msi_failed", vmid=self.vmid, addr=hex(addr), data=hex(data), error=str(e))
             return
-        _log.debug("kvm.msi", vmid=self.vmid, addr=hex(addr), data=hex(data), delivered=delivered > 0)
+        _log.debug("kvm.msi", vmid=self.vmid, addr=addr, data=data, delivered=delivered > 0)
 
     def set_irqline(self, gsi: int, op: int) -> None:
         levels = IRQ_LEVELS.get(op)
