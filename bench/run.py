@@ -80,6 +80,9 @@ def pinned(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus is not None else []
 
 
+C_SERVER_PID: dict[pathlib.Path, int] = {}  # node -> the C null server serving it
+
+
 @contextmanager
 def c_null_server(tmp: pathlib.Path, cpus: str | None = None) -> Iterator[pathlib.Path]:
     mnt = pathlib.Path(tempfile.mkdtemp(prefix="cnull-", dir=tmp))
@@ -88,9 +91,11 @@ def c_null_server(tmp: pathlib.Path, cpus: str | None = None) -> Iterator[pathli
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"READY":
         raise RuntimeError("the C null server did not start")
+    C_SERVER_PID[mnt / "node"] = proc.pid
     try:
         yield mnt / "node"
     finally:
+        C_SERVER_PID.pop(mnt / "node", None)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
@@ -153,6 +158,18 @@ def control(ctl: pathlib.Path, request: dict[str, Any]) -> Any:
 def vcpus_of(ctl: pathlib.Path) -> list[dict[str, Any]]:
     st = control(ctl, {"cmd": "status"})
     return [{**v, "vmid": vm["vmid"]} for vm in st["hypervisor"]["vms"] for v in vm["vcpus"]]
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` (schedstat: nanoseconds, not clock ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -236,18 +253,27 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         our_rounds: list[dict[str, float]] = []
         ratios_: list[float] = []
         calls = args.calls if name == "free" else args.calls // 2
+        cpu: dict[str, list[float]] = {"c": [], "ours": []}  # the server's CPU time per call, us
         with c_null_server(tmp, server_cpus) as c_node, daemon(tmp, cpus=server_cpus) as d:
+            servers = (("c", c_node, C_SERVER_PID[c_node], c_rounds), ("ours", d["node"], d["pid"], our_rounds))
             for _ in range(args.rounds):
-                c_rounds.append(ioctl_loop(c_node, calls, cpus=client_cpus))
-                our_rounds.append(ioctl_loop(d["node"], calls, cpus=client_cpus))
+                for key, node, pid, rounds in servers:
+                    before = cpu_ns(pid)
+                    rounds.append(ioctl_loop(node, calls, cpus=client_cpus))
+                    cpu[key].append((cpu_ns(pid) - before) / 1000 / calls)
                 ratios_.append(our_rounds[-1]["p50"] / c_rounds[-1]["p50"])
         c, ours = summarize(c_rounds), summarize(our_rounds)
         out[f"{name}_c_libfuse_us"] = c
         out[f"{name}_daemon_us"] = ours
         out[f"{name}_ratio_p50"] = statistics.median(ratios_)
         out[f"{name}_ratio_p50_rounds"] = ratios_
+        # where the difference is: the servers' own CPU time per call (the rest is the client's
+        # and the kernel's, the same for both)
+        out[f"{name}_c_server_cpu_us_per_call"] = statistics.median(cpu["c"])
+        out[f"{name}_daemon_cpu_us_per_call"] = statistics.median(cpu["ours"])
         print(f"  null ioctl {name}: C {fmt(c)}; ours {fmt(ours)}; ratio p50 {statistics.median(ratios_):.2f} "
-              f"(rounds {', '.join(f'{r:.2f}' for r in ratios_)})", flush=True)
+              f"(rounds {', '.join(f'{r:.2f}' for r in ratios_)}); server CPU per call: "
+              f"C {statistics.median(cpu['c']):.2f} us, ours {statistics.median(cpu['ours']):.2f} us", flush=True)
     return out
 
 
