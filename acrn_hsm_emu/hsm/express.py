@@ -309,12 +309,17 @@ def sync(vm: Vm) -> None:
         return
     # The ioeventfds first: a range naming their handler is only pushed with them.
     vm.express_ioeventfds = set_ioeventfds(x, vm)  # C reads it until the next call
-    adopt_range_clients(x, vm)  # before the ranges that name them
+    # The ranges of a client that left name its number until this: pushed before
+    # that number can be given to another client, then again with the ones adopted.
     vm.express_ranges = configure(x, vm)  # C reads it until the next configure
+    if adopt_range_clients(x, vm):
+        vm.express_ranges = configure(x, vm)
 
 
-def adopt_range_clients(x: Any, vm: Vm) -> None:
-    """Serve the VM's remote range clients in C, as many as there is room for."""
+def adopt_range_clients(x: Any, vm: Vm) -> bool:
+    """Serve the VM's remote range clients in C, as many as there is room for;
+    whether any was adopted."""
+    adopted = False
     for c in vm.range_clients:
         if c.remote is None or c.express_number is not None or not c.adopt_range(x):
             continue
@@ -322,7 +327,9 @@ def adopt_range_clients(x: Any, vm: Vm) -> None:
         assert k is not None
         names = _CLIENT_NAMES.setdefault(_addr(x), [""] * lib.HSM_X_CLIENTS_MAX)
         names[k] = c.name
+        adopted = True
         log.debug("hsm.express_range_client", vmid=vm.vmid, client=c.name, number=k)
+    return adopted
 
 
 def _handler(c: IoreqClient) -> tuple[int, int]:
