@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -613,3 +613,38 @@ def test_range_clients_are_bounded_and_bounded_in_waiters(rig: Rig) -> None:
         assert rig.feed(ioctl_req(1000 + u, ATTACH, fh=RFH)) == 1
     assert rig.feed(ioctl_req(5000, ATTACH, fh=RFH)) == 1
     assert rig.replies() == [(5000, -errno.EAGAIN)] and rig.x.refused == 1
+
+
+def test_ioreq_client_reads_a_c_served_range_clients_state(rig: Rig) -> None:
+    """Python's views of an adopted range client (bitmap, held, waiters, served) are C's;
+    leaving takes them back and answers its waiters ENODEV."""
+    from acrn_hsm_emu.hsm.acrn_drv import IoreqClient, RemotePage
+
+    read = abi.ACRN_IOREQ_DIR_READ
+    page = RemotePage(cast(Any, None), rig.page + 4096, os.getpid(), 0, RFH)
+    c = IoreqClient(cast(Any, None), "rc", False, None, page)
+    c.set_bit(3)
+    c.hold(3, (PIO, read))
+    assert c.adopt_range(rig.x)
+    k = c.express_number
+    assert k is not None and lib.hsm_x_client_bits(rig.x, k, 0, 0) == 1 << 3 and c.held(3) == (PIO, read)
+    assert rig.feed(ioctl_req(400, ATTACH, fh=RFH)) == 1 and rig.replies() == [(400, 0)]
+    c.clear_bit(3)
+    assert rig.feed(ioctl_req(401, ATTACH, fh=RFH)) == 1 and c.waiters == 1 and rig.replies() == []
+    c.set_bit(1)  # a Python pass hands a request over: its wake answers C's waiters
+    c.wake()
+    assert rig.replies() == [(401, 0)] and c.waiters == 0 and c.bitmap == 1 << 1
+    rig.x.clients[k].served = 2
+    c.count_served()
+    assert c.served == 3
+    c.clear_bit(1)
+    c.hold(1, (MMIO, read))
+    rig.feed(ioctl_req(402, ATTACH, fh=RFH))
+    c.set_bit(5)  # no wake: the waiter stays until the destroy, which answers ENODEV
+    assert rig.replies() == []
+    c.destroying = True
+    c.wake()
+    assert rig.replies() == [(402, -errno.ENODEV)]
+    assert c.express_number is None and not rig.x.clients[k].live
+    assert (c.bitmap, c.held(1), c.served) == (1 << 5, (MMIO, read), 3)
+    assert rig.feed(ioctl_req(403, ATTACH, fh=RFH)) == 0  # Python's from now on

@@ -315,9 +315,10 @@ class IoreqClient:
 
     def adopt_range(self, x: Any) -> bool:
         """A remote range client moves to the express path, if it has room: its
-        bitmap, held requests and ATTACH calls then live in C."""
+        bitmap, held requests and ATTACH calls then live in C. Not while ATTACH
+        calls wait in Python (C would not answer them): a later sync tries again."""
         remote = self.remote
-        if self._x is not None or remote is None or not remote.fh or self.destroying:
+        if self._x is not None or remote is None or not remote.fh or self.destroying or self._waiting:
             return False
         k = lib.hsm_x_client_add(x, remote.fh, remote.pid, remote.base)
         if k < 0:
