@@ -542,7 +542,8 @@ def express_snapshot(x: Any) -> dict[str, int] | None:
         "attach_refused": x.refused,
         "waiting": x.nparked,
         "ioeventfd": x.in_kernel,
-        # range clients served here: requests handed over, clients (their NOTIFY counts in notified)
+        # range clients served here: requests handed over, clients (their NOTIFY and ATTACH
+        # calls count in notified, attaches and attach_refused with the default client's)
         "range_dispatched": x.remote,
         "range_clients": sum(1 for k in range(lib.HSM_X_CLIENTS_MAX) if x.clients[k].live),
     }
