@@ -65,18 +65,35 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
 /* The HSM's express path (native/express.h, hsm/express.py). */
 #define HSM_X_PARKED_MAX ...
 #define HSM_X_VMS_MAX ...
-struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler; };
+#define HSM_X_CLIENTS_MAX ...
+struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler;
+                    uint32_t client; };
 #define HSM_XRANGE_OTHER ...
 #define HSM_XRANGE_IOEVENTFD ...
+#define HSM_XRANGE_CLIENT ...
+#define HSM_X_HELD ...
+struct hsm_xclient {
+    int live;
+    int pid;
+    uint64_t fh;
+    uint64_t page;
+    uint64_t bitmap;
+    uint64_t dispatched;
+    uint64_t served;
+    uint32_t nparked;
+    ...;
+};
 struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
                         int wildcard; int fd; };
 #define HSM_XT_DEFAULT ...
 #define HSM_XT_IOEVENTFD ...
 #define HSM_XT_NOTIFY ...
 #define HSM_XT_ATTACH ...
+#define HSM_XT_RANGE ...
+#define HSM_XT_RNOTIFY ...
 struct hsm_xtrace_rec { uint64_t t_ns; uint64_t addr; uint64_t size; uint64_t value;
                         uint32_t kind; uint32_t vcpu; uint32_t type; uint32_t dir;
-                        int32_t result; uint32_t pad; };
+                        int32_t result; uint32_t client; };
 struct hsm_xtrace { uint64_t head; uint64_t tail; uint64_t lost; uint32_t size;
                     struct hsm_xtrace_rec *buf; };
 struct hsm_xvm {
@@ -98,6 +115,8 @@ struct hsm_xvm {
     uint64_t in_kernel;
     int alert_fd;
     struct hsm_xtrace *trace;
+    uint64_t remote;
+    struct hsm_xclient clients[8];
     ...;
 };
 void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t);
@@ -118,6 +137,11 @@ void hsm_x_wake(struct hsm_xvm *x);
 void hsm_x_set_default(struct hsm_xvm *x, int on);
 void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
                      uint32_t n);
+int hsm_x_client_add(struct hsm_xvm *x, uint64_t fh, int pid, uint64_t page);
+void hsm_x_client_remove(struct hsm_xvm *x, uint32_t k, int err);
+uint64_t hsm_x_client_bits(struct hsm_xvm *x, uint32_t k, uint64_t set, uint64_t clear);
+uint32_t hsm_x_client_held(struct hsm_xvm *x, uint32_t k, uint32_t vcpu, uint32_t v);
+void hsm_x_client_wake(struct hsm_xvm *x, uint32_t k);
 void hsm_x_close(struct hsm_xvm *x);
 int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len);
 int hsm_x_post(struct hsm_xvm *x, int pid, uint64_t slot, const unsigned char *head);

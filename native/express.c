@@ -121,10 +121,88 @@ void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *r
     pthread_mutex_unlock(&x->lock);
 }
 
+int hsm_x_client_add(struct hsm_xvm *x, uint64_t fh, int pid, uint64_t page)
+{
+    int ret = -ENOSPC;
+    pthread_mutex_lock(&x->lock);
+    for (uint32_t k = 0; k < HSM_X_CLIENTS_MAX && x->fd >= 0; k++) {
+        struct hsm_xclient *c = &x->clients[k];
+        if (c->live)
+            continue;
+        memset(c, 0, sizeof *c);
+        c->live = 1;
+        c->fh = fh;
+        c->pid = pid;
+        c->page = page;
+        ret = (int)k;
+        break;
+    }
+    pthread_mutex_unlock(&x->lock);
+    return ret;
+}
+
+void hsm_x_client_remove(struct hsm_xvm *x, uint32_t k, int err)
+{
+    struct hsm_xclient *c;
+    if (k >= HSM_X_CLIENTS_MAX)
+        return;
+    c = &x->clients[k];
+    pthread_mutex_lock(&x->lock);
+    hsm_x_answer_waiters(x, c->parked, &c->nparked, err);
+    c->live = 0;
+    c->fh = 0;
+    c->bitmap = 0;
+    memset(c->held, 0, sizeof c->held);
+    pthread_mutex_unlock(&x->lock);
+}
+
+uint64_t hsm_x_client_bits(struct hsm_xvm *x, uint32_t k, uint64_t set, uint64_t clear)
+{
+    uint64_t b;
+    if (k >= HSM_X_CLIENTS_MAX)
+        return 0;
+    pthread_mutex_lock(&x->lock);
+    x->clients[k].bitmap = (x->clients[k].bitmap | set) & ~clear;
+    b = x->clients[k].bitmap;
+    pthread_mutex_unlock(&x->lock);
+    return b;
+}
+
+uint32_t hsm_x_client_held(struct hsm_xvm *x, uint32_t k, uint32_t vcpu, uint32_t v)
+{
+    uint32_t old;
+    if (k >= HSM_X_CLIENTS_MAX || vcpu >= HSM_X_VCPUS_MAX)
+        return 0;
+    pthread_mutex_lock(&x->lock);
+    old = x->clients[k].held[vcpu];
+    if (v != (uint32_t)-1)
+        x->clients[k].held[vcpu] = v;
+    pthread_mutex_unlock(&x->lock);
+    return old;
+}
+
+void hsm_x_client_wake(struct hsm_xvm *x, uint32_t k)
+{
+    struct hsm_xclient *c;
+    if (k >= HSM_X_CLIENTS_MAX)
+        return;
+    c = &x->clients[k];
+    pthread_mutex_lock(&x->lock);
+    if (c->live && c->bitmap)
+        hsm_x_answer_waiters(x, c->parked, &c->nparked, 0);
+    pthread_mutex_unlock(&x->lock);
+}
+
 void hsm_x_close(struct hsm_xvm *x)
 {
     pthread_mutex_lock(&x->lock);
     hsm_x_answer_parked(x, -ENODEV);
+    for (uint32_t k = 0; k < HSM_X_CLIENTS_MAX; k++) {
+        struct hsm_xclient *c = &x->clients[k];
+        hsm_x_answer_waiters(x, c->parked, &c->nparked, -ENODEV);
+        c->live = 0;
+        c->fh = 0;
+    }
     x->fd = -1;
     x->dispatch = 0;
     x->has_default = 0;
@@ -153,6 +231,13 @@ void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t)
 void hsm_x_trace_rec(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
                      const unsigned char *head, uint64_t value, int32_t result)
 {
+    hsm_x_trace_client(x, kind, vcpu, head, value, result, 0);
+}
+
+void hsm_x_trace_client(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
+                        const unsigned char *head, uint64_t value, int32_t result,
+                        uint32_t client)
+{
     struct hsm_xtrace *t = x->trace;
     struct hsm_xtrace_rec *r;
     if (t->head - t->tail >= t->size) {
@@ -166,6 +251,7 @@ void hsm_x_trace_rec(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
     r->vcpu = (uint32_t)vcpu;
     r->value = value;
     r->result = result;
+    r->client = client;
     if (head) {
         memcpy(&r->type, head, 4);
         memcpy(&r->dir, head + HSM_SLOT_DIRECTION, 4);

@@ -13,6 +13,11 @@
      answered by the session's prefilter (cdev's reader thread, or the trio
      thread's batch read), without libfuse or Python: the same checks and
      effects as the Python handlers; express_prefilter.c.
+   - the same cycle for a userspace range client (extension ABI, up to
+     HSM_X_CLIENTS_MAX a VM): a plain request in its range is copied into
+     its own page and its bit set (hsm/remote.py: hand_over), and ATTACH and
+     NOTIFY_REQUEST_FINISH on its bound file (its fh) are answered here
+     (remote.py: complete); struct hsm_xclient.
    Anything else, or any doubt (a fault, a closed session), is left to
    Python, which then does what it always does. One recursive mutex per VM
    orders all of it with the Python dispatcher, which holds it for a pass.
@@ -30,15 +35,36 @@
 #define HSM_X_PARKED_MAX 256
 #define HSM_X_VMS_MAX 256
 #define HSM_X_VCPUS_MAX 16
+#define HSM_X_CLIENTS_MAX 8
 
 /* A range client's PIO/MMIO range, in the order the dispatcher searches
    them (the first client with a range containing the access gets it).
    handler: HSM_XRANGE_OTHER, a client the request goes to Python for;
    HSM_XRANGE_IOEVENTFD, the VM's ioeventfd client with the driver's
-   handler (hsm/ioeventfd.py: handler), which the vCPU runs here. */
+   handler (hsm/ioeventfd.py: handler), which the vCPU runs here;
+   HSM_XRANGE_CLIENT, the range client served here as x->clients[client]
+   (if it is no longer, the request goes to Python). */
 #define HSM_XRANGE_OTHER 0
 #define HSM_XRANGE_IOEVENTFD 1
-struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler; };
+#define HSM_XRANGE_CLIENT 2
+struct hsm_xrange { uint32_t type; uint64_t start; uint64_t end; uint32_t handler;
+                    uint32_t client; };
+
+/* A range client in another process, served here while live (Python adopts
+   it: hsm_x_client_add). held[i]: HSM_X_HELD | type << 8 | direction of the
+   request bit i stands for (remote.py: inflight), or 0. */
+#define HSM_X_HELD 0x10000u
+struct hsm_xclient {
+    int live;
+    int pid;              /* its request page's process */
+    uint64_t fh;          /* its bound file, as the kernel names it */
+    uint64_t page;
+    uint64_t bitmap;
+    uint32_t held[HSM_X_VCPUS_MAX];
+    uint64_t dispatched, served;  /* here */
+    uint32_t nparked;     /* blocked ATTACH calls on its file */
+    uint64_t parked[HSM_X_PARKED_MAX];
+};
 
 /* struct hsm_ioeventfd, as hsm/ioeventfd.py keeps it (fd: the daemon's duplicate). */
 struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t data;
@@ -51,9 +77,12 @@ struct hsm_xioeventfd { uint32_t type; uint32_t length; uint64_t addr; uint64_t 
 #define HSM_XT_IOEVENTFD 2  /* a request completed by the ioeventfd handler */
 #define HSM_XT_NOTIFY 3     /* NOTIFY_REQUEST_FINISH answered; value: the slot's */
 #define HSM_XT_ATTACH 4     /* ATTACH_IOREQ_CLIENT: result 0 answered, 1 parked, -EAGAIN */
+#define HSM_XT_RANGE 5      /* a request handed to range client `client` - 1 */
+#define HSM_XT_RNOTIFY 6    /* its NOTIFY answered; result 1: a read, value its answer */
+/* client: 0 the VM's own file (the default client), k + 1 range client k */
 struct hsm_xtrace_rec { uint64_t t_ns; uint64_t addr; uint64_t size; uint64_t value;
                         uint32_t kind; uint32_t vcpu; uint32_t type; uint32_t dir;
-                        int32_t result; uint32_t pad; };
+                        int32_t result; uint32_t client; };
 struct hsm_xtrace { uint64_t head; uint64_t tail; uint64_t lost; uint32_t size;
                     struct hsm_xtrace_rec *buf; };
 
@@ -82,6 +111,8 @@ struct hsm_xvm {
     uint32_t niofds;
     int busy;             /* deferred writes under way (express_out.c); close waits */
     struct hsm_xtrace *trace;  /* while traced, else NULL */
+    uint64_t remote;      /* handed to a range client here */
+    struct hsm_xclient clients[HSM_X_CLIENTS_MAX];
 };
 
 /* The VMs the prefilter serves. Its lock is taken before a VM's. */
@@ -108,6 +139,16 @@ void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uin
 /* What may be dispatched by the vCPUs; `ranges` stays the caller's until replaced. */
 void hsm_x_configure(struct hsm_xvm *x, int dispatch, const struct hsm_xrange *ranges,
                      uint32_t n);
+/* A range client served here from now on (Python's IoreqClient.adopt_range):
+   its number, or -ENOSPC. Its bitmap and held requests start empty. */
+int hsm_x_client_add(struct hsm_xvm *x, uint64_t fh, int pid, uint64_t page);
+/* No longer (destroyed, dropped, the VM leaves): its waiters get err. */
+void hsm_x_client_remove(struct hsm_xvm *x, uint32_t k, int err);
+uint64_t hsm_x_client_bits(struct hsm_xvm *x, uint32_t k, uint64_t set, uint64_t clear);
+/* held[vcpu], replaced by v unless v is (uint32_t)-1: the previous value. */
+uint32_t hsm_x_client_held(struct hsm_xvm *x, uint32_t k, uint32_t vcpu, uint32_t v);
+/* IoreqClient.wake for range client k: level-triggered. */
+void hsm_x_client_wake(struct hsm_xvm *x, uint32_t k);
 /* The VM or the session goes: answer the waiters, stop writing to the fd. */
 void hsm_x_close(struct hsm_xvm *x);
 /* Start (t: the caller's, kept alive until replaced) or stop (NULL) recording. */

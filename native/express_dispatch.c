@@ -10,10 +10,12 @@
 /* Where the driver would route a request: HSM_X_DEFAULT, the default client
    (PIO or MMIO that no range contains, in_range: whole access inside, not
    CF8/CFC); HSM_X_IOEVENTFD, the ioeventfd client's handler (the first range
-   containing it is that client's); 0 anything else (Python's). */
+   containing it is that client's); HSM_X_CLIENT, a range client served here
+   (*client: its number); 0 anything else (Python's). */
 #define HSM_X_DEFAULT 1
 #define HSM_X_IOEVENTFD 2
-static int hsm_x_route(const struct hsm_xvm *x, const unsigned char *head)
+#define HSM_X_CLIENT 3
+static int hsm_x_route(const struct hsm_xvm *x, const unsigned char *head, uint32_t *client)
 {
     uint32_t type;
     uint64_t addr, size, last;
@@ -29,9 +31,15 @@ static int hsm_x_route(const struct hsm_xvm *x, const unsigned char *head)
     last = addr + size - 1;
     for (uint32_t k = 0; k < x->nranges; k++) {
         const struct hsm_xrange *r = &x->ranges[k];
-        if (r->type == type && r->start <= addr && last <= r->end)
-            return r->handler == HSM_XRANGE_IOEVENTFD && x->nfds == (int)x->vcpu_num
-                   ? HSM_X_IOEVENTFD : 0;
+        if (r->type != type || r->start > addr || last > r->end)
+            continue;
+        if (r->handler == HSM_XRANGE_CLIENT) {
+            *client = r->client;
+            return r->client < HSM_X_CLIENTS_MAX && x->clients[r->client].live
+                   ? HSM_X_CLIENT : 0;
+        }
+        return r->handler == HSM_XRANGE_IOEVENTFD && x->nfds == (int)x->vcpu_num
+               ? HSM_X_IOEVENTFD : 0;
     }
     return HSM_X_DEFAULT;
 }
@@ -115,6 +123,43 @@ static int hsm_x_ioeventfd(struct hsm_xvm *x, int pid, uint64_t slot, uint64_t i
     return 1;
 }
 
+/* remote.hand_over for slot i and range client k, in the vCPU's thread;
+   locked. The request goes to the client's own page first (head, then
+   kernel_handled 0 and PROCESSING): if that page is unreachable, Python's
+   pass finds the request PENDING and drops the client, as it does. Then the
+   ACRN slot gets kernel_handled 1 and PROCESSING, the client its bit and
+   what the bit holds, and its blocked ATTACH calls their answer. */
+static int hsm_x_hand_over(struct hsm_xvm *x, uint32_t k, int pid, uint64_t slot, uint64_t i,
+                           const unsigned char *head)
+{
+    static const uint32_t kh0_processing[2] = { 0, ACRN_IOREQ_STATE_PROCESSING };
+    static const uint32_t kh1_processing[2] = { 1, ACRN_IOREQ_STATE_PROCESSING };
+    struct hsm_xclient *c = &x->clients[k];
+    uint64_t coff = c->page + (i << 8);
+    uint32_t type, direction;
+    struct iovec l[2] = { { (void *)head, HSM_HEAD_LEN }, { (void *)kh0_processing, 8 } };
+    struct iovec rm[2] = { { (void *)(uintptr_t)coff, HSM_HEAD_LEN },
+                           { (void *)(uintptr_t)(coff + HSM_SLOT_KH), 8 } };
+    int r;
+    if (process_vm_writev(c->pid, l, 2, rm, 2, 0) != HSM_HEAD_LEN + 8)
+        return 0;
+    r = hsm_x_take(x, pid, slot, head, 0, kh1_processing);
+    if (r < 0)
+        return r;
+    memcpy(&type, head, 4);
+    memcpy(&direction, head + HSM_SLOT_DIRECTION, 4);
+    c->bitmap |= (uint64_t)1 << i;
+    c->held[i] = HSM_X_HELD | (type & 0xFF) << 8 | (direction & 0xFF);
+    c->dispatched++;
+    x->remote++;
+    if (x->trace)
+        hsm_x_trace_client(x, HSM_XT_RANGE, i, head, 0, 0, k + 1);
+    for (uint32_t n = 0; n < c->nparked; n++)
+        hsm_x_reply_later(x, c->parked[n]);  /* after the gate: flush() */
+    c->nparked = 0;
+    return 1;
+}
+
 /* The upcall for one request, in the vCPU's thread, under its VM's gate:
    1 dispatched here (to the default client: PENDING, then kernel_handled 0
    and PROCESSING, its bit, its waiters answered; or completed by the
@@ -125,11 +170,14 @@ static int hsm_x_dispatch(struct hsm_xvm *x, int pid, uint64_t slot, const unsig
 {
     static const uint32_t kh_processing[2] = { 0, ACRN_IOREQ_STATE_PROCESSING };
     uint64_t i = (slot - x->page) >> 8;
+    uint32_t client = 0;
     int route, r = 0;
     pthread_mutex_lock(&x->lock);
     route = x->dispatch && pid == x->pid && slot >= x->page && i < x->vcpu_num
-            ? hsm_x_route(x, head) : 0;
-    if (route == HSM_X_IOEVENTFD) {
+            ? hsm_x_route(x, head, &client) : 0;
+    if (route == HSM_X_CLIENT) {
+        r = hsm_x_hand_over(x, client, pid, slot, i, head);
+    } else if (route == HSM_X_IOEVENTFD) {
         r = hsm_x_ioeventfd(x, pid, slot, i, head);
     } else if (route == HSM_X_DEFAULT) {
         r = hsm_x_take(x, pid, slot, head, 0, kh_processing);

@@ -13,17 +13,22 @@
 void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err);
 /* Locked: a reply (0) to write once the lock is released. */
 void hsm_x_reply_later(struct hsm_xvm *x, uint64_t unique);
-/* Locked: answer every blocked ATTACH now. */
+/* Locked: answer every blocked ATTACH now (of the default client; of a list). */
 void hsm_x_answer_parked(struct hsm_xvm *x, int err);
+void hsm_x_answer_waiters(struct hsm_xvm *x, uint64_t *parked, uint32_t *n, int err);
 /* Locked: vCPU i's slot is complete; it learns it from its completion eventfd
    unless it polls the state (HC_NOTIFY_REQUEST_FINISH's effect). */
 void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling);
 /* Unlocked: write what this thread put off, then let hsm_x_close go on. */
 void hsm_x_flush_out(void);
 
-/* express.c: locked, x->trace set: one record (head: the request's, or NULL). */
+/* express.c: locked, x->trace set: one record (head: the request's, or NULL;
+   client: 0 the default client, k + 1 range client k). */
 void hsm_x_trace_rec(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
                      const unsigned char *head, uint64_t value, int32_t result);
+void hsm_x_trace_client(struct hsm_xvm *x, uint32_t kind, uint64_t vcpu,
+                        const unsigned char *head, uint64_t value, int32_t result,
+                        uint32_t client);
 
 /* express_dispatch.c: the VM's struct hsm_native_upcall. */
 int hsm_x_upcall(struct hsm_native_upcall *self, int pid, uint64_t slot,

@@ -78,11 +78,16 @@ void hsm_x_flush_out(void)
     __atomic_sub_fetch(&x->busy, 1, __ATOMIC_ACQ_REL);
 }
 
+void hsm_x_answer_waiters(struct hsm_xvm *x, uint64_t *parked, uint32_t *n, int err)
+{
+    for (uint32_t i = 0; i < *n; i++)
+        hsm_x_reply(x, parked[i], err);
+    *n = 0;
+}
+
 void hsm_x_answer_parked(struct hsm_xvm *x, int err)
 {
-    for (uint32_t i = 0; i < x->nparked; i++)
-        hsm_x_reply(x, x->parked[i], err);
-    x->nparked = 0;
+    hsm_x_answer_waiters(x, x->parked, &x->nparked, err);
 }
 
 /* The write is put off until the lock is released where it can be. */

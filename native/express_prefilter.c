@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>  /* _IOW, for the ACRN_IOCTL_ numbers */
+#include <sys/uio.h>
 #include <unistd.h>
 #include <linux/acrn.h>
 #include <linux/fuse.h>
@@ -11,22 +12,19 @@
 #include "express_internal.h"
 #include "remote_memory.h"
 
-/* ATTACH_IOREQ_CLIENT: level-triggered; past HSM_X_PARKED_MAX waiters, EAGAIN
-   (as cdev's bound on waiting requests answers). */
-static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
+/* ATTACH_IOREQ_CLIENT on a client's waiters (bitmap, parked; who: the trace's
+   client): level-triggered; past HSM_X_PARKED_MAX waiters, EAGAIN (as cdev's
+   bound on waiting requests answers). Locked; unlocks. */
+static int hsm_x_attach_on(struct hsm_xvm *x, uint64_t unique, uint64_t bitmap,
+                           uint64_t *parked, uint32_t *nparked, uint32_t who)
 {
-    pthread_mutex_lock(&x->lock);
-    if (!x->has_default || x->fd < 0) {
-        pthread_mutex_unlock(&x->lock);
-        return 0;  /* Python: ENODEV, or the session is closing */
-    }
     x->attaches++;
     if (x->trace)
-        hsm_x_trace_rec(x, HSM_XT_ATTACH, 0, NULL, 0,
-                        x->bitmap ? 0 : x->nparked >= HSM_X_PARKED_MAX ? -EAGAIN : 1);
-    if (x->bitmap) {
+        hsm_x_trace_client(x, HSM_XT_ATTACH, 0, NULL, 0,
+                           bitmap ? 0 : *nparked >= HSM_X_PARKED_MAX ? -EAGAIN : 1, who);
+    if (bitmap) {
         hsm_x_reply_later(x, unique);
-    } else if (x->nparked >= HSM_X_PARKED_MAX) {
+    } else if (*nparked >= HSM_X_PARKED_MAX) {
         uint64_t one = 1;
         x->refused++;
         hsm_x_reply(x, unique, -EAGAIN);
@@ -34,11 +32,22 @@ static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
             /* a full counter is still readable: the log comes anyway */
         }
     } else {
-        x->parked[x->nparked++] = unique;
+        parked[(*nparked)++] = unique;
     }
     pthread_mutex_unlock(&x->lock);
     hsm_x_flush_out();
     return 1;
+}
+
+/* ATTACH_IOREQ_CLIENT on the VM's own file: the default client's. */
+static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
+{
+    pthread_mutex_lock(&x->lock);
+    if (!x->has_default || x->fd < 0) {
+        pthread_mutex_unlock(&x->lock);
+        return 0;  /* Python: ENODEV, or the session is closing */
+    }
+    return hsm_x_attach_on(x, unique, x->bitmap, x->parked, &x->nparked, 0);
 }
 
 /* NOTIFY_REQUEST_FINISH: acrn_ioreq_request_default_complete. Anything but the
@@ -82,17 +91,114 @@ python:
     return 0;
 }
 
+/* ATTACH_IOREQ_CLIENT on range client k's bound file (extension.py:
+   bound_ioctl, IoreqClient.attach). Locked (the caller found it live); unlocks. */
+static int hsm_x_client_attach(struct hsm_xvm *x, uint32_t k, uint64_t unique)
+{
+    struct hsm_xclient *c = &x->clients[k];
+    if (x->fd < 0) {
+        pthread_mutex_unlock(&x->lock);
+        return 0;
+    }
+    return hsm_x_attach_on(x, unique, c->bitmap, c->parked, &c->nparked, k + 1);
+}
+
+/* NOTIFY_REQUEST_FINISH on range client k's bound file: remote.complete. A
+   read's answer comes from the client's page (4 bytes, 8 for MMIO), its slot
+   goes back to FREE, then the ACRN slot gets the answer and COMPLETE and the
+   vCPU is notified. Anything but the plain case (reserved set, a vCPU out of
+   range or not held, a fault) goes to Python, before any effect that Python
+   would not redo the same way (FREE in the client's page is written again).
+   Locked (the caller found it live); unlocks. */
+static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
+                               const unsigned char *arg)
+{
+    static const uint32_t free_state = HSM_STATE_FREE;
+    const uint32_t complete = HSM_STATE_COMPLETE;
+    struct hsm_xclient *c = &x->clients[k];
+    struct acrn_ioreq_notify n;
+    uint32_t polling, held, type = ACRN_IOREQ_TYPE_PORTIO, direction = ACRN_IOREQ_DIR_WRITE;
+    uint64_t slot, coff, value = 0;
+    size_t value_len = 0;
+    struct iovec l[2], rm[2];
+    unsigned long nio = 0;
+    memcpy(&n, arg, sizeof n);
+    if (n.reserved)
+        goto python;
+    n.vcpu &= 0xFFFF;
+    if (x->fd < 0 || n.vcpu >= x->vcpu_num || x->nfds != (int)x->vcpu_num ||
+        !(c->bitmap >> n.vcpu & 1))
+        goto python;
+    held = c->held[n.vcpu];
+    if (held & HSM_X_HELD) {
+        type = held >> 8 & 0xFF;
+        direction = held & 0xFF;
+    }
+    slot = x->page + ((uint64_t)n.vcpu << 8);
+    coff = c->page + ((uint64_t)n.vcpu << 8);
+    if (direction == ACRN_IOREQ_DIR_READ) {
+        value_len = type == ACRN_IOREQ_TYPE_MMIO ? 8 : 4;
+        if (hsm_remote_read(c->pid, coff + HSM_SLOT_VALUE, &value, value_len) != (ssize_t)value_len)
+            goto python;
+    }
+    if (hsm_remote_read(x->pid, slot + HSM_SLOT_POLLING, &polling, 4) != 4)
+        goto python;
+    if (hsm_remote_write(c->pid, coff + HSM_SLOT_STATE, &free_state, 4) != 4)
+        goto python;
+    if (value_len) {
+        l[nio] = (struct iovec){ &value, value_len };
+        rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), value_len };
+    }
+    l[nio] = (struct iovec){ (void *)&complete, 4 };
+    rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 };
+    if (process_vm_writev(x->pid, l, nio, rm, nio, 0) != (ssize_t)(value_len + 4))
+        goto python;
+    c->bitmap &= ~((uint64_t)1 << n.vcpu);
+    c->held[n.vcpu] = 0;
+    c->served++;
+    x->notified++;
+    if (x->trace)
+        hsm_x_trace_client(x, HSM_XT_RNOTIFY, n.vcpu, NULL, value, value_len ? 1 : 0, k + 1);
+    hsm_x_completed(x, n.vcpu, polling);
+    hsm_x_reply_later(x, unique);
+    pthread_mutex_unlock(&x->lock);
+    hsm_x_flush_out();
+    return 1;
+python:
+    pthread_mutex_unlock(&x->lock);
+    return 0;
+}
+
+/* The live range client whose bound file is fh: x locked and its number, or -1. */
+static int hsm_x_find_client(struct hsm_xvm *x, uint64_t fh)
+{
+    pthread_mutex_lock(&x->lock);
+    for (uint32_t k = 0; k < HSM_X_CLIENTS_MAX; k++)
+        if (x->clients[k].live && x->clients[k].fh == fh)
+            return (int)k;
+    pthread_mutex_unlock(&x->lock);
+    return -1;
+}
+
 /* An interrupted ATTACH this path holds: the driver's wait ignores signals, 0. */
 static int hsm_x_interrupt(struct hsm_xvm *x, uint64_t unique)
 {
     int found = 0;
     pthread_mutex_lock(&x->lock);
-    for (uint32_t i = 0; i < x->nparked; i++) {
-        if (x->parked[i] == unique) {
-            x->parked[i] = x->parked[--x->nparked];
-            hsm_x_reply(x, unique, 0);
-            found = 1;
-            break;
+    uint64_t *parked = x->parked;
+    uint32_t *n = &x->nparked;
+    for (uint32_t k = 0; !found && k <= HSM_X_CLIENTS_MAX; k++) {
+        if (k > 0) {
+            parked = x->clients[k - 1].parked;
+            n = &x->clients[k - 1].nparked;
+        }
+        for (uint32_t i = 0; i < *n; i++) {
+            if (parked[i] == unique) {
+                parked[i] = parked[--*n];
+                hsm_x_reply(x, unique, 0);
+                found = 1;
+                break;
+            }
         }
     }
     pthread_mutex_unlock(&x->lock);
@@ -123,16 +229,26 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
         return 0;
     if (in.cmd != ACRN_IOCTL_ATTACH_IOREQ_CLIENT && in.cmd != ACRN_IOCTL_NOTIFY_REQUEST_FINISH)
         return 0;
+    if (in.cmd == ACRN_IOCTL_NOTIFY_REQUEST_FINISH &&
+        (in.in_size < sizeof(struct acrn_ioreq_notify) ||
+         len < sizeof *h + sizeof in + sizeof(struct acrn_ioreq_notify)))
+        return 0;  /* CUSE's first call: Python asks for a retry */
     for (uint32_t k = 0; k < e->n; k++) {
         struct hsm_xvm *x = e->vms[k];
         if (x->fh != in.fh)
             continue;
         if (in.cmd == ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
             return hsm_x_attach(x, h->unique);
-        if (in.in_size < sizeof(struct acrn_ioreq_notify) ||
-            len < sizeof *h + sizeof in + sizeof(struct acrn_ioreq_notify))
-            return 0;  /* CUSE's first call: Python asks for a retry */
         return hsm_x_notify(x, h->unique, body + sizeof in);
+    }
+    for (uint32_t k = 0; k < e->n; k++) {  /* a range client's bound file */
+        struct hsm_xvm *x = e->vms[k];
+        int c = hsm_x_find_client(x, in.fh);
+        if (c < 0)
+            continue;
+        if (in.cmd == ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
+            return hsm_x_client_attach(x, (uint32_t)c, h->unique);
+        return hsm_x_client_notify(x, (uint32_t)c, h->unique, body + sizeof in);
     }
     return 0;
 }

@@ -16,7 +16,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -460,3 +460,191 @@ def test_the_ioeventfd_handler_leaves_a_polling_vcpu_unwoken_and_other_clients_t
     assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE and _signals(fds[0]) == 0
     lib.hsm_x_close(x)
     os.close(fds[0])
+
+
+# -- a range client in another process (extension ABI), served here ---------------------
+
+RFH = FH + 100  # the range client's bound file
+CLIENT = lib.HSM_XRANGE_CLIENT
+
+
+def _client_rig(rig: Rig, ranges: list[tuple[int, int, int]]) -> tuple[int, int, Any]:
+    """A range client served by C (its page: the rig's second page), its ranges
+    named in the VM's table as express.sync pushes them: (its number, its page, keep)."""
+    cpage = rig.page + 4096
+    k = lib.hsm_x_client_add(rig.x, RFH, os.getpid(), cpage)
+    assert k >= 0
+    arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
+    for n, (typ, start, end) in enumerate(ranges):
+        arr[n].type, arr[n].start, arr[n].end, arr[n].handler, arr[n].client = typ, start, end, CLIENT, k
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_configure(rig.x, 1, arr, len(ranges))
+    return k, cpage, arr
+
+
+def _page(rig: Rig, page: int) -> Any:
+    return ffi.buffer(rig.buf + (page - rig.base), 4096)
+
+
+def test_a_range_clients_cycle_is_served_here(rig: Rig) -> None:
+    """remote.hand_over and remote.complete in C: the request goes to the client's
+    page (kernel_handled 0, PROCESSING), the ACRN slot is kernel_handled 1 and
+    PROCESSING, the client's ATTACH is answered; its NOTIFY copies a read's answer
+    back, frees its slot, completes the ACRN slot and wakes the vCPU."""
+    k, cpage, keep = _client_rig(rig, [(PIO, 0x6000, 0x60FF)])
+    cbuf = _page(rig, cpage)
+    assert rig.feed(ioctl_req(300, ATTACH, fh=RFH)) == 1
+    assert rig.x.clients[k].nparked == 1 and rig.x.nparked == 0 and rig.replies() == []
+    rig.feed(ioctl_req(301, ATTACH))  # the default client's waiter is not answered
+    slot = rig.page + 256
+    assert lib.hsm_x_post(rig.x, os.getpid(), slot, _head(PIO, 0x6004, 2)) == 1
+    assert rig.replies() == [(300, 0)]
+    assert struct.unpack_from("<II", cbuf, 256 + _KH) == (0, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert struct.unpack_from("<QQ", cbuf, 256 + 72) == (0x6004, 2)
+    assert (rig.u32(256 + _KH), rig.u32(256 + _STATE)) == (1, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert lib.hsm_x_client_bits(rig.x, k, 0, 0) == 0b10 and lib.hsm_x_bits(rig.x, 0, 0) == 0
+    held = lib.hsm_x_client_held(rig.x, k, 1, 0xFFFFFFFF)
+    assert held == lib.HSM_X_HELD | PIO << 8 | abi.ACRN_IOREQ_DIR_READ
+    assert (rig.x.remote, rig.x.pio, rig.x.defaults, rig.x.clients[k].dispatched) == (1, 1, 0, 1)
+    # a level-triggered ATTACH: at once while the bit is set
+    assert rig.feed(ioctl_req(302, ATTACH, fh=RFH)) == 1 and rig.replies() == [(302, 0)]
+    # the client answers the read in its page, then NOTIFY on its file
+    struct.pack_into("<Q", cbuf, 256 + 88, 0x1_0000_BEEF)
+    rig.set_u32(256 + 88 + 4, 0xAAAA)  # a PIO answer is 4 bytes: the ACRN slot's high half stays
+    assert rig.feed(ioctl_req(303, NOTIFY, notify_arg(1), fh=RFH)) == 1
+    assert rig.replies() == [(303, 0)]
+    assert struct.unpack_from("<I", cbuf, 256 + _STATE)[0] == abi.ACRN_IOREQ_STATE_FREE
+    assert rig.u32(256 + 88) == 0xBEEF and rig.u32(256 + 92) == 0xAAAA
+    assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_COMPLETE and rig.woken(1) == 1
+    assert lib.hsm_x_client_bits(rig.x, k, 0, 0) == 0
+    assert lib.hsm_x_client_held(rig.x, k, 1, 0xFFFFFFFF) == 0
+    assert (rig.x.clients[k].served, rig.x.notified) == (1, 1)
+    # an MMIO read answers 8 bytes
+    _, _, keep2 = _client_rig_again(rig, k, [(MMIO, 0xC000_0000, 0xC000_0FFF)])
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(MMIO, 0xC000_0008, 8)) == 1
+    struct.pack_into("<Q", cbuf, 88, 0x1122_3344_5566_7788)
+    assert rig.feed(ioctl_req(304, NOTIFY, notify_arg(0), fh=RFH)) == 1
+    assert struct.unpack_from("<Q", ffi.buffer(rig.buf + (rig.page - rig.base), 4096), 88)[0] == 0x1122_3344_5566_7788
+    assert rig.replies() == [(304, 0)] and rig.woken(0) == 1
+    del keep, keep2
+
+
+def _client_rig_again(rig: Rig, k: int, ranges: list[tuple[int, int, int]]) -> tuple[int, int, Any]:
+    arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
+    for n, (typ, start, end) in enumerate(ranges):
+        arr[n].type, arr[n].start, arr[n].end, arr[n].handler, arr[n].client = typ, start, end, CLIENT, k
+    lib.hsm_x_configure(rig.x, 1, arr, len(ranges))
+    return k, rig.page + 4096, arr
+
+
+def test_a_write_leaves_the_acrn_slots_value_alone(rig: Rig) -> None:
+    k, cpage, keep = _client_rig(rig, [(PIO, 0x6000, 0x60FF)])
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(PIO, 0x6000, 1, True, 0x42)) == 1
+    struct.pack_into("<Q", _page(rig, cpage), 88, 0xDEAD)
+    assert rig.feed(ioctl_req(310, NOTIFY, notify_arg(0), fh=RFH)) == 1
+    assert rig.u32(88) == 0x42 and rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_COMPLETE
+    del keep
+
+
+@pytest.mark.parametrize(
+    ("why", "req"),
+    [
+        ("reserved set: EINVAL", ioctl_req(320, NOTIFY, notify_arg(0, reserved=1), fh=RFH)),
+        ("vcpu >= vcpu_num: EINVAL", ioctl_req(320, NOTIFY, notify_arg(2), fh=RFH)),
+        ("a vcpu it holds no request of: EINVAL", ioctl_req(320, NOTIFY, notify_arg(1), fh=RFH)),
+        ("CUSE's first call", ioctl_req(320, NOTIFY, b"", fh=RFH)),
+        ("32-bit caller: ENOTTY", ioctl_req(320, ATTACH, flags=FUSE_IOCTL_COMPAT, fh=RFH)),
+        ("another file", ioctl_req(320, NOTIFY, notify_arg(0), fh=RFH + 1)),
+    ],
+)
+def test_a_range_clients_doubtful_notify_goes_to_python_untouched(rig: Rig, why: str, req: bytes) -> None:
+    k, cpage, keep = _client_rig(rig, [(PIO, 0x6000, 0x60FF)])
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(PIO, 0x6000, 2)) == 1
+    assert rig.feed(req) == 0, why
+    assert rig.replies() == []
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PROCESSING and lib.hsm_x_client_bits(rig.x, k, 0, 0) == 1
+    assert struct.unpack_from("<I", _page(rig, cpage), _STATE)[0] == abi.ACRN_IOREQ_STATE_PROCESSING
+    del keep
+
+
+def test_a_range_clients_page_out_of_reach_leaves_the_request_to_python(rig: Rig) -> None:
+    """hand_over's fault (the client's page is gone) is Python's to handle: nothing taken."""
+    k = lib.hsm_x_client_add(rig.x, RFH, os.getpid(), 0x1000)  # unmapped
+    arr = ffi.new("struct hsm_xrange[1]")
+    arr[0].type, arr[0].start, arr[0].end, arr[0].handler, arr[0].client = PIO, 0x6000, 0x60FF, CLIENT, k
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_configure(rig.x, 1, arr, 1)
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_FREE)
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(PIO, 0x6000, 2)) == 0
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE and lib.hsm_x_client_bits(rig.x, k, 0, 0) == 0
+    # a NOTIFY whose answer cannot be read from its page: Python's EFAULT, nothing done
+    lib.hsm_x_client_bits(rig.x, k, 1, 0)
+    lib.hsm_x_client_held(rig.x, k, 0, lib.HSM_X_HELD | PIO << 8 | abi.ACRN_IOREQ_DIR_READ)
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert rig.feed(ioctl_req(330, NOTIFY, notify_arg(0), fh=RFH)) == 0
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PROCESSING and lib.hsm_x_client_bits(rig.x, k, 0, 0) == 1
+
+
+def test_a_removed_range_client_answers_its_waiters_enodev_and_its_requests_go_to_python(rig: Rig) -> None:
+    k, cpage, keep = _client_rig(rig, [(PIO, 0x6000, 0x60FF)])
+    rig.feed(ioctl_req(340, ATTACH, fh=RFH))
+    rig.feed(ioctl_req(341, ATTACH, fh=RFH))
+    assert rig.feed(interrupt_req(342, 341)) == 1  # interrupted: 0, as the driver's wait
+    assert rig.replies() == [(341, 0)]
+    lib.hsm_x_client_remove(rig.x, k, -errno.ENODEV)
+    assert rig.replies() == [(340, -errno.ENODEV)]
+    assert rig.feed(ioctl_req(343, ATTACH, fh=RFH)) == 0  # Python: no client on this file
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_FREE)
+    assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(PIO, 0x6000, 2)) == 0  # stale range
+    # the number is free again; the VM's close answers every client's waiters
+    assert lib.hsm_x_client_add(rig.x, RFH, os.getpid(), cpage) == k
+    rig.feed(ioctl_req(344, ATTACH, fh=RFH))
+    lib.hsm_x_close(rig.x)
+    assert rig.replies() == [(344, -errno.ENODEV)] and not rig.x.clients[k].live
+    assert lib.hsm_x_client_add(rig.x, RFH, os.getpid(), cpage) == -errno.ENOSPC  # closed
+    del keep
+
+
+def test_range_clients_are_bounded_and_bounded_in_waiters(rig: Rig) -> None:
+    ks = [lib.hsm_x_client_add(rig.x, RFH + n, os.getpid(), rig.page + 4096) for n in range(lib.HSM_X_CLIENTS_MAX)]
+    assert sorted(ks) == list(range(lib.HSM_X_CLIENTS_MAX))
+    assert lib.hsm_x_client_add(rig.x, RFH + 99, os.getpid(), rig.page + 4096) == -errno.ENOSPC
+    for u in range(lib.HSM_X_PARKED_MAX):
+        assert rig.feed(ioctl_req(1000 + u, ATTACH, fh=RFH)) == 1
+    assert rig.feed(ioctl_req(5000, ATTACH, fh=RFH)) == 1
+    assert rig.replies() == [(5000, -errno.EAGAIN)] and rig.x.refused == 1
+
+
+def test_ioreq_client_reads_a_c_served_range_clients_state(rig: Rig) -> None:
+    """Python's views of an adopted range client (bitmap, held, waiters, served) are C's;
+    leaving takes them back and answers its waiters ENODEV."""
+    from acrn_hsm_emu.hsm.acrn_drv import IoreqClient, RemotePage
+
+    read = abi.ACRN_IOREQ_DIR_READ
+    page = RemotePage(cast(Any, None), rig.page + 4096, os.getpid(), 0, RFH)
+    c = IoreqClient(cast(Any, None), "rc", False, None, page)
+    c.set_bit(3)
+    c.hold(3, (PIO, read))
+    assert c.adopt_range(rig.x)
+    k = c.express_number
+    assert k is not None and lib.hsm_x_client_bits(rig.x, k, 0, 0) == 1 << 3 and c.held(3) == (PIO, read)
+    assert rig.feed(ioctl_req(400, ATTACH, fh=RFH)) == 1 and rig.replies() == [(400, 0)]
+    c.clear_bit(3)
+    assert rig.feed(ioctl_req(401, ATTACH, fh=RFH)) == 1 and c.waiters == 1 and rig.replies() == []
+    c.set_bit(1)  # a Python pass hands a request over: its wake answers C's waiters
+    c.wake()
+    assert rig.replies() == [(401, 0)] and c.waiters == 0 and c.bitmap == 1 << 1
+    rig.x.clients[k].served = 2
+    c.count_served()
+    assert c.served == 3
+    c.clear_bit(1)
+    c.hold(1, (MMIO, read))
+    rig.feed(ioctl_req(402, ATTACH, fh=RFH))
+    c.set_bit(5)  # no wake: the waiter stays until the destroy, which answers ENODEV
+    assert rig.replies() == []
+    c.destroying = True
+    c.wake()
+    assert rig.replies() == [(402, -errno.ENODEV)]
+    assert c.express_number is None and not rig.x.clients[k].live
+    assert (c.bitmap, c.held(1), c.served) == (1 << 5, (MMIO, read), 3)
+    assert rig.feed(ioctl_req(403, ATTACH, fh=RFH)) == 0  # Python's from now on

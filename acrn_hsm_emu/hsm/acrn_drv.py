@@ -58,6 +58,12 @@ ALL_ONES_32 = U32.pack(0xFFFFFFFF)  # what a read of unclaimed hardware gets
 ALL_ONES_64 = b"\xff" * 8
 
 _U64_MASK = (1 << 64) - 1
+_HELD_KEEP = 0xFFFFFFFF  # hsm_x_client_held: read, change nothing
+
+
+def _unpack_held(v: int) -> tuple[int, int] | None:
+    """struct hsm_xclient's held[vcpu]: (type, direction), or None."""
+    return (v >> 8 & 0xFF, v & 0xFF) if v & lib.HSM_X_HELD else None
 
 # An in-daemon handler gets (vm, vcpu, type, direction, address, size, value) and
 # returns a negative errno (request stays PROCESSING, its bit set), 0, or the bytes
@@ -163,7 +169,7 @@ class RequestCounters:
     # express path counter -> the count it adds to
     _EXPRESS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("pio", "pio"), ("mmio", "mmio"), ("defaults", "default"), ("notified", "notified"),
-        ("in_kernel", "range"), ("in_kernel", "in_kernel"),
+        ("in_kernel", "range"), ("in_kernel", "in_kernel"), ("remote", "range"), ("remote", "remote"),
     )  # fmt: skip
 
     def as_dict(self) -> dict[str, int]:
@@ -197,13 +203,14 @@ class RemotePage:
     process that created the client (``pid``, whose user is ``uid``).
     """
 
-    __slots__ = ("mem", "base", "pid", "uid")
+    __slots__ = ("mem", "base", "pid", "uid", "fh")
 
-    def __init__(self, mem: Memory, base: int, pid: int, uid: int) -> None:
+    def __init__(self, mem: Memory, base: int, pid: int, uid: int, fh: int = 0) -> None:
         self.mem = mem
         self.base = base
         self.pid = pid
         self.uid = uid
+        self.fh = fh  # the bound file's cdev handle (what the express prefilter matches), 0 unknown
 
 
 class IoreqClient:
@@ -216,12 +223,14 @@ class IoreqClient:
     by another process through the extension ABI (docs/extension-abi.md);
     with neither it is served by a waiter, like the default client (ATTACH).
     Its ranges change through ioreq.range_add/range_del (the express path
-    learns of it there).
+    learns of it there). The default client, and a range client the express
+    path serves (``_xk``: its number there), keep their bitmap, what each bit
+    holds and their blocked ATTACH calls in C; these accessors read them there.
     """
 
     __slots__ = (
-        "name", "vm", "is_default", "destroying", "ranges", "_bits", "_x", "handler", "_waiting",
-        "remote", "inflight", "served", "orphaned",
+        "name", "vm", "is_default", "destroying", "ranges", "_bits", "_x", "_xk", "handler", "_waiting",
+        "remote", "_held", "_served", "orphaned",
     )  # fmt: skip
 
     def __init__(
@@ -239,37 +248,89 @@ class IoreqClient:
         self.ranges: list[tuple[int, int, int]] = []
         self._bits = 0
         self._x: Any = None  # the VM's express path, which keeps the bitmap and waiters
+        self._xk = -1  # a range client's number on the express path (-1: the default client's)
         self.handler = handler
         self._waiting: list[Deferred] = []  # blocked ATTACH calls, answered by wake()
         self.remote = remote
         # remote clients: (type, direction) of the request each vCPU's bit stands for
-        self.inflight: list[tuple[int, int] | None] = [None] * SLOTS
-        self.served = 0  # remote: requests completed by the client
+        self._held: list[tuple[int, int] | None] = [None] * SLOTS
+        self._served = 0  # remote: requests completed by the client (on the Python path)
         self.orphaned = 0  # remote: requests completed for it after it went away
+
+    def _xbits(self, set: int, clear: int) -> int:
+        if self._xk < 0:
+            return lib.hsm_x_bits(self._x, set, clear)
+        return lib.hsm_x_client_bits(self._x, self._xk, set, clear)
 
     @property
     def bitmap(self) -> int:
         """ioreqs_map: the vCPUs whose requests this client holds."""
-        return self._bits if self._x is None else lib.hsm_x_bits(self._x, 0, 0)
+        return self._bits if self._x is None else self._xbits(0, 0)
 
     @bitmap.setter
     def bitmap(self, value: int) -> None:
         if self._x is None:
             self._bits = value
         else:
-            lib.hsm_x_bits(self._x, value, ~value & _U64_MASK)
+            self._xbits(value, ~value & _U64_MASK)
 
     def set_bit(self, vcpu: int) -> None:
         if self._x is None:
             self._bits |= 1 << vcpu
         else:
-            lib.hsm_x_bits(self._x, 1 << vcpu, 0)
+            self._xbits(1 << vcpu, 0)
 
     def clear_bit(self, vcpu: int) -> None:
         if self._x is None:
             self._bits &= ~(1 << vcpu)
         else:
-            lib.hsm_x_bits(self._x, 0, 1 << vcpu)
+            self._xbits(0, 1 << vcpu)
+
+    def held(self, vcpu: int) -> tuple[int, int] | None:
+        """A remote client's (type, direction) of the request ``vcpu``'s bit stands for."""
+        if self._x is None or self._xk < 0:
+            return self._held[vcpu]
+        return _unpack_held(lib.hsm_x_client_held(self._x, self._xk, vcpu, _HELD_KEEP))
+
+    def hold(self, vcpu: int, what: tuple[int, int] | None) -> None:
+        if self._x is None or self._xk < 0:
+            self._held[vcpu] = what
+        else:
+            v = 0 if what is None else lib.HSM_X_HELD | (what[0] & 0xFF) << 8 | (what[1] & 0xFF)
+            lib.hsm_x_client_held(self._x, self._xk, vcpu, v)
+
+    @property
+    def served(self) -> int:
+        """Remote: requests completed by the client (here and by the express path)."""
+        x = self._x
+        return self._served + (int(x.clients[self._xk].served) if x is not None and self._xk >= 0 else 0)
+
+    def count_served(self) -> None:
+        self._served += 1
+
+    @property
+    def express_number(self) -> int | None:
+        """A remote client's number on the VM's express path, None when Python serves it."""
+        return self._xk if self._x is not None and self._xk >= 0 else None
+
+    def adopt_range(self, x: Any) -> bool:
+        """A remote range client moves to the express path, if it has room: its
+        bitmap, held requests and ATTACH calls then live in C. Not while ATTACH
+        calls wait in Python (C would not answer them): a later sync tries again."""
+        remote = self.remote
+        if self._x is not None or remote is None or not remote.fh or self.destroying or self._waiting:
+            return False
+        k = lib.hsm_x_client_add(x, remote.fh, remote.pid, remote.base)
+        if k < 0:
+            return False
+        bits, held = self._bits, self._held
+        self._x, self._xk = x, k
+        for vcpu, what in enumerate(held):
+            if what is not None:
+                self.hold(vcpu, what)
+        if bits:
+            self._xbits(bits, 0)
+        return True
 
     def adopt_express(self, x: Any) -> None:
         """The default client of a VM on the express path: its state moves to C."""
@@ -280,20 +341,35 @@ class IoreqClient:
             lib.hsm_x_bits(x, bits, 0)
 
     def leave_express(self) -> None:
-        """Back to Python (the VM leaves the express path): C's waiters got ENODEV."""
+        """Back to Python (destroyed, or the VM leaves the express path): C's waiters got ENODEV."""
         x = self._x
-        if x is not None:
+        if x is None:
+            return
+        if self._xk < 0:
             self._bits = lib.hsm_x_bits(x, 0, 0)
             self._x = None
             lib.hsm_x_set_default(x, 0)
+            return
+        k = self._xk
+        lib.hsm_x_lock(x)  # nothing moves between the reading and the removal
+        try:
+            self._bits = lib.hsm_x_client_bits(x, k, 0, 0)
+            self._held = [_unpack_held(lib.hsm_x_client_held(x, k, v, _HELD_KEEP)) for v in range(SLOTS)]
+            self._served += int(x.clients[k].served)
+            lib.hsm_x_client_remove(x, k, -errno.ENODEV)
+        finally:
+            lib.hsm_x_unlock(x)
+        self._x, self._xk = None, -1
 
     def wake(self) -> None:
         """Answer the blocked ATTACH calls if their condition now holds."""
         if self._x is not None:
             if self.destroying:
                 self.leave_express()  # C's waiters get ENODEV, its vCPUs stop dispatching
-            else:
+            elif self._xk < 0:
                 lib.hsm_x_wake(self._x)
+            else:
+                lib.hsm_x_client_wake(self._x, self._xk)
         if self._waiting and (self.bitmap or self.destroying):
             answer = -errno.ENODEV if self.destroying else 0
             waiting, self._waiting = self._waiting, []
@@ -303,7 +379,9 @@ class IoreqClient:
     @property
     def waiters(self) -> int:
         x = self._x
-        return len(self._waiting) + (x.nparked if x is not None else 0)
+        if x is None:
+            return len(self._waiting)
+        return len(self._waiting) + int(x.nparked if self._xk < 0 else x.clients[self._xk].nparked)
 
     def attach(self) -> int | Deferred:
         """ATTACH_IOREQ_CLIENT: level-triggered, 0 at once when a request is pending."""
@@ -464,6 +542,10 @@ def express_snapshot(x: Any) -> dict[str, int] | None:
         "attach_refused": x.refused,
         "waiting": x.nparked,
         "ioeventfd": x.in_kernel,
+        # range clients served here: requests handed over, clients (their NOTIFY and ATTACH
+        # calls count in notified, attaches and attach_refused with the default client's)
+        "range_dispatched": x.remote,
+        "range_clients": sum(1 for k in range(lib.HSM_X_CLIENTS_MAX) if x.clients[k].live),
     }
 
 

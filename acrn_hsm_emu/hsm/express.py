@@ -21,10 +21,19 @@ The rules stay in Python. :func:`sync` tells C, after every change that
 matters, whether the vCPUs may dispatch (a default client, not clearing, page
 reachable), which PIO/MMIO ranges belong to which clients, and the VM's
 ioeventfds; anything else
-(CF8/CFC, a range client's request, a fault, a bad argument) is left to the
-Python paths, before any effect. The default client's bitmap and its blocked
-ATTACH calls live in C (``IoreqClient`` reads them there), and the Python
-dispatcher holds the VM's lock for a pass, so both sides see one state.
+(CF8/CFC, a fault, a bad argument) is left to the Python paths, before any
+effect. The default client's bitmap and its blocked ATTACH calls live in C
+(``IoreqClient`` reads them there), and the Python dispatcher holds the VM's
+lock for a pass, so both sides see one state.
+
+A range client in another process (extension ABI) is served the same way,
+up to ``HSM_X_CLIENTS_MAX`` of them a VM (later ones stay with Python): sync
+adopts it (``IoreqClient.adopt_range``: its bitmap, held requests and blocked
+ATTACH calls move to C, keyed by its bound file's fh), its ranges name it
+(``HSM_XRANGE_CLIENT``), the vCPU copies a request into its page
+(remote.hand_over) and the prefilter answers ATTACH and NOTIFY_REQUEST_FINISH
+on its file (remote.complete). Destroying it takes it back
+(``IoreqClient.leave_express``: its blocked ATTACH calls get ENODEV).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import trio
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
-from acrn_hsm_emu.hsm.acrn_drv import Vm
+from acrn_hsm_emu.hsm.acrn_drv import IoreqClient, Vm
 from acrn_hsm_emu.hypervisor.api import Hypercalls
 from acrn_hsm_emu.observe.events import BUS
 from acrn_hsm_emu.observe.trace import TRACE
@@ -90,7 +99,10 @@ class Express:
     def threaded(self) -> bool:
         """Have cdev read the session in its native thread while some VM's default
         client is served here: its ATTACH/NOTIFY then never wait for trio."""
-        return any(vm.default_client is not None for vm in self._vms)
+        return any(
+            vm.default_client is not None or any(c.express_number is not None for c in vm.range_clients)
+            for vm in self._vms
+        )
 
     def add(self, vm: Vm) -> None:
         """Serve ``vm`` (its request page just set) on the express path, if room."""
@@ -132,6 +144,9 @@ class Express:
             self._trace_vm(vm, False)
         if vm.default_client is not None:
             vm.default_client.leave_express()
+        for c in vm.range_clients:
+            c.leave_express()
+        _CLIENT_NAMES.pop(_addr(x), None)
         lib.hsm_x_close(x)
         self._log_refusals(vm)  # any the watcher has not seen yet
         self._refused_logged.pop(vm.vmid, None)
@@ -199,8 +214,9 @@ class Express:
             if self._lost[0]:
                 TRACE.emit({"type": "lost", "vm": vmid, "count": int(self._lost[0]),
                             "where": "express path ring"})  # fmt: skip
+            names = _CLIENT_NAMES.get(_addr(x))
             for k in range(n):
-                _express_record(vmid, out[k])
+                _express_record(vmid, out[k], names)
             if n < _DRAIN:
                 return
 
@@ -238,10 +254,31 @@ class Express:
                 BUS.emit("attach.refused", vmid=vm.vmid, refused=total - seen, limit=lib.HSM_X_PARKED_MAX)
 
 
-def _express_record(vmid: int, r: Any) -> None:
+def _addr(x: Any) -> int:
+    return int(ffi.cast("uintptr_t", x))
+
+
+# (struct hsm_xvm's address) -> the names of the range clients it serves, by number:
+# the trace names the client of a record C made (set on adoption, kept until replaced)
+_CLIENT_NAMES: dict[int, list[str]] = {}
+
+
+def _express_record(vmid: int, r: Any, names: list[str] | None = None) -> None:
     """One C record as the trace's (requests, or the ioctl C answered)."""
     kind = r.kind
-    if kind == lib.HSM_XT_DEFAULT:
+    client = names[r.client - 1] if names and 0 < r.client <= len(names) else "acrndm"
+    if kind == lib.HSM_XT_RANGE:
+        if TRACE.requests:
+            TRACE.dispatched(vmid, r.vcpu, _KINDS.get(r.type, str(r.type)), r.dir == abi.ACRN_IOREQ_DIR_WRITE,
+                             r.addr, r.size, r.value, client, path="express", t_ns=r.t_ns)
+    elif kind == lib.HSM_XT_RNOTIFY:
+        if TRACE.requests:
+            TRACE.completed(vmid, r.vcpu, r.value if r.result else None, path="express", t_ns=r.t_ns)
+        if TRACE.ioctls:
+            t = time.time() - (time.monotonic_ns() - r.t_ns) / 1e9
+            TRACE.ioctl(vm=vmid, pid=0, cmd=abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH,
+                        args={"vmid": vmid, "vcpu": r.vcpu}, result=0, path="express", t=t)
+    elif kind == lib.HSM_XT_DEFAULT:
         if TRACE.requests:
             TRACE.dispatched(vmid, r.vcpu, _KINDS.get(r.type, str(r.type)), r.dir == abi.ACRN_IOREQ_DIR_WRITE,
                              r.addr, r.size, r.value, "acrndm", path="express", t_ns=r.t_ns)
@@ -272,7 +309,37 @@ def sync(vm: Vm) -> None:
         return
     # The ioeventfds first: a range naming their handler is only pushed with them.
     vm.express_ioeventfds = set_ioeventfds(x, vm)  # C reads it until the next call
+    # The ranges of a client that left name its number until this: pushed before
+    # that number can be given to another client, then again with the ones adopted.
     vm.express_ranges = configure(x, vm)  # C reads it until the next configure
+    if adopt_range_clients(x, vm):
+        vm.express_ranges = configure(x, vm)
+
+
+def adopt_range_clients(x: Any, vm: Vm) -> bool:
+    """Serve the VM's remote range clients in C, as many as there is room for;
+    whether any was adopted."""
+    adopted = False
+    for c in vm.range_clients:
+        if c.remote is None or c.express_number is not None or not c.adopt_range(x):
+            continue
+        k = c.express_number
+        assert k is not None
+        names = _CLIENT_NAMES.setdefault(_addr(x), [""] * lib.HSM_X_CLIENTS_MAX)
+        names[k] = c.name
+        adopted = True
+        log.debug("hsm.express_range_client", vmid=vm.vmid, client=c.name, number=k)
+    return adopted
+
+
+def _handler(c: IoreqClient) -> tuple[int, int]:
+    """struct hsm_xrange's handler and client for ``c``'s ranges."""
+    if getattr(c.handler, "express_native", False):
+        return lib.HSM_XRANGE_IOEVENTFD, 0
+    k = c.express_number
+    if k is not None:
+        return lib.HSM_XRANGE_CLIENT, k
+    return lib.HSM_XRANGE_OTHER, 0
 
 
 def set_ioeventfds(x: Any, vm: Vm) -> Any:
@@ -295,16 +362,16 @@ def configure(x: Any, vm: Vm) -> Any:
     in the order the dispatcher searches them (the table returned: keep it alive).
     tests/test_express_agrees.py runs requests through C and Python with this."""
     ranges = [
-        (t, s, e, lib.HSM_XRANGE_IOEVENTFD if getattr(c.handler, "express_native", False)
-         else lib.HSM_XRANGE_OTHER)
+        (t, s, e, *_handler(c))
         for c in vm.range_clients for t, s, e in c.ranges if t in _PLAIN_TYPES
     ]  # fmt: skip
     arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
-    for k, (t, s, e, h) in enumerate(ranges):
+    for k, (t, s, e, h, n) in enumerate(ranges):
         arr[k].type = t
         arr[k].start = s
         arr[k].end = e
         arr[k].handler = h
+        arr[k].client = n
     ok = (
         vm.default_client is not None
         and not vm.clearing

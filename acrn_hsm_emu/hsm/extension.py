@@ -168,7 +168,7 @@ class Extension:
         if remote >= self.limits.range_clients_per_vm:
             return refuse_limit("range_clients_per_vm", self.limits.range_clients_per_vm, errno.ENOSPC,
                            vmid=b.vm.vmid)
-        return ranges.create_client(self.dispatcher, b, call.ctx, call.in_data)
+        return ranges.create_client(self.dispatcher, b, call.ctx, call.in_data, f.ctx.fh)
 
     def destroy_client(self, f: HsmFile, call: IoctlCall) -> IoctlResult:
         b = f.binding

@@ -94,9 +94,10 @@ def bind(
 
 
 def create_client(
-    d: Dispatcher, binding: Binding, ctx: RequestContext, args: bytes
+    d: Dispatcher, binding: Binding, ctx: RequestContext, args: bytes, fh: int = 0
 ) -> int:
-    """ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT."""
+    """ACRN_EMU_IOCTL_CREATE_RANGE_CLIENT (``fh``: the bound file's cdev handle, which
+    lets the express path answer the client's ATTACH and NOTIFY; 0 unknown)."""
     req = ext.AcrnEmuRangeClient.from_buffer_copy(args[: ctypes.sizeof(ext.AcrnEmuRangeClient)])
     if req.flags or req.reserved:
         return refuse(errno.EINVAL, "flags={:#x} reserved={:#x}: must be 0", req.flags, req.reserved)
@@ -122,7 +123,7 @@ def create_client(
     except MemoryFault as e:
         log.debug("hsm.range_page_pin_failed", vmid=vm.vmid, pid=ctx.pid, error=str(e))
         return refuse(errno.EFAULT, "the client's request page is not writable ({})", e)
-    binding.client = remote.create(vm, name, RemotePage(mem, base, ctx.pid, ctx.uid))
+    binding.client = remote.create(vm, name, RemotePage(mem, base, ctx.pid, ctx.uid, fh))
     return 0
 
 

@@ -114,7 +114,7 @@ def hand_over(
         return
     vm.mem.write_then(off + SLOT_KH, KH1_U32, off + SLOT_STATE, PROCESSING_U32)
     client.set_bit(vcpu)
-    client.inflight[vcpu] = (typ, direction)
+    client.hold(vcpu, (typ, direction))
     vm.counters.remote += 1
     if TRACE.requests:
         _traced(vm, vcpu, typ, direction, head, client.name, None)
@@ -147,7 +147,7 @@ def complete(d: Completer, client: IoreqClient, vcpu: int) -> int:
         return refuse(errno.EINVAL, "vcpu={}, but VM {} has {} vCPU(s)", vcpu, vm.vmid, vm.vcpu_num)
     if not client.bitmap >> vcpu & 1:
         return refuse(errno.EINVAL, "range client {} holds no request of vcpu {}", client.name, vcpu)
-    held = client.inflight[vcpu]
+    held = client.held(vcpu)
     typ, direction = held if held is not None else (PORTIO, DIR_WRITE)
     coff = remote.base + (vcpu << 8)
     value: bytes | None = None
@@ -160,8 +160,8 @@ def complete(d: Completer, client: IoreqClient, vcpu: int) -> int:
         # the request stays with the client
         return refuse(errno.EFAULT, "the client's request page is unreachable: {}", e)
     client.clear_bit(vcpu)
-    client.inflight[vcpu] = None
-    client.served += 1
+    client.hold(vcpu, None)
+    client.count_served()
     vm.counters.notified += 1
     return _complete_value(d, vm, vcpu, value)
 
@@ -194,8 +194,8 @@ def _complete_orphans(d: Completer, client: IoreqClient) -> list[dict[str, objec
         if not client.bitmap >> vcpu & 1:
             continue
         client.clear_bit(vcpu)
-        held = client.inflight[vcpu]
-        client.inflight[vcpu] = None
+        held = client.held(vcpu)
+        client.hold(vcpu, None)
         if held is None:
             continue
         typ, direction = held
@@ -231,7 +231,8 @@ def gone(d: Completer, client: IoreqClient, reason: str, vm_gone: bool) -> None:
     assert remote is not None
     if vm_gone:
         client.bitmap = 0
-        client.inflight = [None] * SLOTS
+        for vcpu in range(SLOTS):
+            client.hold(vcpu, None)
         log.info("hsm.range_client_destroyed", vmid=vm.vmid, client=client.name, reason=reason)
         return
     done = _complete_orphans(d, client)
