@@ -12,7 +12,9 @@
    - ATTACH_IOREQ_CLIENT and NOTIFY_REQUEST_FINISH on the VM's own file are
      answered by the session's prefilter (cdev's reader thread, or the trio
      thread's batch read), without libfuse or Python: the same checks and
-     effects as the Python handlers; express_prefilter.c.
+     effects as the Python handlers (under CUSE, NOTIFY's first call, which
+     has no argument yet, too: its answer is the retry that fetches it);
+     express_prefilter.c.
    - the same cycle for a userspace range client (extension ABI, up to
      HSM_X_CLIENTS_MAX a VM): a plain request in its range is copied into
      its own page and its bit set (hsm/remote.py: hand_over), and ATTACH and

@@ -37,6 +37,21 @@ void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err)
     hsm_reply_on(x->fd, unique, err);
 }
 
+void hsm_x_reply_retry(const struct hsm_xvm *x, uint64_t unique, uint64_t arg, uint64_t in_len)
+{
+    struct { struct fuse_out_header h; struct fuse_ioctl_out o; struct fuse_ioctl_iovec in; } r;
+    memset(&r, 0, sizeof r);
+    r.h.len = sizeof r;
+    r.h.unique = unique;
+    r.o.flags = FUSE_IOCTL_RETRY;
+    r.o.in_iovs = 1;
+    r.in.base = arg;
+    r.in.len = in_len;
+    if (x->fd >= 0 && write(x->fd, &r, sizeof r) < 0) {
+        /* ENOENT: the caller is gone (interrupted, killed); nothing to do */
+    }
+}
+
 /* Locked: this thread's hsm_x_out, for x (one VM per flush). NULL when x
    is closed or the out is taken by another VM (then write under the lock). */
 static struct hsm_x_out *hsm_x_defer(struct hsm_xvm *x)

@@ -205,6 +205,40 @@ static int hsm_x_interrupt(struct hsm_xvm *x, uint64_t unique)
     return found;
 }
 
+/* CUSE's first call of NOTIFY_REQUEST_FINISH carries no argument (an unrestricted
+   ioctl): the answer is the retry that asks the kernel for its 8 bytes, as cdev's
+   op_ioctl gives once the HSM's precheck passes (hsm.py: gate). For a file this
+   path serves, that check is passed (a live VM's own file with its default
+   client, or a live range client's bound file); anything else goes to Python. */
+static int hsm_x_notify_retry(struct hsm_express *e, const struct fuse_ioctl_in *in,
+                              uint64_t unique)
+{
+    for (uint32_t k = 0; k < e->n; k++) {
+        struct hsm_xvm *x = e->vms[k];
+        int served;
+        if (x->fh != in->fh)
+            continue;
+        pthread_mutex_lock(&x->lock);
+        served = x->has_default && x->fd >= 0;
+        if (served)
+            hsm_x_reply_retry(x, unique, in->arg, sizeof(struct acrn_ioreq_notify));
+        pthread_mutex_unlock(&x->lock);
+        return served;
+    }
+    for (uint32_t k = 0; k < e->n; k++) {
+        struct hsm_xvm *x = e->vms[k];
+        int served;
+        if (hsm_x_find_client(x, in->fh) < 0)
+            continue;
+        served = x->fd >= 0;  /* found: x is locked */
+        if (served)
+            hsm_x_reply_retry(x, unique, in->arg, sizeof(struct acrn_ioreq_notify));
+        pthread_mutex_unlock(&x->lock);
+        return served;
+    }
+    return 0;
+}
+
 static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t len)
 {
     const struct fuse_in_header *h = req;
@@ -231,8 +265,11 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
         return 0;
     if (in.cmd == ACRN_IOCTL_NOTIFY_REQUEST_FINISH &&
         (in.in_size < sizeof(struct acrn_ioreq_notify) ||
-         len < sizeof *h + sizeof in + sizeof(struct acrn_ioreq_notify)))
-        return 0;  /* CUSE's first call: Python asks for a retry */
+         len < sizeof *h + sizeof in + sizeof(struct acrn_ioreq_notify))) {
+        if ((in.flags & FUSE_IOCTL_UNRESTRICTED) && in.in_size == 0)
+            return hsm_x_notify_retry(e, &in, h->unique);
+        return 0;
+    }
     for (uint32_t k = 0; k < e->n; k++) {
         struct hsm_xvm *x = e->vms[k];
         if (x->fh != in.fh)

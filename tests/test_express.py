@@ -28,6 +28,8 @@ FUSE_IOCTL = 39
 FUSE_INTERRUPT = 36
 FUSE_GETATTR = 3
 FUSE_IOCTL_COMPAT = 1 << 0
+FUSE_IOCTL_UNRESTRICTED = 1 << 1
+FUSE_IOCTL_RETRY = 1 << 2
 FH = 7
 ATTACH = abi.ACRN_IOCTL_ATTACH_IOREQ_CLIENT
 NOTIFY = abi.ACRN_IOCTL_NOTIFY_REQUEST_FINISH
@@ -39,8 +41,8 @@ _KH = abi.SLOT_KERNEL_HANDLED
 _POLLING = abi.SLOT_COMPLETION_POLLING
 
 
-def ioctl_req(unique: int, cmd: int, data: bytes = b"", fh: int = FH, flags: int = 0) -> bytes:
-    body = _IOCTL_IN.pack(fh, flags, cmd, 0, len(data), 0) + data
+def ioctl_req(unique: int, cmd: int, data: bytes = b"", fh: int = FH, flags: int = 0, arg: int = 0) -> bytes:
+    body = _IOCTL_IN.pack(fh, flags, cmd, arg, len(data), 0) + data
     return _IN_HEADER.pack(_IN_HEADER.size + len(body), FUSE_IOCTL, unique, 2, 0, 0, 1, 0, 0) + body
 
 
@@ -192,12 +194,34 @@ def test_notify_completes_clears_the_bit_and_wakes_the_vcpu(rig: Rig) -> None:
     assert rig.replies() == [(51, 0)] and rig.x.notified == 2
 
 
+def test_cuses_first_notify_is_answered_with_the_retry_for_its_argument(rig: Rig) -> None:
+    """CUSE's first call of an unrestricted ioctl has no argument: the answer (cdev's,
+    once the precheck passes) asks the kernel for the 8 bytes at the caller's address."""
+    arg = 0x7F00_1234_5000
+    first = ioctl_req(70, NOTIFY, b"", flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)
+    assert rig.feed(first) == 0  # no default client: Python's to answer
+    lib.hsm_x_set_default(rig.x, 1)
+    assert rig.feed(ioctl_req(71, NOTIFY, b"", fh=FH + 1, flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)) == 0
+    assert rig.feed(first) == 1
+    msg = rig.sock.recv(4096)
+    n, err, unique = _OUT_HEADER.unpack_from(msg)
+    result, flags, in_iovs, out_iovs = struct.unpack_from("<iIII", msg, 16)
+    assert (n, err, unique, len(msg)) == (48, 0, 70, 48)
+    assert (result, flags, in_iovs, out_iovs) == (0, FUSE_IOCTL_RETRY, 1, 0)
+    assert struct.unpack_from("<QQ", msg, 32) == (arg, 8)  # fuse_ioctl_iovec: base, len
+    # the retried call, argument included, is then served here
+    lib.hsm_x_bits(rig.x, 1, 0)
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert rig.feed(ioctl_req(72, NOTIFY, notify_arg(0), flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)) == 1
+    assert rig.replies() == [(72, 0)] and rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_COMPLETE
+
+
 @pytest.mark.parametrize(
     "req",
     [
         ioctl_req(60, NOTIFY, notify_arg(0, reserved=1)),  # EINVAL, from Python
         ioctl_req(60, NOTIFY, notify_arg(2)),  # vcpu >= vcpu_num: EINVAL, from Python
-        ioctl_req(60, NOTIFY, b""),  # CUSE's first call: Python asks for the argument
+        ioctl_req(60, NOTIFY, b""),  # restricted (FUSE) yet no argument: not the kernel's way
         ioctl_req(60, NOTIFY, notify_arg(0), fh=FH + 1),  # another file
         ioctl_req(60, ATTACH, flags=FUSE_IOCTL_COMPAT),  # ENOTTY, from Python
         ioctl_req(60, abi.ACRN_IOCTL_CREATE_IOREQ_CLIENT),
@@ -529,6 +553,17 @@ def test_a_range_clients_cycle_is_served_here(rig: Rig) -> None:
     del keep, keep2
 
 
+def test_cuses_first_notify_on_a_range_clients_file_is_answered_with_the_retry(rig: Rig) -> None:
+    k, cpage, keep = _client_rig(rig, [(PIO, 0x6000, 0x60FF)])
+    assert rig.feed(ioctl_req(305, NOTIFY, b"", fh=RFH, flags=FUSE_IOCTL_UNRESTRICTED, arg=0x5000)) == 1
+    msg = rig.sock.recv(4096)
+    assert _OUT_HEADER.unpack_from(msg) == (48, 0, 305)
+    assert struct.unpack_from("<iIIIQQ", msg, 16) == (0, FUSE_IOCTL_RETRY, 1, 0, 0x5000, 8)
+    lib.hsm_x_client_remove(rig.x, k, -errno.ENODEV)  # no longer served here: Python's
+    assert rig.feed(ioctl_req(306, NOTIFY, b"", fh=RFH, flags=FUSE_IOCTL_UNRESTRICTED, arg=0x5000)) == 0
+    del keep
+
+
 def _client_rig_again(rig: Rig, k: int, ranges: list[tuple[int, int, int]]) -> tuple[int, int, Any]:
     arr = ffi.new("struct hsm_xrange[]", max(1, len(ranges)))
     for n, (typ, start, end) in enumerate(ranges):
@@ -552,7 +587,7 @@ def test_a_write_leaves_the_acrn_slots_value_alone(rig: Rig) -> None:
         ("reserved set: EINVAL", ioctl_req(320, NOTIFY, notify_arg(0, reserved=1), fh=RFH)),
         ("vcpu >= vcpu_num: EINVAL", ioctl_req(320, NOTIFY, notify_arg(2), fh=RFH)),
         ("a vcpu it holds no request of: EINVAL", ioctl_req(320, NOTIFY, notify_arg(1), fh=RFH)),
-        ("CUSE's first call", ioctl_req(320, NOTIFY, b"", fh=RFH)),
+        ("restricted (FUSE) yet no argument", ioctl_req(320, NOTIFY, b"", fh=RFH)),
         ("32-bit caller: ENOTTY", ioctl_req(320, ATTACH, flags=FUSE_IOCTL_COMPAT, fh=RFH)),
         ("another file", ioctl_req(320, NOTIFY, notify_arg(0), fh=RFH + 1)),
     ],
