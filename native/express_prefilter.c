@@ -50,6 +50,19 @@ static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
     return hsm_x_attach_on(x, unique, x->bitmap, x->parked, &x->nparked, 0);
 }
 
+/* Locked: the end of a NOTIFY served here, the slot COMPLETE: the vCPU is
+   told (unless it polls) and the caller answered, both once the lock is
+   released; unlocks. 1. */
+static int hsm_x_notified(struct hsm_xvm *x, uint32_t vcpu, uint32_t polling, uint64_t unique)
+{
+    x->notified++;
+    hsm_x_completed(x, vcpu, polling);
+    hsm_x_reply_later(x, unique);
+    pthread_mutex_unlock(&x->lock);
+    hsm_x_flush_out();
+    return 1;
+}
+
 /* NOTIFY_REQUEST_FINISH: acrn_ioreq_request_default_complete. Anything but the
    plain case (reserved set, a vCPU out of range, a fault) goes to Python,
    before any effect, so that its answer and its logging stay the only ones. */
@@ -78,14 +91,9 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
     if (hsm_remote_write(x->pid, slot + HSM_SLOT_STATE, &complete, 4) != 4)
         goto python;
     x->bitmap &= ~((uint64_t)1 << n.vcpu);
-    x->notified++;
     if (x->trace)
         hsm_x_trace_rec(x, HSM_XT_NOTIFY, n.vcpu, NULL, traced, 0);
-    hsm_x_completed(x, n.vcpu, polling);
-    hsm_x_reply_later(x, unique);
-    pthread_mutex_unlock(&x->lock);
-    hsm_x_flush_out();
-    return 1;
+    return hsm_x_notified(x, n.vcpu, polling, unique);
 python:
     pthread_mutex_unlock(&x->lock);
     return 0;
@@ -156,14 +164,9 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
     c->bitmap &= ~((uint64_t)1 << n.vcpu);
     c->held[n.vcpu] = 0;
     c->served++;
-    x->notified++;
     if (x->trace)
         hsm_x_trace_client(x, HSM_XT_RNOTIFY, n.vcpu, NULL, value, value_len ? 1 : 0, k + 1);
-    hsm_x_completed(x, n.vcpu, polling);
-    hsm_x_reply_later(x, unique);
-    pthread_mutex_unlock(&x->lock);
-    hsm_x_flush_out();
-    return 1;
+    return hsm_x_notified(x, n.vcpu, polling, unique);
 python:
     pthread_mutex_unlock(&x->lock);
     return 0;

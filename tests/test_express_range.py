@@ -10,6 +10,7 @@ same steps must give the same answers from Python.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -20,6 +21,7 @@ import signal
 import struct
 import subprocess
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -175,19 +177,30 @@ def test_a_range_clients_cycle_and_errnos_with_and_without_the_express_path(daem
     }
 
 
-def test_a_range_client_killed_while_parked_leaves_the_express_path(daemon_factory):
-    """Its file closes with its ATTACH parked in C: the client goes (C's waiter
-    answered, its number freed), its range goes back to the default client."""
+@contextlib.contextmanager
+def _served_range_client(daemon_factory: Any, cpus: str) -> Iterator[tuple[Any, Control, int, RangeProc]]:
+    """A daemon with the express path on, a started VM (vCPUs ``cpus``) with its default
+    client, and a range client ("dev", one PIO range) in another process."""
     d = daemon_factory("--backend", "scripted", "--express", "on")
-    control = Control(d.control)
     owner = Ctl(d.node)
     p: Any = None
     try:
-        vmid = int(owner.ok("create 0x3")["vmid"])
+        vmid = int(owner.ok(f"create {cpus}")["vmid"])
         owner.ok("client")
         owner.ok("start")
         p = RangeProc(d.node, vmid, "dev", "--tag", "0x1", f"pio:{START:#x}-{END:#x}")
         assert p.ok, p.first
+        yield d, Control(d.control), vmid, p
+    finally:
+        if p is not None:
+            p.kill()
+        owner.close()
+
+
+def test_a_range_client_killed_while_parked_leaves_the_express_path(daemon_factory):
+    """Its file closes with its ATTACH parked in C: the client goes (C's waiter
+    answered, its number freed), its range goes back to the default client."""
+    with _served_range_client(daemon_factory, "0x3") as (d, control, vmid, p):
         assert control.inject(vmid, "pio", False, START + 2, 2) == pio_answer(START + 2, 2) ^ 1
         wait_until(lambda: _parked(control, vmid, "dev") == 1, "its loop's ATTACH parked")
         x = control.hsm_vm(vmid)["express"]
@@ -200,41 +213,26 @@ def test_a_range_client_killed_while_parked_leaves_the_express_path(daemon_facto
         assert control.inject(vmid, "pio", False, START + 2, 2) == pio_answer(START + 2, 2)
         gone = [e for e in daemon_log_events(d) if e.get("event") == "hsm.range_client_destroyed"]
         assert gone and gone[-1]["client"] == "dev" and gone[-1]["reason"] == "file closed"
-    finally:
-        if p is not None:
-            p.kill()
-        owner.close()
 
 
 def test_a_range_clients_request_served_by_c_is_traced_with_its_name(daemon_factory):
-    d = daemon_factory("--backend", "scripted", "--express", "on")
-    control = Control(d.control)
-    owner = Ctl(d.node)
-    p: Any = None
     tracer: Any = None
-    try:
-        vmid = int(owner.ok("create 0x1")["vmid"])
-        owner.ok("client")
-        owner.ok("start")
-        p = RangeProc(d.node, vmid, "dev", "--tag", "0x1", f"pio:{START:#x}-{END:#x}")
-        assert p.ok, p.first
-        tracer = subprocess.Popen(
-            [d.args[0], "trace", "--control", str(d.control), "--requests", "--vm", str(vmid),
-             "--count", "1", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        wait_until(lambda: control.status()["observers"]["tracers"] > 0, "the tracer attached")
-        assert control.inject(vmid, "pio", False, START + 2, 2) == pio_answer(START + 2, 2) ^ 1
-        out, err = tracer.communicate(timeout=60)
-        assert tracer.returncode == 0, err
-        rec = json.loads(out)
-        assert (rec["type"], rec["kind"], rec["addr"], rec["client"], rec["answer"], rec["path"]) == (
-            "request", "pio", START + 2, "dev", pio_answer(START + 2, 2) ^ 1, "express")
-        assert control.hsm_vm(vmid)["express"]["range_dispatched"] == 1
-    finally:
-        if tracer is not None and tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
-        if p is not None:
-            p.kill()
-        owner.close()
+    with _served_range_client(daemon_factory, "0x1") as (d, control, vmid, p):
+        try:
+            tracer = subprocess.Popen(
+                [d.args[0], "trace", "--control", str(d.control), "--requests", "--vm", str(vmid),
+                 "--count", "1", "--json"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            wait_until(lambda: control.status()["observers"]["tracers"] > 0, "the tracer attached")
+            assert control.inject(vmid, "pio", False, START + 2, 2) == pio_answer(START + 2, 2) ^ 1
+            out, err = tracer.communicate(timeout=60)
+            assert tracer.returncode == 0, err
+            rec = json.loads(out)
+            assert (rec["type"], rec["kind"], rec["addr"], rec["client"], rec["answer"], rec["path"]) == (
+                "request", "pio", START + 2, "dev", pio_answer(START + 2, 2) ^ 1, "express")
+            assert control.hsm_vm(vmid)["express"]["range_dispatched"] == 1
+        finally:
+            if tracer is not None and tracer.poll() is None:
+                tracer.kill()
+                tracer.wait()
