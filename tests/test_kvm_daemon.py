@@ -200,6 +200,9 @@ def test_inject_msi_reaches_the_guest_interrupt_handler(kvm_daemon, guests) -> N
     )
     assert run.writes(0x51) == [0x41]
     assert run.writes(0x1F) == [1]
+    # at --log-level debug the daemon says so (the line is skipped, not filtered, above it)
+    msi = events(kvm_daemon, "kvm.msi")
+    assert [(e["addr"], e["data"], e["delivered"]) for e in msi] == [("0xfee00000", "0x41", True)]
 
 
 def test_64bit_long_mode_guest(kvm_daemon, guests, tmp_path) -> None:

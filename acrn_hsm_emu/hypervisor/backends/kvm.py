@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from acrn_hsm_emu import abi
+from acrn_hsm_emu import abi, logs
 from acrn_hsm_emu._native import ffi as _ffi
 from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor.api import MR_ADD, Access, MemoryRegionOp
@@ -588,7 +588,8 @@ class KvmVm:
         except OSError as e:
             _log.warning("kvm.msi_failed", vmid=self.vmid, addr=hex(addr), data=hex(data), error=str(e))
             return
-        _log.debug("kvm.msi", vmid=self.vmid, addr=addr, data=data, delivered=delivered > 0)
+        if logs.DEBUG:  # per interrupt: not even a filtered call otherwise
+            _log.debug("kvm.msi", vmid=self.vmid, addr=hex(addr), data=hex(data), delivered=delivered > 0)
 
     def set_irqline(self, gsi: int, op: int) -> None:
         levels = IRQ_LEVELS.get(op)
