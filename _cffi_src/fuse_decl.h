@@ -152,7 +152,7 @@ extern "Python+C" {
     void cdev_ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
                        off_t off, struct fuse_file_info *fi);
     int64_t cdev_ll_ioctl(fuse_req_t req, uint64_t fh, unsigned int cmd, uint64_t arg,
-                          unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz,
+                          unsigned flags, const char *in_buf, size_t in_bufsz, size_t out_bufsz,
                           uint32_t uid, uint32_t gid, int32_t tid);
     void cdev_ll_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
                       struct fuse_pollhandle *ph);

@@ -30,7 +30,6 @@ _NULL = ffi.NULL
 # looked up once: the per-request path reads these (lib's attributes are not free)
 _UNRESTRICTED = lib.FUSE_IOCTL_UNRESTRICTED
 _COMPAT = lib.FUSE_IOCTL_COMPAT
-_CHAR_P = ffi.typeof("char *")
 _VOID_P = ffi.typeof("void *")
 ANSWERED = lib.CDEV_ANSWERED  # op_ioctl: replied already, or the request waits
 
@@ -409,7 +408,7 @@ class Session:
             out_size = transfer.out_size
         else:
             out_size = out_bufsz
-        in_data = ffi.unpack(ffi.cast(_CHAR_P, in_buf), in_bufsz) if in_bufsz else b""
+        in_data = ffi.unpack(in_buf, in_bufsz) if in_bufsz else b""  # a const char *
         call = IoctlCall(cmd, arg, in_data, out_size, ctx, bool(flags & _COMPAT))
         try:
             result = self.device.ioctl(handle, call)

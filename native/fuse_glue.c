@@ -25,7 +25,7 @@ static void cdev_ioctl(fuse_req_t req, unsigned int cmd, void *arg, struct fuse_
                        unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
     const struct fuse_ctx *c = fuse_req_ctx(req);
-    int64_t r = cdev_ll_ioctl(req, fi->fh, cmd, (uint64_t)(uintptr_t)arg, flags, in_buf, in_bufsz,
+    int64_t r = cdev_ll_ioctl(req, fi->fh, cmd, (uint64_t)(uintptr_t)arg, flags, (const char *)in_buf, in_bufsz,
                               out_bufsz, (uint32_t)c->uid, (uint32_t)c->gid, (int32_t)c->pid);
     if (r == CDEV_ANSWERED)
         return;
