@@ -260,7 +260,8 @@ static uint64_t cdev_now_ns(void)
  * when a window at the bound ran out), the window halves (below 10 us it is
  * 0). The gap is measured at the wake-up, so it includes the wake-up. A device with
  * sparse traffic so never polls, and steady traffic polls no longer than the
- * gaps it has. KVM polls only while nothing else is runnable on its CPU
+ * gaps it has (under CUSE an exchange is never quite sparse: a NOTIFY's retry is
+ * answered here and its second call follows at once, which the window is for). KVM polls only while nothing else is runnable on its CPU
  * (single_task_running()); a thread cannot see that, so at each turn it yields
  * instead: a thread that shares its CPU (the client, when both are placed on
  * one) runs before the next read. */

@@ -219,6 +219,12 @@ def test_inject_through_a_served_vm(hsm_daemon):
     assert "pio=1" in out and "pci=1" in out and "mmio=1" in out
 
 
+# Under CUSE each NOTIFY is two calls back to back (the first has no argument; the
+# reader answers it with the retry and the kernel sends it again at once), so an
+# exchange opens the window as far as the gap inside it, by design: what that gap is
+# under the emulation (TCG) where the CUSE half runs says nothing. The retry's own
+# answer is checked byte for byte in test_express.py.
+@pytest.mark.transports("fuse")
 def test_the_readers_polling_window_stays_shut_for_sparse_requests(hsm_daemon):
     """Requests seconds apart (one `inject` each) never open the express
     reader's polling window beyond its first step: after every sleep the gap
