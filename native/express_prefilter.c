@@ -1,6 +1,6 @@
 /* The express path in cdev's reader: ATTACH_IOREQ_CLIENT, NOTIFY_REQUEST_FINISH
-   and FUSE_INTERRUPT on a VM's own file, answered from the raw FUSE request
-   (express.h). */
+   (and under CUSE its retry) and FUSE_INTERRUPT on a VM's own file or a served
+   range client's bound file, answered from the raw FUSE request (express.h). */
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>  /* _IOW, for the ACRN_IOCTL_ numbers */
@@ -39,10 +39,9 @@ static int hsm_x_attach_on(struct hsm_xvm *x, uint64_t unique, uint64_t bitmap,
     return 1;
 }
 
-/* ATTACH_IOREQ_CLIENT on the VM's own file: the default client's. */
+/* ATTACH_IOREQ_CLIENT on the VM's own file: the default client's. Locked; unlocks. */
 static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
 {
-    pthread_mutex_lock(&x->lock);
     if (!x->has_default || x->fd < 0) {
         pthread_mutex_unlock(&x->lock);
         return 0;  /* Python: ENODEV, or the session is closing */
@@ -65,7 +64,8 @@ static int hsm_x_notified(struct hsm_xvm *x, uint32_t vcpu, uint32_t polling, ui
 
 /* NOTIFY_REQUEST_FINISH: acrn_ioreq_request_default_complete. Anything but the
    plain case (reserved set, a vCPU out of range, a fault) goes to Python,
-   before any effect, so that its answer and its logging stay the only ones. */
+   before any effect, so that its answer and its logging stay the only ones.
+   Locked; unlocks. */
 static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char *arg)
 {
     struct acrn_ioreq_notify n;
@@ -73,11 +73,9 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
     const uint32_t complete = HSM_STATE_COMPLETE;
     uint64_t slot, traced = 0;
     memcpy(&n, arg, sizeof n);
-    if (n.reserved)
-        return 0;
     n.vcpu &= 0xFFFF;
-    pthread_mutex_lock(&x->lock);
-    if (!x->has_default || x->fd < 0 || n.vcpu >= x->vcpu_num || x->nfds != (int)x->vcpu_num)
+    if (n.reserved || !x->has_default || x->fd < 0 || n.vcpu >= x->vcpu_num ||
+        x->nfds != (int)x->vcpu_num)
         goto python;
     slot = x->page + ((uint64_t)n.vcpu << 8);
     if (hsm_remote_read(x->pid, slot + HSM_SLOT_POLLING, &polling, 4) != 4)
@@ -208,38 +206,23 @@ static int hsm_x_interrupt(struct hsm_xvm *x, uint64_t unique)
     return found;
 }
 
-/* CUSE's first call of NOTIFY_REQUEST_FINISH carries no argument (an unrestricted
-   ioctl): the answer is the retry that asks the kernel for its 8 bytes, as cdev's
-   op_ioctl gives once the HSM's precheck passes (hsm.py: gate). For a file this
-   path serves, that check is passed (a live VM's own file with its default
-   client, or a live range client's bound file); anything else goes to Python. */
-static int hsm_x_notify_retry(struct hsm_express *e, const struct fuse_ioctl_in *in,
-                              uint64_t unique)
+/* Who serves the file fh here: its VM, locked, with *k -1 for the VM's own file
+   (the default client's) or k for range client k's bound file; NULL: nobody. */
+static struct hsm_xvm *hsm_x_owner(struct hsm_express *e, uint64_t fh, int *k)
 {
-    for (uint32_t k = 0; k < e->n; k++) {
-        struct hsm_xvm *x = e->vms[k];
-        int served;
-        if (x->fh != in->fh)
-            continue;
-        pthread_mutex_lock(&x->lock);
-        served = x->has_default && x->fd >= 0;
-        if (served)
-            hsm_x_reply_retry(x, unique, in->arg, sizeof(struct acrn_ioreq_notify));
-        pthread_mutex_unlock(&x->lock);
-        return served;
+    for (uint32_t n = 0; n < e->n; n++) {
+        if (e->vms[n]->fh == fh) {
+            pthread_mutex_lock(&e->vms[n]->lock);
+            *k = -1;
+            return e->vms[n];
+        }
     }
-    for (uint32_t k = 0; k < e->n; k++) {
-        struct hsm_xvm *x = e->vms[k];
-        int served;
-        if (hsm_x_find_client(x, in->fh) < 0)
-            continue;
-        served = x->fd >= 0;  /* found: x is locked */
-        if (served)
-            hsm_x_reply_retry(x, unique, in->arg, sizeof(struct acrn_ioreq_notify));
-        pthread_mutex_unlock(&x->lock);
-        return served;
+    for (uint32_t n = 0; n < e->n; n++) {
+        *k = hsm_x_find_client(e->vms[n], fh);
+        if (*k >= 0)
+            return e->vms[n];
     }
-    return 0;
+    return NULL;
 }
 
 static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t len)
@@ -247,6 +230,8 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
     const struct fuse_in_header *h = req;
     const unsigned char *body = (const unsigned char *)req + sizeof *h;
     struct fuse_ioctl_in in;
+    struct hsm_xvm *x;
+    int k;
     if (len < sizeof *h)
         return 0;
     if (h->opcode == FUSE_INTERRUPT) {
@@ -254,8 +239,8 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
         if (len < sizeof *h + sizeof unique)
             return 0;
         memcpy(&unique, body, sizeof unique);
-        for (uint32_t k = 0; k < e->n; k++)
-            if (hsm_x_interrupt(e->vms[k], unique))
+        for (uint32_t n = 0; n < e->n; n++)
+            if (hsm_x_interrupt(e->vms[n], unique))
                 return 1;
         return 0;
     }
@@ -266,31 +251,28 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
         return 0;
     if (in.cmd != ACRN_IOCTL_ATTACH_IOREQ_CLIENT && in.cmd != ACRN_IOCTL_NOTIFY_REQUEST_FINISH)
         return 0;
+    x = hsm_x_owner(e, in.fh, &k);
+    if (!x)
+        return 0;
     if (in.cmd == ACRN_IOCTL_NOTIFY_REQUEST_FINISH &&
         (in.in_size < sizeof(struct acrn_ioreq_notify) ||
          len < sizeof *h + sizeof in + sizeof(struct acrn_ioreq_notify))) {
-        if ((in.flags & FUSE_IOCTL_UNRESTRICTED) && in.in_size == 0)
-            return hsm_x_notify_retry(e, &in, h->unique);
-        return 0;
+        /* CUSE's first call (an unrestricted ioctl) carries no argument: the answer
+           is the retry asking the kernel for its 8 bytes, as cdev's op_ioctl gives
+           once the HSM's precheck passes (hsm.py: gate), which it does for the files
+           served here (a live VM's own file with its default client, or a live
+           range client's bound file). Anything else goes to Python. */
+        int served = (in.flags & FUSE_IOCTL_UNRESTRICTED) && in.in_size == 0 && x->fd >= 0 &&
+                     (k >= 0 || x->has_default);
+        if (served)
+            hsm_x_reply_retry(x, h->unique, in.arg, sizeof(struct acrn_ioreq_notify));
+        pthread_mutex_unlock(&x->lock);
+        return served;
     }
-    for (uint32_t k = 0; k < e->n; k++) {
-        struct hsm_xvm *x = e->vms[k];
-        if (x->fh != in.fh)
-            continue;
-        if (in.cmd == ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
-            return hsm_x_attach(x, h->unique);
-        return hsm_x_notify(x, h->unique, body + sizeof in);
-    }
-    for (uint32_t k = 0; k < e->n; k++) {  /* a range client's bound file */
-        struct hsm_xvm *x = e->vms[k];
-        int c = hsm_x_find_client(x, in.fh);
-        if (c < 0)
-            continue;
-        if (in.cmd == ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
-            return hsm_x_client_attach(x, (uint32_t)c, h->unique);
-        return hsm_x_client_notify(x, (uint32_t)c, h->unique, body + sizeof in);
-    }
-    return 0;
+    if (in.cmd == ACRN_IOCTL_ATTACH_IOREQ_CLIENT)
+        return k < 0 ? hsm_x_attach(x, h->unique) : hsm_x_client_attach(x, (uint32_t)k, h->unique);
+    return k < 0 ? hsm_x_notify(x, h->unique, body + sizeof in)
+                 : hsm_x_client_notify(x, (uint32_t)k, h->unique, body + sizeof in);
 }
 
 int hsm_x_prefilter(void *ctx, int fd, const void *req, size_t len)

@@ -337,11 +337,7 @@ class HsmDevice(BaseDevice):
     def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         if TRACE.active:
             return self._traced_ioctl(handle, call)
-        result = self._ioctl(handle, call)
-        if isinstance(result, int) and result < 0:  # _counted, inline: the path every ioctl takes
-            key = (call.cmd, -result)
-            self.ioctl_errors[key] = self.ioctl_errors.get(key, 0) + 1
-        return result
+        return self._counted(call.cmd, self._ioctl(handle, call))
 
     def _traced_ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         """:meth:`ioctl` while a tracer listens: the same answer, and its record."""
