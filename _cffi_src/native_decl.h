@@ -53,6 +53,9 @@ struct hsm_vcpu_wait {
     uint64_t spin_hits;
     unsigned char *head;
     struct hsm_ring *ring;
+    uint32_t mail;
+    uint64_t handed;
+    uint64_t handoffs;
     ...;
 };
 void hsm_gate_init(struct hsm_gate *g);
@@ -61,6 +64,11 @@ void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
 struct hsm_native_upcall { ...; };
 int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
                    struct hsm_native_upcall *up, size_t value_len, uint64_t *value);
+#define HSM_MAIL_IDLE ...
+#define HSM_MAIL_ARMED ...
+#define HSM_MAIL_CLAIMED ...
+#define HSM_MAIL_HANDED ...
+int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value);
 
 /* The HSM's express path (native/express.h, hsm/express.py). */
 #define HSM_X_PARKED_MAX ...
@@ -116,6 +124,7 @@ struct hsm_xvm {
     int alert_fd;
     struct hsm_xtrace *trace;
     uint64_t remote;
+    uint64_t handed;
     struct hsm_xclient clients[8];
     ...;
 };
@@ -129,7 +138,7 @@ int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x);
 void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x);
 void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                 uint32_t vcpu_num);
-int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n);
+int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, struct hsm_vcpu_wait *const *waits, int n);
 void hsm_x_lock(struct hsm_xvm *x);
 void hsm_x_unlock(struct hsm_xvm *x);
 uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear);

@@ -61,13 +61,15 @@ void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
 void hsm_x_lock(struct hsm_xvm *x) { pthread_mutex_lock(&x->lock); }
 void hsm_x_unlock(struct hsm_xvm *x) { pthread_mutex_unlock(&x->lock); }
 
-int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n)
+int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, struct hsm_vcpu_wait *const *waits, int n)
 {
     if (n != (int)x->vcpu_num)
         return -EINVAL;
     pthread_mutex_lock(&x->lock);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         x->wake_fds[i] = fds[i];
+        x->waits[i] = waits ? waits[i] : NULL;
+    }
     x->nfds = n;
     pthread_mutex_unlock(&x->lock);
     return 0;
@@ -214,8 +216,10 @@ void hsm_x_close(struct hsm_xvm *x)
        (they take no lock, so holding it here cannot stop them) */
     while (__atomic_load_n(&x->busy, __ATOMIC_ACQUIRE))
         sched_yield();
-    for (int i = 0; i < x->nfds; i++)
+    for (int i = 0; i < x->nfds; i++) {
         close(x->wake_fds[i]);
+        x->waits[i] = NULL;
+    }
     x->nfds = 0;
     x->alert_fd = -1;  /* the session's (Express.alert_fd): not closed here */
     pthread_mutex_unlock(&x->lock);

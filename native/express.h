@@ -103,6 +103,10 @@ struct hsm_xvm {
     uint32_t nranges;
     int nfds;             /* the vCPUs' completion eventfds (owned), or 0 */
     int wake_fds[HSM_X_VCPUS_MAX];
+    /* the vCPUs' native waits, for HC_NOTIFY_REQUEST_FINISH's native form
+       (hsm_vcpu_finish; kept alive by Python), or NULL */
+    struct hsm_vcpu_wait *waits[HSM_X_VCPUS_MAX];
+    uint64_t handed;      /* completions handed to a waiting vCPU here */
     uint32_t nparked;     /* blocked ATTACH calls (FUSE uniques) */
     uint64_t parked[HSM_X_PARKED_MAX];
     uint64_t pio, mmio, defaults;   /* dispatched here */
@@ -128,8 +132,9 @@ void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                 uint32_t vcpu_num);
 void hsm_x_lock(struct hsm_xvm *x);
 void hsm_x_unlock(struct hsm_xvm *x);
-/* Takes the fds (the caller's duplicates); n must be the VM's vCPU count. */
-int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, int n);
+/* Takes the fds (the caller's duplicates) and, where not NULL, the vCPUs'
+   native waits (hsm_vcpu_finish); n must be the VM's vCPU count. */
+int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, struct hsm_vcpu_wait *const *waits, int n);
 uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear);
 /* IoreqClient.wake for the default client: level-triggered. */
 void hsm_x_wake(struct hsm_xvm *x);

@@ -71,26 +71,32 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
     struct acrn_ioreq_notify n;
     uint32_t polling;
     const uint32_t complete = HSM_STATE_COMPLETE;
-    uint64_t slot, traced = 0;
+    /* completion_polling .. value: the driver's read, and the value the
+       vCPU (or the trace) takes */
+    unsigned char seen[HSM_SLOT_VALUE + 8 - HSM_SLOT_POLLING];
+    uint64_t slot, value;
+    int handed = 0;
     memcpy(&n, arg, sizeof n);
     n.vcpu &= 0xFFFF;
     if (n.reserved || !x->has_default || x->fd < 0 || n.vcpu >= x->vcpu_num ||
         x->nfds != (int)x->vcpu_num)
         goto python;
     slot = x->page + ((uint64_t)n.vcpu << 8);
-    if (hsm_remote_read(x->pid, slot + HSM_SLOT_POLLING, &polling, 4) != 4)
+    if (hsm_remote_read(x->pid, slot + HSM_SLOT_POLLING, seen, sizeof seen) != sizeof seen)
         goto python;
-    if (x->trace) {  /* the answer, before the vCPU may free the slot */
-        uint64_t value = 0;
-        if (hsm_remote_read(x->pid, slot + HSM_SLOT_VALUE, &value, 8) != 8)
+    memcpy(&polling, seen, 4);
+    memcpy(&value, seen + HSM_SLOT_VALUE - HSM_SLOT_POLLING, 8);
+    if (!polling && x->waits[n.vcpu]) {
+        handed = hsm_vcpu_finish(x->waits[n.vcpu], x->pid, slot, value);
+        if (handed < 0)
             goto python;
-        traced = value;
     }
-    if (hsm_remote_write(x->pid, slot + HSM_SLOT_STATE, &complete, 4) != 4)
+    if (!handed && hsm_remote_write(x->pid, slot + HSM_SLOT_STATE, &complete, 4) != 4)
         goto python;
     x->bitmap &= ~((uint64_t)1 << n.vcpu);
+    x->handed += (uint64_t)handed;
     if (x->trace)
-        hsm_x_trace_rec(x, HSM_XT_NOTIFY, n.vcpu, NULL, traced, 0);
+        hsm_x_trace_rec(x, HSM_XT_NOTIFY, n.vcpu, NULL, value, 0);
     return hsm_x_notified(x, n.vcpu, polling, unique);
 python:
     pthread_mutex_unlock(&x->lock);

@@ -28,11 +28,50 @@ void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop)
     __atomic_add_fetch(&w->gen, 1, __ATOMIC_ACQ_REL);
 }
 
+int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value)
+{
+    const uint32_t free_ = HSM_STATE_FREE;
+    uint32_t armed = HSM_MAIL_ARMED;
+    ssize_t r;
+    if (w->pid != pid || w->slot != slot ||
+        !__atomic_compare_exchange_n(&w->mail, &armed, HSM_MAIL_CLAIMED, 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    r = hsm_remote_write(pid, slot + HSM_SLOT_STATE, &free_, sizeof free_);
+    if (r != sizeof free_) {
+        int err = (r < 0 && errno) ? -errno : -EFAULT;
+        __atomic_store_n(&w->mail, HSM_MAIL_ARMED, __ATOMIC_RELEASE);
+        return err;
+    }
+    w->handed = value;
+    w->handoffs++;
+    __atomic_store_n(&w->mail, HSM_MAIL_HANDED, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* The wait is over (any way): disarm w->mail. 1 if a notifier handed the
+   completion over (the slot is FREE, the value in w->handed). */
+static int hsm_mail_take(struct hsm_vcpu_wait *w)
+{
+    uint32_t m = HSM_MAIL_ARMED;
+    if (__atomic_compare_exchange_n(&w->mail, &m, HSM_MAIL_IDLE, 0,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return 0;
+    while (m == HSM_MAIL_CLAIMED) {  /* between its claim and its store */
+        sched_yield();
+        m = __atomic_load_n(&w->mail, __ATOMIC_ACQUIRE);
+    }
+    __atomic_store_n(&w->mail, HSM_MAIL_IDLE, __ATOMIC_RELAXED);
+    return m == HSM_MAIL_HANDED;
+}
+
 static int hsm_sc_fault(struct hsm_vcpu_wait *w, int stage, ssize_t n)
 {
+    int err = (n < 0 && errno) ? -errno : -EFAULT;  /* short transfer: unmapped part */
+    hsm_mail_take(w);
     w->stage = stage;
     w->waiting = 0;
-    return (n < 0 && errno) ? -errno : -EFAULT;  /* short transfer: unmapped part */
+    return err;
 }
 
 int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
@@ -47,7 +86,7 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
     uint32_t state;
     ssize_t r = 0;
     unsigned gen;
-    int posted;
+    int posted, handed = 0;
     uint64_t spin_until;
 
     /* A wake left over from before (a kick) is not drained here: the wait below
@@ -58,6 +97,7 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
         pthread_mutex_unlock(&g->lock);
         return HSM_SC_CLOSED;
     }
+    __atomic_store_n(&w->mail, HSM_MAIL_ARMED, __ATOMIC_RELEASE);  /* before anyone sees it */
     posted = up ? up->post(up, w->pid, w->slot, head) : 0;
     if (posted == 0)
         r = hsm_remote_write2(w->pid, w->slot, head, head_len,
@@ -112,7 +152,12 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
         }
         if (read(w->wake_fd, &n, sizeof n) < 0 && errno != EAGAIN)
             return hsm_sc_fault(w, HSM_SC_READ, -1);
+        if (__atomic_load_n(&w->mail, __ATOMIC_ACQUIRE) == HSM_MAIL_HANDED) {
+            handed = hsm_mail_take(w);
+            break;
+        }
         if (__atomic_load_n(&w->gen, __ATOMIC_ACQUIRE) != gen) {
+            hsm_mail_take(w);  /* a completion handed over now is dropped, as below */
             w->waiting = 0;
             return HSM_SC_ABANDONED;
         }
@@ -120,14 +165,20 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
         if (r != sizeof done)
             return hsm_sc_fault(w, HSM_SC_READ, r);
         memcpy(&state, done + sizeof done - sizeof state, sizeof state);
-        if (state == HSM_STATE_COMPLETE)
+        if (state == HSM_STATE_COMPLETE) {
+            handed = hsm_mail_take(w);  /* a notifier may have claimed it meanwhile */
             break;
+        }
     }
     w->waiting = 0;
+    if (handed)  /* the slot is FREE already */
+        memcpy(done, &w->handed, sizeof w->handed);
     if (value_len) {
         memcpy(head + HSM_SLOT_VALUE, done, value_len);
         memcpy(value, done, sizeof *value);
     }
+    if (handed)
+        return HSM_SC_DONE;
     r = hsm_remote_write(w->pid, w->slot + HSM_SLOT_STATE, &free_, sizeof free_);
     if (r != sizeof free_)
         return hsm_sc_fault(w, HSM_SC_FREE, r);

@@ -47,7 +47,19 @@ struct hsm_vcpu_wait {
     struct hsm_ring *ring;
     unsigned gen;     /* bumped by stop and reset: leave the wait */
     int stopped;
+    uint32_t mail;    /* HSM_MAIL_*: a completion handed over in memory (hsm_vcpu_finish) */
+    uint64_t handed;  /* its value */
+    uint64_t handoffs;  /* completions handed over (status) */
 };
+
+/* w->mail: hsm_slot_cycle arms it before its request is posted and disarms
+   it when its wait ends; a notifier that claims it (hsm_vcpu_finish) frees
+   the slot itself and leaves the value here, so the vCPU touches the page
+   no more. The vCPU waits out a claim (one store) before it goes on. */
+#define HSM_MAIL_IDLE 0
+#define HSM_MAIL_ARMED 1
+#define HSM_MAIL_CLAIMED 2
+#define HSM_MAIL_HANDED 3
 
 /* The native upcall (hypervisor side of the seam): a VM's handler that
    Hypercalls.set_native_upcall installs. post() gets a request whose head is
@@ -73,6 +85,19 @@ void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
    upcall, or NULL. */
 int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
                    struct hsm_native_upcall *up, size_t value_len, uint64_t *value);
+
+/* HC_NOTIFY_REQUEST_FINISH made from native code (the HSM's express reader,
+   hsm/express.py) with the driver's COMPLETE store folded into the vCPU's
+   completion, as the hypercall runs on the caller's CPU: if w waits in
+   hsm_slot_cycle for the request in `slot` of process `pid`, store FREE there
+   and hand w `value`, the slot's value as the caller read it (with the
+   driver's read of completion_polling, before any store): 1, and the caller
+   wakes w as the hypercall does (its completion eventfd). The slot goes from
+   PROCESSING to FREE where it went through COMPLETE: the two stores of one
+   request, back to back, with nothing between them that could tell. 0: w
+   does not wait natively for it (nothing done: the caller stores COMPLETE
+   and wakes w, as before); -errno: the store faulted (nothing done). */
+int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value);
 
 static inline uint64_t hsm_now_ns(void)
 {

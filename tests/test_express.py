@@ -9,7 +9,9 @@ are in test_hsm_errno.py and test_kvm_daemon.py.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -64,6 +66,7 @@ class Rig:
     page: int
     buf: Any
     wake: list[int]
+    waits: Any  # the vCPUs' native waits (struct hsm_vcpu_wait[2]), idle unless a test arms one
 
     def feed(self, req: bytes) -> int:
         return lib.hsm_x_prefilter(self.table, self.fd, req, len(req))
@@ -108,11 +111,12 @@ def rig() -> Iterator[Rig]:
     x = ffi.new("struct hsm_xvm *")
     lib.hsm_x_init(x, a.fileno(), FH, os.getpid(), page, 2)
     wake = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
-    assert lib.hsm_x_set_wake_fds(x, [os.dup(w) for w in wake], 2) == 0
+    waits = ffi.new("struct hsm_vcpu_wait[2]")
+    assert lib.hsm_x_set_wake_fds(x, [os.dup(w) for w in wake], [waits + 0, waits + 1], 2) == 0
     table = ffi.new("struct hsm_express *")
     lib.hsm_x_table_init(table)
     assert lib.hsm_x_register(table, x) == 0
-    r = Rig(x, table, b, a.fileno(), page, buf, wake)
+    r = Rig(x, table, b, a.fileno(), page, buf, wake, waits)
     yield r
     lib.hsm_x_close(x)
     for w in wake:
@@ -194,6 +198,59 @@ def test_notify_completes_clears_the_bit_and_wakes_the_vcpu(rig: Rig) -> None:
     assert rig.replies() == [(51, 0)] and rig.x.notified == 2
 
 
+def test_notify_hands_the_completion_to_a_vcpu_waiting_natively(rig: Rig) -> None:
+    """HC_NOTIFY_REQUEST_FINISH's native form: for a vCPU armed in its native wait
+    (hsm_slot_cycle) the driver's COMPLETE and the hypervisor's FREE are one store,
+    and the value the vCPU would read back is handed over in memory."""
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_bits(rig.x, 0b11, 0)
+    w = rig.waits[1]
+    w.pid, w.slot, w.mail = os.getpid(), rig.page + 256, lib.HSM_MAIL_ARMED
+    rig.set_u32(256 + _STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+    rig.set_u32(256 + abi.SLOT_VALUE, 0x55667788)
+    rig.set_u32(256 + abi.SLOT_VALUE + 4, 0x11223344)
+    assert rig.feed(ioctl_req(80, NOTIFY, notify_arg(1))) == 1
+    assert rig.replies() == [(80, 0)]
+    assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_FREE
+    assert (w.mail, w.handed, w.handoffs) == (lib.HSM_MAIL_HANDED, 0x11223344_55667788, 1)
+    assert (rig.woken(0), rig.woken(1)) == (0, 1)  # the wake-up is the hypercall's, as before
+    assert (rig.x.notified, rig.x.handed, lib.hsm_x_bits(rig.x, 0, 0)) == (1, 1, 0b01)
+    # not armed, armed for another slot, or a slot that polls: COMPLETE, as the driver
+    # stores it, and the vCPU reads its slot itself
+    for case in ("idle", "other slot", "polling"):
+        lib.hsm_x_bits(rig.x, 0b10, 0)
+        w.mail = lib.HSM_MAIL_IDLE if case == "idle" else lib.HSM_MAIL_ARMED
+        w.slot = rig.page if case == "other slot" else rig.page + 256
+        rig.set_u32(256 + _POLLING, int(case == "polling"))
+        rig.set_u32(256 + _STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+        assert rig.feed(ioctl_req(81, NOTIFY, notify_arg(1))) == 1, case
+        assert rig.replies() == [(81, 0)], case
+        assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_COMPLETE, case
+        assert w.mail == (lib.HSM_MAIL_IDLE if case == "idle" else lib.HSM_MAIL_ARMED), case
+        assert rig.woken(1) == int(case != "polling"), case
+    assert (rig.x.handed, w.handoffs) == (1, 1)
+
+
+def test_a_handover_that_cannot_free_the_slot_goes_to_python_untouched(rig: Rig) -> None:
+    """The page turned read-only under the notify (the FREE store faults after the
+    read succeeded): no effect at all, the vCPU still armed, Python answers."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.hsm_x_set_default(rig.x, 1)
+    lib.hsm_x_bits(rig.x, 0b01, 0)
+    w = rig.waits[0]
+    w.pid, w.slot, w.mail = os.getpid(), rig.page, lib.HSM_MAIL_ARMED
+    rig.set_u32(_STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+    assert libc.mprotect(rig.page, 4096, mmap.PROT_READ) == 0
+    try:
+        assert rig.feed(ioctl_req(90, NOTIFY, notify_arg(0))) == 0
+    finally:
+        assert libc.mprotect(rig.page, 4096, mmap.PROT_READ | mmap.PROT_WRITE) == 0
+    assert rig.replies() == [] and rig.woken(0) == 0
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_PROCESSING and lib.hsm_x_bits(rig.x, 0, 0) == 1
+    assert (w.mail, w.handoffs, rig.x.handed, rig.x.notified) == (lib.HSM_MAIL_ARMED, 0, 0, 0)
+
+
 def test_cuses_first_notify_is_answered_with_the_retry_for_its_argument(rig: Rig) -> None:
     """CUSE's first call of an unrestricted ioctl has no argument: the answer (cdev's,
     once the precheck passes) asks the kernel for the 8 bytes at the caller's address."""
@@ -241,7 +298,7 @@ def test_anything_else_goes_to_python_untouched(rig: Rig, req: bytes) -> None:
 def test_notify_on_an_unreachable_page_goes_to_python(rig: Rig) -> None:
     x = ffi.new("struct hsm_xvm *")
     lib.hsm_x_init(x, rig.fd, FH, os.getpid(), 0x1000, 1)  # page 0x1000: unmapped
-    assert lib.hsm_x_set_wake_fds(x, [os.dup(rig.wake[0])], 1) == 0
+    assert lib.hsm_x_set_wake_fds(x, [os.dup(rig.wake[0])], ffi.NULL, 1) == 0
     lib.hsm_x_set_default(x, 1)
     lib.hsm_x_bits(x, 1, 0)
     lib.hsm_x_unregister(rig.table, rig.x)

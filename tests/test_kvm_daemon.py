@@ -431,4 +431,7 @@ def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
         # counts are read a few microseconds apart while the vCPUs run on
         assert abs(c["default"] - x["dispatched"]) <= 16 and abs(c["notified"] - x["notified"]) <= 16
         assert x["attaches"] >= c["notified"] // 2
+        # and each NOTIFY found its vCPU waiting in its native cycle: the slot freed
+        # and the value handed over with it (Hypercalls.notify_waits)
+        assert abs(x["handed"] - x["notified"]) <= 16 and x["handed"] >= 2000
     wait_until(lambda: not json.loads(d.cli("status", "--json").stdout)["hsm"]["vms"], "the VM to go")

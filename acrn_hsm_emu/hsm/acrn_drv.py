@@ -538,6 +538,9 @@ def express_snapshot(x: Any) -> dict[str, int] | None:
         "dispatch": x.dispatch,
         "dispatched": x.defaults,
         "notified": x.notified,
+        # of those, completions handed to a vCPU waiting in its native cycle, the
+        # slot freed with the notify (Hypercalls.notify_waits)
+        "handed": x.handed,
         "attaches": x.attaches,
         "attach_refused": x.refused,
         "waiting": x.nparked,

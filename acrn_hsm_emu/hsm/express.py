@@ -15,7 +15,10 @@ limits every VM's throughput (docs/performance.md). Here they are done in C:
 - cdev's prefilter (``HsmDevice.native_prefilter``) answers ATTACH and
   NOTIFY_REQUEST_FINISH on the VM's file before libfuse sees them, NOTIFY
   writing the vCPU's completion eventfd as HC_NOTIFY_REQUEST_FINISH does
-  (``Hypercalls.notify_fds``).
+  (``Hypercalls.notify_fds``); where the vCPU waits in its native cycle, the
+  hypercall's native form (``Hypercalls.notify_waits``, ``hsm_vcpu_finish``)
+  also frees the slot and hands the vCPU the value, the driver's COMPLETE
+  store folded into it, so that the vCPU does not read the page again.
 
 The rules stay in Python. :func:`sync` tells C, after every change that
 matters, whether the vCPUs may dispatch (a default client, not clearing, page
@@ -84,6 +87,7 @@ class Express:
         self.ctx = self.table
         self.fn = ffi.cast("void *", ffi.addressof(lib, "hsm_x_prefilter"))
         self._vms: list[Vm] = []
+        self._waits: dict[int, Any] = {}  # struct hsm_xvm address -> its vCPUs' waits
         self.closed = False
         # C writes this when it refuses an ATTACH (too many parked): the
         # refusal is logged from the trio thread (watch_refusals), as the
@@ -112,9 +116,14 @@ class Express:
         lib.hsm_x_init(x, self.fd, vm.fh, vm.owner_pid, vm.page_base, vm.nslots)
         x.alert_fd = self.alert_fd
         fds = self.hv.notify_fds(vm.vmid) or []
-        if fds and lib.hsm_x_set_wake_fds(x, fds, len(fds)) < 0:
+        waits = self.hv.notify_waits(vm.vmid) if fds else None
+        if waits is not None and len(waits) != len(fds):
+            waits = None
+        if fds and lib.hsm_x_set_wake_fds(x, fds, waits or ffi.NULL, len(fds)) < 0:
             for fd in fds:
                 os.close(fd)
+        elif waits is not None:
+            self._waits[_addr(x)] = waits  # C keeps their addresses until hsm_x_close
         if lib.hsm_x_register(self.table, x) < 0:
             log.warning("hsm.express_full", vmid=vm.vmid, note="this VM takes the Python path")
             lib.hsm_x_close(x)
@@ -148,6 +157,7 @@ class Express:
             c.leave_express()
         _CLIENT_NAMES.pop(_addr(x), None)
         lib.hsm_x_close(x)
+        self._waits.pop(_addr(x), None)
         self._log_refusals(vm)  # any the watcher has not seen yet
         self._refused_logged.pop(vm.vmid, None)
         vm.express = None

@@ -171,6 +171,12 @@ class Hypercalls(Protocol):
         """Duplicates of the eventfds HC_NOTIFY_REQUEST_FINISH writes, one per vCPU."""
         ...
 
+    def notify_waits(self, vmid: int) -> list[Any] | None:
+        """HC_NOTIFY_REQUEST_FINISH's native form (``hsm_vcpu_finish``): each
+        vCPU's ``struct hsm_vcpu_wait *`` (the list keeps them alive), or None
+        where :meth:`notify_fds` gives none."""
+        ...
+
     def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int: ...
 
     def inject_msi(self, vmid: int, msi: bytes) -> int:

@@ -517,6 +517,16 @@ class Hypervisor:
                 return None
             return fds
 
+    def notify_waits(self, vmid: int) -> list[Any] | None:
+        """HC_NOTIFY_REQUEST_FINISH's native form, for native callers: each
+        vCPU's ``struct hsm_vcpu_wait *`` for ``hsm_vcpu_finish`` (the list keeps
+        them alive), or None where :meth:`notify_fds` gives none."""
+        with self._lock:
+            vm = self._vm(vmid)
+            if isinstance(vm, int) or not vm.severity_pass or vm.page is None or vm.polling:
+                return None
+            return [v.native_wait for v in vm.vcpus]
+
     # ----- memory --------------------------------------------------------------------
 
     def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int:

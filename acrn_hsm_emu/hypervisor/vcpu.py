@@ -251,6 +251,12 @@ class Vcpu:
         self._thread.start()
 
     @property
+    def native_wait(self) -> Any:
+        """hsm_slot_cycle's ``struct hsm_vcpu_wait *`` (owning: alive while referenced),
+        for HC_NOTIFY_REQUEST_FINISH's native form (``hsm_vcpu_finish``)."""
+        return self._native
+
+    @property
     def wake_fd(self) -> int:
         """The completion eventfd :meth:`notify` writes (-1 once the thread ended)."""
         return self._wake.fd
@@ -717,6 +723,8 @@ class Vcpu:
             "pcpu": self.pcpu,
             "host_cpus": sorted(self.vm.placement.host_cpus(self.pcpu)),
             "completions_polled": int(self._native.spin_hits),
+            # completions the notify hypercall's native form freed and handed over
+            "completions_handed": int(self._native.handoffs),
             "state": "waiting" if self._native.waiting else self.state,
             "accesses": self.accesses,
             "requests": self.requests,
