@@ -87,7 +87,7 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
     memcpy(&polling, seen, 4);
     memcpy(&value, seen + HSM_SLOT_VALUE - HSM_SLOT_POLLING, 8);
     if (!polling && x->waits[n.vcpu]) {
-        handed = hsm_vcpu_finish(x->waits[n.vcpu], x->pid, slot, value);
+        handed = hsm_vcpu_finish(x->waits[n.vcpu], x->pid, slot, value, 0);
         if (handed < 0)
             goto python;
     }
@@ -134,6 +134,7 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
     size_t value_len = 0;
     struct iovec l[2], rm[2];
     unsigned long nio = 0;
+    int handed = 0;
     memcpy(&n, arg, sizeof n);
     if (n.reserved)
         goto python;
@@ -157,15 +158,25 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
         goto python;
     if (hsm_remote_write(c->pid, coff + HSM_SLOT_STATE, &free_state, 4) != 4)
         goto python;
-    if (value_len) {
-        l[nio] = (struct iovec){ &value, value_len };
-        rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), value_len };
+    /* the answer and COMPLETE; or, for a vCPU waiting natively, the answer and
+       FREE, the value handed over (hsm_vcpu_finish, as hsm_x_notify) */
+    if (!polling && x->waits[n.vcpu]) {
+        handed = hsm_vcpu_finish(x->waits[n.vcpu], x->pid, slot, value, value_len);
+        if (handed < 0)
+            goto python;
     }
-    l[nio] = (struct iovec){ (void *)&complete, 4 };
-    rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 };
-    if (process_vm_writev(x->pid, l, nio, rm, nio, 0) != (ssize_t)(value_len + 4))
-        goto python;
+    if (!handed) {
+        if (value_len) {
+            l[nio] = (struct iovec){ &value, value_len };
+            rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), value_len };
+        }
+        l[nio] = (struct iovec){ (void *)&complete, 4 };
+        rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 };
+        if (process_vm_writev(x->pid, l, nio, rm, nio, 0) != (ssize_t)(value_len + 4))
+            goto python;
+    }
     c->bitmap &= ~((uint64_t)1 << n.vcpu);
+    x->handed += (uint64_t)handed;
     c->held[n.vcpu] = 0;
     c->served++;
     if (x->trace)

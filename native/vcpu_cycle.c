@@ -28,17 +28,22 @@ void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop)
     __atomic_add_fetch(&w->gen, 1, __ATOMIC_ACQ_REL);
 }
 
-int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value)
+int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value,
+                    size_t store_len)
 {
     const uint32_t free_ = HSM_STATE_FREE;
     uint32_t armed = HSM_MAIL_ARMED;
     ssize_t r;
-    if (w->pid != pid || w->slot != slot ||
+    if (store_len > sizeof value || w->pid != pid || w->slot != slot ||
         !__atomic_compare_exchange_n(&w->mail, &armed, HSM_MAIL_CLAIMED, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return 0;
-    r = hsm_remote_write(pid, slot + HSM_SLOT_STATE, &free_, sizeof free_);
-    if (r != sizeof free_) {
+    if (store_len)
+        r = hsm_remote_write2(pid, slot + HSM_SLOT_VALUE, &value, store_len,
+                              slot + HSM_SLOT_STATE, &free_, sizeof free_);
+    else
+        r = hsm_remote_write(pid, slot + HSM_SLOT_STATE, &free_, sizeof free_);
+    if (r != (ssize_t)(store_len + sizeof free_)) {
         int err = (r < 0 && errno) ? -errno : -EFAULT;
         __atomic_store_n(&w->mail, HSM_MAIL_ARMED, __ATOMIC_RELEASE);
         return err;

@@ -96,8 +96,11 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
    PROCESSING to FREE where it went through COMPLETE: the two stores of one
    request, back to back, with nothing between them that could tell. 0: w
    does not wait natively for it (nothing done: the caller stores COMPLETE
-   and wakes w, as before); -errno: the store faulted (nothing done). */
-int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value);
+   and wakes w, as before); -errno: the store faulted (nothing done).
+   store_len: 0, or the bytes of `value` the driver stores into the slot's
+   value first, in the same call (a range client's answer: 4 or 8). */
+int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value,
+                    size_t store_len);
 
 static inline uint64_t hsm_now_ns(void)
 {

@@ -600,12 +600,17 @@ def test_a_range_clients_cycle_is_served_here(rig: Rig) -> None:
     assert lib.hsm_x_client_bits(rig.x, k, 0, 0) == 0
     assert lib.hsm_x_client_held(rig.x, k, 1, 0xFFFFFFFF) == 0
     assert (rig.x.clients[k].served, rig.x.notified) == (1, 1)
-    # an MMIO read answers 8 bytes
+    # an MMIO read answers 8 bytes; its vCPU waits natively: the answer and FREE are
+    # stored in one call and the value handed over (hsm_vcpu_finish)
     _, _, keep2 = _client_rig_again(rig, k, [(MMIO, 0xC000_0000, 0xC000_0FFF)])
+    w = rig.waits[0]
+    w.pid, w.slot, w.mail = os.getpid(), rig.page, lib.HSM_MAIL_ARMED
     assert lib.hsm_x_post(rig.x, os.getpid(), rig.page, _head(MMIO, 0xC000_0008, 8)) == 1
     struct.pack_into("<Q", cbuf, 88, 0x1122_3344_5566_7788)
     assert rig.feed(ioctl_req(304, NOTIFY, notify_arg(0), fh=RFH)) == 1
     assert struct.unpack_from("<Q", ffi.buffer(rig.buf + (rig.page - rig.base), 4096), 88)[0] == 0x1122_3344_5566_7788
+    assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE
+    assert (w.mail, w.handed, rig.x.handed) == (lib.HSM_MAIL_HANDED, 0x1122_3344_5566_7788, 1)
     assert rig.replies() == [(304, 0)] and rig.woken(0) == 1
     del keep, keep2
 

@@ -143,6 +143,8 @@ def test_a_range_clients_cycle_and_errnos_with_and_without_the_express_path(daem
         if express == "on":  # C served all of it
             x = vm["express"]
             assert (x["range_dispatched"], x["notified"], x["attaches"]) == (2, 2, 4)
+            # both vCPUs waited in their native cycle: the answers went to them in memory
+            assert x["handed"] == 2
 
         # destroyed while an ATTACH is parked: ENODEV, then the file has no client
         got.clear()

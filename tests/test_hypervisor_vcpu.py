@@ -151,7 +151,7 @@ class FakeHsm:
             waits = self.hv.notify_waits(self.vmid)
             assert waits is not None
             value = struct.unpack("<Q", self.page.read(i * 256 + 88, 8))[0]
-            rc = _lib.hsm_vcpu_finish(waits[i], os.getpid(), self.page.base + i * 256, value)
+            rc = _lib.hsm_vcpu_finish(waits[i], os.getpid(), self.page.base + i * 256, value, 0)
             assert rc >= 0
             if rc:  # the slot is FREE, the value handed: only the wake-up is left
                 self.handed += 1
