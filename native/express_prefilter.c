@@ -4,7 +4,6 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>  /* _IOW, for the ACRN_IOCTL_ numbers */
-#include <sys/uio.h>
 #include <unistd.h>
 #include <linux/acrn.h>
 #include <linux/fuse.h>
@@ -62,6 +61,28 @@ static int hsm_x_notified(struct hsm_xvm *x, uint32_t vcpu, uint32_t polling, ui
     return 1;
 }
 
+/* Locked: vCPU i's request answered (value; store_len of it stored into the
+   slot, 0 for none): the answer (if any) and COMPLETE stored, or, for a vCPU
+   waiting natively, the answer and FREE with the value handed over
+   (hsm_vcpu_finish). 0 done, -1 a fault (nothing stored: Python's to do). */
+static int hsm_x_complete_slot(struct hsm_xvm *x, uint32_t i, uint32_t polling, uint64_t value,
+                               size_t store_len)
+{
+    const uint32_t complete = HSM_STATE_COMPLETE;
+    uint64_t slot = x->page + ((uint64_t)i << 8);
+    int handed = 0;
+    if (!polling && x->waits[i]) {
+        handed = hsm_vcpu_finish(x->waits[i], x->pid, slot, value, store_len);
+        if (handed < 0)
+            return -1;
+    }
+    if (!handed && hsm_remote_write2(x->pid, slot + HSM_SLOT_VALUE, &value, store_len,
+                                     slot + HSM_SLOT_STATE, &complete, 4) != (ssize_t)(store_len + 4))
+        return -1;
+    x->handed += (uint64_t)handed;
+    return 0;
+}
+
 /* NOTIFY_REQUEST_FINISH: acrn_ioreq_request_default_complete. Anything but the
    plain case (reserved set, a vCPU out of range, a fault) goes to Python,
    before any effect, so that its answer and its logging stay the only ones.
@@ -70,12 +91,10 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
 {
     struct acrn_ioreq_notify n;
     uint32_t polling;
-    const uint32_t complete = HSM_STATE_COMPLETE;
     /* completion_polling .. value: the driver's read, and the value the
        vCPU (or the trace) takes */
     unsigned char seen[HSM_SLOT_VALUE + 8 - HSM_SLOT_POLLING];
     uint64_t slot, value;
-    int handed = 0;
     memcpy(&n, arg, sizeof n);
     n.vcpu &= 0xFFFF;
     if (n.reserved || !x->has_default || x->fd < 0 || n.vcpu >= x->vcpu_num ||
@@ -86,15 +105,9 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
         goto python;
     memcpy(&polling, seen, 4);
     memcpy(&value, seen + HSM_SLOT_VALUE - HSM_SLOT_POLLING, 8);
-    if (!polling && x->waits[n.vcpu]) {
-        handed = hsm_vcpu_finish(x->waits[n.vcpu], x->pid, slot, value, 0);
-        if (handed < 0)
-            goto python;
-    }
-    if (!handed && hsm_remote_write(x->pid, slot + HSM_SLOT_STATE, &complete, 4) != 4)
+    if (hsm_x_complete_slot(x, n.vcpu, polling, value, 0) < 0)
         goto python;
     x->bitmap &= ~((uint64_t)1 << n.vcpu);
-    x->handed += (uint64_t)handed;
     if (x->trace)
         hsm_x_trace_rec(x, HSM_XT_NOTIFY, n.vcpu, NULL, value, 0);
     return hsm_x_notified(x, n.vcpu, polling, unique);
@@ -126,15 +139,11 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
                                const unsigned char *arg)
 {
     static const uint32_t free_state = HSM_STATE_FREE;
-    const uint32_t complete = HSM_STATE_COMPLETE;
     struct hsm_xclient *c = &x->clients[k];
     struct acrn_ioreq_notify n;
     uint32_t polling, held, type = ACRN_IOREQ_TYPE_PORTIO, direction = ACRN_IOREQ_DIR_WRITE;
     uint64_t slot, coff, value = 0;
     size_t value_len = 0;
-    struct iovec l[2], rm[2];
-    unsigned long nio = 0;
-    int handed = 0;
     memcpy(&n, arg, sizeof n);
     if (n.reserved)
         goto python;
@@ -158,25 +167,9 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
         goto python;
     if (hsm_remote_write(c->pid, coff + HSM_SLOT_STATE, &free_state, 4) != 4)
         goto python;
-    /* the answer and COMPLETE; or, for a vCPU waiting natively, the answer and
-       FREE, the value handed over (hsm_vcpu_finish, as hsm_x_notify) */
-    if (!polling && x->waits[n.vcpu]) {
-        handed = hsm_vcpu_finish(x->waits[n.vcpu], x->pid, slot, value, value_len);
-        if (handed < 0)
-            goto python;
-    }
-    if (!handed) {
-        if (value_len) {
-            l[nio] = (struct iovec){ &value, value_len };
-            rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_VALUE), value_len };
-        }
-        l[nio] = (struct iovec){ (void *)&complete, 4 };
-        rm[nio++] = (struct iovec){ (void *)(uintptr_t)(slot + HSM_SLOT_STATE), 4 };
-        if (process_vm_writev(x->pid, l, nio, rm, nio, 0) != (ssize_t)(value_len + 4))
-            goto python;
-    }
+    if (hsm_x_complete_slot(x, n.vcpu, polling, value, value_len) < 0)
+        goto python;
     c->bitmap &= ~((uint64_t)1 << n.vcpu);
-    x->handed += (uint64_t)handed;
     c->held[n.vcpu] = 0;
     c->served++;
     if (x->trace)

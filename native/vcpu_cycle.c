@@ -38,11 +38,8 @@ int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t va
         !__atomic_compare_exchange_n(&w->mail, &armed, HSM_MAIL_CLAIMED, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return 0;
-    if (store_len)
-        r = hsm_remote_write2(pid, slot + HSM_SLOT_VALUE, &value, store_len,
-                              slot + HSM_SLOT_STATE, &free_, sizeof free_);
-    else
-        r = hsm_remote_write(pid, slot + HSM_SLOT_STATE, &free_, sizeof free_);
+    r = hsm_remote_write2(pid, slot + HSM_SLOT_VALUE, &value, store_len,  /* store_len may be 0 */
+                          slot + HSM_SLOT_STATE, &free_, sizeof free_);
     if (r != (ssize_t)(store_len + sizeof free_)) {
         int err = (r < 0 && errno) ? -errno : -EFAULT;
         __atomic_store_n(&w->mail, HSM_MAIL_ARMED, __ATOMIC_RELEASE);

@@ -116,9 +116,7 @@ class Express:
         lib.hsm_x_init(x, self.fd, vm.fh, vm.owner_pid, vm.page_base, vm.nslots)
         x.alert_fd = self.alert_fd
         fds = self.hv.notify_fds(vm.vmid) or []
-        waits = self.hv.notify_waits(vm.vmid) if fds else None
-        if waits is not None and len(waits) != len(fds):
-            waits = None
+        waits = self.hv.notify_waits(vm.vmid) if fds else None  # one per vCPU, as fds
         if fds and lib.hsm_x_set_wake_fds(x, fds, waits or ffi.NULL, len(fds)) < 0:
             for fd in fds:
                 os.close(fd)
