@@ -418,8 +418,12 @@ def test_the_express_path_serves_the_default_client_and_can_be_turned_off(
     x = vm["express"]
     if express == "off":
         assert x is None
-        # the trio thread reads the node, polling for the device model's next call (reader_poll)
-        assert not reader["native"] and reader["poll_max_us"] == 200 and reader["poll_hits"] > 0, reader
+        # the trio thread reads the node, polling for the device model's next call
+        # (reader_poll): its window opened (a hit, or one that ran out). Whether a window
+        # caught a call is timing: 0 hits in 2000 requests happens here in about one
+        # run of three, before this session's change too (7303414)
+        assert not reader["native"] and reader["poll_max_us"] == 200, reader
+        assert reader["poll_hits"] + reader["poll_misses"] > 0, reader
     else:
         assert reader["native"] and reader["answered"] >= c["notified"]
         if express == "on":  # back-to-back requests: the window opened and caught some
