@@ -174,3 +174,4 @@ struct hsm_kvm_fast {
 };
 int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
                  struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up);
+int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);

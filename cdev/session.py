@@ -387,10 +387,13 @@ class Session:
         in_buf: Any,
         in_bufsz: int,
         out_bufsz: int,
-        ctx: RequestContext,
+        uid: int,
+        gid: int,
+        tid: int,
     ) -> int:
         """The device's answer to the ioctl: a result or -errno for C to reply with
-        (fuse_glue.c), or ANSWERED when this replied itself or keeps the request."""
+        (fuse_glue.c), or ANSWERED when this replied itself or keeps the request.
+        The caller's RequestContext is built only if the device asks (IoctlCall.ctx)."""
         handle = self._files.get(fh)
         if handle is None:
             return -errno.EBADF
@@ -409,7 +412,7 @@ class Session:
         else:
             out_size = out_bufsz
         in_data = ffi.unpack(in_buf, in_bufsz) if in_bufsz else b""  # a const char *
-        call = IoctlCall(cmd, arg, in_data, out_size, ctx, bool(flags & _COMPAT))
+        call = IoctlCall(cmd, arg, in_data, out_size, None, bool(flags & _COMPAT), (uid, gid, tid, self._resolve))
         try:
             result = self.device.ioctl(handle, call)
         except DeviceError as e:
@@ -689,8 +692,7 @@ def cdev_ll_ioctl(
 ) -> int:
     try:
         session = _CURRENT[0] or _session(req)
-        return session.op_ioctl(req, fh, cmd, arg, flags, in_buf, in_bufsz, out_bufsz,
-                                RequestContext(uid, gid, None, tid, session._resolve))
+        return session.op_ioctl(req, fh, cmd, arg, flags, in_buf, in_bufsz, out_bufsz, uid, gid, tid)
     except Exception:
         log.exception("cdev.ioctl_dispatch_failed", cmd=hex(cmd))
         return -errno.EIO

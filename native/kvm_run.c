@@ -109,3 +109,14 @@ int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wai
         }
     }
 }
+
+int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data)
+{
+    struct kvm_msi msi;
+    memset(&msi, 0, sizeof(msi));
+    msi.address_lo = (uint32_t)addr;
+    msi.address_hi = (uint32_t)(addr >> 32);
+    msi.data = data;
+    int rc = ioctl(vm_fd, KVM_SIGNAL_MSI, &msi);
+    return rc < 0 ? -errno : rc;
+}

@@ -36,4 +36,8 @@ struct hsm_kvm_fast {
 int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
                  struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up);
 
+/* KVM_SIGNAL_MSI on a VM: > 0 delivered, 0 blocked by the guest, -errno. One
+ * native call where Python would pack a struct kvm_msi and go through fcntl. */
+int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);
+
 #endif

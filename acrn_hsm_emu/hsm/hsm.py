@@ -337,7 +337,12 @@ class HsmDevice(BaseDevice):
     def ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         if TRACE.active:
             return self._traced_ioctl(handle, call)
-        return self._counted(call.cmd, self._ioctl(handle, call))
+        result = self._ioctl(handle, call)
+        if type(result) is int and result < 0:  # _counted, inline: every ioctl passes here
+            errors = self.ioctl_errors
+            key = (call.cmd, -result)
+            errors[key] = errors.get(key, 0) + 1
+        return result
 
     def _traced_ioctl(self, handle: object, call: IoctlCall) -> IoctlResult | Deferred | Awaitable[IoctlResult]:
         """:meth:`ioctl` while a tracer listens: the same answer, and its record."""

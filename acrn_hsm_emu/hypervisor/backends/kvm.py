@@ -52,8 +52,6 @@ from acrn_hsm_emu.hypervisor.vm import EptMapping, GuestMemoryMap
 from acrn_hsm_emu.hypervisor.workload import Workload
 
 _log = structlog.get_logger(__name__)
-_KVM_MSI = struct.Struct("<III20x")  # struct kvm_msi: address_lo, address_hi, data (flags, devid 0)
-assert _KVM_MSI.size == ctypes.sizeof(k.KvmMsi)
 
 KICK_SIGNAL = signal.SIGURG  # default action "ignore": a stray process-wide one is harmless
 DEVICE = "/dev/kvm"
@@ -582,11 +580,10 @@ class KvmVm:
             v.drop_regs()
 
     def inject_msi(self, addr: int, data: int) -> None:
-        msi = bytearray(_KVM_MSI.pack(addr & 0xFFFFFFFF, addr >> 32, data & 0xFFFFFFFF))  # struct kvm_msi
-        try:
-            delivered = k.ioctl(self.fd, k.KVM_SIGNAL_MSI, msi)
-        except OSError as e:
-            _log.warning("kvm.msi_failed", vmid=self.vmid, addr=hex(addr), data=hex(data), error=str(e))
+        delivered = _lib.hsm_kvm_signal_msi(self.fd, addr, data & 0xFFFFFFFF)  # struct kvm_msi, filled in C
+        if delivered < 0:
+            _log.warning("kvm.msi_failed", vmid=self.vmid, addr=hex(addr), data=hex(data),
+                         error=os.strerror(-delivered))
             return
         if logs.DEBUG:  # per interrupt: not even a filtered call otherwise
             _log.debug("kvm.msi", vmid=self.vmid, addr=hex(addr), data=hex(data), delivered=delivered > 0)
