@@ -21,6 +21,7 @@ SOURCES = [
     "express_dispatch.c",
     "express_prefilter.c",
     "kvm_run.c",
+    "msi_gate.c",
 ]
 
 ffibuilder = FFI()

@@ -127,8 +127,10 @@ struct hsm_xvm {
     uint64_t remote;
     uint64_t handed;
     struct hsm_xclient clients[8];
+    uint64_t msis;
     ...;
 };
+void hsm_x_set_msi(struct hsm_xvm *x, struct hsm_msi_gate *g);
 void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t);
 uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32_t max,
                            uint64_t *lost);
@@ -175,3 +177,15 @@ struct hsm_kvm_fast {
 int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
                  struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up);
 int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);
+
+/* HC_INJECT_MSI's native form (native/msi_gate.h). */
+#define HSM_MSI_RING ...
+#define HSM_MSI_HV ...
+#define HSM_MSI_HSM ...
+struct hsm_msi { uint64_t addr; uint64_t data; };
+struct hsm_msi_gate { int fd; uint64_t n; ...; };
+void hsm_msi_gate_init(struct hsm_msi_gate *g);
+void hsm_msi_gate_set(struct hsm_msi_gate *g, int fd);
+int hsm_msi_inject(struct hsm_msi_gate *g, uint64_t addr, uint64_t data);
+uint64_t hsm_msi_take(struct hsm_msi_gate *g, int who, struct hsm_msi *out, uint32_t max,
+                      uint32_t *copied);

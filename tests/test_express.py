@@ -745,3 +745,121 @@ def test_ioreq_client_reads_a_c_served_range_clients_state(rig: Rig) -> None:
     assert c.express_number is None and not rig.x.clients[k].live
     assert (c.bitmap, c.held(1), c.served) == (1 << 5, (MMIO, read), 3)
     assert rig.feed(ioctl_req(403, ATTACH, fh=RFH)) == 0  # Python's from now on
+
+
+# ----- INJECT_MSI through the VM's native HC_INJECT_MSI (native/msi_gate.h) -------------
+
+MSI = abi.ACRN_IOCTL_INJECT_MSI
+LAPIC = 0xFEE00000
+
+
+def msi_arg(addr: int, data: int) -> bytes:
+    return struct.pack("<QQ", addr, data)  # struct acrn_msi_entry
+
+
+def take(gate: Any, who: int) -> tuple[int, list[tuple[int, int]]]:
+    out = ffi.new("struct hsm_msi[]", lib.HSM_MSI_RING)
+    copied = ffi.new("uint32_t *")
+    n = lib.hsm_msi_take(gate, who, out, lib.HSM_MSI_RING, copied)
+    return n, [(m.addr, m.data) for m in out[0 : copied[0]]]
+
+
+@pytest.fixture
+def kvm_vm() -> Iterator[int]:
+    """A bare KVM VM with its in-kernel irqchip and a vCPU (LAPIC 0): what KVM_SIGNAL_MSI
+    needs to deliver (with no LAPIC to take it, KVM answers -1: EPERM)."""
+    import fcntl
+
+    from acrn_hsm_emu.hypervisor.backends import kvm_abi as k
+
+    try:
+        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        pytest.skip(f"needs /dev/kvm: {e.strerror}")
+    try:
+        vm = fcntl.ioctl(kvm, k.KVM_CREATE_VM, 0)
+        fcntl.ioctl(vm, k.KVM_CREATE_IRQCHIP, 0)
+        vcpu = fcntl.ioctl(vm, k.KVM_CREATE_VCPU, 0)
+    finally:
+        os.close(kvm)
+    yield vm
+    os.close(vcpu)
+    os.close(vm)
+
+
+@pytest.fixture
+def gate(rig: Rig, kvm_vm: int) -> Iterator[Any]:
+    g = ffi.new("struct hsm_msi_gate *")
+    lib.hsm_msi_gate_init(g)
+    lib.hsm_msi_gate_set(g, kvm_vm)
+    lib.hsm_x_set_msi(rig.x, g)
+    yield g
+    lib.hsm_x_set_msi(rig.x, ffi.NULL)
+
+
+def test_inject_msi_is_answered_through_the_gate_and_recorded(rig: Rig, gate: Any) -> None:
+    assert rig.feed(ioctl_req(400, MSI, msi_arg(LAPIC, 0x41))) == 1
+    assert rig.replies() == [(400, 0)]
+    assert rig.x.msis == 1 and gate.n == 1
+    assert take(gate, lib.HSM_MSI_HV) == (1, [(LAPIC, 0x41)])
+    assert take(gate, lib.HSM_MSI_HV) == (0, [])  # each consumer takes once
+    assert take(gate, lib.HSM_MSI_HSM) == (1, [(LAPIC, 0x41)])  # the other on its own
+
+
+def test_more_msis_than_the_ring_holds_are_counted_and_the_newest_kept_in_order(rig: Rig, gate: Any) -> None:
+    for i in range(lib.HSM_MSI_RING + 8):
+        assert rig.feed(ioctl_req(500 + i, MSI, msi_arg(LAPIC | 0x1000, i))) == 1
+    n, msis = take(gate, lib.HSM_MSI_HSM)
+    assert n == lib.HSM_MSI_RING + 8
+    assert msis == [(LAPIC | 0x1000, i) for i in range(8, lib.HSM_MSI_RING + 8)]
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["not the LAPIC's address", "a tracer listens", "the gate is closed", "no gate", "KVM refuses",
+     "a range client's file", "no argument (FUSE)"],
+)
+def test_an_msi_the_gate_cannot_take_goes_to_python_with_nothing_done(rig: Rig, gate: Any, why: str) -> None:
+    req = ioctl_req(600, MSI, msi_arg(LAPIC, 0x41))
+    trace = None
+    if why == "not the LAPIC's address":
+        req = ioctl_req(600, MSI, msi_arg(0xFED00000, 0x41))  # the hypervisor's refusal is Python's
+    elif why == "a tracer listens":
+        trace = ffi.new("struct hsm_xtrace *")
+        trace.size = 4
+        trace.buf = ffi.new("struct hsm_xtrace_rec[]", 4)
+        lib.hsm_x_set_trace(rig.x, trace)
+    elif why == "the gate is closed":
+        lib.hsm_msi_gate_set(gate, -1)  # DESTROY_VM closes it before the fd goes
+    elif why == "no gate":
+        lib.hsm_x_set_msi(rig.x, ffi.NULL)
+    elif why == "KVM refuses":
+        efd = os.eventfd(0)
+        lib.hsm_msi_gate_set(gate, efd)  # not a KVM VM: ENOTTY, nothing injected
+    elif why == "a range client's file":
+        assert lib.hsm_x_client_add(rig.x, FH + 5, os.getpid(), rig.page) == 0
+        req = ioctl_req(600, MSI, msi_arg(LAPIC, 0x41), fh=FH + 5)  # extension.py: bound_ioctl
+    else:
+        req = ioctl_req(600, MSI, b"")
+    assert rig.feed(req) == 0
+    assert rig.replies() == [] and rig.x.msis == 0 and gate.n == 0
+    if trace is not None:
+        lib.hsm_x_set_trace(rig.x, ffi.NULL)
+    if why == "KVM refuses":
+        os.close(efd)
+
+
+def test_cuses_first_inject_msi_is_answered_with_the_retry_for_its_argument(rig: Rig, gate: Any) -> None:
+    arg = 0x7F00_1234_6000
+    first = ioctl_req(700, MSI, b"", flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)
+    assert rig.feed(ioctl_req(701, MSI, b"", fh=FH + 1, flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)) == 0
+    assert rig.feed(first) == 1
+    msg = rig.sock.recv(4096)
+    n, err, unique = _OUT_HEADER.unpack_from(msg)
+    result, flags, in_iovs, out_iovs = struct.unpack_from("<iIII", msg, 16)
+    assert (n, err, unique, result, flags, in_iovs, out_iovs) == (48, 0, 700, 0, FUSE_IOCTL_RETRY, 1, 0)
+    assert struct.unpack_from("<QQ", msg, 32) == (arg, 16)  # the 16 bytes of acrn_msi_entry
+    assert rig.feed(ioctl_req(702, MSI, msi_arg(LAPIC, 0x42), flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)) == 1
+    assert rig.replies() == [(702, 0)] and gate.n == 1
+    lib.hsm_x_set_msi(rig.x, ffi.NULL)  # without a gate the retry is Python's too
+    assert rig.feed(first) == 0

@@ -18,7 +18,11 @@ limits every VM's throughput (docs/performance.md). Here they are done in C:
   (``Hypercalls.notify_fds``); where the vCPU waits in its native cycle, the
   hypercall's native form (``Hypercalls.notify_waits``, ``hsm_vcpu_finish``)
   also frees the slot and hands the vCPU the value, the driver's COMPLETE
-  store folded into it, so that the vCPU does not read the page again.
+  store folded into it, so that the vCPU does not read the page again;
+- the prefilter answers INJECT_MSI on the VM's file too, through the VM's
+  native HC_INJECT_MSI (``Hypercalls.msi_gate``: under KVM, KVM_SIGNAL_MSI
+  from C); the hypervisor's and the HSM's records take in what it did
+  (``HypercallLog.fold``) before anything they record next, and when read.
 
 The rules stay in Python. :func:`sync` tells C, after every change that
 matters, whether the vCPUs may dispatch (a default client, not clearing, page
@@ -88,6 +92,7 @@ class Express:
         self.fn = ffi.cast("void *", ffi.addressof(lib, "hsm_x_prefilter"))
         self._vms: list[Vm] = []
         self._waits: dict[int, Any] = {}  # struct hsm_xvm address -> its vCPUs' waits
+        self._gates: dict[int, Any] = {}  # struct hsm_xvm address -> its VM's native HC_INJECT_MSI
         self.closed = False
         # C writes this when it refuses an ATTACH (too many parked): the
         # refusal is logged from the trio thread (watch_refusals), as the
@@ -133,6 +138,11 @@ class Express:
         vm.express = x
         vm.counters.express = x
         self._vms.append(vm)
+        gate = self.hv.msi_gate(vm.vmid)
+        if gate is not None:  # INJECT_MSI answered by the prefilter through it
+            self._gates[_addr(x)] = gate  # alive while C may use it: until hsm_x_close
+            vm.hypercalls.native = gate
+            lib.hsm_x_set_msi(x, gate)
         if self.tracing:
             self._trace_vm(vm, True)
         if vm.default_client is not None:
@@ -156,6 +166,9 @@ class Express:
         _CLIENT_NAMES.pop(_addr(x), None)
         lib.hsm_x_close(x)
         self._waits.pop(_addr(x), None)
+        vm.hypercalls.fold()  # the last INJECT_MSI calls made here
+        vm.hypercalls.native = None
+        self._gates.pop(_addr(x), None)
         self._log_refusals(vm)  # any the watcher has not seen yet
         self._refused_logged.pop(vm.vmid, None)
         vm.express = None

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import struct
 from typing import Any
 
 from acrn_hsm_emu import abi
+from acrn_hsm_emu._native import ffi, lib
 
 RECENT = 32
 
@@ -83,17 +85,50 @@ def decode(name: str, arg: bytes | int) -> dict[str, Any]:
 _Entry = dict[str, Any] | tuple[int, str, int, str, "bytes | int"]
 
 
-class HypercallLog:
-    """Counts per hypercall and a ring of the latest calls, for one VM."""
+_MSI = struct.Struct("<QQ")  # struct acrn_msi_entry
+_OUT = ffi.new("struct hsm_msi[]", RECENT)  # fold's (the trio thread's)
+_COPIED = ffi.new("uint32_t *")
 
-    __slots__ = ("counts", "recent", "seq")
+
+class HypercallLog:
+    """Counts per hypercall and a ring of the latest calls, for one VM.
+
+    ``native``: the VM's native HC_INJECT_MSI (``struct hsm_msi_gate *``) while the
+    express path makes INJECT_MSI calls through it; what it did is folded in (as
+    INJECT_MSI ioctls that succeeded) before any call recorded here and whenever the
+    log is read (:meth:`fold`), so that the order of the calls is kept.
+    """
+
+    __slots__ = ("counts", "recent", "seq", "native")
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
         self.recent: collections.deque[_Entry] = collections.deque(maxlen=RECENT)
         self.seq = 0
+        self.native: Any = None
+
+    def fold(self) -> None:
+        """Take in the INJECT_MSI calls made natively since the last fold."""
+        g = self.native
+        if g is None:
+            return
+        n = lib.hsm_msi_take(g, lib.HSM_MSI_HSM, _OUT, RECENT, _COPIED)
+        if not n:
+            return
+        copied = _COPIED[0]
+        c = self.counts.get("inject_msi")
+        if c is None:
+            c = self.counts["inject_msi"] = {"calls": 0, "failed": 0, "last_ret": 0}
+        c["calls"] += n
+        c["last_ret"] = 0
+        self.seq += n - copied  # older than the ring holds: counted, not listed
+        for m in _OUT[0:copied]:
+            self.seq += 1
+            self.recent.append((self.seq, "inject_msi", 0, "ioctl", _MSI.pack(m.addr, m.data)))
 
     def _count(self, name: str, ret: int) -> None:
+        if self.native is not None:
+            self.fold()
         c = self.counts.get(name)
         if c is None:
             c = self.counts[name] = {"calls": 0, "failed": 0, "last_ret": 0}
@@ -114,6 +149,7 @@ class HypercallLog:
         self.recent.append((self.seq, name, ret, source, arg))
 
     def snapshot(self) -> dict[str, Any]:
+        self.fold()
         recent = [
             e if isinstance(e, dict) else {"seq": e[0], "call": e[1], "ret": e[2], "source": e[3], **decode(e[1], e[4])}
             for e in self.recent

@@ -80,7 +80,9 @@ def vm_create(
     vm.generation += 1
     vm.mmio_segments = 0  # a new VM in the hypervisor: no MMIO regions yet
     vm.bindings = []
-    vm.hypercalls = HypercallLog()
+    fresh = HypercallLog()
+    fresh.native = vm.hypercalls.native  # this VM's native INJECT_MSI, which ioreq_init's express path set
+    vm.hypercalls = fresh
     d.list_add(vm)
     ioeventfd.ioeventfd_init(d, vm)
     irqfd.irqfd_init(vm)

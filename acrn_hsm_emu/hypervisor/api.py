@@ -177,6 +177,11 @@ class Hypercalls(Protocol):
         where :meth:`notify_fds` gives none."""
         ...
 
+    def msi_gate(self, vmid: int) -> Any:
+        """HC_INJECT_MSI's native form (``hsm_msi_inject``): the VM's ``struct
+        hsm_msi_gate *``, or None where MSIs to it go through :meth:`inject_msi` only."""
+        ...
+
     def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int: ...
 
     def inject_msi(self, vmid: int, msi: bytes) -> int:

@@ -26,6 +26,8 @@ import structlog
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu import acrn_kernel_abi as ak
+from acrn_hsm_emu._native import ffi as _ffi
+from acrn_hsm_emu._native import lib as _lib
 from acrn_hsm_emu.hypervisor import cpuid as cpuid_mod
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp, NativeUpcall
 from acrn_hsm_emu.hypervisor.backends import Backend, BackendError, VcpuBackend, make_backend
@@ -132,6 +134,8 @@ class Hypervisor:
             if workload is not None:
                 self.set_workload(None, workload)
         self._lock = threading.RLock()
+        self._msi_out = _ffi.new("struct hsm_msi[]", _lib.HSM_MSI_RING)  # _fold_msis, locked
+        self._msi_copied = _ffi.new("uint32_t *")
         self._recorders: dict[int, Recorder] = {}  # by relative vmid, until collected
         self._upcall: Callable[[], None] | None = None
         self._sid = scenario.service_vm_id
@@ -589,11 +593,37 @@ class Hypervisor:
             addr, data = _MSI.unpack(msi)  # struct acrn_msi_entry
             if (addr >> 20) & 0xFFF != 0xFEE:
                 return _FAIL
+            self._fold_msis(vm)  # what the native form injected came first
             vm.msi_count += 1
             vm.msi_recent.append((addr, data))
             if slot.config.load_order == "post":
                 self.backend.inject_msi(vm.vmid, addr, data)
             return 0
+
+    def msi_gate(self, vmid: int) -> Any:
+        """HC_INJECT_MSI's native form for callers outside Python (the express path):
+        the VM's ``struct hsm_msi_gate *`` (native/msi_gate.h), where the hypercall's
+        checks pass for the VM whatever the MSI (it exists, it is post-launched, the
+        Service VM may target it) and the backend injects natively; else None. What
+        it injects is folded into the VM's record here (msi count, recent MSIs)."""
+        with self._lock:
+            slot = self._target(vmid)
+            if isinstance(slot, int) or slot.vm is None or not slot.vm.severity_pass:
+                return None
+            if slot.config.load_order != "post":
+                return None
+            return self.backend.msi_gate(slot.vm.vmid)
+
+    def _fold_msis(self, vm: Vm) -> None:
+        """Locked: the MSIs the VM's native HC_INJECT_MSI injected since the last
+        fold, into its record, in order (the newest HSM_MSI_RING of them listed)."""
+        g = self.backend.msi_gate(vm.vmid)
+        if g is None:
+            return
+        n = _lib.hsm_msi_take(g, _lib.HSM_MSI_HV, self._msi_out, _lib.HSM_MSI_RING, self._msi_copied)
+        if n:
+            vm.msi_count += n
+            vm.msi_recent.extend((m.addr, m.data) for m in self._msi_out[0 : self._msi_copied[0]])
 
     def set_irqline(self, vmid: int, value: int) -> int:
         """HC_SET_IRQLINE: ``value`` is acrn_irqline_ops itself (gsi low, op high)."""
@@ -1154,13 +1184,17 @@ class Hypervisor:
                     for i, s in enumerate(self._slots)
                 ],
                 "vms": [
-                    s.vm.snapshot()
+                    self._folded(s.vm).snapshot()
                     for s in self._slots
                     if s.vm is not None and s.config.load_order == "post"
                 ],
                 "recordings": [r.summary() for r in self._recorders.values()],
                 "replay": self.replay_summary(),
             }
+
+    def _folded(self, vm: Vm) -> Vm:
+        self._fold_msis(vm)
+        return vm
 
     def shutdown(self) -> None:
         """Stop every vCPU thread (daemon exit); VMs stay in the table, frozen."""

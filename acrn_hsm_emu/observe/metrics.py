@@ -157,6 +157,7 @@ class HsmCollector:
             for client in vm.range_clients:
                 if client.remote is not None:
                     served.add_metric([v, client.name], client.served)
+            vm.hypercalls.fold()  # what the express path injected
             counts = vm.hypercalls.counts
             for name, kind in (("inject_msi", "msi"), ("set_irqline", "irqline")):
                 k = counts.get(name)

@@ -27,7 +27,7 @@ a few milliseconds for kicked vCPUs to leave the guest, as ACRN's pause does).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from acrn_hsm_emu.hypervisor.api import Access, MemoryRegionOp
 
@@ -181,6 +181,11 @@ class Backend(Protocol):
 
     def inject_msi(self, vmid: int, addr: int, data: int) -> None:
         """INJECT_MSI accepted by the hypervisor."""
+        ...
+
+    def msi_gate(self, vmid: int) -> Any:
+        """The VM's ``struct hsm_msi_gate *`` (native/msi_gate.h: HC_INJECT_MSI for callers
+        outside Python, open while the VM lives), or None where MSIs are not injected natively."""
         ...
 
     def set_irqline(self, vmid: int, gsi: int, op: int) -> None:
