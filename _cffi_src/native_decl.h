@@ -177,13 +177,14 @@ struct hsm_kvm_fast {
 int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
                  struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up);
 int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);
+int hsm_kvm_irq_line(int vm_fd, uint32_t gsi, const uint32_t *levels, uint32_t n);
 
 /* HC_INJECT_MSI's native form (native/msi_gate.h). */
 #define HSM_MSI_RING ...
 #define HSM_MSI_HV ...
 #define HSM_MSI_HSM ...
 struct hsm_msi { uint64_t addr; uint64_t data; };
-struct hsm_msi_gate { int fd; uint64_t n; ...; };
+struct hsm_msi_gate { int fd; uint64_t n; uint64_t taken[2]; ...; };
 void hsm_msi_gate_init(struct hsm_msi_gate *g);
 void hsm_msi_gate_set(struct hsm_msi_gate *g, int fd);
 int hsm_msi_inject(struct hsm_msi_gate *g, uint64_t addr, uint64_t data);

@@ -120,3 +120,16 @@ int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data)
     int rc = ioctl(vm_fd, KVM_SIGNAL_MSI, &msi);
     return rc < 0 ? -errno : rc;
 }
+
+int hsm_kvm_irq_line(int vm_fd, uint32_t gsi, const uint32_t *levels, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        struct kvm_irq_level l;
+        memset(&l, 0, sizeof(l));
+        l.irq = gsi;
+        l.level = levels[i];
+        if (ioctl(vm_fd, KVM_IRQ_LINE, &l) < 0)
+            return -errno;
+    }
+    return 0;
+}

@@ -221,6 +221,24 @@ def test_an_msi_goes_to_kvm_and_a_refusal_is_logged_not_raised(rigs) -> None:
     assert r.hv.snapshot()["vms"][0]["msi"]["count"] == 2
 
 
+def test_an_irqline_refused_by_kvm_is_logged_not_raised(rigs) -> None:
+    """SET_IRQLINE's KVM_IRQ_LINE calls (hsm_kvm_irq_line: a pulse's two levels in one native
+    call): a refusal by the kernel is a warning with its reason; the hypercall answers 0."""
+    r = rigs(ram_size=0)
+    (kvm_vm,) = r.hv.backend._vms.values()
+    real = kvm_vm.fd
+    with open("/dev/null", "rb") as null:
+        kvm_vm.fd = null.fileno()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                assert r.hv.set_irqline(r.vmid, abi.IRQ_RAISING_PULSE << 32 | 4) == 0
+        finally:
+            kvm_vm.fd = real
+    (failed,) = [e for e in logs if e["event"] == "kvm.irqline_failed"]  # once: the pulse stops there
+    assert failed["gsi"] == 4 and failed["error"] == os.strerror(errno.ENOTTY)
+    assert r.hv.snapshot()["vms"][0]["irqlines"]["4"]["raising_pulse"] == 1
+
+
 # ----- vCPUs --------------------------------------------------------------------------
 
 

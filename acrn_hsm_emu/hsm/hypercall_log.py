@@ -99,20 +99,22 @@ class HypercallLog:
     log is read (:meth:`fold`), so that the order of the calls is kept.
     """
 
-    __slots__ = ("counts", "recent", "seq", "native")
+    __slots__ = ("counts", "recent", "seq", "native", "_native_seen")
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
         self.recent: collections.deque[_Entry] = collections.deque(maxlen=RECENT)
         self.seq = 0
         self.native: Any = None
+        self._native_seen = 0  # the gate's count when this last took from it
 
     def fold(self) -> None:
         """Take in the INJECT_MSI calls made natively since the last fold."""
         g = self.native
-        if g is None:
+        if g is None or g.n == self._native_seen:  # an unlocked peek: nothing new, no call
             return
         n = lib.hsm_msi_take(g, lib.HSM_MSI_HSM, _OUT, RECENT, _COPIED)
+        self._native_seen = g.taken[lib.HSM_MSI_HSM]  # only takes (the trio thread's) move it
         if not n:
             return
         copied = _COPIED[0]

@@ -82,6 +82,7 @@ def vm_create(
     vm.bindings = []
     fresh = HypercallLog()
     fresh.native = vm.hypercalls.native  # this VM's native INJECT_MSI, which ioreq_init's express path set
+    fresh.fold()  # anything it did already: nothing, unless a racing thread's INJECT_MSI
     vm.hypercalls = fresh
     d.list_add(vm)
     ioeventfd.ioeventfd_init(d, vm)

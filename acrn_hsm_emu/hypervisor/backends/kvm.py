@@ -94,7 +94,6 @@ _VCPU_STATE = (  # (name, get, set, size), in restore order
 _U32 = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
-_IRQ_LEVEL = struct.Struct("<II")
 _EXIT_IO, _EXIT_MMIO, _EXIT_INTR = k.KVM_EXIT_IO, k.KVM_EXIT_MMIO, k.KVM_EXIT_INTR
 _EXIT_REASON = k.RUN_EXIT_REASON
 _ONES = b"\xff" * 8
@@ -106,6 +105,8 @@ IRQ_LEVELS = {
     abi.IRQ_RAISING_PULSE: (1, 0),
     abi.IRQ_FALLING_PULSE: (0, 1),
 }
+# the same, as hsm_kvm_irq_line takes them (one native call sets a pulse's two levels)
+_IRQ_LEVELS_C = {op: (_ffi.new("uint32_t[]", list(levels)), len(levels)) for op, levels in IRQ_LEVELS.items()}
 
 # Data segments SET_VCPU_REGS does not describe (acrn_regs has only selectors):
 # real mode: base = selector << 4, 64 KiB, read/write data; protected and long
@@ -600,7 +601,7 @@ class KvmVm:
             _log.debug("kvm.msi", vmid=self.vmid, addr=hex(addr), data=hex(data), delivered=delivered > 0)
 
     def set_irqline(self, gsi: int, op: int) -> None:
-        levels = IRQ_LEVELS.get(op)
+        levels = _IRQ_LEVELS_C.get(op)
         if levels is None:
             return  # recorded by the hypervisor as "other"; nothing to drive
         if gsi >= k.KVM_IOAPIC_NUM_PINS:
@@ -611,12 +612,9 @@ class KvmVm:
                     reason=f"KVM's IOAPIC has {k.KVM_IOAPIC_NUM_PINS} pins",
                 )  # fmt: skip
             return
-        for level in levels:
-            try:
-                k.ioctl(self.fd, k.KVM_IRQ_LINE, _IRQ_LEVEL.pack(gsi, level))
-            except OSError as e:
-                _log.warning("kvm.irqline_failed", vmid=self.vmid, gsi=gsi, error=str(e))
-                return
+        ret = _lib.hsm_kvm_irq_line(self.fd, gsi, *levels)
+        if ret < 0:
+            _log.warning("kvm.irqline_failed", vmid=self.vmid, gsi=gsi, error=os.strerror(-ret))
 
 
 def _gsi_routing() -> bytes:
