@@ -51,7 +51,7 @@ apt-vm:
 
 # The virtualenv, rebuilt when the package definition, a cffi build script or declaration,
 # or a C file changes.
-NATIVE_INPUTS := $(wildcard _cffi_src/*.py _cffi_src/*.h native/*.c native/*.h)
+NATIVE_INPUTS := $(wildcard _cffi_src/*.py _cffi_src/*.h native/*.c native/*.h include/*.h)
 
 venv: $(VENV)/.installed
 

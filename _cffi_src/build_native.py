@@ -21,7 +21,7 @@ SOURCES = [
     "express_dispatch.c",
     "express_prefilter.c",
     "kvm_run.c",
-    "msi_gate.c",
+    "irq_gate.c",
 ]
 
 ffibuilder = FFI()
@@ -32,8 +32,8 @@ ffibuilder.set_source(
     (NATIVE / "hsm_native.h").read_text(),
     # relative to the project, as setuptools wants them (objects go under build/)
     sources=[f"native/{name}" for name in SOURCES],
-    depends=[f"native/{p.name}" for p in sorted(NATIVE.glob("*.h"))],
-    include_dirs=[str(NATIVE)],
+    depends=[f"native/{p.name}" for p in sorted(NATIVE.glob("*.h"))] + ["include/acrn_hsm_emu.h"],
+    include_dirs=[str(NATIVE), str(HERE.parent / "include")],  # include/: the extension ABI's header
     define_macros=[("_GNU_SOURCE", None)],
     extra_compile_args=["-Wall", "-Wextra", "-Wconversion", "-Werror", "-fvisibility=hidden"],
 )

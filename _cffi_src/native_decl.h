@@ -128,9 +128,10 @@ struct hsm_xvm {
     uint64_t handed;
     struct hsm_xclient clients[8];
     uint64_t msis;
+    uint64_t irqlines;
     ...;
 };
-void hsm_x_set_msi(struct hsm_xvm *x, struct hsm_msi_gate *g);
+void hsm_x_set_irq(struct hsm_xvm *x, struct hsm_irq_gate *g);
 void hsm_x_set_trace(struct hsm_xvm *x, struct hsm_xtrace *t);
 uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32_t max,
                            uint64_t *lost);
@@ -179,14 +180,18 @@ int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wai
 int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);
 int hsm_kvm_irq_line(int vm_fd, uint32_t gsi, const uint32_t *levels, uint32_t n);
 
-/* HC_INJECT_MSI's native form (native/msi_gate.h). */
-#define HSM_MSI_RING ...
-#define HSM_MSI_HV ...
-#define HSM_MSI_HSM ...
-struct hsm_msi { uint64_t addr; uint64_t data; };
-struct hsm_msi_gate { int fd; uint64_t n; uint64_t taken[2]; ...; };
-void hsm_msi_gate_init(struct hsm_msi_gate *g);
-void hsm_msi_gate_set(struct hsm_msi_gate *g, int fd);
-int hsm_msi_inject(struct hsm_msi_gate *g, uint64_t addr, uint64_t data);
-uint64_t hsm_msi_take(struct hsm_msi_gate *g, int who, struct hsm_msi *out, uint32_t max,
-                      uint32_t *copied);
+/* HC_INJECT_MSI's and HC_SET_IRQLINE's native forms (native/irq_gate.h). */
+#define HSM_IRQ_RING ...
+#define HSM_IRQ_HV ...
+#define HSM_IRQ_HSM ...
+#define HSM_IRQ_MSI ...
+#define HSM_IRQ_LINE ...
+#define HSM_IRQ_PINS ...
+struct hsm_irq_rec { uint32_t kind; uint64_t a; uint64_t b; ...; };
+struct hsm_irq_gate { int fd; uint64_t n; uint64_t taken[2]; ...; };
+void hsm_irq_gate_init(struct hsm_irq_gate *g);
+void hsm_irq_gate_set(struct hsm_irq_gate *g, int fd);
+void hsm_irq_gate_alert(struct hsm_irq_gate *g, int alert_fd);
+int hsm_irq_msi(struct hsm_irq_gate *g, uint64_t addr, uint64_t data);
+int hsm_irq_line(struct hsm_irq_gate *g, uint64_t ops);
+uint32_t hsm_irq_take(struct hsm_irq_gate *g, int who, struct hsm_irq_rec *out, uint32_t max);

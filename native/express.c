@@ -212,7 +212,7 @@ void hsm_x_close(struct hsm_xvm *x)
     x->nranges = 0;
     x->iofds = NULL;
     x->niofds = 0;
-    x->msi = NULL;
+    x->irq = NULL;
     /* writes put off before fd was -1 still use the fds: let them finish
        (they take no lock, so holding it here cannot stop them) */
     while (__atomic_load_n(&x->busy, __ATOMIC_ACQUIRE))
@@ -226,10 +226,10 @@ void hsm_x_close(struct hsm_xvm *x)
     pthread_mutex_unlock(&x->lock);
 }
 
-void hsm_x_set_msi(struct hsm_xvm *x, struct hsm_msi_gate *g)
+void hsm_x_set_irq(struct hsm_xvm *x, struct hsm_irq_gate *g)
 {
     pthread_mutex_lock(&x->lock);
-    x->msi = g;
+    x->irq = g;
     pthread_mutex_unlock(&x->lock);
 }
 

@@ -20,9 +20,10 @@
      its own page and its bit set (hsm/remote.py: hand_over), and ATTACH and
      NOTIFY_REQUEST_FINISH on its bound file (its fh) are answered here
      (remote.py: complete); struct hsm_xclient.
-   - INJECT_MSI on the VM's own file, where the hypervisor gave the VM's
-     native HC_INJECT_MSI (msi_gate.h): answered by the prefilter; the
-     hypervisor's and the HSM's records take what it did from the gate.
+   - INJECT_MSI and SET_IRQLINE (under CUSE; under FUSE the launcher's
+     VALUE_CALL carrying it) on the VM's own file, where the hypervisor gave
+     the VM's native interrupt hypercalls (irq_gate.h): answered by the
+     prefilter; the hypervisor's and the HSM's records replay the gate's.
    Anything else, or any doubt (a fault, a closed session), is left to
    Python, which then does what it always does. One recursive mutex per VM
    orders all of it with the Python dispatcher, which holds it for a pass.
@@ -35,7 +36,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "msi_gate.h"
+#include "irq_gate.h"
 #include "vcpu_cycle.h"
 
 #define HSM_X_PARKED_MAX 256
@@ -123,8 +124,8 @@ struct hsm_xvm {
     struct hsm_xtrace *trace;  /* while traced, else NULL */
     uint64_t remote;      /* handed to a range client here */
     struct hsm_xclient clients[HSM_X_CLIENTS_MAX];
-    struct hsm_msi_gate *msi;  /* the VM's native HC_INJECT_MSI (kept alive by Python), or NULL */
-    uint64_t msis;        /* INJECT_MSI answered here */
+    struct hsm_irq_gate *irq;  /* the VM's native interrupt hypercalls (kept alive by Python), or NULL */
+    uint64_t msis, irqlines;   /* INJECT_MSI, SET_IRQLINE answered here */
 };
 
 /* The VMs the prefilter serves. Its lock is taken before a VM's. */
@@ -162,8 +163,8 @@ uint64_t hsm_x_client_bits(struct hsm_xvm *x, uint32_t k, uint64_t set, uint64_t
 uint32_t hsm_x_client_held(struct hsm_xvm *x, uint32_t k, uint32_t vcpu, uint32_t v);
 /* IoreqClient.wake for range client k: level-triggered. */
 void hsm_x_client_wake(struct hsm_xvm *x, uint32_t k);
-/* INJECT_MSI answered here through g from now on (NULL: no longer). */
-void hsm_x_set_msi(struct hsm_xvm *x, struct hsm_msi_gate *g);
+/* INJECT_MSI and SET_IRQLINE answered here through g from now on (NULL: no longer). */
+void hsm_x_set_irq(struct hsm_xvm *x, struct hsm_irq_gate *g);
 /* The VM or the session goes: answer the waiters, stop writing to the fd. */
 void hsm_x_close(struct hsm_xvm *x);
 /* Start (t: the caller's, kept alive until replaced) or stop (NULL) recording. */

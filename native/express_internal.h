@@ -14,6 +14,8 @@ void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err);
 /* Now: FUSE_IOCTL_RETRY, asking the kernel for in_len bytes at the caller's arg
    (CUSE's unrestricted ioctls; libfuse's fuse_reply_ioctl_retry, one iovec in). */
 void hsm_x_reply_retry(const struct hsm_xvm *x, uint64_t unique, uint64_t arg, uint64_t in_len);
+/* Now: 0 with len bytes of data (len <= 64). */
+void hsm_x_reply_data(const struct hsm_xvm *x, uint64_t unique, const void *data, uint32_t len);
 /* Locked: a reply (0) to write once the lock is released. */
 void hsm_x_reply_later(struct hsm_xvm *x, uint64_t unique);
 /* Locked: answer every blocked ATTACH now (of the default client; of a list). */

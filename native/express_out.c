@@ -37,6 +37,20 @@ void hsm_x_reply(const struct hsm_xvm *x, uint64_t unique, int err)
     hsm_reply_on(x->fd, unique, err);
 }
 
+void hsm_x_reply_data(const struct hsm_xvm *x, uint64_t unique, const void *data, uint32_t len)
+{
+    struct { struct fuse_out_header h; struct fuse_ioctl_out o; unsigned char d[64]; } r;
+    if (len > sizeof r.d)
+        len = sizeof r.d;
+    memset(&r, 0, sizeof r);
+    r.h.len = (uint32_t)(sizeof r.h + sizeof r.o) + len;
+    r.h.unique = unique;
+    memcpy(r.d, data, len);
+    if (x->fd >= 0 && write(x->fd, &r, r.h.len) < 0) {
+        /* ENOENT: the caller is gone (interrupted, killed); nothing to do */
+    }
+}
+
 void hsm_x_reply_retry(const struct hsm_xvm *x, uint64_t unique, uint64_t arg, uint64_t in_len)
 {
     struct { struct fuse_out_header h; struct fuse_ioctl_out o; struct fuse_ioctl_iovec in; } r;

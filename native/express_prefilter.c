@@ -1,13 +1,15 @@
 /* The express path in cdev's reader: ATTACH_IOREQ_CLIENT, NOTIFY_REQUEST_FINISH
    (and under CUSE its retry) and FUSE_INTERRUPT on a VM's own file or a served
-   range client's bound file, and INJECT_MSI on a VM's own file, answered from
-   the raw FUSE request (express.h). */
+   range client's bound file, and INJECT_MSI and SET_IRQLINE (directly, or in
+   the extension ABI's VALUE_CALL) on a VM's own file, answered from the raw
+   FUSE request (express.h). */
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>  /* _IOW, for the ACRN_IOCTL_ numbers */
 #include <unistd.h>
 #include <linux/acrn.h>
 #include <linux/fuse.h>
+#include <acrn_hsm_emu.h>  /* the extension ABI: VALUE_CALL */
 
 #include "express_internal.h"
 #include "remote_memory.h"
@@ -117,21 +119,51 @@ python:
     return 0;
 }
 
+/* Locked: may an interrupt hypercall be made natively here? Not without the
+   VM's gate, nor while a tracer listens (Python records the call). */
+static int hsm_x_irq_ready(const struct hsm_xvm *x)
+{
+    return x->fd >= 0 && x->irq && !x->trace;
+}
+
 /* INJECT_MSI on the VM's own file (hsm.py: _pass("inject_msi"), the hypervisor's
    inject_msi): through the VM's native HC_INJECT_MSI, answered 0. Anything
-   else (no gate, a closed one, an address outside the LAPIC's, KVM refusing,
-   a tracer listening: Python records the call) goes to Python, which has
-   had no effect done for it. Locked; unlocks. */
+   else goes to Python, which has had nothing done for it (irq_gate.h).
+   Locked; unlocks. */
 static int hsm_x_msi(struct hsm_xvm *x, uint64_t unique, const unsigned char *arg)
 {
     struct acrn_msi_entry m;
     memcpy(&m, arg, sizeof m);
-    if (x->fd < 0 || !x->msi || x->trace || !hsm_msi_inject(x->msi, m.msi_addr, m.msi_data)) {
+    if (!hsm_x_irq_ready(x) || !hsm_irq_msi(x->irq, m.msi_addr, m.msi_data)) {
         pthread_mutex_unlock(&x->lock);
         return 0;
     }
     x->msis++;
     hsm_x_reply_later(x, unique);
+    pthread_mutex_unlock(&x->lock);
+    hsm_x_flush_out();
+    return 1;
+}
+
+/* SET_IRQLINE on the VM's own file, its argument the value itself (CUSE: cdev
+   declares it by value, hsm.py: arg_specs), or carried by VALUE_CALL (FUSE:
+   the launcher's; extension.py: value_call), answered with that call's 24
+   bytes, result 0. Through the VM's native HC_SET_IRQLINE; anything else to
+   Python, nothing done. Locked; unlocks. */
+static int hsm_x_irqline(struct hsm_xvm *x, uint64_t unique, uint64_t ops,
+                         struct acrn_emu_value_call *vc)
+{
+    if (!hsm_x_irq_ready(x) || !hsm_irq_line(x->irq, ops)) {
+        pthread_mutex_unlock(&x->lock);
+        return 0;
+    }
+    x->irqlines++;
+    if (vc) {
+        vc->result = 0;
+        hsm_x_reply_data(x, unique, vc, sizeof *vc);
+    } else {
+        hsm_x_reply_later(x, unique);
+    }
     pthread_mutex_unlock(&x->lock);
     hsm_x_flush_out();
     return 1;
@@ -281,11 +313,31 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
     if (in.flags & FUSE_IOCTL_COMPAT)
         return 0;
     if (in.cmd != ACRN_IOCTL_ATTACH_IOREQ_CLIENT && in.cmd != ACRN_IOCTL_NOTIFY_REQUEST_FINISH &&
-        in.cmd != ACRN_IOCTL_INJECT_MSI)
+        in.cmd != ACRN_IOCTL_INJECT_MSI && in.cmd != ACRN_IOCTL_SET_IRQLINE &&
+        in.cmd != ACRN_EMU_IOCTL_VALUE_CALL)
         return 0;
     x = hsm_x_owner(e, in.fh, &k);
     if (!x)
         return 0;
+    if (in.cmd == ACRN_IOCTL_SET_IRQLINE) {
+        /* the value is the argument: CUSE passes it as it is (an unrestricted
+           ioctl, nothing to fetch); FUSE would have copied 8 bytes from it */
+        if (k < 0 && (in.flags & FUSE_IOCTL_UNRESTRICTED) && in.in_size == 0)
+            return hsm_x_irqline(x, h->unique, in.arg, NULL);
+        pthread_mutex_unlock(&x->lock);
+        return 0;
+    }
+    if (in.cmd == ACRN_EMU_IOCTL_VALUE_CALL) {
+        struct acrn_emu_value_call vc;
+        if (k < 0 && in.in_size >= sizeof vc && in.out_size >= sizeof vc &&
+            len >= sizeof *h + sizeof in + sizeof vc) {
+            memcpy(&vc, body + sizeof in, sizeof vc);
+            if (vc.cmd == ACRN_IOCTL_SET_IRQLINE && vc.reserved == 0)
+                return hsm_x_irqline(x, h->unique, vc.arg, &vc);
+        }
+        pthread_mutex_unlock(&x->lock);  /* the rest, and CUSE's first call: Python */
+        return 0;
+    }
     if (in.cmd == ACRN_IOCTL_INJECT_MSI) {
         if (k < 0 && in.in_size >= sizeof(struct acrn_msi_entry) &&
             len >= sizeof *h + sizeof in + sizeof(struct acrn_msi_entry))
@@ -294,7 +346,7 @@ static int hsm_x_prefilter_locked(struct hsm_express *e, const void *req, size_t
            NOTIFY below, where the second call would be served here. A range
            client's bound file: Python (extension.py: bound_ioctl). */
         int served = k < 0 && (in.flags & FUSE_IOCTL_UNRESTRICTED) && in.in_size == 0 &&
-                     x->fd >= 0 && x->msi && !x->trace;
+                     hsm_x_irq_ready(x);
         if (served)
             hsm_x_reply_retry(x, h->unique, in.arg, sizeof(struct acrn_msi_entry));
         pthread_mutex_unlock(&x->lock);

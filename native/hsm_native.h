@@ -9,4 +9,4 @@
 #include "vcpu_cycle.h"
 #include "express.h"
 #include "kvm_run.h"
-#include "msi_gate.h"
+#include "irq_gate.h"

@@ -24,6 +24,7 @@ import pytest
 
 from acrn_hsm_emu import abi
 from acrn_hsm_emu._native import ffi, lib
+from acrn_hsm_emu.client import extension as ext
 from tests.support.poll import wait_until
 
 FUSE_IOCTL = 39
@@ -747,21 +748,32 @@ def test_ioreq_client_reads_a_c_served_range_clients_state(rig: Rig) -> None:
     assert rig.feed(ioctl_req(403, ATTACH, fh=RFH)) == 0  # Python's from now on
 
 
-# ----- INJECT_MSI through the VM's native HC_INJECT_MSI (native/msi_gate.h) -------------
+# ----- INJECT_MSI and SET_IRQLINE through the VM's native gate (native/irq_gate.h) -----
 
 MSI = abi.ACRN_IOCTL_INJECT_MSI
+IRQLINE = abi.ACRN_IOCTL_SET_IRQLINE
 LAPIC = 0xFEE00000
+_VALUE_CALL = struct.Struct("<IIQq")  # struct acrn_emu_value_call: cmd, reserved, arg, result
 
 
 def msi_arg(addr: int, data: int) -> bytes:
     return struct.pack("<QQ", addr, data)  # struct acrn_msi_entry
 
 
-def take(gate: Any, who: int) -> tuple[int, list[tuple[int, int]]]:
-    out = ffi.new("struct hsm_msi[]", lib.HSM_MSI_RING)
-    copied = ffi.new("uint32_t *")
-    n = lib.hsm_msi_take(gate, who, out, lib.HSM_MSI_RING, copied)
-    return n, [(m.addr, m.data) for m in out[0 : copied[0]]]
+def ops(gsi: int, op: int) -> int:
+    return op << 32 | gsi  # struct acrn_irqline_ops, as the value it is passed as
+
+
+def value_call_req(unique: int, value: int, cmd: int = IRQLINE, reserved: int = 0, out_size: int = 24) -> bytes:
+    data = _VALUE_CALL.pack(cmd, reserved, value, 0)
+    body = _IOCTL_IN.pack(FH, 0, ext.ACRN_EMU_IOCTL_VALUE_CALL, 0x5000, len(data), out_size) + data
+    return _IN_HEADER.pack(_IN_HEADER.size + len(body), FUSE_IOCTL, unique, 2, 0, 0, 1, 0, 0) + body
+
+
+def take(gate: Any, who: int) -> list[tuple[int, int, int]]:
+    out = ffi.new("struct hsm_irq_rec[]", lib.HSM_IRQ_RING)
+    k = lib.hsm_irq_take(gate, who, out, lib.HSM_IRQ_RING)
+    return [(r.kind, r.a, r.b) for r in out[0:k]]
 
 
 @pytest.fixture
@@ -789,29 +801,85 @@ def kvm_vm() -> Iterator[int]:
 
 @pytest.fixture
 def gate(rig: Rig, kvm_vm: int) -> Iterator[Any]:
-    g = ffi.new("struct hsm_msi_gate *")
-    lib.hsm_msi_gate_init(g)
-    lib.hsm_msi_gate_set(g, kvm_vm)
-    lib.hsm_x_set_msi(rig.x, g)
+    g = ffi.new("struct hsm_irq_gate *")
+    lib.hsm_irq_gate_init(g)
+    lib.hsm_irq_gate_set(g, kvm_vm)
+    lib.hsm_x_set_irq(rig.x, g)
     yield g
-    lib.hsm_x_set_msi(rig.x, ffi.NULL)
+    lib.hsm_x_set_irq(rig.x, ffi.NULL)
 
 
 def test_inject_msi_is_answered_through_the_gate_and_recorded(rig: Rig, gate: Any) -> None:
     assert rig.feed(ioctl_req(400, MSI, msi_arg(LAPIC, 0x41))) == 1
     assert rig.replies() == [(400, 0)]
     assert rig.x.msis == 1 and gate.n == 1
-    assert take(gate, lib.HSM_MSI_HV) == (1, [(LAPIC, 0x41)])
-    assert take(gate, lib.HSM_MSI_HV) == (0, [])  # each consumer takes once
-    assert take(gate, lib.HSM_MSI_HSM) == (1, [(LAPIC, 0x41)])  # the other on its own
+    assert take(gate, lib.HSM_IRQ_HV) == [(lib.HSM_IRQ_MSI, LAPIC, 0x41)]
+    assert take(gate, lib.HSM_IRQ_HV) == []  # each consumer takes once
+    assert take(gate, lib.HSM_IRQ_HSM) == [(lib.HSM_IRQ_MSI, LAPIC, 0x41)]  # the other on its own
 
 
-def test_more_msis_than_the_ring_holds_are_counted_and_the_newest_kept_in_order(rig: Rig, gate: Any) -> None:
-    for i in range(lib.HSM_MSI_RING + 8):
-        assert rig.feed(ioctl_req(500 + i, MSI, msi_arg(LAPIC | 0x1000, i))) == 1
-    n, msis = take(gate, lib.HSM_MSI_HSM)
-    assert n == lib.HSM_MSI_RING + 8
-    assert msis == [(LAPIC | 0x1000, i) for i in range(8, lib.HSM_MSI_RING + 8)]
+def test_set_irqline_is_answered_through_the_gate_plain_or_carried(rig: Rig, gate: Any) -> None:
+    # CUSE's plain call: unrestricted, the value is the argument, nothing fetched
+    plain = ioctl_req(410, IRQLINE, b"", flags=FUSE_IOCTL_UNRESTRICTED, arg=ops(4, abi.IRQ_RAISING_PULSE))
+    assert rig.feed(plain) == 1
+    assert rig.replies() == [(410, 0)]
+    # FUSE: the launcher's VALUE_CALL, answered with its 24 bytes, result 0
+    assert rig.feed(value_call_req(411, ops(5, abi.IRQ_SET_HIGH))) == 1
+    msg = rig.sock.recv(4096)
+    n, err, unique = _OUT_HEADER.unpack_from(msg)
+    assert (n, err, unique) == (16 + 16 + 24, 0, 411)
+    assert struct.unpack_from("<i", msg, 16)[0] == 0  # fuse_ioctl_out.result
+    assert _VALUE_CALL.unpack_from(msg, 32) == (IRQLINE, 0, ops(5, abi.IRQ_SET_HIGH), 0)
+    assert rig.x.irqlines == 2
+    line = lib.HSM_IRQ_LINE
+    assert take(gate, lib.HSM_IRQ_HSM) == [(line, ops(4, abi.IRQ_RAISING_PULSE), 0), (line, ops(5, abi.IRQ_SET_HIGH), 0)]
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        ioctl_req(420, IRQLINE, b"", flags=FUSE_IOCTL_UNRESTRICTED, arg=ops(24, 0)),  # no KVM pin: Python
+        ioctl_req(420, IRQLINE, b"", flags=FUSE_IOCTL_UNRESTRICTED, arg=ops(4, 4)),  # an op driving nothing
+        ioctl_req(420, IRQLINE, struct.pack("<Q", ops(4, 0))),  # FUSE's restricted call: EFAULT's, Python
+        value_call_req(420, ops(4, 0), reserved=1),  # EINVAL, from Python
+        value_call_req(420, 0, cmd=abi.ACRN_IOCTL_START_VM),  # not a value call: EINVAL, from Python
+        value_call_req(420, ops(4, 0), out_size=0),  # nowhere for the answer
+        value_call_req(420, ops(48, 0)),  # ACRN refuses GSI 48: Python's -EPERM
+    ],
+)
+def test_an_irqline_the_gate_cannot_take_goes_to_python_with_nothing_done(rig: Rig, gate: Any, req: bytes) -> None:
+    assert rig.feed(req) == 0
+    assert rig.replies() == [] and rig.x.irqlines == 0 and gate.n == 0
+
+
+def test_every_call_is_kept_until_both_consumers_took_it_and_a_full_ring_refuses(rig: Rig, gate: Any) -> None:
+    alert = os.eventfd(0, os.EFD_NONBLOCK)
+    lib.hsm_irq_gate_alert(gate, alert)
+    try:
+        half = lib.HSM_IRQ_RING // 2
+        for i in range(half - 1):
+            assert rig.feed(ioctl_req(1000 + i, MSI, msi_arg(LAPIC, i & 0xFF))) == 1
+            rig.replies()  # the socket standing in for /dev/fuse has a bounded buffer
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(alert)
+        assert rig.feed(ioctl_req(999, MSI, msi_arg(LAPIC, 0))) == 1
+        assert os.eventfd_read(alert) == 1  # half full: a fold is due, said once
+        assert len(take(gate, lib.HSM_IRQ_HV)) == half  # one consumer alone frees nothing
+        for i in range(half):
+            assert rig.feed(ioctl_req(5000 + i, MSI, msi_arg(LAPIC, i & 0xFF))) == 1
+            rig.replies()
+        assert rig.feed(ioctl_req(9999, MSI, msi_arg(LAPIC, 1))) == 0  # full: Python's, nothing done
+        assert rig.replies() == []
+        assert gate.n == lib.HSM_IRQ_RING
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(alert)  # still the one alert
+        recs = take(gate, lib.HSM_IRQ_HSM)
+        assert len(recs) == lib.HSM_IRQ_RING and recs[-1] == (lib.HSM_IRQ_MSI, LAPIC, (half - 1) & 0xFF)
+        assert len(take(gate, lib.HSM_IRQ_HV)) == half
+        assert rig.feed(ioctl_req(10000, MSI, msi_arg(LAPIC, 2))) == 1  # room again
+    finally:
+        lib.hsm_irq_gate_alert(gate, -1)
+        os.close(alert)
 
 
 @pytest.mark.parametrize(
@@ -822,6 +890,7 @@ def test_more_msis_than_the_ring_holds_are_counted_and_the_newest_kept_in_order(
 def test_an_msi_the_gate_cannot_take_goes_to_python_with_nothing_done(rig: Rig, gate: Any, why: str) -> None:
     req = ioctl_req(600, MSI, msi_arg(LAPIC, 0x41))
     trace = None
+    efd = -1
     if why == "not the LAPIC's address":
         req = ioctl_req(600, MSI, msi_arg(0xFED00000, 0x41))  # the hypervisor's refusal is Python's
     elif why == "a tracer listens":
@@ -830,12 +899,12 @@ def test_an_msi_the_gate_cannot_take_goes_to_python_with_nothing_done(rig: Rig, 
         trace.buf = ffi.new("struct hsm_xtrace_rec[]", 4)
         lib.hsm_x_set_trace(rig.x, trace)
     elif why == "the gate is closed":
-        lib.hsm_msi_gate_set(gate, -1)  # DESTROY_VM closes it before the fd goes
+        lib.hsm_irq_gate_set(gate, -1)  # DESTROY_VM closes it before the fd goes
     elif why == "no gate":
-        lib.hsm_x_set_msi(rig.x, ffi.NULL)
+        lib.hsm_x_set_irq(rig.x, ffi.NULL)
     elif why == "KVM refuses":
         efd = os.eventfd(0)
-        lib.hsm_msi_gate_set(gate, efd)  # not a KVM VM: ENOTTY, nothing injected
+        lib.hsm_irq_gate_set(gate, efd)  # not a KVM VM: ENOTTY, nothing injected
     elif why == "a range client's file":
         assert lib.hsm_x_client_add(rig.x, FH + 5, os.getpid(), rig.page) == 0
         req = ioctl_req(600, MSI, msi_arg(LAPIC, 0x41), fh=FH + 5)  # extension.py: bound_ioctl
@@ -845,7 +914,7 @@ def test_an_msi_the_gate_cannot_take_goes_to_python_with_nothing_done(rig: Rig, 
     assert rig.replies() == [] and rig.x.msis == 0 and gate.n == 0
     if trace is not None:
         lib.hsm_x_set_trace(rig.x, ffi.NULL)
-    if why == "KVM refuses":
+    if efd >= 0:
         os.close(efd)
 
 
@@ -861,5 +930,5 @@ def test_cuses_first_inject_msi_is_answered_with_the_retry_for_its_argument(rig:
     assert struct.unpack_from("<QQ", msg, 32) == (arg, 16)  # the 16 bytes of acrn_msi_entry
     assert rig.feed(ioctl_req(702, MSI, msi_arg(LAPIC, 0x42), flags=FUSE_IOCTL_UNRESTRICTED, arg=arg)) == 1
     assert rig.replies() == [(702, 0)] and gate.n == 1
-    lib.hsm_x_set_msi(rig.x, ffi.NULL)  # without a gate the retry is Python's too
+    lib.hsm_x_set_irq(rig.x, ffi.NULL)  # without a gate the retry is Python's too
     assert rig.feed(first) == 0

@@ -549,8 +549,10 @@ def express_snapshot(x: Any) -> dict[str, int] | None:
         # calls count in notified, attaches and attach_refused with the default client's)
         "range_dispatched": x.remote,
         "range_clients": sum(1 for k in range(lib.HSM_X_CLIENTS_MAX) if x.clients[k].live),
-        # INJECT_MSI calls answered here (the VM's native HC_INJECT_MSI, Hypercalls.msi_gate)
+        # INJECT_MSI and SET_IRQLINE calls answered here (the VM's native interrupt
+        # hypercalls, Hypercalls.irq_gate)
         "msi": x.msis,
+        "irqline": x.irqlines,
     }
 
 

@@ -19,10 +19,13 @@ limits every VM's throughput (docs/performance.md). Here they are done in C:
   hypercall's native form (``Hypercalls.notify_waits``, ``hsm_vcpu_finish``)
   also frees the slot and hands the vCPU the value, the driver's COMPLETE
   store folded into it, so that the vCPU does not read the page again;
-- the prefilter answers INJECT_MSI on the VM's file too, through the VM's
-  native HC_INJECT_MSI (``Hypercalls.msi_gate``: under KVM, KVM_SIGNAL_MSI
-  from C); the hypervisor's and the HSM's records take in what it did
-  (``HypercallLog.fold``) before anything they record next, and when read.
+- the prefilter answers INJECT_MSI and SET_IRQLINE (under FUSE: the
+  launcher's VALUE_CALL carrying it) on the VM's file too, through the VM's
+  native interrupt hypercalls (``Hypercalls.irq_gate``: under KVM,
+  KVM_SIGNAL_MSI and KVM_IRQ_LINE from C); the hypervisor's and the HSM's
+  records replay each call (``fold_native_irqs``, ``HypercallLog.fold``)
+  before anything they record next, when read, and when the gate's ring is
+  half full (``watch_alerts``).
 
 The rules stay in Python. :func:`sync` tells C, after every change that
 matters, whether the vCPUs may dispatch (a default client, not clearing, page
@@ -92,11 +95,12 @@ class Express:
         self.fn = ffi.cast("void *", ffi.addressof(lib, "hsm_x_prefilter"))
         self._vms: list[Vm] = []
         self._waits: dict[int, Any] = {}  # struct hsm_xvm address -> its vCPUs' waits
-        self._gates: dict[int, Any] = {}  # struct hsm_xvm address -> its VM's native HC_INJECT_MSI
+        self._gates: dict[int, Any] = {}  # struct hsm_xvm address -> its VM's native interrupt gate
         self.closed = False
         # C writes this when it refuses an ATTACH (too many parked): the
-        # refusal is logged from the trio thread (watch_refusals), as the
-        # Python path logs its own.
+        # refusal is logged from the trio thread (watch_alerts), as the
+        # Python path logs its own; and when a VM's native interrupt gate
+        # has its ring half full: its records are folded in.
         self.alert_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._refused_logged: dict[int, int] = {}  # vmid -> refusals logged
         self.tracing = False
@@ -138,11 +142,12 @@ class Express:
         vm.express = x
         vm.counters.express = x
         self._vms.append(vm)
-        gate = self.hv.msi_gate(vm.vmid)
-        if gate is not None:  # INJECT_MSI answered by the prefilter through it
+        gate = self.hv.irq_gate(vm.vmid)
+        if gate is not None:  # INJECT_MSI and SET_IRQLINE answered by the prefilter through it
             self._gates[_addr(x)] = gate  # alive while C may use it: until hsm_x_close
             vm.hypercalls.native = gate
-            lib.hsm_x_set_msi(x, gate)
+            lib.hsm_irq_gate_alert(gate, self.alert_fd)  # half full: watch_alerts folds
+            lib.hsm_x_set_irq(x, gate)
         if self.tracing:
             self._trace_vm(vm, True)
         if vm.default_client is not None:
@@ -166,9 +171,12 @@ class Express:
         _CLIENT_NAMES.pop(_addr(x), None)
         lib.hsm_x_close(x)
         self._waits.pop(_addr(x), None)
-        vm.hypercalls.fold()  # the last INJECT_MSI calls made here
+        gate = self._gates.pop(_addr(x), None)
+        if gate is not None:
+            lib.hsm_irq_gate_alert(gate, -1)  # the alert fd is this session's
+            vm.hypercalls.fold()  # the last calls made here
+            self.hv.fold_native_irqs(vm.vmid if vmid is None else vmid)
         vm.hypercalls.native = None
-        self._gates.pop(_addr(x), None)
         self._log_refusals(vm)  # any the watcher has not seen yet
         self._refused_logged.pop(vm.vmid, None)
         vm.express = None
@@ -241,9 +249,10 @@ class Express:
             if n < _DRAIN:
                 return
 
-    async def watch_refusals(self) -> None:
+    async def watch_alerts(self) -> None:
         """Log, from the trio thread, the ATTACH calls C refused with EAGAIN
-        (more than HSM_X_PARKED_MAX callers blocked in one VM's ATTACH)."""
+        (more than HSM_X_PARKED_MAX callers blocked in one VM's ATTACH), and take
+        in what the VMs' native interrupt hypercalls did before their rings fill."""
         while not self.closed:
             try:
                 await trio.lowlevel.wait_readable(self.alert_fd)
@@ -255,6 +264,9 @@ class Express:
                 continue
             for vm in list(self._vms):
                 self._log_refusals(vm)
+                if vm.hypercalls.native is not None:
+                    vm.hypercalls.fold()
+                    self.hv.fold_native_irqs(vm.vmid)
 
     def _log_refusals(self, vm: Vm) -> None:
         x = vm.express

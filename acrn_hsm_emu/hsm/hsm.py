@@ -230,7 +230,7 @@ class HsmDevice(BaseDevice):
         if self.dispatcher.express is not None:
             self.dispatcher.express.close()
         path = self.dispatcher.express = Express(fd, self.hv, self.express_poll_us)
-        self._spawn(path.watch_refusals)
+        self._spawn(path.watch_alerts)
         if TRACE.active:
             self._trace_changed()
         return path

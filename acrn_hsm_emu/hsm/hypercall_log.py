@@ -86,51 +86,43 @@ _Entry = dict[str, Any] | tuple[int, str, int, str, "bytes | int"]
 
 
 _MSI = struct.Struct("<QQ")  # struct acrn_msi_entry
-_OUT = ffi.new("struct hsm_msi[]", RECENT)  # fold's (the trio thread's)
-_COPIED = ffi.new("uint32_t *")
+_BATCH = 256
+_OUT = ffi.new("struct hsm_irq_rec[]", _BATCH)  # fold's (the trio thread's)
 
 
 class HypercallLog:
     """Counts per hypercall and a ring of the latest calls, for one VM.
 
-    ``native``: the VM's native HC_INJECT_MSI (``struct hsm_msi_gate *``) while the
-    express path makes INJECT_MSI calls through it; what it did is folded in (as
-    INJECT_MSI ioctls that succeeded) before any call recorded here and whenever the
-    log is read (:meth:`fold`), so that the order of the calls is kept.
+    ``native``: the VM's native interrupt hypercalls (``struct hsm_irq_gate *``) while
+    the express path answers INJECT_MSI and SET_IRQLINE through them; each call they
+    made is replayed here as the ioctl's handler records it, before any call recorded
+    here and whenever the log is read (:meth:`fold`), so that the calls keep their order.
     """
 
-    __slots__ = ("counts", "recent", "seq", "native", "_native_seen")
+    __slots__ = ("counts", "recent", "seq", "native")
 
     def __init__(self) -> None:
         self.counts: dict[str, dict[str, int]] = {}
         self.recent: collections.deque[_Entry] = collections.deque(maxlen=RECENT)
         self.seq = 0
         self.native: Any = None
-        self._native_seen = 0  # the gate's count when this last took from it
 
     def fold(self) -> None:
-        """Take in the INJECT_MSI calls made natively since the last fold."""
+        """Take in the calls made natively since the last fold."""
         g = self.native
-        if g is None or g.n == self._native_seen:  # an unlocked peek: nothing new, no call
+        if g is None or g.n == g.taken[lib.HSM_IRQ_HSM]:  # only this (the trio thread) moves taken
             return
-        n = lib.hsm_msi_take(g, lib.HSM_MSI_HSM, _OUT, RECENT, _COPIED)
-        self._native_seen = g.taken[lib.HSM_MSI_HSM]  # only takes (the trio thread's) move it
-        if not n:
-            return
-        copied = _COPIED[0]
-        c = self.counts.get("inject_msi")
-        if c is None:
-            c = self.counts["inject_msi"] = {"calls": 0, "failed": 0, "last_ret": 0}
-        c["calls"] += n
-        c["last_ret"] = 0
-        self.seq += n - copied  # older than the ring holds: counted, not listed
-        for m in _OUT[0:copied]:
-            self.seq += 1
-            self.recent.append((self.seq, "inject_msi", 0, "ioctl", _MSI.pack(m.addr, m.data)))
+        while True:
+            k = lib.hsm_irq_take(g, lib.HSM_IRQ_HSM, _OUT, _BATCH)
+            for r in _OUT[0:k]:
+                if r.kind == lib.HSM_IRQ_MSI:
+                    self._add("inject_msi", 0, "ioctl", _MSI.pack(r.a, r.b))
+                else:
+                    self._add("set_irqline", 0, "ioctl", r.a)
+            if k < _BATCH:
+                return
 
     def _count(self, name: str, ret: int) -> None:
-        if self.native is not None:
-            self.fold()
         c = self.counts.get(name)
         if c is None:
             c = self.counts[name] = {"calls": 0, "failed": 0, "last_ret": 0}
@@ -140,15 +132,22 @@ class HypercallLog:
         c["last_ret"] = ret
         self.seq += 1
 
+    def _add(self, name: str, ret: int, source: str, arg: bytes | int) -> None:
+        self._count(name, ret)
+        self.recent.append((self.seq, name, ret, source, arg))
+
     def record(self, name: str, ret: int, source: str = "ioctl", /, **fields: Any) -> None:
+        if self.native is not None:
+            self.fold()
         self._count(name, ret)
         self.recent.append({"seq": self.seq, "call": name, "ret": ret, "source": source, **fields})
 
     def record_arg(self, name: str, ret: int, arg: bytes | int, source: str = "ioctl") -> None:
         """:meth:`record` with the fields :func:`decode` finds in ``arg``, decoded only when a
         snapshot asks: the way of the calls a device model makes all the time (interrupts)."""
-        self._count(name, ret)
-        self.recent.append((self.seq, name, ret, source, arg))
+        if self.native is not None:
+            self.fold()
+        self._add(name, ret, source, arg)
 
     def snapshot(self) -> dict[str, Any]:
         self.fold()

@@ -177,9 +177,14 @@ class Hypercalls(Protocol):
         where :meth:`notify_fds` gives none."""
         ...
 
-    def msi_gate(self, vmid: int) -> Any:
-        """HC_INJECT_MSI's native form (``hsm_msi_inject``): the VM's ``struct
-        hsm_msi_gate *``, or None where MSIs to it go through :meth:`inject_msi` only."""
+    def irq_gate(self, vmid: int) -> Any:
+        """HC_INJECT_MSI's and HC_SET_IRQLINE's native forms (``hsm_irq_msi``,
+        ``hsm_irq_line``): the VM's ``struct hsm_irq_gate *``, or None where interrupts
+        to it go through :meth:`inject_msi` and :meth:`set_irqline` only."""
+        ...
+
+    def fold_native_irqs(self, vmid: int) -> None:
+        """Take in what the VM's native interrupt hypercalls did (its gate's ring)."""
         ...
 
     def set_memory_regions(self, vmid: int, regions: list[MemoryRegionOp]) -> int: ...

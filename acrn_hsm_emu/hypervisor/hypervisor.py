@@ -63,6 +63,7 @@ _U64 = struct.Struct("<Q")
 
 ENOTTY = -errno.ENOTTY  # dispatch: no such target (hv A.0)
 _FAIL = -1  # ACRN's generic failure
+_FOLD_BATCH = 256  # records a fold takes from a native gate per call
 _MSI = struct.Struct("<QQ")  # struct acrn_msi_entry: msi_addr, msi_data
 assert _MSI.size == ctypes.sizeof(abi.AcrnMsiEntry)
 
@@ -134,8 +135,7 @@ class Hypervisor:
             if workload is not None:
                 self.set_workload(None, workload)
         self._lock = threading.RLock()
-        self._msi_out = _ffi.new("struct hsm_msi[]", _lib.HSM_MSI_RING)  # _fold_msis, locked
-        self._msi_copied = _ffi.new("uint32_t *")
+        self._irq_out = _ffi.new("struct hsm_irq_rec[]", _FOLD_BATCH)  # _fold_irqs's, locked
         self._recorders: dict[int, Recorder] = {}  # by relative vmid, until collected
         self._upcall: Callable[[], None] | None = None
         self._sid = scenario.service_vm_id
@@ -593,37 +593,51 @@ class Hypervisor:
             addr, data = _MSI.unpack(msi)  # struct acrn_msi_entry
             if (addr >> 20) & 0xFFF != 0xFEE:
                 return _FAIL
-            self._fold_msis(vm)  # what the native form injected came first
+            self._fold_irqs(vm)  # what the native forms did came first
             vm.msi_count += 1
             vm.msi_recent.append((addr, data))
             if slot.config.load_order == "post":
                 self.backend.inject_msi(vm.vmid, addr, data)
             return 0
 
-    def msi_gate(self, vmid: int) -> Any:
-        """HC_INJECT_MSI's native form for callers outside Python (the express path):
-        the VM's ``struct hsm_msi_gate *`` (native/msi_gate.h), where the hypercall's
-        checks pass for the VM whatever the MSI (it exists, it is post-launched, the
-        Service VM may target it) and the backend injects natively; else None. What
-        it injects is folded into the VM's record here (msi count, recent MSIs)."""
+    def irq_gate(self, vmid: int) -> Any:
+        """HC_INJECT_MSI's and HC_SET_IRQLINE's native forms for callers outside Python
+        (the express path): the VM's ``struct hsm_irq_gate *`` (native/irq_gate.h), where
+        both hypercalls' checks pass for the VM whatever the argument (it exists, it is
+        post-launched, the Service VM may target it) and the backend injects natively;
+        else None. What they did is replayed into the VM's records here, in order
+        (:meth:`fold_native_irqs`), before any record of this hypercall's and when read."""
         with self._lock:
             slot = self._target(vmid)
             if isinstance(slot, int) or slot.vm is None or not slot.vm.severity_pass:
                 return None
             if slot.config.load_order != "post":
                 return None
-            return self.backend.msi_gate(slot.vm.vmid)
+            return self.backend.irq_gate(slot.vm.vmid)
 
-    def _fold_msis(self, vm: Vm) -> None:
-        """Locked: the MSIs the VM's native HC_INJECT_MSI injected since the last
-        fold, into its record, in order (the newest HSM_MSI_RING of them listed)."""
-        g = self.backend.msi_gate(vm.vmid)
-        if g is None:
+    def fold_native_irqs(self, vmid: int) -> None:
+        with self._lock:
+            slot = self._target(vmid)
+            if not isinstance(slot, int) and slot.vm is not None:
+                self._fold_irqs(slot.vm)
+
+    def _fold_irqs(self, vm: Vm) -> None:
+        """Locked: the calls the VM's native interrupt hypercalls made since the last
+        fold, replayed into its records as the hypercalls here record them."""
+        g = self.backend.irq_gate(vm.vmid)
+        if g is None or g.n == g.taken[_lib.HSM_IRQ_HV]:  # only this moves taken[HV]
             return
-        n = _lib.hsm_msi_take(g, _lib.HSM_MSI_HV, self._msi_out, _lib.HSM_MSI_RING, self._msi_copied)
-        if n:
-            vm.msi_count += n
-            vm.msi_recent.extend((m.addr, m.data) for m in self._msi_out[0 : self._msi_copied[0]])
+        out = self._irq_out
+        while True:
+            k = _lib.hsm_irq_take(g, _lib.HSM_IRQ_HV, out, _FOLD_BATCH)
+            for r in out[0:k]:
+                if r.kind == _lib.HSM_IRQ_MSI:
+                    vm.msi_count += 1
+                    vm.msi_recent.append((r.a, r.b))
+                else:
+                    vm.record_irqline(r.a & 0xFFFFFFFF, r.a >> 32)
+            if k < _FOLD_BATCH:
+                return
 
     def set_irqline(self, vmid: int, value: int) -> int:
         """HC_SET_IRQLINE: ``value`` is acrn_irqline_ops itself (gsi low, op high)."""
@@ -634,6 +648,7 @@ class Hypervisor:
             vm = slot.vm
             if vm is None or not vm.severity_pass:
                 return _FAIL
+            self._fold_irqs(vm)  # what the native forms did came first
             gsi, op = value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
             gsi_count = (
                 VIOAPIC_GSI_COUNT
@@ -1193,7 +1208,7 @@ class Hypervisor:
             }
 
     def _folded(self, vm: Vm) -> Vm:
-        self._fold_msis(vm)
+        self._fold_irqs(vm)
         return vm
 
     def shutdown(self) -> None:

@@ -183,9 +183,10 @@ class Backend(Protocol):
         """INJECT_MSI accepted by the hypervisor."""
         ...
 
-    def msi_gate(self, vmid: int) -> Any:
-        """The VM's ``struct hsm_msi_gate *`` (native/msi_gate.h: HC_INJECT_MSI for callers
-        outside Python, open while the VM lives), or None where MSIs are not injected natively."""
+    def irq_gate(self, vmid: int) -> Any:
+        """The VM's ``struct hsm_irq_gate *`` (native/irq_gate.h: HC_INJECT_MSI and
+        HC_SET_IRQLINE for callers outside Python, open while the VM lives), or None where
+        interrupts are not injected natively."""
         ...
 
     def set_irqline(self, vmid: int, gsi: int, op: int) -> None:

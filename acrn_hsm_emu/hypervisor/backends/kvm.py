@@ -330,7 +330,7 @@ class KvmBackend:
     def vm_destroyed(self, vmid: int) -> None:
         vm = self._vms.pop(vmid, None)
         if vm is not None:
-            _lib.hsm_msi_gate_set(vm.msi_gate, -1)  # no native MSI after this; then the fd can go
+            _lib.hsm_irq_gate_set(vm.irq_gate, -1)  # no native interrupt after this; then the fd can go
             vm.release()
         self._scripted.vm_destroyed(vmid)
 
@@ -369,11 +369,11 @@ class KvmBackend:
         if vm is not None:
             vm.inject_msi(addr, data)
 
-    def msi_gate(self, vmid: int) -> Any:
+    def irq_gate(self, vmid: int) -> Any:
         if logs.DEBUG:
             return None  # every MSI has its debug line (KvmVm.inject_msi): Python injects them
         vm = self._vms.get(vmid)
-        return vm.msi_gate if vm is not None else None
+        return vm.irq_gate if vm is not None else None
 
     def set_irqline(self, vmid: int, gsi: int, op: int) -> None:
         vm = self._vms.get(vmid)
@@ -420,10 +420,11 @@ class KvmVm:
             os.close(self.fd)
             raise
         self.vcpus: list[KvmVcpu] = []
-        # HC_INJECT_MSI's native form on this VM (native/msi_gate.h), closed at DESTROY_VM
-        self.msi_gate = _ffi.new("struct hsm_msi_gate *")
-        _lib.hsm_msi_gate_init(self.msi_gate)
-        _lib.hsm_msi_gate_set(self.msi_gate, self.fd)
+        # the native forms of HC_INJECT_MSI and HC_SET_IRQLINE on this VM (native/irq_gate.h),
+        # closed at DESTROY_VM
+        self.irq_gate = _ffi.new("struct hsm_irq_gate *")
+        _lib.hsm_irq_gate_init(self.irq_gate)
+        _lib.hsm_irq_gate_set(self.irq_gate, self.fd)
         self._refs = 1  # the backend's; each vCPU adds one
         self._refs_lock = threading.Lock()
         # desired memory: written by the hypercall thread, read by the vCPU that syncs

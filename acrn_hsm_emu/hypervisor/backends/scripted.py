@@ -112,8 +112,8 @@ class ScriptedBackend:
     def inject_msi(self, vmid: int, addr: int, data: int) -> None:
         pass  # recorded by the hypervisor; there is no guest to interrupt
 
-    def msi_gate(self, vmid: int) -> Any:
-        return None  # every MSI goes through the hypervisor's Python
+    def irq_gate(self, vmid: int) -> Any:
+        return None  # every interrupt goes through the hypervisor's Python
 
     def set_irqline(self, vmid: int, gsi: int, op: int) -> None:
         pass
