@@ -10,6 +10,7 @@ checks are in test_kvm_daemon.py.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -18,6 +19,7 @@ import pathlib
 import struct
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import structlog
@@ -200,6 +202,19 @@ def test_irqline_above_the_kvm_ioapic_is_recorded_not_delivered(rigs) -> None:
     assert r.hv.snapshot()["vms"][0]["irqlines"]["40"]["raising_pulse"] == 2
 
 
+@contextlib.contextmanager
+def kvm_refusing(r: Any) -> Iterator[None]:
+    """The rig's one KVM VM answers every VM ioctl with ENOTTY: its fd is /dev/null's meanwhile."""
+    (kvm_vm,) = r.hv.backend._vms.values()
+    real = kvm_vm.fd
+    with open("/dev/null", "rb") as null:
+        kvm_vm.fd = null.fileno()
+        try:
+            yield
+        finally:
+            kvm_vm.fd = real
+
+
 def test_an_msi_goes_to_kvm_and_a_refusal_is_logged_not_raised(rigs) -> None:
     """INJECT_MSI's KVM_SIGNAL_MSI (hsm_kvm_signal_msi, in C): accepted by a real KVM VM; a
     refusal by the kernel (here: the VM's fd swapped for /dev/null's) is a warning with the
@@ -207,15 +222,8 @@ def test_an_msi_goes_to_kvm_and_a_refusal_is_logged_not_raised(rigs) -> None:
     r = rigs(ram_size=0)
     msi = struct.pack("<QQ", 0xFEE00000, 0x41)  # struct acrn_msi_entry: fixed, vector 0x41
     assert r.hv.inject_msi(r.vmid, msi) == 0
-    (kvm_vm,) = r.hv.backend._vms.values()
-    real = kvm_vm.fd
-    with open("/dev/null", "rb") as null:
-        kvm_vm.fd = null.fileno()
-        try:
-            with structlog.testing.capture_logs() as logs:
-                assert r.hv.inject_msi(r.vmid, msi) == 0
-        finally:
-            kvm_vm.fd = real
+    with kvm_refusing(r), structlog.testing.capture_logs() as logs:
+        assert r.hv.inject_msi(r.vmid, msi) == 0
     (failed,) = [e for e in logs if e["event"] == "kvm.msi_failed"]
     assert failed["error"] == os.strerror(errno.ENOTTY) and failed["data"] == "0x41"
     assert r.hv.snapshot()["vms"][0]["msi"]["count"] == 2
@@ -225,15 +233,8 @@ def test_an_irqline_refused_by_kvm_is_logged_not_raised(rigs) -> None:
     """SET_IRQLINE's KVM_IRQ_LINE calls (hsm_kvm_irq_line: a pulse's two levels in one native
     call): a refusal by the kernel is a warning with its reason; the hypercall answers 0."""
     r = rigs(ram_size=0)
-    (kvm_vm,) = r.hv.backend._vms.values()
-    real = kvm_vm.fd
-    with open("/dev/null", "rb") as null:
-        kvm_vm.fd = null.fileno()
-        try:
-            with structlog.testing.capture_logs() as logs:
-                assert r.hv.set_irqline(r.vmid, abi.IRQ_RAISING_PULSE << 32 | 4) == 0
-        finally:
-            kvm_vm.fd = real
+    with kvm_refusing(r), structlog.testing.capture_logs() as logs:
+        assert r.hv.set_irqline(r.vmid, abi.IRQ_RAISING_PULSE << 32 | 4) == 0
     (failed,) = [e for e in logs if e["event"] == "kvm.irqline_failed"]  # once: the pulse stops there
     assert failed["gsi"] == 4 and failed["error"] == os.strerror(errno.ENOTTY)
     assert r.hv.snapshot()["vms"][0]["irqlines"]["4"]["raising_pulse"] == 1
