@@ -433,7 +433,10 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     ``--service-cpus`` and ``--vcpu-cpus``; the vCPUs poll for their
     completions unless ``_no_vcpu_polling``), everything on one CPU
     (``one_cpu``), and with the express reader's polling off (``no_polling``):
-    how much of the figure is the cost of waking threads on other CPUs.
+    how much of the figure is the cost of waking threads on other CPUs. With
+    everything on one CPU, each round's 1-vCPU cycle is also compared with its
+    floor measured right after it on that CPU (:func:`one_cpu_floor`):
+    ``cycle_to_floor``, the median of the rounds' ratios.
     """
     out: dict[str, Any] = {}
     cpu_list = sorted(os.sched_getaffinity(0))
@@ -455,6 +458,7 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         ratios_: list[float] = []
         per_s: dict[int, list[float]] = {1: [], 2: []}
         busy: dict[int, list[float]] = {1: [], 2: []}
+        to_floor: list[float] = []  # kvm_one_cpu: the 1-vCPU cycle over its floor, round by round
         for _ in range(args.rounds):
             rows = []
             for vcpus in (1, 2):
@@ -467,12 +471,31 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
             one, two = rows
             if "requests_per_s" in one and "requests_per_s" in two:
                 ratios_.append(two["requests_per_s"] / one["requests_per_s"])
+            if name == "kvm_one_cpu" and "requests_per_s" in one:
+                to_floor.append((1e6 / one["requests_per_s"]) / one_cpu_floor(tmp, args, service))
         if ratios_:
             out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_),
                          "per_s_1vcpu": statistics.median(per_s[1]), "per_s_2vcpu": statistics.median(per_s[2]),
                          "cpus_busy_1vcpu": statistics.median(busy[1]), "cpus_busy_2vcpu": statistics.median(busy[2])}
+            if to_floor:
+                out[name]["cycle_to_floor"] = statistics.median(to_floor)
+                out[name]["cycle_to_floor_min"] = min(to_floor)
+                out[name]["cycle_to_floor_max"] = max(to_floor)
             print(f"  {name} 1 -> 2 vCPUs: {fmt(out[name])}", flush=True)
     return out
+
+
+def one_cpu_floor(tmp: pathlib.Path, args: argparse.Namespace, cpu: str) -> float:
+    """The floor of the one-CPU KVM request cycle, in us, measured on ``cpu`` right
+    after the round it is compared with: a bare KVM PIO exit and two C libfuse null
+    ioctl round trips (the vCPU's upcall and the device model's NOTIFY), server and
+    client on that CPU."""
+    kvm = build(HERE / "c" / "kvm_pio_loop.c", "kvm_pio_loop")
+    exit_us = ns_line(subprocess.run([*pinned(cpu), str(kvm), str(args.calls)], capture_output=True,
+                                     text=True, check=True).stdout)["p50"]
+    with c_null_server(tmp, cpu) as node:
+        rt_us = ioctl_loop(node, args.calls // 4, cpus=cpu)["p50"]
+    return exit_us + 2 * rt_us
 
 
 class Ctl:
@@ -779,10 +802,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         out["kvm_pio_cycle_vs_kvm_exit_plus_2x_c_rt"] = ck["pio"]["cycle_p50_us"] / (kvm + 2 * rt)
     if "ratio_to_floor" in ck.get("pio", {}):  # floors measured right before each round
         out["kvm_pio_cycle_vs_floor_measured_beside"] = ck["pio"]["ratio_to_floor"]
-    same = fl.get("c_libfuse_null_ioctl_same_cpu_us", {}).get("p50")
-    one_cpu = results.get("scaling", {}).get("kvm_one_cpu", {}).get("per_s_1vcpu")
-    if kvm and same and one_cpu:  # like for like: ours and the floor, each on one CPU
-        out["kvm_pio_one_cpu_cycle_vs_one_cpu_floor"] = (1e6 / one_cpu) / (kvm + 2 * same)
+    one_cpu = results.get("scaling", {}).get("kvm_one_cpu", {})
+    if "cycle_to_floor" in one_cpu:  # like for like: ours and the floor, each on one CPU, round by round
+        out["kvm_pio_one_cpu_cycle_vs_one_cpu_floor"] = one_cpu["cycle_to_floor"]
     for name, row in results.get("scaling", {}).items():
         out[f"{name}_scaling_1_to_2_vcpus"] = row["median"]
     for key, value in results.get("interrupts", {}).items():
