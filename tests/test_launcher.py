@@ -54,9 +54,12 @@ def launcher(node: pathlib.Path | str, *command: str, level: str = "warning") ->
 
 def events(text: str, name: str | None = None) -> list[dict[str, Any]]:
     out = []
+    decoder = json.JSONDecoder()
     for line in text.splitlines():
         if line.startswith("{"):
-            e = json.loads(line)
+            # the command shares the daemon's output (serve): its unbuffered text can
+            # follow a log line before the newline; the record is the leading object
+            e, _ = decoder.raw_decode(line)
             if name is None or e.get("event") == name:
                 out.append(e)
     return out
