@@ -178,7 +178,7 @@ struct hsm_kvm_fast {
 int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wait *w,
                  struct hsm_gate *g, int upcall_fd, struct hsm_native_upcall *up);
 int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);
-int hsm_kvm_irq_line(int vm_fd, uint32_t gsi, const uint32_t *levels, uint32_t n);
+int hsm_kvm_irq_op(int vm_fd, uint32_t gsi, uint32_t op);
 
 /* HC_INJECT_MSI's and HC_SET_IRQLINE's native forms (native/irq_gate.h). */
 #define HSM_IRQ_RING ...

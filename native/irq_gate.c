@@ -75,16 +75,12 @@ int hsm_irq_msi(struct hsm_irq_gate *g, uint64_t addr, uint64_t data)
 
 int hsm_irq_line(struct hsm_irq_gate *g, uint64_t ops)
 {
-    /* ACRN's ops: SET_HIGH, SET_LOW, RAISING_PULSE, FALLING_PULSE; the levels
-       KVM_IRQ_LINE sets for each (backends/kvm.py: IRQ_LEVELS) */
-    static const uint32_t levels[4][2] = { { 1, 0 }, { 0, 0 }, { 1, 0 }, { 0, 1 } };
-    static const uint32_t count[4] = { 1, 1, 2, 2 };
     uint32_t gsi = (uint32_t)ops, op = (uint32_t)(ops >> 32);
     int done = 0;
-    if (gsi >= HSM_IRQ_PINS || op > 3)
+    if (gsi >= HSM_IRQ_PINS)
         return 0;
     pthread_mutex_lock(&g->lock);
-    if (hsm_irq_room(g) && hsm_kvm_irq_line(g->fd, gsi, levels[op], count[op]) == 0) {
+    if (hsm_irq_room(g) && hsm_kvm_irq_op(g->fd, gsi, op) == 0) {
         hsm_irq_record(g, HSM_IRQ_LINE, ops, 0);
         done = 1;
     }

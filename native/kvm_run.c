@@ -121,13 +121,19 @@ int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data)
     return rc < 0 ? -errno : rc;
 }
 
-int hsm_kvm_irq_line(int vm_fd, uint32_t gsi, const uint32_t *levels, uint32_t n)
+int hsm_kvm_irq_op(int vm_fd, uint32_t gsi, uint32_t op)
 {
-    for (uint32_t i = 0; i < n; i++) {
+    /* ACRN's SET_IRQLINE ops (spec hv B.1.2: SET_HIGH, SET_LOW, RAISING_PULSE,
+       FALLING_PULSE) as the KVM_IRQ_LINE levels they drive, in order */
+    static const uint32_t levels[4][2] = { { 1, 0 }, { 0, 0 }, { 1, 0 }, { 0, 1 } };
+    static const uint32_t count[4] = { 1, 1, 2, 2 };
+    if (op > 3)
+        return 1;
+    for (uint32_t i = 0; i < count[op]; i++) {
         struct kvm_irq_level l;
         memset(&l, 0, sizeof(l));
         l.irq = gsi;
-        l.level = levels[i];
+        l.level = levels[op][i];
         if (ioctl(vm_fd, KVM_IRQ_LINE, &l) < 0)
             return -errno;
     }

@@ -40,8 +40,9 @@ int hsm_kvm_loop(struct hsm_kvm_fast *f, unsigned attention, struct hsm_vcpu_wai
  * native call where Python would pack a struct kvm_msi and go through fcntl. */
 int hsm_kvm_signal_msi(int vm_fd, uint64_t addr, uint32_t data);
 
-/* KVM_IRQ_LINE on gsi with each of n levels in turn (a pulse is two): 0, or the
-   first failure's -errno (the levels after it not set). */
-int hsm_kvm_irq_line(int vm_fd, uint32_t gsi, const uint32_t *levels, uint32_t n);
+/* ACRN's SET_IRQLINE op on gsi as KVM_IRQ_LINE calls, one per level it drives (a
+   pulse is two): 0; 1 for an op that drives no level (nothing done); or the first
+   failure's -errno (the levels after it not set). The one table of ACRN's ops. */
+int hsm_kvm_irq_op(int vm_fd, uint32_t gsi, uint32_t op);
 
 #endif

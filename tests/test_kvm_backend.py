@@ -202,6 +202,17 @@ def test_irqline_above_the_kvm_ioapic_is_recorded_not_delivered(rigs) -> None:
     assert r.hv.snapshot()["vms"][0]["irqlines"]["40"]["raising_pulse"] == 2
 
 
+def test_an_irqline_op_acrn_does_not_define_drives_nothing(rigs) -> None:
+    """An op outside ACRN's four (hsm_kvm_irq_op's table) makes no KVM call: with the VM's fd
+    swapped for /dev/null's, any call would be refused and logged. Recorded as "other"."""
+    r = rigs(ram_size=0)
+    with kvm_refusing(r), structlog.testing.capture_logs() as logs:
+        assert r.hv.set_irqline(r.vmid, 7 << 32 | 4) == 0
+        assert r.hv.set_irqline(r.vmid, abi.IRQ_SET_HIGH << 32 | 4) == 0  # the rig refuses
+    assert [e["event"] for e in logs if e["event"].startswith("kvm.")] == ["kvm.irqline_failed"]
+    assert r.hv.snapshot()["vms"][0]["irqlines"]["4"] == {"level": 1, "other": 1, "set_high": 1}
+
+
 @contextlib.contextmanager
 def kvm_refusing(r: Any) -> Iterator[None]:
     """The rig's one KVM VM answers every VM ioctl with ENOTTY: its fd is /dev/null's meanwhile."""
@@ -230,7 +241,7 @@ def test_an_msi_goes_to_kvm_and_a_refusal_is_logged_not_raised(rigs) -> None:
 
 
 def test_an_irqline_refused_by_kvm_is_logged_not_raised(rigs) -> None:
-    """SET_IRQLINE's KVM_IRQ_LINE calls (hsm_kvm_irq_line: a pulse's two levels in one native
+    """SET_IRQLINE's KVM_IRQ_LINE calls (hsm_kvm_irq_op: a pulse's two levels in one native
     call): a refusal by the kernel is a warning with its reason; the hypercall answers 0."""
     r = rigs(ram_size=0)
     with kvm_refusing(r), structlog.testing.capture_logs() as logs:

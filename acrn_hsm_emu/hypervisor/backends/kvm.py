@@ -98,16 +98,6 @@ _EXIT_IO, _EXIT_MMIO, _EXIT_INTR = k.KVM_EXIT_IO, k.KVM_EXIT_MMIO, k.KVM_EXIT_IN
 _EXIT_REASON = k.RUN_EXIT_REASON
 _ONES = b"\xff" * 8
 
-# ACRN's SET_IRQLINE ops (spec hv B.1.2) as the KVM_IRQ_LINE levels they drive.
-IRQ_LEVELS = {
-    abi.IRQ_SET_HIGH: (1,),
-    abi.IRQ_SET_LOW: (0,),
-    abi.IRQ_RAISING_PULSE: (1, 0),
-    abi.IRQ_FALLING_PULSE: (0, 1),
-}
-# the same, as hsm_kvm_irq_line takes them (one native call sets a pulse's two levels)
-_IRQ_LEVELS_C = {op: (_ffi.new("uint32_t[]", list(levels)), len(levels)) for op, levels in IRQ_LEVELS.items()}
-
 # Data segments SET_VCPU_REGS does not describe (acrn_regs has only selectors):
 # real mode: base = selector << 4, 64 KiB, read/write data; protected and long
 # mode: flat 4 GiB read/write data. VMX access-rights format.
@@ -602,9 +592,9 @@ class KvmVm:
             _log.debug("kvm.msi", vmid=self.vmid, addr=hex(addr), data=hex(data), delivered=delivered > 0)
 
     def set_irqline(self, gsi: int, op: int) -> None:
-        levels = _IRQ_LEVELS_C.get(op)
-        if levels is None:
-            return  # recorded by the hypervisor as "other"; nothing to drive
+        """ACRN's op as the KVM_IRQ_LINE levels it drives (hsm_kvm_irq_op, which holds the
+        one table of them; an op it does not know drives nothing: the hypervisor records
+        it as "other")."""
         if gsi >= k.KVM_IOAPIC_NUM_PINS:
             if gsi not in self._unrouted_gsis:
                 self._unrouted_gsis.add(gsi)
@@ -613,7 +603,7 @@ class KvmVm:
                     reason=f"KVM's IOAPIC has {k.KVM_IOAPIC_NUM_PINS} pins",
                 )  # fmt: skip
             return
-        ret = _lib.hsm_kvm_irq_line(self.fd, gsi, *levels)
+        ret = _lib.hsm_kvm_irq_op(self.fd, gsi, op)
         if ret < 0:
             _log.warning("kvm.irqline_failed", vmid=self.vmid, gsi=gsi, error=os.strerror(-ret))
 
