@@ -174,8 +174,7 @@ class Express:
         gate = self._gates.pop(_addr(x), None)
         if gate is not None:
             lib.hsm_irq_gate_alert(gate, -1)  # the alert fd is this session's
-            vm.hypercalls.fold()  # the last calls made here
-            self.hv.fold_native_irqs(vm.vmid if vmid is None else vmid)
+            self._fold(vm, vm.vmid if vmid is None else vmid)  # the last calls made here
         vm.hypercalls.native = None
         self._log_refusals(vm)  # any the watcher has not seen yet
         self._refused_logged.pop(vm.vmid, None)
@@ -265,8 +264,13 @@ class Express:
             for vm in list(self._vms):
                 self._log_refusals(vm)
                 if vm.hypercalls.native is not None:
-                    vm.hypercalls.fold()
-                    self.hv.fold_native_irqs(vm.vmid)
+                    self._fold(vm, vm.vmid)
+
+    def _fold(self, vm: Vm, vmid: int) -> None:
+        """Both consumers of the VM's native interrupt ring take what C recorded: the
+        HSM's hypercall log and the hypervisor's records. The ring frees only then."""
+        vm.hypercalls.fold()
+        self.hv.fold_native_irqs(vmid)
 
     def _log_refusals(self, vm: Vm) -> None:
         x = vm.express

@@ -1165,6 +1165,9 @@ class Hypervisor:
     def snapshot(self) -> dict[str, Any]:
         """State for ``acrn-hsm-emu status`` (JSON-serialisable; format in docs/scenario.md)."""
         with self._lock:
+            for s in self._slots:
+                if s.vm is not None:
+                    self._fold_irqs(s.vm)  # what the native interrupt hypercalls did
             sc = self.scenario
             service = self._slots[self._sid]
             return {
@@ -1199,17 +1202,13 @@ class Hypervisor:
                     for i, s in enumerate(self._slots)
                 ],
                 "vms": [
-                    self._folded(s.vm).snapshot()
+                    s.vm.snapshot()
                     for s in self._slots
                     if s.vm is not None and s.config.load_order == "post"
                 ],
                 "recordings": [r.summary() for r in self._recorders.values()],
                 "replay": self.replay_summary(),
             }
-
-    def _folded(self, vm: Vm) -> Vm:
-        self._fold_irqs(vm)
-        return vm
 
     def shutdown(self) -> None:
         """Stop every vCPU thread (daemon exit); VMs stay in the table, frozen."""
