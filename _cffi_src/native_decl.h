@@ -42,7 +42,6 @@ struct hsm_gate { ...; };
 struct hsm_ring { uint64_t *buf; uint64_t size; uint64_t n; };
 struct hsm_vcpu_wait {
     int pid;
-    int wake_fd;
     uint64_t slot;
     int probe_ms;
     uint64_t spin_ns;
@@ -56,11 +55,13 @@ struct hsm_vcpu_wait {
     uint32_t mail;
     uint64_t handed;
     uint64_t handoffs;
+    uint32_t wakes;
     ...;
 };
 void hsm_gate_init(struct hsm_gate *g);
 void hsm_gate_set(struct hsm_gate *g, int open);
 void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
+void hsm_vcpu_wake(struct hsm_vcpu_wait *w);
 struct hsm_native_upcall { ...; };
 int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
                    struct hsm_native_upcall *up, size_t value_len, uint64_t *value);

@@ -63,12 +63,15 @@ void hsm_x_unlock(struct hsm_xvm *x) { pthread_mutex_unlock(&x->lock); }
 
 int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, struct hsm_vcpu_wait *const *waits, int n)
 {
-    if (n != (int)x->vcpu_num)
+    if (n != (int)x->vcpu_num || !waits)
         return -EINVAL;
+    for (int i = 0; i < n; i++)
+        if (!waits[i])
+            return -EINVAL;
     pthread_mutex_lock(&x->lock);
     for (int i = 0; i < n; i++) {
         x->wake_fds[i] = fds[i];
-        x->waits[i] = waits ? waits[i] : NULL;
+        x->waits[i] = waits[i];
     }
     x->nfds = n;
     pthread_mutex_unlock(&x->lock);

@@ -139,8 +139,10 @@ void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
                 uint32_t vcpu_num);
 void hsm_x_lock(struct hsm_xvm *x);
 void hsm_x_unlock(struct hsm_xvm *x);
-/* Takes the fds (the caller's duplicates) and, where not NULL, the vCPUs'
-   native waits (hsm_vcpu_finish); n must be the VM's vCPU count. */
+/* Takes the fds (the caller's duplicates: the vCPUs' completion eventfds,
+   for their waits in Python) and the vCPUs' native waits (hsm_vcpu_finish,
+   hsm_vcpu_wake: a vCPU waits on one or the other); n must be the VM's vCPU
+   count. -EINVAL otherwise (nothing taken). */
 int hsm_x_set_wake_fds(struct hsm_xvm *x, const int *fds, struct hsm_vcpu_wait *const *waits, int n);
 uint64_t hsm_x_bits(struct hsm_xvm *x, uint64_t set, uint64_t clear);
 /* IoreqClient.wake for the default client: level-triggered. */

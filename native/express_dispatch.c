@@ -119,7 +119,7 @@ static int hsm_x_ioeventfd(struct hsm_xvm *x, int pid, uint64_t slot, uint64_t i
     x->in_kernel++;
     if (x->trace)
         hsm_x_trace_rec(x, HSM_XT_IOEVENTFD, i, head, 0, 0);
-    hsm_x_completed(x, i, polling);
+    hsm_x_completed(x, i, polling, 0);
     return 1;
 }
 

@@ -21,9 +21,12 @@ void hsm_x_reply_later(struct hsm_xvm *x, uint64_t unique);
 /* Locked: answer every blocked ATTACH now (of the default client; of a list). */
 void hsm_x_answer_parked(struct hsm_xvm *x, int err);
 void hsm_x_answer_waiters(struct hsm_xvm *x, uint64_t *parked, uint32_t *n, int err);
-/* Locked: vCPU i's slot is complete; it learns it from its completion eventfd
-   unless it polls the state (HC_NOTIFY_REQUEST_FINISH's effect). */
-void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling);
+/* Locked: vCPU i's slot is complete (handed: its completion handed over to
+   its native wait, hsm_vcpu_finish); unless it polls the state, it is woken
+   (HC_NOTIFY_REQUEST_FINISH's effect): its native wait (hsm_vcpu_wake), and,
+   for a completion not handed over, its completion eventfd too (its waits
+   in Python). */
+void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling, int handed);
 /* Unlocked: write what this thread put off, then let hsm_x_close go on. */
 void hsm_x_flush_out(void);
 

@@ -16,6 +16,7 @@ struct hsm_x_out {
     uint32_t n;
     uint64_t unique[HSM_X_OUT_MAX];
     int wake_fd;          /* a vCPU's completion eventfd, or -1 */
+    struct hsm_vcpu_wait *wake_w;  /* a vCPU's native wait, or NULL */
 };
 static __thread struct hsm_x_out hsm_x_out;
 
@@ -78,6 +79,7 @@ static struct hsm_x_out *hsm_x_defer(struct hsm_xvm *x)
         o->fd = x->fd;
         o->n = 0;
         o->wake_fd = -1;
+        o->wake_w = NULL;
         __atomic_add_fetch(&x->busy, 1, __ATOMIC_ACQ_REL);
     }
     return o;
@@ -101,6 +103,8 @@ void hsm_x_flush_out(void)
     if (!x)
         return;
     if (o->wake_fd >= 0 && write(o->wake_fd, &one, sizeof one) < 0) { /* a full counter wakes */ }
+    if (o->wake_w)
+        hsm_vcpu_wake(o->wake_w);
     for (uint32_t i = 0; i < o->n; i++)
         hsm_reply_on(o->fd, o->unique[i], 0);
     o->x = NULL;
@@ -119,15 +123,22 @@ void hsm_x_answer_parked(struct hsm_xvm *x, int err)
     hsm_x_answer_waiters(x, x->parked, &x->nparked, err);
 }
 
-/* The write is put off until the lock is released where it can be. */
-void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling)
+/* The wake-up is put off until the lock is released where it can be. */
+void hsm_x_completed(struct hsm_xvm *x, uint64_t i, uint32_t polling, int handed)
 {
     struct hsm_x_out *o;
+    struct hsm_vcpu_wait *w = x->waits[i];
+    int fd = handed ? -1 : x->wake_fds[i];
     uint64_t one = 1;
     if (polling)
         return;
     o = hsm_x_defer(x);
-    if (o && o->wake_fd < 0)
-        o->wake_fd = x->wake_fds[i];
-    else if (write(x->wake_fds[i], &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
+    if (o && o->wake_fd < 0 && !o->wake_w) {
+        o->wake_fd = fd;
+        o->wake_w = w;
+        return;
+    }
+    if (fd >= 0 && write(fd, &one, sizeof one) < 0) { /* a full counter wakes anyway */ }
+    if (w)
+        hsm_vcpu_wake(w);
 }

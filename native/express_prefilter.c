@@ -54,10 +54,11 @@ static int hsm_x_attach(struct hsm_xvm *x, uint64_t unique)
 /* Locked: the end of a NOTIFY served here, the slot COMPLETE: the vCPU is
    told (unless it polls) and the caller answered, both once the lock is
    released; unlocks. 1. */
-static int hsm_x_notified(struct hsm_xvm *x, uint32_t vcpu, uint32_t polling, uint64_t unique)
+static int hsm_x_notified(struct hsm_xvm *x, uint32_t vcpu, uint32_t polling, int handed,
+                          uint64_t unique)
 {
     x->notified++;
-    hsm_x_completed(x, vcpu, polling);
+    hsm_x_completed(x, vcpu, polling, handed);
     hsm_x_reply_later(x, unique);
     pthread_mutex_unlock(&x->lock);
     hsm_x_flush_out();
@@ -67,7 +68,8 @@ static int hsm_x_notified(struct hsm_xvm *x, uint32_t vcpu, uint32_t polling, ui
 /* Locked: vCPU i's request answered (value; store_len of it stored into the
    slot, 0 for none): the answer (if any) and COMPLETE stored, or, for a vCPU
    waiting natively, the answer and FREE with the value handed over
-   (hsm_vcpu_finish). 0 done, -1 a fault (nothing stored: Python's to do). */
+   (hsm_vcpu_finish). 0 done, 1 done and handed over, -1 a fault (nothing
+   stored: Python's to do). */
 static int hsm_x_complete_slot(struct hsm_xvm *x, uint32_t i, uint32_t polling, uint64_t value,
                                size_t store_len)
 {
@@ -83,7 +85,7 @@ static int hsm_x_complete_slot(struct hsm_xvm *x, uint32_t i, uint32_t polling, 
                                      slot + HSM_SLOT_STATE, &complete, 4) != (ssize_t)(store_len + 4))
         return -1;
     x->handed += (uint64_t)handed;
-    return 0;
+    return handed;
 }
 
 /* NOTIFY_REQUEST_FINISH: acrn_ioreq_request_default_complete. Anything but the
@@ -98,6 +100,7 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
        vCPU (or the trace) takes */
     unsigned char seen[HSM_SLOT_VALUE + 8 - HSM_SLOT_POLLING];
     uint64_t slot, value;
+    int handed;
     memcpy(&n, arg, sizeof n);
     n.vcpu &= 0xFFFF;
     if (n.reserved || !x->has_default || x->fd < 0 || n.vcpu >= x->vcpu_num ||
@@ -108,12 +111,13 @@ static int hsm_x_notify(struct hsm_xvm *x, uint64_t unique, const unsigned char 
         goto python;
     memcpy(&polling, seen, 4);
     memcpy(&value, seen + HSM_SLOT_VALUE - HSM_SLOT_POLLING, 8);
-    if (hsm_x_complete_slot(x, n.vcpu, polling, value, 0) < 0)
+    handed = hsm_x_complete_slot(x, n.vcpu, polling, value, 0);
+    if (handed < 0)
         goto python;
     x->bitmap &= ~((uint64_t)1 << n.vcpu);
     if (x->trace)
         hsm_x_trace_rec(x, HSM_XT_NOTIFY, n.vcpu, NULL, value, 0);
-    return hsm_x_notified(x, n.vcpu, polling, unique);
+    return hsm_x_notified(x, n.vcpu, polling, handed, unique);
 python:
     pthread_mutex_unlock(&x->lock);
     return 0;
@@ -196,6 +200,7 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
     struct acrn_ioreq_notify n;
     uint32_t polling, held, type = ACRN_IOREQ_TYPE_PORTIO, direction = ACRN_IOREQ_DIR_WRITE;
     uint64_t slot, coff, value = 0;
+    int handed;
     size_t value_len = 0;
     memcpy(&n, arg, sizeof n);
     if (n.reserved)
@@ -220,14 +225,15 @@ static int hsm_x_client_notify(struct hsm_xvm *x, uint32_t k, uint64_t unique,
         goto python;
     if (hsm_remote_write(c->pid, coff + HSM_SLOT_STATE, &free_state, 4) != 4)
         goto python;
-    if (hsm_x_complete_slot(x, n.vcpu, polling, value, value_len) < 0)
+    handed = hsm_x_complete_slot(x, n.vcpu, polling, value, value_len);
+    if (handed < 0)
         goto python;
     c->bitmap &= ~((uint64_t)1 << n.vcpu);
     c->held[n.vcpu] = 0;
     c->served++;
     if (x->trace)
         hsm_x_trace_client(x, HSM_XT_RNOTIFY, n.vcpu, NULL, value, value_len ? 1 : 0, k + 1);
-    return hsm_x_notified(x, n.vcpu, polling, unique);
+    return hsm_x_notified(x, n.vcpu, polling, handed, unique);
 python:
     pthread_mutex_unlock(&x->lock);
     return 0;

@@ -1,9 +1,11 @@
 /* The vCPU request cycle (vcpu_cycle.h). */
 #include <errno.h>
-#include <poll.h>
+#include <limits.h>
 #include <sched.h>
 #include <string.h>
 #include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 
 #include "remote_memory.h"
 #include "vcpu_cycle.h"
@@ -21,11 +23,33 @@ void hsm_gate_set(struct hsm_gate *g, int open)
     pthread_mutex_unlock(&g->lock);
 }
 
+void hsm_vcpu_wake(struct hsm_vcpu_wait *w)
+{
+    /* Sequentially consistent both sides: either this sees the waiter's
+       sleeping = 1 and wakes it, or the waiter's FUTEX_WAIT sees the new
+       count and does not sleep. */
+    __atomic_add_fetch(&w->wakes, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&w->sleeping, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, &w->wakes, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
 void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop)
 {
     if (stop)
         __atomic_store_n(&w->stopped, 1, __ATOMIC_RELEASE);
     __atomic_add_fetch(&w->gen, 1, __ATOMIC_ACQ_REL);
+    hsm_vcpu_wake(w);
+}
+
+/* Sleep until a wake after `seen` or for ms: 0 woken (or spurious), 1 timed out. */
+static int hsm_vcpu_sleep(struct hsm_vcpu_wait *w, uint32_t seen, int ms)
+{
+    struct timespec t = { ms / 1000, (long)(ms % 1000) * 1000000L };
+    long rc;
+    __atomic_store_n(&w->sleeping, 1, __ATOMIC_SEQ_CST);
+    rc = syscall(SYS_futex, &w->wakes, FUTEX_WAIT_PRIVATE, seen, &t, NULL, 0);
+    __atomic_store_n(&w->sleeping, 0, __ATOMIC_RELAXED);
+    return rc < 0 && errno == ETIMEDOUT;
 }
 
 int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value,
@@ -83,16 +107,18 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
     const size_t head_len = HSM_HEAD_LEN;
     const uint32_t pending = HSM_STATE_PENDING, free_ = HSM_STATE_FREE;
     unsigned char done[HSM_SLOT_STATE + 4 - HSM_SLOT_VALUE];
-    struct pollfd p = { w->wake_fd, POLLIN, 0 };
     uint64_t n;
     uint32_t state;
     ssize_t r = 0;
     unsigned gen;
+    uint32_t seen;
     int posted, handed = 0;
     uint64_t spin_until;
 
-    /* A wake left over from before (a kick) is not drained here: the wait below
-       re-reads the state word on every wake and only a COMPLETE ends it. */
+    /* Wakes count from here, before anyone can see the request: the wait
+       below looks at the mail, the generation and the state word after each
+       one, and only a completion ends it. */
+    seen = __atomic_load_n(&w->wakes, __ATOMIC_SEQ_CST);
     gen = __atomic_load_n(&w->gen, __ATOMIC_ACQUIRE);
     pthread_mutex_lock(&g->lock);
     if (!g->open || __atomic_load_n(&w->stopped, __ATOMIC_ACQUIRE)) {
@@ -123,37 +149,28 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
     w->waiting = 1;
     spin_until = w->spin_ns ? hsm_now_ns() + w->spin_ns : 0;
     for (;;) {
-        int k;
-        if (spin_until) {
-            /* a vCPU with a CPU of its own: look for the completion before
-               sleeping, behind anything else runnable on that CPU */
-            k = poll(&p, 1, 0);
-            if (k == 0) {
+        uint32_t now = __atomic_load_n(&w->wakes, __ATOMIC_SEQ_CST);
+        if (now == seen) {  /* nothing new */
+            if (spin_until) {
+                /* a vCPU with a CPU of its own: look for the completion
+                   before sleeping, behind anything else runnable there */
                 if (hsm_now_ns() < spin_until) {
                     sched_yield();
                     continue;
                 }
                 spin_until = 0;
-                continue;
             }
-            if (k > 0)
-                w->spin_hits++;
-        } else {
-            k = poll(&p, 1, w->probe_ms);
+            if (hsm_vcpu_sleep(w, seen, w->probe_ms)) {
+                /* no wake for a while: is the page still there? */
+                r = hsm_remote_read(w->pid, w->slot + HSM_SLOT_STATE, &state, sizeof state);
+                if (r != sizeof state)
+                    return hsm_sc_fault(w, HSM_SC_PROBE, r);
+            }
+            continue;  /* woken, a signal (a kick's), or spurious: look */
         }
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;  /* a kick's signal; the eventfd says whether to look */
-            return hsm_sc_fault(w, HSM_SC_READ, -1);
-        }
-        if (k == 0) {  /* no notify for a while: is the page still there? */
-            r = hsm_remote_read(w->pid, w->slot + HSM_SLOT_STATE, &state, sizeof state);
-            if (r != sizeof state)
-                return hsm_sc_fault(w, HSM_SC_PROBE, r);
-            continue;
-        }
-        if (read(w->wake_fd, &n, sizeof n) < 0 && errno != EAGAIN)
-            return hsm_sc_fault(w, HSM_SC_READ, -1);
+        seen = now;
+        if (spin_until)
+            w->spin_hits++;
         if (__atomic_load_n(&w->mail, __ATOMIC_ACQUIRE) == HSM_MAIL_HANDED) {
             handed = hsm_mail_take(w);
             break;

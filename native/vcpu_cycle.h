@@ -1,6 +1,6 @@
 /* A vCPU's whole request cycle in one call made without the GIL: post the
-   request, raise the upcall (an eventfd), wait for the notify (another
-   eventfd), read the result, free the slot. A Python vCPU thread would
+   request, raise the upcall (an eventfd), wait for the notify (a futex),
+   read the result, free the slot. A Python vCPU thread would
    otherwise take the GIL back several times per request, each time while the
    trio thread wants it: measured, that hand-off cost more than the work
    (docs/performance.md). The Python side is acrn_hsm_emu/hypervisor/vcpu.py. */
@@ -34,7 +34,6 @@ struct hsm_ring { uint64_t *buf; uint64_t size; uint64_t n; };
 
 struct hsm_vcpu_wait {
     int pid;          /* the request page's process */
-    int wake_fd;      /* eventfd: notify, kicks */
     uint64_t slot;    /* this vCPU's slot, an address in pid */
     int probe_ms;     /* a wait this long re-reads the page (dead client?) */
     uint64_t spin_ns; /* poll for the completion this long before sleeping; 0: never */
@@ -50,6 +49,8 @@ struct hsm_vcpu_wait {
     uint32_t mail;    /* HSM_MAIL_*: a completion handed over in memory (hsm_vcpu_finish) */
     uint64_t handed;  /* its value */
     uint64_t handoffs;  /* completions handed over (status) */
+    uint32_t wakes;     /* futex word of the native wait: bumped by every waker (hsm_vcpu_wake) */
+    uint32_t sleeping;  /* the native wait sleeps on wakes: a waker makes the futex call */
 };
 
 /* w->mail: hsm_slot_cycle arms it before its request is posted and disarms
@@ -76,8 +77,13 @@ struct hsm_native_upcall {
 
 void hsm_gate_init(struct hsm_gate *g);
 void hsm_gate_set(struct hsm_gate *g, int open);
-/* Before the kick that wakes the thread: a wait sees the new generation. */
+/* Leave the wait (a new generation), and wake it. */
 void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
+
+/* Wake hsm_slot_cycle's wait: it looks again (mail, generation, the slot's
+   state). Every waker of the native wait calls this; the completion eventfd
+   is for the vCPU's waits in Python. A futex call only when it sleeps. */
+void hsm_vcpu_wake(struct hsm_vcpu_wait *w);
 
 /* w->head, the private request, is written before PENDING. value_len: 0 for
    a write, else the bytes of the read value (4 PIO, 8 MMIO), copied back into

@@ -214,7 +214,9 @@ def test_notify_hands_the_completion_to_a_vcpu_waiting_natively(rig: Rig) -> Non
     assert rig.replies() == [(80, 0)]
     assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_FREE
     assert (w.mail, w.handed, w.handoffs) == (lib.HSM_MAIL_HANDED, 0x11223344_55667788, 1)
-    assert (rig.woken(0), rig.woken(1)) == (0, 1)  # the wake-up is the hypercall's, as before
+    # the hypercall's wake-up goes to the native wait it handed the completion to (its
+    # futex word), not to the completion eventfd of the vCPU's waits in Python
+    assert (rig.woken(0), rig.woken(1), w.wakes, rig.waits[0].wakes) == (0, 0, 1, 0)
     assert (rig.x.notified, rig.x.handed, lib.hsm_x_bits(rig.x, 0, 0)) == (1, 1, 0b01)
     # not armed, armed for another slot, or a slot that polls: COMPLETE, as the driver
     # stores it, and the vCPU reads its slot itself
@@ -224,11 +226,13 @@ def test_notify_hands_the_completion_to_a_vcpu_waiting_natively(rig: Rig) -> Non
         w.slot = rig.page if case == "other slot" else rig.page + 256
         rig.set_u32(256 + _POLLING, int(case == "polling"))
         rig.set_u32(256 + _STATE, abi.ACRN_IOREQ_STATE_PROCESSING)
+        wakes = w.wakes
         assert rig.feed(ioctl_req(81, NOTIFY, notify_arg(1))) == 1, case
         assert rig.replies() == [(81, 0)], case
         assert rig.u32(256 + _STATE) == abi.ACRN_IOREQ_STATE_COMPLETE, case
         assert w.mail == (lib.HSM_MAIL_IDLE if case == "idle" else lib.HSM_MAIL_ARMED), case
-        assert rig.woken(1) == int(case != "polling"), case
+        # both of the vCPU's waits are woken, wherever it waits
+        assert (rig.woken(1), w.wakes - wakes) == (int(case != "polling"),) * 2, case
     assert (rig.x.handed, w.handoffs) == (1, 1)
 
 
@@ -299,7 +303,12 @@ def test_anything_else_goes_to_python_untouched(rig: Rig, req: bytes) -> None:
 def test_notify_on_an_unreachable_page_goes_to_python(rig: Rig) -> None:
     x = ffi.new("struct hsm_xvm *")
     lib.hsm_x_init(x, rig.fd, FH, os.getpid(), 0x1000, 1)  # page 0x1000: unmapped
-    assert lib.hsm_x_set_wake_fds(x, [os.dup(rig.wake[0])], ffi.NULL, 1) == 0
+    wait = ffi.new("struct hsm_vcpu_wait *")
+    fd = os.dup(rig.wake[0])
+    # each vCPU's native wait comes with its eventfd: a vCPU waits on one or the other
+    assert lib.hsm_x_set_wake_fds(x, [fd], ffi.NULL, 1) == -errno.EINVAL
+    assert lib.hsm_x_set_wake_fds(x, [fd], [ffi.NULL], 1) == -errno.EINVAL
+    assert lib.hsm_x_set_wake_fds(x, [fd], [wait], 1) == 0
     lib.hsm_x_set_default(x, 1)
     lib.hsm_x_bits(x, 1, 0)
     lib.hsm_x_unregister(rig.table, rig.x)
@@ -340,11 +349,9 @@ class Cycle:
         self.gate = ffi.new("struct hsm_gate *")
         lib.hsm_gate_init(self.gate)
         lib.hsm_gate_set(self.gate, 1)
-        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
         self.upcall = os.eventfd(0, os.EFD_NONBLOCK)
         self.w = ffi.new("struct hsm_vcpu_wait *")
         self.w.pid = os.getpid()
-        self.w.wake_fd = self.wake
         self.w.slot = slot
         self.w.probe_ms = 1000
         self.w.head = head
@@ -363,8 +370,7 @@ class Cycle:
 
     def abandon(self) -> int:
         if self.rc is None:
-            lib.hsm_vcpu_abandon(self.w, 0)
-            os.eventfd_write(self.wake, 1)
+            lib.hsm_vcpu_abandon(self.w, 0)  # wakes the wait too (it sleeps on a futex)
         self.thread.join(30)
         assert self.rc is not None
         return self.rc
@@ -376,7 +382,6 @@ class Cycle:
             return 0
 
     def close(self) -> None:
-        os.close(self.wake)
         os.close(self.upcall)
 
 
@@ -612,7 +617,7 @@ def test_a_range_clients_cycle_is_served_here(rig: Rig) -> None:
     assert struct.unpack_from("<Q", ffi.buffer(rig.buf + (rig.page - rig.base), 4096), 88)[0] == 0x1122_3344_5566_7788
     assert rig.u32(_STATE) == abi.ACRN_IOREQ_STATE_FREE
     assert (w.mail, w.handed, rig.x.handed) == (lib.HSM_MAIL_HANDED, 0x1122_3344_5566_7788, 1)
-    assert rig.replies() == [(304, 0)] and rig.woken(0) == 1
+    assert rig.replies() == [(304, 0)] and (rig.woken(0), w.wakes) == (0, 1)  # its native wait's wake-up
     del keep, keep2
 
 

@@ -93,7 +93,8 @@ class CPath:
         self.x = ffi.new("struct hsm_xvm *")
         lib.hsm_x_init(self.x, self.sock[0].fileno(), 7, os.getpid(), self.page.addr, 2)
         fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-        assert lib.hsm_x_set_wake_fds(self.x, fds, ffi.NULL, 2) == 0  # C owns them now
+        self.waits = ffi.new("struct hsm_vcpu_wait[2]")
+        assert lib.hsm_x_set_wake_fds(self.x, fds, [self.waits + 0, self.waits + 1], 2) == 0  # C owns the fds
         lib.hsm_x_set_default(self.x, 1 if vm.default_client is not None else 0)
         self.keep = (express.set_ioeventfds(self.x, vm), express.configure(self.x, vm))
 

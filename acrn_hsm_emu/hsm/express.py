@@ -126,7 +126,7 @@ class Express:
         x.alert_fd = self.alert_fd
         fds = self.hv.notify_fds(vm.vmid) or []
         waits = self.hv.notify_waits(vm.vmid) if fds else None  # one per vCPU, as fds
-        if fds and lib.hsm_x_set_wake_fds(x, fds, waits or ffi.NULL, len(fds)) < 0:
+        if fds and (waits is None or lib.hsm_x_set_wake_fds(x, fds, waits, len(fds)) < 0):
             for fd in fds:
                 os.close(fd)
         elif waits is not None:

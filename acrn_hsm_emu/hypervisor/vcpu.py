@@ -208,7 +208,6 @@ class Vcpu:
         self.recorder: Recorder | None = None
         self._wake = EventFd()  # notify, kicks and control changes all set it; closed at thread end
         self._native = _ffi.new("struct hsm_vcpu_wait *")  # hsm_slot_cycle's view
-        self._native.wake_fd = self._wake.fd
         self._native.probe_ms = int(_PROBE_S * 1000)
         self._value = _ffi.new("uint64_t *")
         self._stop = False
@@ -263,12 +262,18 @@ class Vcpu:
 
     def notify(self) -> None:
         """HC_NOTIFY_REQUEST_FINISH: latch the completion event."""
-        self._wake.set()
+        self._rouse()
 
     def kick(self) -> None:
         """Make the thread look at the VM state again (pause, start, inject, fault)."""
-        self._wake.set()
+        self._rouse()
         self.backend.kick()
+
+    def _rouse(self) -> None:
+        """Wake the thread's wait, wherever it waits: in Python (the eventfd) or in
+        ``hsm_slot_cycle`` (its futex; no system call unless it sleeps there)."""
+        self._wake.set()
+        _lib.hsm_vcpu_wake(self._native)
 
     def reset(self) -> None:
         """RESET_VM (VM paused, ``vm.lock`` held): abandon any wait and rewind the
@@ -477,7 +482,7 @@ class Vcpu:
             last = not vm.unreset
         if last:
             for v in vm.vcpus:
-                v._wake.set()
+                v._rouse()
 
     def _run_injected(self, access: Access, future: concurrent.futures.Future[int]) -> None:
         if not future.set_running_or_notify_cancel():
