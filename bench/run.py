@@ -214,6 +214,17 @@ def floors(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
             with c_null_server(tmp, str(srv)) as node:
                 out[f"c_libfuse_null_ioctl_{name}_us"] = summarize(
                     [ioctl_loop(node, args.calls // 4, cpus=str(cli)) for _ in range(args.rounds)])
+    # Waking a waiting thread, as the vCPU's wait was woken (an eventfd: poll,
+    # then read) and is now (a futex): a round trip of two wake-ups.
+    if len(os.sched_getaffinity(0)) >= 2:
+        c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+        wake = bench_c("wake_loop")
+        for how in ("eventfd", "futex"):
+            for name, pair in (("same_cpu", (c0, c0)), ("cross_cpu", (c0, c1))):
+                out[f"wake_{how}_round_trip_{name}_us"] = summarize(
+                    [ns_line(subprocess.run([str(wake), str(args.calls // 4), how, *map(str, pair)],
+                                            capture_output=True, text=True, check=True).stdout)
+                     for _ in range(args.rounds)])
     pvw = bench_c("pvw_loop")
     out["process_vm_writev_256B_us"] = summarize(
         [ns_line(subprocess.run([str(pvw), str(args.calls)], capture_output=True, text=True, check=True).stdout)
