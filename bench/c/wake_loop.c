@@ -5,7 +5,7 @@
  *   wake_loop N eventfd|futex [CPU CPU]
  *
  * eventfd: the waker writes the sleeper's eventfd; the sleeper waits in
- * poll(2) and then reads it (hsm_slot_cycle's wait until the twelfth
+ * poll(2) and then reads it (hsm_slot_cycle's wait until the eleventh
  * session). futex: the waker bumps the sleeper's word and calls FUTEX_WAKE
  * if it sleeps; the sleeper waits in FUTEX_WAIT on the word (hsm_vcpu_wake,
  * hsm_vcpu_sleep). Both wait with a timeout, as the vCPU does. Prints the
