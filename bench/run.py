@@ -355,6 +355,7 @@ def kvm_setup(tmp: pathlib.Path, kind: str, vcpus: int) -> Setup:
     starts the APs with INIT and start-up IPIs)."""
     from tests.guests.build import assemble
 
+    BIN.mkdir(exist_ok=True)  # a fresh clone's first bench may start here (--only scaling)
     image = assemble(f"smp{kind}32", BIN, load=0x1000).path
     return (["--backend", "kvm", "--scenario", str(SCENARIO)],
             [str(test_client("vm_sample")), "-q", "-C", hex((1 << vcpus) - 1), "-r", "pm32",
