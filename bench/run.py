@@ -80,6 +80,12 @@ def pinned(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus is not None else []
 
 
+def timed(argv: list[str], cpus: str | None = None) -> dict[str, float]:
+    """A C floor's one ``ns`` line (ns_stats.h), the program run on ``cpus``: microseconds."""
+    return ns_line(subprocess.run([*pinned(cpus), *argv], capture_output=True, text=True, check=True,
+                                  timeout=600).stdout)
+
+
 C_SERVER_PID: dict[pathlib.Path, int] = {}  # node -> the C null server serving it
 
 
@@ -207,36 +213,25 @@ def floors(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     with c_null_server(tmp) as node:
         out["c_libfuse_null_ioctl_us"] = summarize([ioctl_loop(node, args.calls) for _ in range(args.rounds)])
     # The same round trip with server and client on one CPU, and on two: what a
-    # cross-CPU wake-up costs here (docs/performance.md, "Placement").
+    # cross-CPU wake-up costs here (docs/performance.md, "Placement"). And waking
+    # a waiting thread, as the vCPU's wait was woken (an eventfd: poll, then
+    # read) and is now (a futex): a round trip of two wake-ups.
     if len(os.sched_getaffinity(0)) >= 2:
         c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+        wake = str(bench_c("wake_loop"))
         for name, srv, cli in (("same_cpu", c0, c0), ("cross_cpu", c0, c1)):
             with c_null_server(tmp, str(srv)) as node:
                 out[f"c_libfuse_null_ioctl_{name}_us"] = summarize(
                     [ioctl_loop(node, args.calls // 4, cpus=str(cli)) for _ in range(args.rounds)])
-    # Waking a waiting thread, as the vCPU's wait was woken (an eventfd: poll,
-    # then read) and is now (a futex): a round trip of two wake-ups.
-    if len(os.sched_getaffinity(0)) >= 2:
-        c0, c1 = sorted(os.sched_getaffinity(0))[:2]
-        wake = bench_c("wake_loop")
-        for how in ("eventfd", "futex"):
-            for name, pair in (("same_cpu", (c0, c0)), ("cross_cpu", (c0, c1))):
+            for how in ("eventfd", "futex"):
                 out[f"wake_{how}_round_trip_{name}_us"] = summarize(
-                    [ns_line(subprocess.run([str(wake), str(args.calls // 4), how, *map(str, pair)],
-                                            capture_output=True, text=True, check=True).stdout)
-                     for _ in range(args.rounds)])
-    pvw = bench_c("pvw_loop")
-    out["process_vm_writev_256B_us"] = summarize(
-        [ns_line(subprocess.run([str(pvw), str(args.calls)], capture_output=True, text=True, check=True).stdout)
-         for _ in range(args.rounds)]
-    )
+                    [timed([wake, str(args.calls // 4), how, str(srv), str(cli)]) for _ in range(args.rounds)])
+    pvw = str(bench_c("pvw_loop"))
+    out["process_vm_writev_256B_us"] = summarize([timed([pvw, str(args.calls)]) for _ in range(args.rounds)])
     kvm_src = HERE / "c" / "kvm_pio_loop.c"
     if kvm_src.exists() and kvm_usable():
-        kvm = build(kvm_src, "kvm_pio_loop")
-        out["kvm_pio_exit_us"] = summarize(
-            [ns_line(subprocess.run([str(kvm), str(args.calls)], capture_output=True, text=True, check=True).stdout)
-             for _ in range(args.rounds)]
-        )
+        kvm = str(build(kvm_src, "kvm_pio_loop"))
+        out["kvm_pio_exit_us"] = summarize([timed([kvm, str(args.calls)]) for _ in range(args.rounds)])
     return out
 
 
@@ -355,7 +350,6 @@ def kvm_setup(tmp: pathlib.Path, kind: str, vcpus: int) -> Setup:
     starts the APs with INIT and start-up IPIs)."""
     from tests.guests.build import assemble
 
-    BIN.mkdir(exist_ok=True)  # a fresh clone's first bench may start here (--only scaling)
     image = assemble(f"smp{kind}32", BIN, load=0x1000).path
     return (["--backend", "kvm", "--scenario", str(SCENARIO)],
             [str(test_client("vm_sample")), "-q", "-C", hex((1 << vcpus) - 1), "-r", "pm32",
@@ -412,8 +406,7 @@ def cycle_kvm(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
             rows = []
             for _ in range(args.rounds):
                 rt = ioctl_loop(c_node, args.calls // 4)["p50"]
-                exit_us = ns_line(subprocess.run([str(kvm_loop), str(args.calls)], capture_output=True,
-                                                 text=True, check=True).stdout)["p50"]
+                exit_us = timed([str(kvm_loop), str(args.calls)])["p50"]
                 with daemon(tmp, "--backend", "kvm") as d:
                     cpu0 = cpu_seconds(d["pid"])
                     res = subprocess.run(
@@ -503,8 +496,7 @@ def one_cpu_floor(tmp: pathlib.Path, args: argparse.Namespace, cpu: str) -> floa
     ioctl round trips (the vCPU's upcall and the device model's NOTIFY), server and
     client on that CPU."""
     kvm = build(HERE / "c" / "kvm_pio_loop.c", "kvm_pio_loop")
-    exit_us = ns_line(subprocess.run([*pinned(cpu), str(kvm), str(args.calls)], capture_output=True,
-                                     text=True, check=True).stdout)["p50"]
+    exit_us = timed([str(kvm), str(args.calls)], cpu)["p50"]
     with c_null_server(tmp, cpu) as node:
         rt_us = ioctl_loop(node, args.calls // 4, cpus=cpu)["p50"]
     return exit_us + 2 * rt_us
@@ -633,10 +625,6 @@ def interrupts(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     n = max(args.calls // 4, 100)
     cpu0 = str(sorted(os.sched_getaffinity(0))[0])
     out: dict[str, Any] = {}
-
-    def timed(argv: list[str], cpus: str | None) -> dict[str, float]:
-        return ns_line(subprocess.run([*pinned(cpus), *argv], capture_output=True, text=True, check=True,
-                                      timeout=600).stdout)
 
     for placement, cpus in (("free", None), ("one_cpu", cpu0)):
         rows: dict[str, list[dict[str, float]]] = {}

@@ -36,6 +36,7 @@ def assemble(name: str, out_dir: pathlib.Path, load: int = 0, bits: int = 32) ->
     .code32 sources) or 64.
     """
     src = HERE / f"{name}.S"
+    out_dir.mkdir(parents=True, exist_ok=True)
     obj = out_dir / f"{name}.o"
     elf = out_dir / f"{name}.elf"
     out = out_dir / f"{name}.bin"
