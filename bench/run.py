@@ -323,8 +323,13 @@ def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]
     if idle:  # a figure over vCPUs that did not run would mislead
         return {"skipped": f"no requests from {', '.join(idle)} in the window"}
     cyc = [a["cycle"] for a in after if a["cycle"].get("count")]
+    served = sum(a["node_requests_served"] for a in after) - sum(b["node_requests_served"] for b in before)
     return {
         "requests_per_s": reqs / (t1 - t0),
+        # vCPUs that read the node while they wait (on the daemon's one CPU), and the
+        # device model's calls they read, per request (2 a request: ATTACH and NOTIFY)
+        "vcpus_serving_node": sum(1 for a in after if a["serves_node"]),
+        "node_calls_read_by_vcpus_per_request": served / max(reqs, 1),
         "cycle_p50_us": statistics.median(c["p50_us"] for c in cyc),
         "cycle_p99_us": max(c["p99_us"] for c in cyc),
         "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(reqs, 1),
