@@ -469,6 +469,7 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         per_s: dict[int, list[float]] = {1: [], 2: []}
         busy: dict[int, list[float]] = {1: [], 2: []}
         to_floor: list[float] = []  # kvm_one_cpu: the 1-vCPU cycle over its floor, round by round
+        read_by_vcpus: list[float] = []  # the device model's calls the vCPUs read, a request
         for _ in range(args.rounds):
             rows = []
             for vcpus in (1, 2):
@@ -478,6 +479,7 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
                 if "requests_per_s" in rows[-1]:
                     per_s[vcpus].append(rows[-1]["requests_per_s"])
                     busy[vcpus].append(rows[-1]["host_cpus_busy"])
+                    read_by_vcpus.append(rows[-1]["node_calls_read_by_vcpus_per_request"])
             one, two = rows
             if "requests_per_s" in one and "requests_per_s" in two:
                 ratios_.append(two["requests_per_s"] / one["requests_per_s"])
@@ -486,7 +488,8 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         if ratios_:
             out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_),
                          "per_s_1vcpu": statistics.median(per_s[1]), "per_s_2vcpu": statistics.median(per_s[2]),
-                         "cpus_busy_1vcpu": statistics.median(busy[1]), "cpus_busy_2vcpu": statistics.median(busy[2])}
+                         "cpus_busy_1vcpu": statistics.median(busy[1]), "cpus_busy_2vcpu": statistics.median(busy[2]),
+                         "node_calls_read_by_vcpus_per_request": statistics.median(read_by_vcpus)}
             if to_floor:
                 out[name]["cycle_to_floor"] = statistics.median(to_floor)
                 out[name]["cycle_to_floor_min"] = min(to_floor)
