@@ -126,14 +126,12 @@ int cdev_receive_poll(struct fuse_session *se, struct fuse_buf *buf, int batch,
 /* The native receiver thread (native/fuse_glue.c). */
 struct cdev_rx { int notify_fd; int ended; uint64_t taken; uint64_t forwarded;
                  uint64_t poll_window_ns; uint64_t poll_hits; uint64_t poll_misses;
-                 uint64_t poll_max_ns; uint64_t served; ...; };
+                 uint64_t poll_max_ns; ...; };
 struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ctx,
                               uint64_t poll_max_ns);
 void cdev_rx_stop(struct cdev_rx *rx);
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl);
 void cdev_rx_free(struct cdev_rx *rx, int err);
-int cdev_rx_serve(void *rx);
-void cdev_rx_requeue(void *rx);
 
 /* cdev_ll_ioctl's answer when Python replied itself, or keeps the request. */
 #define CDEV_ANSWERED ...

@@ -56,14 +56,11 @@ struct hsm_vcpu_wait {
     uint64_t handed;
     uint64_t handoffs;
     uint32_t wakes;
-    int serve_node;
-    uint64_t served;
     ...;
 };
 void hsm_gate_init(struct hsm_gate *g);
 void hsm_gate_set(struct hsm_gate *g, int open);
 void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
-void hsm_vcpu_release(struct hsm_vcpu_wait *w);
 void hsm_vcpu_wake(struct hsm_vcpu_wait *w);
 struct hsm_native_upcall { ...; };
 int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
@@ -142,7 +139,6 @@ uint32_t hsm_x_trace_drain(struct hsm_xvm *x, struct hsm_xtrace_rec *out, uint32
 void hsm_x_set_ioeventfds(struct hsm_xvm *x, const struct hsm_xioeventfd *p, uint32_t n);
 struct hsm_express { uint32_t n; ...; };
 void hsm_x_table_init(struct hsm_express *e);
-void hsm_x_set_server(struct hsm_express *e, void *one, void *requeue, void *rx, int fd);
 int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x);
 void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x);
 void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,

@@ -323,13 +323,8 @@ def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]
     if idle:  # a figure over vCPUs that did not run would mislead
         return {"skipped": f"no requests from {', '.join(idle)} in the window"}
     cyc = [a["cycle"] for a in after if a["cycle"].get("count")]
-    served = sum(a["node_requests_served"] for a in after) - sum(b["node_requests_served"] for b in before)
     return {
         "requests_per_s": reqs / (t1 - t0),
-        # vCPUs that read the node while they wait (on the daemon's one CPU), and the
-        # device model's calls they read, per request (2 a request: ATTACH and NOTIFY)
-        "vcpus_serving_node": sum(1 for a in after if a["serves_node"]),
-        "node_calls_read_by_vcpus_per_request": served / max(reqs, 1),
         "cycle_p50_us": statistics.median(c["p50_us"] for c in cyc),
         "cycle_p99_us": max(c["p99_us"] for c in cyc),
         "daemon_cpu_s_per_1000": 1000 * (cpu1 - cpu0) / max(reqs, 1),
@@ -469,7 +464,6 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         per_s: dict[int, list[float]] = {1: [], 2: []}
         busy: dict[int, list[float]] = {1: [], 2: []}
         to_floor: list[float] = []  # kvm_one_cpu: the 1-vCPU cycle over its floor, round by round
-        read_by_vcpus: list[float] = []  # the device model's calls the vCPUs read, a request
         for _ in range(args.rounds):
             rows = []
             for vcpus in (1, 2):
@@ -479,7 +473,6 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
                 if "requests_per_s" in rows[-1]:
                     per_s[vcpus].append(rows[-1]["requests_per_s"])
                     busy[vcpus].append(rows[-1]["host_cpus_busy"])
-                    read_by_vcpus.append(rows[-1]["node_calls_read_by_vcpus_per_request"])
             one, two = rows
             if "requests_per_s" in one and "requests_per_s" in two:
                 ratios_.append(two["requests_per_s"] / one["requests_per_s"])
@@ -488,8 +481,7 @@ def scaling(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         if ratios_:
             out[name] = {"median": statistics.median(ratios_), "min": min(ratios_), "max": max(ratios_),
                          "per_s_1vcpu": statistics.median(per_s[1]), "per_s_2vcpu": statistics.median(per_s[2]),
-                         "cpus_busy_1vcpu": statistics.median(busy[1]), "cpus_busy_2vcpu": statistics.median(busy[2]),
-                         "node_calls_read_by_vcpus_per_request": statistics.median(read_by_vcpus)}
+                         "cpus_busy_1vcpu": statistics.median(busy[1]), "cpus_busy_2vcpu": statistics.median(busy[2])}
             if to_floor:
                 out[name]["cycle_to_floor"] = statistics.median(to_floor)
                 out[name]["cycle_to_floor_min"] = min(to_floor)

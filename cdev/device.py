@@ -247,14 +247,6 @@ class NativePrefilter(Protocol):
     reading for a window before it sleeps; the window grows while the next
     request comes within ``poll_max_ns`` of the answer and shrinks when it does
     not, as KVM's halt polling does (``Session.reader_snapshot`` shows it).
-    ``serve_through(one, requeue, rx, fd)`` (optional): cdev tells the device
-    which native reader reads the node now (``rx``; NULL, with -1, when none
-    does any more, returning once the device no longer uses the old one). A
-    thread of the device may then read requests itself while it waits for
-    something a request brings: ``one(rx)`` (``cdev_rx_serve``) reads one if
-    there is one and handles it as the reader does; a thread that waits on
-    ``fd`` with ``EPOLLEXCLUSIVE`` calls ``requeue(rx)`` (``cdev_rx_requeue``)
-    after it registered, so that the reader is woken only when it is not.
     """
 
     fn: Any

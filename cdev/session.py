@@ -27,8 +27,6 @@ log = structlog.get_logger("cdev")
 ROOT_INO = 1
 NODE_INO = 2
 _NULL = ffi.NULL
-_SERVE_ONE = ffi.cast("void *", ffi.addressof(lib, "cdev_rx_serve"))
-_SERVE_REQUEUE = ffi.cast("void *", ffi.addressof(lib, "cdev_rx_requeue"))
 # looked up once: the per-request path reads these (lib's attributes are not free)
 _UNRESTRICTED = lib.FUSE_IOCTL_UNRESTRICTED
 _COMPAT = lib.FUSE_IOCTL_COMPAT
@@ -236,7 +234,6 @@ class Session:
         finally:
             self._rx = _NULL
             if rx != _NULL:
-                self._offer_reader(_NULL)
                 lib.cdev_rx_stop(rx)
                 lib.cdev_rx_free(rx, errno.ENODEV)  # what is still queued: the device is going
             if prefilter is not None:
@@ -251,27 +248,12 @@ class Session:
             if rx == _NULL:
                 self._rx_failed = True
                 log.warning("cdev.native_reader_unavailable")
-            else:
-                self._offer_reader(rx)
             return rx
-        self._offer_reader(_NULL)
         lib.cdev_rx_stop(rx)
         while lib.cdev_rx_process(self.se, rx, 1 << 20, _NULL) > 0:
             pass
         lib.cdev_rx_free(rx, 0)  # empty by now
         return _NULL
-
-    def _offer_reader(self, rx: Any) -> None:
-        """Tell the prefilter which native reader reads the node now (NULL: none), so
-        that the device's own threads may read requests through it while they wait
-        (NativePrefilter.serve_through, optional); returns once none uses the old one."""
-        serve = getattr(self._prefilter, "serve_through", None)
-        if serve is None:
-            return
-        if rx == _NULL:
-            serve(_NULL, _NULL, _NULL, -1)
-        else:
-            serve(_SERVE_ONE, _SERVE_REQUEUE, rx, lib.fuse_session_fd(self.se))
 
     def reader_snapshot(self) -> dict[str, Any]:
         """Who reads the node now, and the native reader's counters while it does."""
@@ -287,8 +269,7 @@ class Session:
             }
         return {
             "native": True,
-            "answered": int(rx.taken),  # by the prefilter, in that thread or the device's
-            "served_elsewhere": int(rx.served),  # read by the device's threads (cdev_rx_serve)
+            "answered": int(rx.taken),  # by the prefilter, in that thread
             "queued": int(rx.forwarded),  # for the trio thread
             "poll_max_us": int(rx.poll_max_ns) // 1000,
             "poll_window_us": int(rx.poll_window_ns) // 1000,

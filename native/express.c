@@ -12,46 +12,6 @@ void hsm_x_table_init(struct hsm_express *e)
 {
     pthread_mutex_init(&e->lock, NULL);
     e->n = 0;
-    pthread_rwlock_init(&e->srv_lock, NULL);
-    e->srv_rx = NULL;
-    e->srv_gen = 0;
-}
-
-void hsm_x_set_server(struct hsm_express *e, void *one, void *requeue, void *rx, int fd)
-{
-    pthread_rwlock_wrlock(&e->srv_lock);
-    e->srv_one = (int (*)(void *))one;
-    e->srv_requeue = (void (*)(void *))requeue;
-    e->srv_rx = rx;
-    e->srv_fd = fd;
-    if (++e->srv_gen == 0)
-        e->srv_gen = 1;
-    pthread_rwlock_unlock(&e->srv_lock);
-}
-
-static int hsm_x_serve(struct hsm_native_upcall *self, int op, uint32_t *gen)
-{
-    struct hsm_xvm *x = (struct hsm_xvm *)self;
-    struct hsm_express *e = __atomic_load_n(&x->table, __ATOMIC_ACQUIRE);
-    int r = -1;
-    if (!e)
-        return -1;
-    pthread_rwlock_rdlock(&e->srv_lock);
-    if (e->srv_rx) {
-        if (op == HSM_SERVE_JOIN) {
-            *gen = e->srv_gen;
-            r = e->srv_fd;
-        } else if (*gen == e->srv_gen) {
-            if (op == HSM_SERVE_JOINED) {
-                e->srv_requeue(e->srv_rx);
-                r = 0;
-            } else {
-                r = e->srv_one(e->srv_rx);
-            }
-        }
-    }
-    pthread_rwlock_unlock(&e->srv_lock);
-    return r;
 }
 
 int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x)
@@ -60,7 +20,6 @@ int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x)
     pthread_mutex_lock(&e->lock);
     if (e->n < HSM_X_VMS_MAX) {
         e->vms[e->n++] = x;
-        __atomic_store_n(&x->table, e, __ATOMIC_RELEASE);
         ret = 0;
     }
     pthread_mutex_unlock(&e->lock);
@@ -72,7 +31,6 @@ void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x)
     pthread_mutex_lock(&e->lock);
     for (uint32_t k = 0; k < e->n; k++) {
         if (e->vms[k] == x) {
-            __atomic_store_n(&x->table, NULL, __ATOMIC_RELEASE);
             e->vms[k] = e->vms[--e->n];
             e->vms[e->n] = NULL;
             break;
@@ -91,7 +49,6 @@ void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,
     pthread_mutexattr_destroy(&a);
     x->up.post = hsm_x_upcall;
     x->up.flush = hsm_x_flush;
-    x->up.serve = hsm_x_serve;
     x->fd = fd;
     x->fh = fh;
     x->pid = pid;

@@ -126,28 +126,13 @@ struct hsm_xvm {
     struct hsm_xclient clients[HSM_X_CLIENTS_MAX];
     struct hsm_irq_gate *irq;  /* the VM's native interrupt hypercalls (kept alive by Python), or NULL */
     uint64_t msis, irqlines;   /* INJECT_MSI, SET_IRQLINE answered here */
-    struct hsm_express *table;  /* registered in, or NULL */
 };
 
 /* The VMs the prefilter serves. Its lock is taken before a VM's. */
-struct hsm_express {
-    pthread_mutex_t lock; uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX];
-    /* the node's reader, which vCPUs may serve for while they wait
-       (hsm_x_set_server; cdev's cdev_rx_serve and cdev_rx_requeue): srv_lock
-       read-held while a vCPU uses it, write-held to change it */
-    pthread_rwlock_t srv_lock;
-    int (*srv_one)(void *rx);
-    void (*srv_requeue)(void *rx);
-    void *srv_rx;
-    int srv_fd;
-    uint32_t srv_gen;
-};
+struct hsm_express { pthread_mutex_t lock; uint32_t n; struct hsm_xvm *vms[HSM_X_VMS_MAX]; };
 
 /* express.c: the state, as Python sets it. */
 void hsm_x_table_init(struct hsm_express *e);
-/* The node's reader that the VMs' vCPUs may serve for while they wait (NULL
-   rx: none; returns once no vCPU uses the previous one). */
-void hsm_x_set_server(struct hsm_express *e, void *one, void *requeue, void *rx, int fd);
 int hsm_x_register(struct hsm_express *e, struct hsm_xvm *x);
 void hsm_x_unregister(struct hsm_express *e, struct hsm_xvm *x);
 void hsm_x_init(struct hsm_xvm *x, int fd, uint64_t fh, int pid, uint64_t page,

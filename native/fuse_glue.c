@@ -9,7 +9,6 @@
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
-#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -294,19 +293,16 @@ static void *cdev_rx_main(void *arg)
 {
     struct cdev_rx *rx = arg;
     struct fuse_buf buf = { 0 };
+    struct pollfd p[2] = { { rx->fd, POLLIN, 0 }, { rx->stop_fd, POLLIN, 0 } };
     uint64_t answered_at = 0;   /* the prefilter's last answer before a sleep, 0: none */
     /* cdev_rx_adapt runs at each wake-up that follows an answer */
     for (;;) {
-        struct epoll_event ev[2];
-        int n = epoll_wait(rx->epfd, ev, 2, -1), stop = 0;
-        if (n < 0) {
+        if (poll(p, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
-        for (int k = 0; k < n; k++)
-            stop |= ev[k].data.u32 == 1;
-        if (stop)
+        if (p[1].revents)
             break;
         if (answered_at && rx->poll_max_ns) {
             cdev_rx_adapt(rx, cdev_now_ns() - answered_at);
@@ -338,7 +334,7 @@ static void *cdev_rx_main(void *arg)
             }
             if (cdev_prefiltered(rx->pf, rx->ctx, rx->fd, &buf, res)) {
                 uint64_t window = __atomic_load_n(&rx->poll_window_ns, __ATOMIC_RELAXED);
-                __atomic_add_fetch(&rx->taken, 1, __ATOMIC_RELAXED);
+                rx->taken++;
                 answered_at = cdev_now_ns();
                 poll_until = window ? answered_at + window : 0;
                 continue;
@@ -375,19 +371,11 @@ struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ct
     pthread_mutex_init(&rx->lock, NULL);
     rx->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     rx->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    rx->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (rx->notify_fd < 0 || rx->stop_fd < 0 || rx->epfd < 0 ||
-        epoll_ctl(rx->epfd, EPOLL_CTL_ADD, rx->stop_fd,
-                  &(struct epoll_event){ .events = EPOLLIN, .data.u32 = 1 }) < 0 ||
-        epoll_ctl(rx->epfd, EPOLL_CTL_ADD, rx->fd,
-                  &(struct epoll_event){ .events = EPOLLIN | EPOLLEXCLUSIVE, .data.u32 = 0 }) < 0 ||
-        pthread_create(&rx->thread, NULL, cdev_rx_main, rx)) {
+    if (rx->notify_fd < 0 || rx->stop_fd < 0 || pthread_create(&rx->thread, NULL, cdev_rx_main, rx)) {
         if (rx->notify_fd >= 0)
             close(rx->notify_fd);
         if (rx->stop_fd >= 0)
             close(rx->stop_fd);
-        if (rx->epfd >= 0)
-            close(rx->epfd);
         free(rx);
         return NULL;
     }
@@ -472,73 +460,6 @@ void cdev_rx_free(struct cdev_rx *rx, int err)
     }
     close(rx->notify_fd);
     close(rx->stop_fd);
-    close(rx->epfd);
     pthread_mutex_destroy(&rx->lock);
     free(rx);
-}
-
-/* Another thread reading the session (a vCPU while it waits, through the
- * device): one request, if one is there, handled as the reader thread handles
- * it. 1: one was read; 0: none (EAGAIN); -1: the session ended or failed (the
- * reader thread sees that too and ends it). */
-static pthread_key_t cdev_serve_key;
-static pthread_once_t cdev_serve_once = PTHREAD_ONCE_INIT;
-
-static void cdev_serve_buf_free(void *p)
-{
-    struct fuse_buf *b = p;
-    free(b->mem);
-    free(b);
-}
-
-static void cdev_serve_key_init(void)
-{
-    pthread_key_create(&cdev_serve_key, cdev_serve_buf_free);
-}
-
-int cdev_rx_serve(void *rxp)
-{
-    struct cdev_rx *rx = rxp;
-    struct fuse_buf *buf;
-    int res;
-    pthread_once(&cdev_serve_once, cdev_serve_key_init);
-    buf = pthread_getspecific(cdev_serve_key);
-    if (!buf) {
-        buf = calloc(1, sizeof *buf);
-        if (!buf || pthread_setspecific(cdev_serve_key, buf)) {
-            free(buf);
-            return -1;
-        }
-    }
-    res = fuse_session_receive_buf(rx->se, buf);
-    if (res == -EAGAIN || res == -EINTR || (res == 0 && !fuse_session_exited(rx->se)))
-        return 0;
-    if (res < 0 || res == 0)
-        return -1;
-    if (cdev_prefiltered(rx->pf, rx->ctx, rx->fd, buf, res)) {
-        __atomic_add_fetch(&rx->taken, 1, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&rx->served, 1, __ATOMIC_RELAXED);
-        return 1;
-    }
-    {
-        struct cdev_rx_item *item = malloc(sizeof *item + (size_t)res);
-        if (!item)
-            return 1;  /* no memory: the caller waits until it gives up */
-        item->size = (size_t)res;
-        memcpy(item->mem, buf->mem, (size_t)res);
-        __atomic_add_fetch(&rx->served, 1, __ATOMIC_RELAXED);
-        cdev_rx_post(rx, item, 0);
-    }
-    return 1;
-}
-
-/* A thread waiting on the session with EPOLLEXCLUSIVE has just joined: the
- * reader thread's own entry goes behind it, so that a request wakes the
- * joined thread while it sleeps and this one only when it does not. */
-void cdev_rx_requeue(void *rxp)
-{
-    struct cdev_rx *rx = rxp;
-    epoll_ctl(rx->epfd, EPOLL_CTL_DEL, rx->fd, NULL);
-    epoll_ctl(rx->epfd, EPOLL_CTL_ADD, rx->fd,
-              &(struct epoll_event){ .events = EPOLLIN | EPOLLEXCLUSIVE, .data.u32 = 0 });
 }

@@ -78,9 +78,7 @@ struct cdev_rx {
     uint64_t poll_hits;         /* requests found by polling (no sleep, no wake-up) */
     uint64_t poll_misses;       /* windows that ran out: the thread slept */
     uint64_t poll_max_ns;       /* the bound of poll_window_ns; 0: never poll */
-    uint64_t served;            /* requests other threads read (cdev_rx_serve) */
     int stop_fd;                /* eventfd: cdev_rx_stop */
-    int epfd;                   /* the thread's wait: the session (exclusive) and stop_fd */
     int fd;
     struct fuse_session *se;
     cdev_prefilter_fn pf;
@@ -95,7 +93,5 @@ struct cdev_rx *cdev_rx_start(struct fuse_session *se, void *prefilter, void *ct
 void cdev_rx_stop(struct cdev_rx *rx);
 int cdev_rx_process(struct fuse_session *se, struct cdev_rx *rx, int batch, struct cdev_poll *pl);
 void cdev_rx_free(struct cdev_rx *rx, int err);
-int cdev_rx_serve(void *rx);
-void cdev_rx_requeue(void *rx);
 
 #endif

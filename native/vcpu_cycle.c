@@ -5,8 +5,6 @@
 #include <string.h>
 #include <unistd.h>
 #include <linux/futex.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/syscall.h>
 
 #include "remote_memory.h"
@@ -30,15 +28,9 @@ void hsm_vcpu_wake(struct hsm_vcpu_wait *w)
     /* Sequentially consistent both sides: either this sees the waiter's
        sleeping = 1 and wakes it, or the waiter's FUTEX_WAIT sees the new
        count and does not sleep. */
-    uint32_t s;
     __atomic_add_fetch(&w->wakes, 1, __ATOMIC_SEQ_CST);
-    s = __atomic_load_n(&w->sleeping, __ATOMIC_SEQ_CST);
-    if (s == 1) {
+    if (__atomic_load_n(&w->sleeping, __ATOMIC_SEQ_CST))
         syscall(SYS_futex, &w->wakes, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-    } else if (s == 2) {
-        uint64_t one = 1;
-        if (write(w->srv_efd, &one, sizeof one) < 0) { /* a full counter is readable */ }
-    }
 }
 
 void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop)
@@ -58,91 +50,6 @@ static int hsm_vcpu_sleep(struct hsm_vcpu_wait *w, uint32_t seen, int ms)
     rc = syscall(SYS_futex, &w->wakes, FUTEX_WAIT_PRIVATE, seen, &t, NULL, 0);
     __atomic_store_n(&w->sleeping, 0, __ATOMIC_RELAXED);
     return rc < 0 && errno == ETIMEDOUT;
-}
-
-/* The wait of a vCPU that serves the HSM's node meanwhile (up->serve):
-   epoll on the node (exclusive, ahead of its reader) and srv_efd; a request
-   there is taken here. As hsm_vcpu_sleep; -1: no node to serve (sleep). */
-static void hsm_vcpu_serve_leave(struct hsm_vcpu_wait *w)
-{
-    if (w->srv_fd) {
-        epoll_ctl(w->srv_ep - 1, EPOLL_CTL_DEL, w->srv_fd - 1, NULL);  /* ENOENT: closed since */
-        w->srv_fd = 0;
-    }
-    w->srv_gen = 0;
-}
-
-void hsm_vcpu_release(struct hsm_vcpu_wait *w)
-{
-    if (w->srv_ep) {
-        close(w->srv_ep - 1);
-        close(w->srv_efd);
-        w->srv_ep = 0;
-        w->srv_fd = 0;
-        w->srv_gen = 0;
-    }
-}
-
-static int hsm_vcpu_serve_sleep(struct hsm_vcpu_wait *w, struct hsm_native_upcall *up,
-                                uint32_t seen, int ms)
-{
-    struct epoll_event ev[2];
-    int n, fd, node = 0;
-    uint32_t gen;
-    uint64_t v;
-    if (!w->srv_ep) {
-        int ep = epoll_create1(EPOLL_CLOEXEC), efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (ep < 0 || efd < 0 ||
-            epoll_ctl(ep, EPOLL_CTL_ADD, efd, &(struct epoll_event){ .events = EPOLLIN, .data.u32 = 1 }) < 0) {
-            if (ep >= 0)
-                close(ep);
-            if (efd >= 0)
-                close(efd);
-            return -1;
-        }
-        w->srv_efd = efd;
-        w->srv_ep = ep + 1;
-    }
-    gen = w->srv_gen;
-    fd = up->serve(up, HSM_SERVE_JOIN, &gen);
-    if (fd < 0 || gen == w->srv_dead) {
-        hsm_vcpu_serve_leave(w);
-        return -1;
-    }
-    if (gen != w->srv_gen) {
-        hsm_vcpu_serve_leave(w);
-        if (epoll_ctl(w->srv_ep - 1, EPOLL_CTL_ADD, fd,
-                      &(struct epoll_event){ .events = EPOLLIN | EPOLLEXCLUSIVE, .data.u32 = 0 }) < 0)
-            return -1;
-        w->srv_fd = fd + 1;
-        w->srv_gen = gen;
-        up->serve(up, HSM_SERVE_JOINED, &gen);  /* the node's reader goes behind this wait */
-    }
-    __atomic_store_n(&w->sleeping, 2, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&w->wakes, __ATOMIC_SEQ_CST) != seen) {
-        __atomic_store_n(&w->sleeping, 0, __ATOMIC_RELAXED);
-        return 0;
-    }
-    n = epoll_wait(w->srv_ep - 1, ev, 2, ms);
-    __atomic_store_n(&w->sleeping, 0, __ATOMIC_SEQ_CST);
-    for (int k = 0; k < n; k++) {
-        if (ev[k].data.u32 == 1) {
-            if (read(w->srv_efd, &v, sizeof v) < 0) { /* raced with another read: empty */ }
-        } else {
-            node = 1;
-        }
-    }
-    /* The node's wake-up came here (exclusively): take the request it was for. */
-    if (node) {
-        int r = up->serve(up, HSM_SERVE_ONE, &w->srv_gen);
-        if (r > 0) {
-            w->served++;
-        } else if (r < 0) {  /* the node ended, or is another's now: the futex from here */
-            w->srv_dead = w->srv_gen;
-            hsm_vcpu_serve_leave(w);
-        }
-    }
-    return n == 0;
 }
 
 int hsm_vcpu_finish(struct hsm_vcpu_wait *w, int pid, uint64_t slot, uint64_t value,
@@ -253,10 +160,7 @@ int hsm_slot_cycle(struct hsm_vcpu_wait *w, struct hsm_gate *g, int upcall_fd,
                 }
                 spin_until = 0;
             }
-            int slept = w->serve_node && up && up->serve ? hsm_vcpu_serve_sleep(w, up, seen, w->probe_ms) : -1;
-            if (slept < 0)
-                slept = hsm_vcpu_sleep(w, seen, w->probe_ms);
-            if (slept) {
+            if (hsm_vcpu_sleep(w, seen, w->probe_ms)) {
                 /* no wake for a while: is the page still there? */
                 r = hsm_remote_read(w->pid, w->slot + HSM_SLOT_STATE, &state, sizeof state);
                 if (r != sizeof state)

@@ -50,15 +50,7 @@ struct hsm_vcpu_wait {
     uint64_t handed;  /* its value */
     uint64_t handoffs;  /* completions handed over (status) */
     uint32_t wakes;     /* futex word of the native wait: bumped by every waker (hsm_vcpu_wake) */
-    uint32_t sleeping;  /* the native wait sleeps: 1 on wakes (a waker makes the futex
-                           call), 2 in srv_ep (a waker writes srv_efd) */
-    int serve_node;     /* wait in hsm_vcpu_serve_sleep where up->serve offers a node (set by Python) */
-    uint64_t served;    /* requests read from the node while waiting (status) */
-    int srv_ep;         /* the wait that also serves the HSM's node: epoll fd + 1, 0 none yet */
-    int srv_efd;        /* its wake-up eventfd */
-    int srv_fd;         /* the node's fd in srv_ep + 1, 0 none */
-    uint32_t srv_gen;   /* the node's generation joined (up->serve), 0: none */
-    uint32_t srv_dead;  /* a generation whose node failed: not joined again */
+    uint32_t sleeping;  /* the native wait sleeps on wakes: a waker makes the futex call */
 };
 
 /* w->mail: hsm_slot_cycle arms it before its request is posted and disarms
@@ -81,23 +73,10 @@ struct hsm_native_upcall {
     int (*post)(struct hsm_native_upcall *self, int pid, uint64_t slot,
                 const unsigned char *head);
     void (*flush)(struct hsm_native_upcall *self);
-    /* NULL, or: while the vCPU waits for its completion it reads the HSM's
-       node itself (its requests then need no other thread).
-       HSM_SERVE_JOIN: the node's fd, *gen its generation (never 0), or -1:
-       nothing to serve now. HSM_SERVE_JOINED: the vCPU waits on the fd of
-       *gen (EPOLLEXCLUSIVE): the node's own reader goes behind it.
-       HSM_SERVE_ONE: take one request from the node of *gen if it has one:
-       1, none there 0, no longer that node -1. */
-    int (*serve)(struct hsm_native_upcall *self, int op, uint32_t *gen);
 };
-#define HSM_SERVE_JOIN 1
-#define HSM_SERVE_JOINED 2
-#define HSM_SERVE_ONE 3
 
 void hsm_gate_init(struct hsm_gate *g);
 void hsm_gate_set(struct hsm_gate *g, int open);
-/* w goes (nobody wakes it any more): close what its serving wait opened. */
-void hsm_vcpu_release(struct hsm_vcpu_wait *w);
 /* Leave the wait (a new generation), and wake it. */
 void hsm_vcpu_abandon(struct hsm_vcpu_wait *w, int stop);
 

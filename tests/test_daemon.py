@@ -312,14 +312,8 @@ def test_service_and_vcpu_cpus_place_the_threads_as_acrn_partitions_pcpus(daemon
     assert [v["host_cpus"] for v in vm["vcpus"]] == ([[b], [a]] if pinned else [cpus, cpus])
     assert min(v["requests"] for v in vm["vcpus"]) >= 500, vm
     polled = [v["completions_polled"] for v in vm["vcpus"]]
-    # a pinned vCPU on the daemon's one CPU (vCPU 1, on A) reads the node while it
-    # waits instead of polling (Placement.serves_node); one on a CPU of its own polls
-    serving = [v["serves_node"] for v in vm["vcpus"]]
-    assert serving == [pinned and a == b, pinned], vm
-    for v in vm["vcpus"]:
-        assert (v["node_requests_served"] > 0) == v["serves_node"], vm
     if placement == "pinned":  # most completions come within 200 us of the request
-        assert [n > 0 for n in polled] == [not s for s in serving], vm
+        assert all(n > 0 for n in polled), vm
     else:
         assert polled == [0, 0], vm
     assert st["placement"] == {

@@ -72,14 +72,12 @@ _DRAIN = 256
 
 class _Upcall:
     """The VM's ``struct hsm_xvm`` as the hypervisor sees it (api.NativeUpcall):
-    its first member is the ``struct hsm_native_upcall``; this keeps it alive, and
-    the session's table, which its ``serve`` reaches while the VM is in it."""
+    its first member is the ``struct hsm_native_upcall``; this keeps it alive."""
 
-    __slots__ = ("x", "ptr", "table")
+    __slots__ = ("x", "ptr")
 
-    def __init__(self, x: Any, table: Any) -> None:
+    def __init__(self, x: Any) -> None:
         self.x = x
-        self.table = table
         self.ptr = ffi.cast("struct hsm_native_upcall *", x)
 
 
@@ -137,7 +135,7 @@ class Express:
             log.warning("hsm.express_full", vmid=vm.vmid, note="this VM takes the Python path")
             lib.hsm_x_close(x)
             return
-        if self.hv.set_native_upcall(vm.vmid, _Upcall(x, self.table)) < 0:
+        if self.hv.set_native_upcall(vm.vmid, _Upcall(x)) < 0:
             lib.hsm_x_unregister(self.table, x)
             lib.hsm_x_close(x)
             return
@@ -186,11 +184,6 @@ class Express:
         vm.counters.fold_express()
         if vm in self._vms:
             self._vms.remove(vm)
-
-    def serve_through(self, one: Any, requeue: Any, rx: Any, fd: int) -> None:
-        """cdev's native reader (NULL: none): the VMs' vCPUs read the node through it
-        while they wait for a completion (hsm_x_set_server)."""
-        lib.hsm_x_set_server(self.table, one, requeue, rx, fd)
 
     def close(self) -> None:
         """The session ends: nothing is written to its fd after this returns."""

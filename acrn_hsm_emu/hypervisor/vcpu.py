@@ -207,9 +207,7 @@ class Vcpu:
         # threads look at for it, once per access and per native-loop entry
         self.recorder: Recorder | None = None
         self._wake = EventFd()  # notify, kicks and control changes all set it; closed at thread end
-        # hsm_slot_cycle's view; the fds its serving wait opens go with it, when
-        # nobody can wake it any more (the HSM keeps it alive while it may)
-        self._native = _ffi.gc(_ffi.new("struct hsm_vcpu_wait *"), _lib.hsm_vcpu_release)
+        self._native = _ffi.new("struct hsm_vcpu_wait *")  # hsm_slot_cycle's view
         self._native.probe_ms = int(_PROBE_S * 1000)
         self._value = _ffi.new("uint64_t *")
         self._stop = False
@@ -406,11 +404,7 @@ class Vcpu:
         _name_os_thread(self._thread.name)
         placement = self.vm.placement
         cpus = placement.host_cpus(self.pcpu)
-        serve = placement.serves_node(cpus)
-        self._native.serve_node = serve
-        # polling for the completion would keep it from the node's requests,
-        # which is the wait's point: where the vCPU serves the node, it does not poll
-        self._native.spin_ns = 0 if serve else placement.completion_poll_ns
+        self._native.spin_ns = placement.completion_poll_ns
         try:
             os.sched_setaffinity(0, cpus)
         except OSError as e:  # a CPU taken away since the config was checked
@@ -736,9 +730,6 @@ class Vcpu:
             "completions_polled": int(self._native.spin_hits),
             # completions the notify hypercall's native form freed and handed over
             "completions_handed": int(self._native.handoffs),
-            # whether it reads the HSM's node while it waits, and the requests it read there
-            "serves_node": bool(self._native.serve_node),
-            "node_requests_served": int(self._native.served),
             "state": "waiting" if self._native.waiting else self.state,
             "accesses": self.accesses,
             "requests": self.requests,

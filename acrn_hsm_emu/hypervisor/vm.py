@@ -10,7 +10,6 @@ import bisect
 import collections
 import enum
 import errno
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,20 +54,6 @@ class Placement:
     def completion_poll_ns(self) -> int:
         """How long a vCPU polls for its completion: only a pinned one does."""
         return self.poll_ns if self.vcpu_cpus else 0
-
-    def serves_node(self, host: frozenset[int]) -> bool:
-        """Whether a vCPU on ``host`` reads the HSM's node itself while it waits for a
-        completion (``hsm_vcpu_serve_sleep``): where it has one CPU and the daemon's
-        own threads, the node's reader among them, are on that CPU alone. There a
-        hand-off to the reader is a context switch on the one CPU, and the vCPU
-        taking the device model's calls itself saves one a request; where they
-        have CPUs apart, the reader polling its own CPU is the faster hand-off."""
-        if len(host) != 1:
-            return False
-        try:
-            return frozenset(os.sched_getaffinity(os.getpid())) == host
-        except OSError:
-            return False
 
     def snapshot(self) -> dict[str, object]:
         return {
