@@ -87,7 +87,14 @@ def wait_workload_done(daemon, vmid: int, timeout: float = 600.0) -> dict:
     raise TimeoutError(f"workload not done: {vm_status(daemon, vmid)['vcpus']}")
 
 
-def test_dm_style_client_serves_10000_mixed_accesses_over_2_vcpus(daemon_factory, tmp_path):
+# Where the daemon's threads run: the scheduler's choice, or all of them on CPU 0
+# (--service-cpus and --vcpu-cpus), where the vCPUs, the node's reader and the
+# device model take turns on one CPU and every hand-off is a context switch.
+PLACEMENTS = {"free": [], "one-cpu": ["--service-cpus", "0", "--vcpu-cpus", "0"]}
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_dm_style_client_serves_10000_mixed_accesses_over_2_vcpus(daemon_factory, tmp_path, placement):
     rng = random.Random(20261121)
     per_vcpu = 5000
     programs, totals = {}, {"pio": 0, "mmio": 0, "pci": 0}
@@ -99,7 +106,7 @@ def test_dm_style_client_serves_10000_mixed_accesses_over_2_vcpus(daemon_factory
     workload = Workload.build(programs, name="mixed-10k")
     path = tmp_path / "workload.json"
     path.write_text(json.dumps(workload.to_dict()))
-    daemon = daemon_factory("--workload", str(path))
+    daemon = daemon_factory("--workload", str(path), *PLACEMENTS[placement])
 
     dm = subprocess.Popen(
         [str(build_c("dm_loop")), str(daemon.node), "0x3"], stdout=subprocess.PIPE, text=True

@@ -475,9 +475,13 @@ def test_a_vm_without_ram_replays_the_workload(rigs) -> None:
     with structlog.testing.capture_logs() as logs:
         assert r.hv.start_vm(r.vmid) == 0
         wait_until(lambda: r.writes(0x80) == [(0, 0x80, 7)], "the scripted write")
+        # the vCPU marks its workload done after the write's completion: wait for that
+        # too (under ASan the snapshot right after the write came before it)
+        wait_until(lambda: r.hv.snapshot()["vms"][0]["vcpus"][0]["workload_done"], "the workload done")
     assert any(e["event"] == "kvm.no_guest_ram" for e in logs)
     v = r.hv.snapshot()["vms"][0]["vcpus"][0]
     assert v["workload"].startswith("no guest RAM: ") and v["workload_done"]
+    assert r.writes(0x80) == [(0, 0x80, 7)]  # and nothing more
 
 
 def test_cpuid_of_a_guest_is_the_scenario_plus_the_host(rigs, guests) -> None:
