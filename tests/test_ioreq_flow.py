@@ -22,6 +22,7 @@ from acrn_hsm_emu.hypervisor.vm import VPIC_PORTS
 from acrn_hsm_emu.hypervisor.workload import Step, Workload
 from tests.support.answers import mmio_answer, pci_answer, pio_answer
 from tests.support.cbuild import build_c
+from tests.support.hsmctl import PLACEMENTS
 
 pytestmark = pytest.mark.needs_fuse
 
@@ -85,12 +86,6 @@ def wait_workload_done(daemon, vmid: int, timeout: float = 600.0) -> dict:
             return vm
         time.sleep(0.2)
     raise TimeoutError(f"workload not done: {vm_status(daemon, vmid)['vcpus']}")
-
-
-# Where the daemon's threads run: the scheduler's choice, or all of them on CPU 0
-# (--service-cpus and --vcpu-cpus), where the vCPUs, the node's reader and the
-# device model take turns on one CPU and every hand-off is a context switch.
-PLACEMENTS = {"free": [], "one-cpu": ["--service-cpus", "0", "--vcpu-cpus", "0"]}
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))

@@ -31,7 +31,7 @@ from acrn_hsm_emu.client import extension as ext
 from tests.guests.build import Guest, assemble, page_tables_64
 from tests.support.cbuild import build_c
 from tests.support.ext import Ctl
-from tests.support.hsmctl import status
+from tests.support.hsmctl import PLACEMENTS, status
 from tests.support.poll import wait_until
 
 pytestmark = [pytest.mark.needs_kvm, pytest.mark.needs_fuse]
@@ -53,9 +53,12 @@ def guests(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Guest]:
     return get
 
 
+KVM_DAEMON = ("--backend", "kvm", "--log-level", "debug")
+
+
 @pytest.fixture
 def kvm_daemon(daemon_factory):
-    return daemon_factory("--backend", "kvm", "--log-level", "debug")
+    return daemon_factory(*KVM_DAEMON)
 
 
 @dataclass
@@ -360,15 +363,14 @@ def test_every_vcpu_of_an_smp_guest_is_served(kvm_daemon, guests, kind) -> None:
     assert {(r["type"], r["addr"], r["size"], r["dir"], r["value"]) for r in run.reqs} == {(*want, "w", 0x41)}
 
 
-@pytest.mark.parametrize("placement", ["free", "one-cpu"])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_reset_with_requests_in_flight_on_every_vcpu(daemon_factory, guests, placement) -> None:
     """Four vCPUs loop on port writes; twice the client pauses, resets and restarts
     the VM while requests are in flight (some done by the native loop, some posted
     and abandoned). Each time the guest starts over, the APs are woken again, and
     nothing is lost or logged as an error: with the threads where the scheduler
     puts them, and all of them on one CPU (pinned vCPUs poll there, yielding)."""
-    one_cpu = ["--service-cpus", "0", "--vcpu-cpus", "0"] if placement == "one-cpu" else []
-    kvm_daemon = daemon_factory("--backend", "kvm", "--log-level", "debug", *one_cpu)
+    kvm_daemon = daemon_factory(*KVM_DAEMON, *PLACEMENTS[placement])
     g = guests("smppio32", 0x1000)
     run = vm_sample(
         kvm_daemon, "-C", "0xf", "-r", "pm32", "-e", "0x1000", "-g", f"{g.path}@0x1000",

@@ -10,6 +10,12 @@ from typing import Any
 from tests.support.answers import pio_answer
 from tests.support.cbuild import build_c
 
+# The daemon's flags for where its threads run: the scheduler's choice, or all of
+# them on CPU 0 (--service-cpus and --vcpu-cpus), where the vCPUs, the node's
+# reader and the device model take turns on one CPU and every hand-off is a
+# context switch (pinned vCPUs poll there, yielding).
+PLACEMENTS: dict[str, list[str]] = {"free": [], "one-cpu": ["--service-cpus", "0", "--vcpu-cpus", "0"]}
+
 
 def start_client(client: str, node: object, *args: str) -> tuple[subprocess.Popen[str], int]:
     """Start a tests/clients program that prints ``vmid=N vcpu_num=N`` first; (proc, vmid)."""
