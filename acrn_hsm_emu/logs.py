@@ -40,7 +40,10 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # one write() a record, newline included (PrintLogger's print() makes two): the
+        # daemon, its command's launcher and the command share one output (a file, the
+        # journal's socket), and a record cut in two would let another's land in between
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)
@@ -64,7 +67,7 @@ class LibraryLogger:
     def __init__(self, name: str) -> None:
         self.name = name
         self._quiet = structlog.wrap_logger(
-            structlog.PrintLogger(sys.stderr),
+            structlog.WriteLogger(sys.stderr),
             processors=[
                 structlog.processors.add_log_level,
                 structlog.dev.ConsoleRenderer(colors=False),

@@ -49,7 +49,7 @@ def main() -> int:
     p.add_argument("--run-dir", default="/run/cdev")
     p.add_argument("--max-waiting-per-pid", type=int, default=256)
     args = p.parse_args()
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(sys.stderr))  # a record a write()
     failed: list[BaseException] = []
     try:
         trio.run(_main, args)

@@ -53,13 +53,12 @@ def launcher(node: pathlib.Path | str, *command: str, level: str = "warning") ->
 
 
 def events(text: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Every record, whole: the command shares the daemon's output (serve), and each
+    process writes a record in one write() (test_logs.py), so none is cut or mixed."""
     out = []
-    decoder = json.JSONDecoder()
     for line in text.splitlines():
         if line.startswith("{"):
-            # the command shares the daemon's output (serve): its unbuffered text can
-            # follow a log line before the newline; the record is the leading object
-            e, _ = decoder.raw_decode(line)
+            e = json.loads(line)
             if name is None or e.get("event") == name:
                 out.append(e)
     return out
@@ -544,7 +543,9 @@ def test_serve_runs_its_command_through_the_launcher(daemon_factory, guests, tmp
     assert d.proc.wait(timeout=HANG_GUARD_S) == 0, d.log()
     log = d.log()
     assert "op 0 raise ret=0 vectors=0x44" in log and "op 1 fall ret=0 vectors=0x44" in log
-    assert events(log, "launcher.command_exited")[0]["carried"] == 4  # two ops, two fences
+    exited = events(log, "launcher.command_exited")
+    assert len(exited) == 1, log
+    assert exited[0]["carried"] == 4  # two ops, two fences
 
 
 # -- fuzzing the trapped path -----------------------------------------------------------
