@@ -16,6 +16,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -272,6 +273,36 @@ os.close(fd)  # the file goes: its lost VM is orphaned
 sys.stdin.readline()
 """
 
+# QUIRK_CLIENT's calls in N processes one after another, forked from one interpreter (a
+# Python start is seconds under TCG): each orphans a VM and exits; a line gives its pid, its
+# answers, and a line on stdin lets the next one start.
+QUIRK_FORKER = r"""
+import ctypes, fcntl, mmap, os, sys
+from acrn_hsm_emu import abi
+
+def create(fd, page):
+    c = abi.AcrnVmCreation(cpu_affinity=1)
+    c.ioreq_buf = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    buf = bytearray(bytes(c))
+    try:
+        fcntl.ioctl(fd, abi.ACRN_IOCTL_CREATE_VM, buf)
+    except OSError as e:
+        return -e.errno
+    return abi.AcrnVmCreation.from_buffer(buf).vmid
+
+r, w = os.pipe()
+for _ in range(int(sys.argv[2])):
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        pages = [mmap.mmap(-1, 4096) for _ in range(2)]
+        os.write(w, f"{create(fd, pages[0])} {create(fd, pages[1])}".encode())
+        os._exit(0)  # without closing anything: the process goes, its file with it
+    os.waitpid(pid, 0)
+    print(pid, os.read(r, 64).decode(), flush=True)
+    sys.stdin.readline()
+"""
+
 
 def quirk_client(node: pathlib.Path) -> tuple[subprocess.Popen[str], int]:
     """A process that orphaned a VM through the quirk and is still alive; (process, lost vmid)."""
@@ -343,8 +374,9 @@ def test_vm_destroy_removes_a_vm_orphaned_by_the_second_create_vm(hsm_daemon):
         dm.communicate(timeout=60)
 
 
-def _reclaimed(d: Daemon, n: int) -> bool:
-    return d.log().count('"hsm.orphan_reclaimed"') >= n
+def _reclaims(d: Daemon) -> set[tuple[int, int]]:
+    """(vmid, pid) of each reclaim the daemon logged."""
+    return {(e["vmid"], e["pid"]) for e in (json.loads(ln) for ln in d.log().splitlines() if '"hsm.orphan_reclaimed"' in ln)}
 
 
 def test_orphans_are_reclaimed_once_their_owner_process_is_gone(hsm_daemon):
@@ -360,11 +392,21 @@ def test_orphans_are_reclaimed_once_their_owner_process_is_gone(hsm_daemon):
     events = [json.loads(ln) for ln in hsm_daemon.log().splitlines() if ln.startswith("{")]
     reclaimed = [e for e in events if e["event"] == "hsm.orphan_reclaimed"]
     assert any(e["vmid"] == lost and e["pid"] == client.pid and e["level"] == "info" for e in reclaimed), reclaimed
-    # More quirk clients than the hypervisor has VM slots: none wedges the daemon.
-    for _ in range(slots + 1):
-        c, _lost = quirk_client(hsm_daemon.node)
-        c.communicate("\n", timeout=60)
-        for _ in range(100000):
-            if not vm_rows(hsm_daemon):
+    # More quirk clients than the hypervisor has VM slots: none wedges the daemon (each one's
+    # CREATE_VM finds a slot, since the one before was reclaimed).
+    forker = subprocess.Popen([str(VENV_BIN / "python"), "-c", QUIRK_FORKER, str(hsm_daemon.node), str(slots + 1)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=pathlib.Path(__file__).parent.parent)  # fmt: skip
+    assert forker.stdin is not None and forker.stdout is not None
+    for k in range(slots + 1):
+        pid, first, second = (int(x) for x in forker.stdout.readline().split())
+        assert first >= 1 and second < 0, (k, first, second, hsm_daemon.log())
+        for _ in range(100000):  # hang guard only: the reclaim follows the process's exit
+            if (first, pid) in _reclaims(hsm_daemon):
                 break
+            time.sleep(0.01)
+        assert (first, pid) in _reclaims(hsm_daemon), (k, hsm_daemon.log())
+        forker.stdin.write("\n")
+        forker.stdin.flush()
+    assert forker.wait(timeout=60) == 0
     assert vm_rows(hsm_daemon) == {}
