@@ -249,16 +249,15 @@ def test_every_usage_error_is_one_line_with_exit_2(argv):
 
 # -- vm list | pause | destroy, and orphans reclaimed ----------------------------------------
 
-# CREATE_VM twice on one file (the driver's second-CREATE_VM quirk: the file loses its first
-# VM, which stays in the hypervisor), prints both answers, then exits without clean-up when
-# told (a line on stdin).
-QUIRK_CLIENT = r"""
+# CREATE_VM on a file, with a fresh request page (kept mapped): the vmid, or -errno.
+QUIRK_CREATE = r"""
 import ctypes, fcntl, mmap, os, sys
 from acrn_hsm_emu import abi
-fd = os.open(sys.argv[1], os.O_RDWR)
-pages = [mmap.mmap(-1, 4096) for _ in range(2)]
+pages = []
 
-def create(page):
+def create(fd):
+    page = mmap.mmap(-1, 4096)
+    pages.append(page)
     c = abi.AcrnVmCreation(cpu_affinity=1)
     c.ioreq_buf = ctypes.addressof(ctypes.c_char.from_buffer(page))
     buf = bytearray(bytes(c))
@@ -267,8 +266,14 @@ def create(page):
     except OSError as e:
         return -e.errno
     return abi.AcrnVmCreation.from_buffer(buf).vmid
+"""
 
-print(create(pages[0]), create(pages[1]), flush=True)
+# CREATE_VM twice on one file (the driver's second-CREATE_VM quirk: the file loses its first
+# VM, which stays in the hypervisor), prints both answers, then exits without clean-up when
+# told (a line on stdin).
+QUIRK_CLIENT = QUIRK_CREATE + r"""
+fd = os.open(sys.argv[1], os.O_RDWR)
+print(create(fd), create(fd), flush=True)
 os.close(fd)  # the file goes: its lost VM is orphaned
 sys.stdin.readline()
 """
@@ -276,27 +281,13 @@ sys.stdin.readline()
 # QUIRK_CLIENT's calls in N processes one after another, forked from one interpreter (a
 # Python start is seconds under TCG): each orphans a VM and exits; a line gives its pid, its
 # answers, and a line on stdin lets the next one start.
-QUIRK_FORKER = r"""
-import ctypes, fcntl, mmap, os, sys
-from acrn_hsm_emu import abi
-
-def create(fd, page):
-    c = abi.AcrnVmCreation(cpu_affinity=1)
-    c.ioreq_buf = ctypes.addressof(ctypes.c_char.from_buffer(page))
-    buf = bytearray(bytes(c))
-    try:
-        fcntl.ioctl(fd, abi.ACRN_IOCTL_CREATE_VM, buf)
-    except OSError as e:
-        return -e.errno
-    return abi.AcrnVmCreation.from_buffer(buf).vmid
-
+QUIRK_FORKER = QUIRK_CREATE + r"""
 r, w = os.pipe()
 for _ in range(int(sys.argv[2])):
     pid = os.fork()
     if pid == 0:
         fd = os.open(sys.argv[1], os.O_RDWR)
-        pages = [mmap.mmap(-1, 4096) for _ in range(2)]
-        os.write(w, f"{create(fd, pages[0])} {create(fd, pages[1])}".encode())
+        os.write(w, f"{create(fd)} {create(fd)}".encode())
         os._exit(0)  # without closing anything: the process goes, its file with it
     os.waitpid(pid, 0)
     print(pid, os.read(r, 64).decode(), flush=True)
