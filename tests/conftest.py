@@ -8,6 +8,7 @@ own sd_notify READY=1 on a socket the fixture listens on.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
 import select
@@ -224,6 +225,11 @@ class Daemon:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The log's records (of event ``name``), each line one whole record (test_logs.py)."""
+        records = [json.loads(ln) for ln in self.log().splitlines() if ln.startswith("{")]
+        return [e for e in records if name is None or e["event"] == name]
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60 * SLOW) -> subprocess.CompletedProcess[str]:
         cmd = [str(VENV_BIN / "acrn-hsm-emu"), *args]

@@ -16,7 +16,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +24,7 @@ from acrn_hsm_emu import cli, config
 from tests.conftest import VENV_BIN, Daemon
 from tests.support.answers import pio_answer
 from tests.support.cbuild import build_c
+from tests.support.poll import wait_until
 
 EXE = str(VENV_BIN / "acrn-hsm-emu")
 
@@ -295,10 +295,17 @@ for _ in range(int(sys.argv[2])):
 """
 
 
+def _script(script: str, *args: str) -> subprocess.Popen[str]:
+    """One of the scripts above, talked to through its stdin and stdout."""
+    p = subprocess.Popen([str(VENV_BIN / "python"), "-c", script, *args], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=pathlib.Path(__file__).parent.parent)  # fmt: skip
+    assert p.stdin is not None and p.stdout is not None
+    return p
+
+
 def quirk_client(node: pathlib.Path) -> tuple[subprocess.Popen[str], int]:
     """A process that orphaned a VM through the quirk and is still alive; (process, lost vmid)."""
-    p = subprocess.Popen([str(VENV_BIN / "python"), "-c", QUIRK_CLIENT, str(node)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=pathlib.Path(__file__).parent.parent)
+    p = _script(QUIRK_CLIENT, str(node))
     assert p.stdout is not None
     first, second = (int(x) for x in p.stdout.readline().split())
     assert first >= 1 and second < 0, (first, second)  # the second CREATE_VM fails (EINVAL)
@@ -367,7 +374,7 @@ def test_vm_destroy_removes_a_vm_orphaned_by_the_second_create_vm(hsm_daemon):
 
 def _reclaims(d: Daemon) -> set[tuple[int, int]]:
     """(vmid, pid) of each reclaim the daemon logged."""
-    return {(e["vmid"], e["pid"]) for e in (json.loads(ln) for ln in d.log().splitlines() if '"hsm.orphan_reclaimed"' in ln)}
+    return {(e["vmid"], e["pid"]) for e in d.events("hsm.orphan_reclaimed")}
 
 
 def test_orphans_are_reclaimed_once_their_owner_process_is_gone(hsm_daemon):
@@ -380,23 +387,17 @@ def test_orphans_are_reclaimed_once_their_owner_process_is_gone(hsm_daemon):
         if lost not in vm_rows(hsm_daemon):
             break
     assert vm_rows(hsm_daemon) == {}, hsm_daemon.log()
-    events = [json.loads(ln) for ln in hsm_daemon.log().splitlines() if ln.startswith("{")]
-    reclaimed = [e for e in events if e["event"] == "hsm.orphan_reclaimed"]
+    reclaimed = hsm_daemon.events("hsm.orphan_reclaimed")
     assert any(e["vmid"] == lost and e["pid"] == client.pid and e["level"] == "info" for e in reclaimed), reclaimed
     # More quirk clients than the hypervisor has VM slots: none wedges the daemon (each one's
     # CREATE_VM finds a slot, since the one before was reclaimed).
-    forker = subprocess.Popen([str(VENV_BIN / "python"), "-c", QUIRK_FORKER, str(hsm_daemon.node), str(slots + 1)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              cwd=pathlib.Path(__file__).parent.parent)  # fmt: skip
+    forker = _script(QUIRK_FORKER, str(hsm_daemon.node), str(slots + 1))
     assert forker.stdin is not None and forker.stdout is not None
     for k in range(slots + 1):
         pid, first, second = (int(x) for x in forker.stdout.readline().split())
         assert first >= 1 and second < 0, (k, first, second, hsm_daemon.log())
-        for _ in range(100000):  # hang guard only: the reclaim follows the process's exit
-            if (first, pid) in _reclaims(hsm_daemon):
-                break
-            time.sleep(0.01)
-        assert (first, pid) in _reclaims(hsm_daemon), (k, hsm_daemon.log())
+        mine = (first, pid)
+        wait_until(lambda mine=mine: mine in _reclaims(hsm_daemon), f"client {k}'s orphan reclaimed")
         forker.stdin.write("\n")
         forker.stdin.flush()
     assert forker.wait(timeout=60) == 0

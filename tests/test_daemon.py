@@ -165,9 +165,8 @@ def test_a_session_the_kernel_ends_stops_the_daemon(daemon_factory):
     assert d.proc is not None
     rc = d.proc.wait(timeout=60)
     assert rc == 1, d.log()
-    lines = [json.loads(ln) for ln in d.log().splitlines() if ln.startswith("{")]
-    lost = [ln for ln in lines if ln["event"] == "daemon.node_lost"]
-    assert len(lost) == 1 and lost[0]["level"] == "error", lines
+    lost = d.events("daemon.node_lost")
+    assert len(lost) == 1 and lost[0]["level"] == "error", d.events()
     assert lost[0]["reason"] == f"the kernel ended the session serving {d.node}; the node is gone"
     assert f"acrn-hsm-emu: {lost[0]['reason']}" in d.log().splitlines()
     assert not d.node.exists()
