@@ -108,6 +108,29 @@ def c_null_server(tmp: pathlib.Path, cpus: str | None = None) -> Iterator[pathli
 
 
 @contextmanager
+def cdev_empty_server(tmp: pathlib.Path, cpus: str | None = None) -> Iterator[tuple[pathlib.Path, int]]:
+    """cdev serving a device that answers every ioctl at once (``BaseDevice``: ENOTTY), as
+    a FUSE file: libfuse, cdev's C glue, the way into Python and cdev's own Python, with no
+    device behind them. Beside the C server and the daemon, it says where a null ioctl's
+    time goes. Yields (node, pid)."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix="cdev-", dir=tmp))
+    proc = subprocess.Popen(
+        [*pinned(cpus), str(VENV_BIN / "python"), "-m", "cdev", "--device", "cdev.device:BaseDevice",
+         "--node", str(d / "node"), "--transport", "fuse", "--run-dir", str(d / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"READY":
+        proc.kill()
+        raise RuntimeError("cdev's empty device did not start")
+    try:
+        yield d / "node", proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@contextmanager
 def daemon(tmp: pathlib.Path, *extra: str, cpus: str | None = None) -> Iterator[dict[str, Any]]:
     """``acrn-hsm-emu serve`` on a private node (on ``cpus``, if given); ready
     when it says READY=1."""
@@ -246,7 +269,10 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     ``free``: nothing pinned (the scheduler's choice, which differs run to run);
     ``same_cpu``: servers and client on the first CPU; ``cross_cpu``: servers on the first,
     the client on the second. ``{placement}_ratio_p50`` is the median over rounds of
-    ours / C, each round's two figures taken back to back.
+    ours / C, each round's figures taken back to back. A third server in each round, cdev
+    serving an empty device (:func:`cdev_empty_server`), gives
+    ``{placement}_cdev_empty_ratio_p50``: what entering Python through cdev costs with no
+    device behind it, the part of ours / C that is not the HSM's.
     """
     cpu_list = sorted(os.sched_getaffinity(0))
     placements: list[tuple[str, str | None, str | None]] = [("free", None, None)]
@@ -255,31 +281,39 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         placements += [("same_cpu", c0, c0), ("cross_cpu", c0, c1)]
     out: dict[str, Any] = {}
     for name, server_cpus, client_cpus in placements:
-        c_rounds: list[dict[str, float]] = []
-        our_rounds: list[dict[str, float]] = []
+        rounds: dict[str, list[dict[str, float]]] = {"c": [], "cdev": [], "ours": []}
         ratios_: list[float] = []
+        cdev_ratios: list[float] = []
         calls = args.calls if name == "free" else args.calls // 2
-        cpu: dict[str, list[float]] = {"c": [], "ours": []}  # the server's CPU time per call, us
-        with c_null_server(tmp, server_cpus) as c_node, daemon(tmp, cpus=server_cpus) as d:
-            servers = (("c", c_node, C_SERVER_PID[c_node], c_rounds), ("ours", d["node"], d["pid"], our_rounds))
+        cpu: dict[str, list[float]] = {key: [] for key in rounds}  # the server's CPU time per call, us
+        with (c_null_server(tmp, server_cpus) as c_node, cdev_empty_server(tmp, server_cpus) as (e_node, e_pid),
+              daemon(tmp, cpus=server_cpus) as d):
+            servers = (("c", c_node, C_SERVER_PID[c_node]), ("cdev", e_node, e_pid), ("ours", d["node"], d["pid"]))
             for _ in range(args.rounds):
-                for key, node, pid, rounds in servers:
+                for key, node, pid in servers:
                     before = cpu_ns(pid)
-                    rounds.append(ioctl_loop(node, calls, cpus=client_cpus))
+                    rounds[key].append(ioctl_loop(node, calls, cpus=client_cpus))
                     cpu[key].append((cpu_ns(pid) - before) / 1000 / calls)
-                ratios_.append(our_rounds[-1]["p50"] / c_rounds[-1]["p50"])
-        c, ours = summarize(c_rounds), summarize(our_rounds)
+                ratios_.append(rounds["ours"][-1]["p50"] / rounds["c"][-1]["p50"])
+                cdev_ratios.append(rounds["cdev"][-1]["p50"] / rounds["c"][-1]["p50"])
+        c, empty, ours = summarize(rounds["c"]), summarize(rounds["cdev"]), summarize(rounds["ours"])
         out[f"{name}_c_libfuse_us"] = c
+        out[f"{name}_cdev_empty_us"] = empty
         out[f"{name}_daemon_us"] = ours
         out[f"{name}_ratio_p50"] = statistics.median(ratios_)
         out[f"{name}_ratio_p50_rounds"] = ratios_
+        out[f"{name}_cdev_empty_ratio_p50"] = statistics.median(cdev_ratios)
+        out[f"{name}_cdev_empty_ratio_p50_rounds"] = cdev_ratios
         # where the difference is: the servers' own CPU time per call (the rest is the client's
-        # and the kernel's, the same for both)
+        # and the kernel's, the same for all)
         out[f"{name}_c_server_cpu_us_per_call"] = statistics.median(cpu["c"])
+        out[f"{name}_cdev_empty_cpu_us_per_call"] = statistics.median(cpu["cdev"])
         out[f"{name}_daemon_cpu_us_per_call"] = statistics.median(cpu["ours"])
-        print(f"  null ioctl {name}: C {fmt(c)}; ours {fmt(ours)}; ratio p50 {statistics.median(ratios_):.2f} "
-              f"(rounds {', '.join(f'{r:.2f}' for r in ratios_)}); server CPU per call: "
-              f"C {statistics.median(cpu['c']):.2f} us, ours {statistics.median(cpu['ours']):.2f} us", flush=True)
+        print(f"  null ioctl {name}: C {fmt(c)}; cdev, empty device {fmt(empty)}; ours {fmt(ours)}; ratio p50 "
+              f"{statistics.median(ratios_):.2f} (rounds {', '.join(f'{r:.2f}' for r in ratios_)}), "
+              f"cdev's empty device {statistics.median(cdev_ratios):.2f}; server CPU per call: "
+              f"C {statistics.median(cpu['c']):.2f} us, cdev {statistics.median(cpu['cdev']):.2f} us, "
+              f"ours {statistics.median(cpu['ours']):.2f} us", flush=True)
     return out
 
 
@@ -293,7 +327,7 @@ def write_workload(path: pathlib.Path, kind: str, vcpus: int) -> None:
 
 
 def run_cycles(tmp: pathlib.Path, serve_args: list[str], clients: list[list[str]], seconds: float,
-               cpus: str | None = None, client_cpus: str | None = None) -> dict[str, float]:
+               cpus: str | None = None, client_cpus: str | None = None) -> dict[str, Any]:
     """Clients serve the daemon's VMs for ``seconds``: throughput, cycle times,
     daemon CPU. ``cpus``: the daemon and the clients run on these CPUs only;
     ``client_cpus``: the clients only (the daemon places itself)."""
@@ -753,11 +787,11 @@ def trace_cost(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
         finally:
             dm.send_signal(signal.SIGTERM)
             dm.communicate(timeout=60)
-    off, on = summarize(null[False]), summarize(null[True])
+    n_off, n_on = summarize(null[False]), summarize(null[True])
     c_off = {k: med(cyc[False], k) for k in ("requests_per_s", "us_per_request")}
     c_on = {k: med(cyc[True], k) for k in ("requests_per_s", "us_per_request")}
     return {
-        "null_ioctl_off_us": off, "null_ioctl_on_us": on, "null_ioctl_on_off_p50": on["p50"] / off["p50"],
+        "null_ioctl_off_us": n_off, "null_ioctl_on_us": n_on, "null_ioctl_on_off_p50": n_on["p50"] / n_off["p50"],
         "cycle_off": c_off, "cycle_on": c_on,
         "cycle_on_off_us_per_request": c_on["us_per_request"] / c_off["us_per_request"],
     }  # fmt: skip
@@ -790,6 +824,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     for placement in ("same_cpu", "cross_cpu", "free"):
         if f"{placement}_ratio_p50" in ni:
             out[f"null_ioctl_vs_c_libfuse_{placement}"] = ni[f"{placement}_ratio_p50"]
+        if f"{placement}_cdev_empty_ratio_p50" in ni:  # not a target: the part that is not the HSM's
+            out[f"null_ioctl_cdev_empty_device_vs_c_libfuse_{placement}"] = ni[f"{placement}_cdev_empty_ratio_p50"]
     if "ratio_p50" in results.get("range_client", {}):
         out["range_client_cycle_vs_default_client_free"] = results["range_client"]["ratio_p50"]
     cs = results.get("cycle_scripted", {})
@@ -882,7 +918,7 @@ def main() -> int:
     p.add_argument("--publish", action="store_true", help="also copy the plot and JSON to docs/ (README)")
     args = p.parse_args()
     if args.replot:
-        results = json.loads((RESULTS / "latest.json").read_text())
+        results: dict[str, Any] = json.loads((RESULTS / "latest.json").read_text())
         if plot(results, RESULTS / "latest.png"):
             print(f"plot: {RESULTS / 'latest.png'}")
         if args.publish:
@@ -891,7 +927,7 @@ def main() -> int:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("bench: needs root and /dev/fuse", file=sys.stderr)
         return 1
-    results: dict[str, Any] = {
+    results = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
                  "load_before": os.getloadavg()[0]},
