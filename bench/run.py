@@ -282,8 +282,6 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, server_cpus, client_cpus in placements:
         rounds: dict[str, list[dict[str, float]]] = {"c": [], "cdev": [], "ours": []}
-        ratios_: list[float] = []
-        cdev_ratios: list[float] = []
         calls = args.calls if name == "free" else args.calls // 2
         cpu: dict[str, list[float]] = {key: [] for key in rounds}  # the server's CPU time per call, us
         with (c_null_server(tmp, server_cpus) as c_node, cdev_empty_server(tmp, server_cpus) as (e_node, e_pid),
@@ -294,8 +292,9 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
                     before = cpu_ns(pid)
                     rounds[key].append(ioctl_loop(node, calls, cpus=client_cpus))
                     cpu[key].append((cpu_ns(pid) - before) / 1000 / calls)
-                ratios_.append(rounds["ours"][-1]["p50"] / rounds["c"][-1]["p50"])
-                cdev_ratios.append(rounds["cdev"][-1]["p50"] / rounds["c"][-1]["p50"])
+        # each round's figure over the C server's of the same round
+        ratios_, cdev_ratios = ([r["p50"] / c["p50"] for r, c in zip(rounds[key], rounds["c"], strict=True)]
+                                for key in ("ours", "cdev"))
         c, empty, ours = summarize(rounds["c"]), summarize(rounds["cdev"]), summarize(rounds["ours"])
         out[f"{name}_c_libfuse_us"] = c
         out[f"{name}_cdev_empty_us"] = empty
