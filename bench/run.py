@@ -907,6 +907,33 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
     return True
 
 
+def host_facts() -> dict[str, Any]:
+    """What the figures were measured on. The same code's ratios differ by host (the null
+    ioctl on one CPU read 1.73 on one 2-CPU guest and 1.36 on another), so a run names
+    its CPU, its caches, its kernel and the interpreter that served."""
+    facts: dict[str, Any] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                             "load_before": os.getloadavg()[0]}
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    caches = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(caches.glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = (index / "level").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        name = f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")
+        facts[f"cache_{name}"] = size
+    facts["python"] = f"{sys.version.split()[0]} ({os.path.realpath(sys.executable)})"
+    return facts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
     p.add_argument("--rounds", type=int, default=5)
@@ -928,9 +955,9 @@ def main() -> int:
         return 1
     results = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                 "load_before": os.getloadavg()[0]},
+        "host": host_facts(),
     }
+    print("host: " + ", ".join(f"{k} {v}" for k, v in results["host"].items()), flush=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="acrn-bench-"))
     try:
         for name in args.only or list(BENCHES):
