@@ -643,11 +643,15 @@ def interrupts(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
 
     Where the time goes (``breakdown_p50_us``): ``fuse`` the C libfuse round trip, ``daemon``
     what the daemon adds to it for the call (the VALUE_CALL the launcher makes, minus
-    ``fuse``: Python handler, hypercall, the KVM ioctl), ``launcher`` what the trap and the
+    ``fuse``: Python handler, hypercall, the KVM ioctl; below 0 across CPUs, where our
+    polling reader answers sooner than the C server wakes), ``launcher`` what the trap and the
     supervisor add (SET_IRQLINE through the launcher minus the VALUE_CALL alone), of which
     ``trap`` is the seccomp notification round trip with the supervisor's look at the fd
     (a trapped call on /dev/null, answered by the kernel). Placements: ``free`` (the host
-    places every thread) and ``one_cpu`` (daemon, launcher, clients and floors on one CPU).
+    places every thread: the C server's one thread and ours differ in how they are placed, so
+    this is not like for like), ``one_cpu`` (daemon, launcher, clients and floors on one CPU)
+    and ``cross_cpu`` (the servers, ours and the C one, on the first CPU; every caller, the
+    launcher and the bare KVM loops on the second).
     """
     if not kvm_usable():
         return {"skipped": "no usable /dev/kvm"}
@@ -656,12 +660,16 @@ def interrupts(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     floor = bench_c("kvm_irq_loop")
     inject = bench_c("irq_inject", f"-I{include_dir()}")
     n = max(args.calls // 4, 100)
-    cpu0 = str(sorted(os.sched_getaffinity(0))[0])
+    cpu_list = sorted(os.sched_getaffinity(0))
+    cpu0 = str(cpu_list[0])
     out: dict[str, Any] = {}
+    placements: list[tuple[str, str | None, str | None]] = [("free", None, None), ("one_cpu", cpu0, cpu0)]
+    if len(cpu_list) >= 2:
+        placements.append(("cross_cpu", cpu0, str(cpu_list[1])))
 
-    for placement, cpus in (("free", None), ("one_cpu", cpu0)):
+    for placement, server_cpus, cpus in placements:  # cpus: the callers'
         rows: dict[str, list[dict[str, float]]] = {}
-        with c_null_server(tmp, cpus) as c_node, daemon(tmp, "--backend", "kvm", cpus=cpus) as d:
+        with c_null_server(tmp, server_cpus) as c_node, daemon(tmp, "--backend", "kvm", cpus=server_cpus) as d:
             node = str(d["node"])
             run_ = [str(VENV_BIN / "acrn-hsm-emu"), "run", "--node", node, "--"]
             for _ in range(args.rounds):  # alternated, so that noise hits all alike
