@@ -909,7 +909,9 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
         ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     handles, labels = ax1.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, ncol=4, loc="lower center")
-    fig.suptitle(f"acrn-hsm-emu, {results['when']}, {results['host']['cpus']} CPUs")
+    host = results["host"]
+    on = f"{host['cpus']} CPUs" + (f" ({host['cpu_model']})" if "cpu_model" in host else "")
+    fig.suptitle(f"acrn-hsm-emu, {results['when']}, {on}")
     fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(path, dpi=110)
     return True
