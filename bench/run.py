@@ -919,7 +919,7 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
 
 def host_facts() -> dict[str, Any]:
     """What the figures were measured on. The same code's ratios differ by host (the null
-    ioctl on one CPU read 1.73 on one 2-CPU guest and 1.36 on another), so a run names
+    ioctl on one CPU read 1.73 on one 2-CPU guest and 1.13-1.40 on another), so a run names
     its CPU, its caches, its kernel and the interpreter that served."""
     facts: dict[str, Any] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
                              "load_before": os.getloadavg()[0]}
