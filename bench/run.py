@@ -80,6 +80,19 @@ def pinned(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus is not None else []
 
 
+def placements(same: str = "same_cpu") -> list[tuple[str, str | None, str | None]]:
+    """Where a figure and its floor are measured alike: (name, the servers' CPUs, the callers'
+    CPUs). ``free``: nothing pinned (the scheduler's choice, which differs run to run);
+    ``same`` (its name): servers and callers on the first CPU; ``cross_cpu``: servers on the
+    first, callers on the second (where there is one)."""
+    cpu_list = sorted(os.sched_getaffinity(0))
+    c0 = str(cpu_list[0])
+    out: list[tuple[str, str | None, str | None]] = [("free", None, None), (same, c0, c0)]
+    if len(cpu_list) >= 2:
+        out.append(("cross_cpu", c0, str(cpu_list[1])))
+    return out
+
+
 def timed(argv: list[str], cpus: str | None = None) -> dict[str, float]:
     """A C floor's one ``ns`` line (ns_stats.h), the program run on ``cpus``: microseconds."""
     return ns_line(subprocess.run([*pinned(cpus), *argv], capture_output=True, text=True, check=True,
@@ -240,15 +253,15 @@ def floors(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     # a waiting thread, as the vCPU's wait was woken (an eventfd: poll, then
     # read) and is now (a futex): a round trip of two wake-ups.
     if len(os.sched_getaffinity(0)) >= 2:
-        c0, c1 = sorted(os.sched_getaffinity(0))[:2]
         wake = str(bench_c("wake_loop"))
-        for name, srv, cli in (("same_cpu", c0, c0), ("cross_cpu", c0, c1)):
-            with c_null_server(tmp, str(srv)) as node:
+        for name, srv, cli in placements()[1:]:
+            assert srv is not None and cli is not None
+            with c_null_server(tmp, srv) as node:
                 out[f"c_libfuse_null_ioctl_{name}_us"] = summarize(
-                    [ioctl_loop(node, args.calls // 4, cpus=str(cli)) for _ in range(args.rounds)])
+                    [ioctl_loop(node, args.calls // 4, cpus=cli) for _ in range(args.rounds)])
             for how in ("eventfd", "futex"):
                 out[f"wake_{how}_round_trip_{name}_us"] = summarize(
-                    [timed([wake, str(args.calls // 4), how, str(srv), str(cli)]) for _ in range(args.rounds)])
+                    [timed([wake, str(args.calls // 4), how, srv, cli]) for _ in range(args.rounds)])
     pvw = str(bench_c("pvw_loop"))
     out["process_vm_writev_256B_us"] = summarize([timed([pvw, str(args.calls)]) for _ in range(args.rounds)])
     kvm_src = HERE / "c" / "kvm_pio_loop.c"
@@ -266,21 +279,14 @@ def null_ioctl(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     """Our null ioctl and the C server's, like for like: in each placement both servers are
     pinned alike and so is the client, and their rounds alternate.
 
-    ``free``: nothing pinned (the scheduler's choice, which differs run to run);
-    ``same_cpu``: servers and client on the first CPU; ``cross_cpu``: servers on the first,
-    the client on the second. ``{placement}_ratio_p50`` is the median over rounds of
+    Placements: :func:`placements`. ``{placement}_ratio_p50`` is the median over rounds of
     ours / C, each round's figures taken back to back. A third server in each round, cdev
     serving an empty device (:func:`cdev_empty_server`), gives
     ``{placement}_cdev_empty_ratio_p50``: what entering Python through cdev costs with no
     device behind it, the part of ours / C that is not the HSM's.
     """
-    cpu_list = sorted(os.sched_getaffinity(0))
-    placements: list[tuple[str, str | None, str | None]] = [("free", None, None)]
-    if len(cpu_list) >= 2:
-        c0, c1 = str(cpu_list[0]), str(cpu_list[1])
-        placements += [("same_cpu", c0, c0), ("cross_cpu", c0, c1)]
     out: dict[str, Any] = {}
-    for name, server_cpus, client_cpus in placements:
+    for name, server_cpus, client_cpus in placements():
         rounds: dict[str, list[dict[str, float]]] = {"c": [], "cdev": [], "ours": []}
         calls = args.calls if name == "free" else args.calls // 2
         cpu: dict[str, list[float]] = {key: [] for key in rounds}  # the server's CPU time per call, us
@@ -647,11 +653,10 @@ def interrupts(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     polling reader answers sooner than the C server wakes), ``launcher`` what the trap and the
     supervisor add (SET_IRQLINE through the launcher minus the VALUE_CALL alone), of which
     ``trap`` is the seccomp notification round trip with the supervisor's look at the fd
-    (a trapped call on /dev/null, answered by the kernel). Placements: ``free`` (the host
-    places every thread: the C server's one thread and ours differ in how they are placed, so
-    this is not like for like), ``one_cpu`` (daemon, launcher, clients and floors on one CPU)
-    and ``cross_cpu`` (the servers, ours and the C one, on the first CPU; every caller, the
-    launcher and the bare KVM loops on the second).
+    (a trapped call on /dev/null, answered by the kernel). Placements: :func:`placements`,
+    the pinned one named ``one_cpu``; the callers include the launcher and the bare KVM loops.
+    ``free`` is not like for like here: the C server's one thread and ours are placed
+    differently.
     """
     if not kvm_usable():
         return {"skipped": "no usable /dev/kvm"}
@@ -660,14 +665,8 @@ def interrupts(tmp: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:
     floor = bench_c("kvm_irq_loop")
     inject = bench_c("irq_inject", f"-I{include_dir()}")
     n = max(args.calls // 4, 100)
-    cpu_list = sorted(os.sched_getaffinity(0))
-    cpu0 = str(cpu_list[0])
     out: dict[str, Any] = {}
-    placements: list[tuple[str, str | None, str | None]] = [("free", None, None), ("one_cpu", cpu0, cpu0)]
-    if len(cpu_list) >= 2:
-        placements.append(("cross_cpu", cpu0, str(cpu_list[1])))
-
-    for placement, server_cpus, cpus in placements:  # cpus: the callers'
+    for placement, server_cpus, cpus in placements("one_cpu"):  # cpus: the callers'
         rows: dict[str, list[dict[str, float]]] = {}
         with c_null_server(tmp, server_cpus) as c_node, daemon(tmp, "--backend", "kvm", cpus=server_cpus) as d:
             node = str(d["node"])
